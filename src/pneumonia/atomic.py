@@ -1,0 +1,63 @@
+"""Outputs appear complete or not at all: write to a temporary sibling, then rename.
+
+A failed or killed stage leaves at most a hidden `.NAME.tmp-*` sibling, which the next attempt
+removes; never a half-written file or folder under the real name that DVC or a user could take
+for a finished output.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        _remove(stale)
+
+
+@contextmanager
+def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    if directory:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
+        os.close(handle)
+        temporary = Path(name)
+    try:
+        yield temporary
+    except BaseException:
+        _remove(temporary)
+        raise
+    if directory and target.exists():
+        _remove(target)  # os.replace cannot replace a non-empty folder
+    os.replace(temporary, target)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    lines = [",".join(header)] + [",".join(str(value) for value in row) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")

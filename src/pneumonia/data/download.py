@@ -1,0 +1,119 @@
+"""The download stage: Kaggle, a local archive or folder, or the synthetic set, normalised to
+{train,val,test}/{NORMAL,PNEUMONIA}/ image files plus a source.json that says where they came from.
+"""
+
+import hashlib
+import logging
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from pneumonia import CLASS_NAMES, SPLITS
+from pneumonia.atomic import atomic_path, write_json
+from pneumonia.config import DataConfig
+from pneumonia.data import synthetic
+from pneumonia.data.layout import locate_splits
+from pneumonia.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_member(info: zipfile.ZipInfo) -> None:
+    name = PurePosixPath(info.filename)
+    if name.is_absolute() or ".." in name.parts:
+        raise PipelineError(f"refusing the archive: member {info.filename!r} would be written outside the data folder")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise PipelineError(f"refusing the archive: member {info.filename!r} is a symbolic link")
+
+
+def extract_archive(archive: Path, out: Path) -> None:
+    """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = [info for info in zf.infolist() if not info.is_dir()]
+            for info in infos:
+                _check_member(info)
+            by_name = {info.filename: info for info in infos}
+            files = locate_splits(list(by_name))
+            total = sum(len(names) for names in files.values())
+            with tqdm(total=total, desc="extracting", unit="img", mininterval=2) as progress:
+                for (split, class_name), names in files.items():
+                    folder = out / split / class_name
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for name in names:
+                        with zf.open(by_name[name]) as src, open(folder / PurePosixPath(name).name, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                        progress.update()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise PipelineError(
+            f"{archive} is not a readable zip archive ({exc}); it may be truncated or corrupt. "
+            "Download it again."
+        ) from None
+
+
+def copy_folder(folder: Path, out: Path) -> None:
+    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    files = locate_splits(names)
+    for (split, class_name), members in tqdm(files.items(), desc="copying", mininterval=2):
+        target = out / split / class_name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in members:
+            shutil.copyfile(folder / name, target / PurePosixPath(name).name)
+
+
+def count_images(raw: Path) -> dict[str, dict[str, int]]:
+    return {
+        split: {c: sum(1 for p in (raw / split / c).glob("*") if p.is_file()) for c in CLASS_NAMES}
+        for split in SPLITS
+    }
+
+
+def _from_kaggle(config: DataConfig, out: Path) -> dict:
+    from pneumonia.data import kaggle  # the kaggle package is imported only when Kaggle is the source
+
+    method = kaggle.find_credentials()
+    log.info("downloading %s from Kaggle (credentials from %s)", config.kaggle_dataset, method)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
+        archive = kaggle.download_archive(config.kaggle_dataset, Path(scratch))
+        extract_archive(archive.path, out)
+    return {"kaggle_dataset": archive.slug, "version": archive.version,
+            "archive_sha256": archive.sha256, "archive_size_bytes": archive.size_bytes}
+
+
+def _from_local(config: DataConfig, out: Path) -> dict:
+    path = config.local_archive()
+    if path.is_dir():
+        copy_folder(path, out)
+        return {"local_path": config.local_path}
+    log.info("hashing %s", path)
+    digest = sha256_file(path)
+    extract_archive(path, out)
+    return {"local_path": config.local_path, "archive_sha256": digest, "archive_size_bytes": path.stat().st_size}
+
+
+def download(config: DataConfig, raw: Path) -> dict:
+    """Fill `raw` atomically from the configured source; return what source.json records."""
+    with atomic_path(raw, directory=True) as out:
+        if config.source == "kaggle":
+            origin = _from_kaggle(config, out)
+        elif config.source == "local":
+            origin = _from_local(config, out)
+        else:
+            synthetic.generate(out, config.synthetic, config.seed)
+            origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
+        source = {"source": config.source, **origin, "images": count_images(out)}
+        write_json(out / "source.json", source)
+    log.info("images per split and class: %s", source["images"])
+    return source

@@ -1,0 +1,1 @@
+"""Model definitions: `registry` names them (no TensorFlow import), `build` constructs them."""

@@ -1,0 +1,46 @@
+"""Every path the pipeline reads or writes, in one place.
+
+Stage paths are relative to the working directory, which DVC sets to the repository root (or to
+the temporary copy of it that `dvc exp run --temp` and queued experiments use).
+"""
+
+import os
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+DATA = Path("data")
+RAW = DATA / "raw"  # download: {train,val,test}/{NORMAL,PNEUMONIA}/ images + source.json
+RAW_SOURCE = RAW / "source.json"
+MANIFESTS = DATA / "manifests"  # prepare: {train,val,test}.csv
+TFRECORDS = DATA / "tfrecords"  # tfrecords: {train,val,test}-NNNNN-of-NNNNN.tfrecord
+CLASS_WEIGHTS = DATA / "class_weights.json"
+
+MODELS = Path("models")
+MODEL = MODELS / "model.keras"
+RUN_INFO = MODELS / "mlflow_run.json"  # hands the MLflow run id from train to evaluate
+
+METRICS = Path("metrics")
+DATA_METRICS = METRICS / "data.json"
+TRAIN_METRICS = METRICS / "train.json"
+TEST_METRICS = METRICS / "test.json"
+
+PLOTS = Path("plots")
+TRAIN_HISTORY = PLOTS / "train_history.csv"
+TEST_PREDICTIONS = PLOTS / "test_predictions.csv"
+ROC_CURVE = PLOTS / "roc.csv"
+
+
+def project_root() -> Path:
+    """The user's repository root, also from inside a `--temp` or queued experiment.
+
+    DVC points DVC_ROOT at the original repository for every stage it runs, so relative user
+    paths (data.local_path) and the shared MLflow store resolve to the same place either way.
+    """
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def resolve_user_path(path: str | os.PathLike) -> Path:
+    """A path from params.yaml: absolute as given, relative to the repository root otherwise."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path

@@ -1,0 +1,96 @@
+"""Shared fixtures: a copy of the project to run DVC in, and a small synthetic dataset."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-sample.zip"
+VENV_BIN = Path(sys.executable).parent
+
+# Keep TensorFlow quiet and off any GPU a developer may have: tests are about behaviour, not speed.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this venv first on PATH, no outside MLflow server, a git identity."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_", "KAGGLE_"))}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+        DVC_NO_ANALYTICS="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=tool_env(**env), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(project: Path, **dotted: object) -> None:
+    """set_params(p, **{"data.source": "synthetic"}) edits params.yaml in place."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        section = params
+        for parent in parents:
+            section = section[parent]
+        section[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files (tracked and new, not ignored) in a fresh git repository at `dest`."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def commit_all(project: Path, message: str = "test set-up") -> None:
+    if not (project / ".git").exists():
+        run(["git", "init", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", message], project)
+
+
+@pytest.fixture(scope="session")
+def sample_zip() -> Path:
+    if not SAMPLE_ZIP.is_file():
+        pytest.fail(f"the real sample {SAMPLE_ZIP} is missing; it ships beside the repository (shared/datasets)")
+    return SAMPLE_ZIP
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A prepared synthetic project folder: data/raw, data/manifests and data/tfrecords at 48 px."""
+    from pneumonia import paths
+    from pneumonia.config import SyntheticConfig, TFRecordsConfig
+    from pneumonia.data import synthetic
+    from pneumonia.data.prepare import prepare
+    from pneumonia.data.tfrecords import write_tfrecords
+
+    root = tmp_path_factory.mktemp("synthetic")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        synthetic.generate(paths.RAW, SyntheticConfig(patients_per_class=10, images_per_patient=3, image_size=64), 0)
+        prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.2, seed=0)
+        write_tfrecords(paths.MANIFESTS, paths.TFRECORDS, 48, TFRecordsConfig(images_per_shard=16, workers=2))
+    finally:
+        os.chdir(cwd)
+    return root

@@ -1,0 +1,132 @@
+"""End to end: the real `dvc repro` / `dvc exp run` in a copy of the project, results read back
+from the files DVC tracks and from the MLflow store."""
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import commit_all, copy_project, run, set_params
+from mlflow.tracking import MlflowClient
+
+STAGES = ["download", "prepare", "tfrecords", "class_weights", "train", "evaluate"]
+TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def mlflow_runs(project: Path) -> list[mlflow.entities.Run]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pneumonia")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_paths(project: Path, run_id: str) -> set[str]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    found, pending = set(), [None]
+    while pending:
+        for item in client.list_artifacts(run_id, pending.pop()):
+            (pending.append(item.path) if item.is_dir else found.add(item.path))
+    return found
+
+
+@pytest.fixture(scope="module")
+def synthetic_project(tmp_path_factory) -> Path:
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    set_params(project, **{
+        "data.source": "synthetic", "data.image_size": 72, "train.epochs": 1, "train.batch_size": 8,
+        "tfrecords.workers": 2,
+    })
+    commit_all(project)
+    return project
+
+
+def test_repro_runs_every_stage_and_records_the_run(synthetic_project):
+    result = run(["dvc", "repro"], synthetic_project)
+    assert stages_run(result.stdout) == STAGES
+
+    test_metrics = json.loads((synthetic_project / "metrics/test.json").read_text())
+    assert TEST_METRIC_KEYS <= test_metrics.keys()
+    assert test_metrics["tp"] + test_metrics["fp"] + test_metrics["tn"] + test_metrics["fn"] == test_metrics["n"] > 0
+    train_metrics = json.loads((synthetic_project / "metrics/train.json").read_text())
+    assert train_metrics["epochs_trained"] == 1 and "best_val_auc" in train_metrics
+    data = json.loads((synthetic_project / "metrics/data.json").read_text())
+    assert data["images"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}  # 20% of 12 patients x 3 images
+
+    [mlflow_run] = mlflow_runs(synthetic_project)
+    assert mlflow_run.data.params["model.name"] == "custom_cnn"
+    assert mlflow_run.data.params["data.source"] == "synthetic"
+    assert {"val_auc", "loss", "test_roc_auc", "test_accuracy", "train_seconds"} <= mlflow_run.data.metrics.keys()
+    assert "data.manifests_sha256" in mlflow_run.data.tags and "git.commit" in mlflow_run.data.tags
+    history = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").get_metric_history(
+        mlflow_run.info.run_id, "val_auc")
+    assert [point.step for point in history] == [1]
+    artifacts = artifact_paths(synthetic_project, mlflow_run.info.run_id)
+    assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/test.json",
+            "inputs/class_weights.json", "inputs/data.json", "inputs/source.json"} <= artifacts
+    [model] = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").search_logged_models(
+        [mlflow_run.info.experiment_id], filter_string=f"source_run_id = '{mlflow_run.info.run_id}'")
+    assert model.name == "model"
+    commit_all(synthetic_project, "baseline results")  # as a user would, before experimenting
+
+
+def test_second_repro_does_nothing(synthetic_project):
+    result = run(["dvc", "repro"], synthetic_project)
+    assert stages_run(result.stdout) == []
+    assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_model_swap_reruns_only_train_and_evaluate(synthetic_project):
+    result = run(["dvc", "exp", "run", "-S", "model.name=xception", "-S", "model.weights=none"], synthetic_project)
+    assert stages_run(result.stdout) == ["train", "evaluate"]
+    runs = mlflow_runs(synthetic_project)
+    assert [r.data.params["model.name"] for r in runs] == ["custom_cnn", "xception"]
+    assert "test_roc_auc" in runs[1].data.metrics
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], synthetic_project).stdout)
+    models, aucs = set(), []
+    for commit in shown:
+        for experiment in [commit, *[e for exp in commit.get("experiments") or [] for e in exp["revs"]]]:
+            data = (experiment.get("data") or {})
+            name = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("model", {}).get("name")
+            test = data.get("metrics", {}).get("metrics/test.json", {}).get("data", {})
+            if name and "roc_auc" in test:
+                models.add(name)
+                aucs.append(test["roc_auc"])
+    assert models == {"custom_cnn", "xception"}, shown
+
+
+def test_temp_experiment_lands_in_the_same_store(synthetic_project):
+    before = len(mlflow_runs(synthetic_project))
+    result = run(["dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.002"], synthetic_project)
+    assert "train" in stages_run(result.stdout)
+    runs = mlflow_runs(synthetic_project)
+    assert len(runs) == before + 1
+    assert runs[-1].data.params["train.learning_rate"] == "0.002"
+    assert "test_roc_auc" in runs[-1].data.metrics
+    assert runs[-1].data.tags.get("dvc.exp_name")
+
+
+def test_sample_dataset_end_to_end(tmp_path, sample_zip):
+    """The real chest X-rays, through `data.source: local`, at a small image size."""
+    project = copy_project(tmp_path)
+    set_params(project, **{
+        "data.source": "local", "data.local_path": str(sample_zip), "data.image_size": 64,
+        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2,
+    })
+    commit_all(project)
+    result = run(["dvc", "repro"], project)
+    assert stages_run(result.stdout) == STAGES
+
+    data = json.loads((project / "metrics/data.json").read_text())
+    # The sample's own test split, exactly as shipped (shared/datasets/README.md).
+    assert data["images"]["test"] == {"NORMAL": 279, "PNEUMONIA": 746}
+    pool = sum(data["images"][split][c] for split in ("train", "val") for c in ("NORMAL", "PNEUMONIA"))
+    assert pool + data["dropped_as_in_test"] == 1054 + 3121 + 8 + 8
+    test_metrics = json.loads((project / "metrics/test.json").read_text())
+    assert test_metrics["n"] == 279 + 746
+    # One epoch at 64 px already separates the classes on real X-rays.
+    assert test_metrics["roc_auc"] > 0.75, test_metrics
