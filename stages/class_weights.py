@@ -4,7 +4,7 @@ from pneumonia import paths
 from pneumonia.atomic import write_json
 from pneumonia.config import load_params
 from pneumonia.data.class_weights import class_weights
-from pneumonia.data.prepare import read_manifest
+from pneumonia.data.manifest import read_manifest
 from pneumonia.logs import run_stage
 
 

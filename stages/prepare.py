@@ -1,16 +1,20 @@
-"""DVC stage `prepare`: train/val/test manifests (validation re-drawn by patient) -> data/manifests."""
+"""DVC stage `prepare`: train/val/test manifests (validation re-drawn by patient), checked for unreadable
+images and leaks -> data/manifests, data/images.csv, metrics/data.json, metrics/data_audit.json."""
 
 from pneumonia import paths
 from pneumonia.atomic import write_json
 from pneumonia.config import load_params
+from pneumonia.data.audit import write_image_table
 from pneumonia.data.prepare import prepare
 from pneumonia.logs import run_stage
 
 
 def main() -> None:
-    params = load_params()
-    summary = prepare(paths.RAW, paths.MANIFESTS, params.data.val_fraction, params.data.seed)
-    write_json(paths.DATA_METRICS, summary)
+    data = load_params().data
+    prepared = prepare(paths.RAW, paths.MANIFESTS, data.val_fraction, data.seed,
+                       max_unreadable_fraction=data.max_unreadable_fraction, audit_file=paths.DATA_AUDIT)
+    write_image_table(paths.IMAGE_TABLE, prepared.images)
+    write_json(paths.DATA_METRICS, prepared.summary)
 
 
 if __name__ == "__main__":

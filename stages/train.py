@@ -1,36 +1,52 @@
-"""DVC stage `train`: fit the configured model -> models/, per-epoch history and best validation metrics."""
+"""DVC stage `train`: fit the configured model -> models/, per-epoch history, best validation metrics
+and what the run cost (seconds, peak memory, parameter counts) for comparing models.
+
+Where it trains follows train.accelerator (pneumonia.distribute); in a TF_CONFIG cluster every
+worker runs this script and only the chief writes outputs and logs to MLflow. A killed training
+started again resumes from its backup (paths.TRAIN_BACKUP) and logs into the same MLflow run.
+"""
 
 import json
+import shutil
 
-from pneumonia import paths, tracking, training
+from pneumonia import distribute, paths, tracking, training
 from pneumonia.atomic import write_csv, write_json
 from pneumonia.config import load_params
 from pneumonia.logs import run_stage
 
+RUN_ID_FILE = "mlflow_run_id"  # in the chief's backup folder: the run a resumed training logs into
+
 
 def main() -> None:
     params = load_params()
+    # First: a multi-worker strategy must exist before TensorFlow does anything else.
+    placement = distribute.place(params.train.accelerator, params.train.precision)
     class_weight = {int(label): weight for label, weight in json.loads(paths.CLASS_WEIGHTS.read_text()).items()}
-    with tracking.training_run(params, paths.MANIFESTS) as run:
-        result = training.train(params, paths.TFRECORDS, class_weight, paths.MODEL)
+    backup = paths.TRAIN_BACKUP / placement.worker_name
+    fingerprint = training.backup_fingerprint(params, paths.TFRECORDS) + tracking.tracking_uri()
+    resuming = training.open_backup(backup, fingerprint)
+    if not placement.is_chief:
+        training.train(params, paths.TFRECORDS, class_weight, paths.MODEL, placement, backup)
+        shutil.rmtree(backup)
+        return
+
+    run_id_file = backup / RUN_ID_FILE
+    resume_run_id = run_id_file.read_text() if resuming and run_id_file.is_file() else None
+    with tracking.training_run(params, paths.MANIFESTS, resume_run_id) as run:
+        run_id_file.write_text(run.info.run_id)
+        result = training.train(params, paths.TFRECORDS, class_weight, paths.MODEL, placement, backup)
 
         epochs = range(1, len(next(iter(result.history.values()))) + 1)
         names = sorted(result.history)
         write_csv(paths.TRAIN_HISTORY, ["epoch", *names],
                   [[epoch, *(result.history[name][epoch - 1] for name in names)] for epoch in epochs])
-        summary = {
-            **{f"best_{name}": value for name, value in result.best_metrics().items()},
-            "best_epoch": result.best_epoch + 1,
-            "epochs_trained": len(epochs),
-            "train_seconds": round(result.seconds, 1),
-            "total_params": result.total_params,
-            "trainable_params": result.trainable_params,
-        }
+        summary = result.summary()
         write_json(paths.TRAIN_METRICS, summary)
-        tracking.log_training(summary, paths.MODEL, inputs={
+        tracking.log_training(summary, inputs={
             "class_weights": paths.CLASS_WEIGHTS, "data_counts": paths.DATA_METRICS, "source": paths.RAW_SOURCE,
         })
         tracking.write_run_info(run, paths.RUN_INFO)
+    shutil.rmtree(backup)  # finished: the next training starts afresh
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package
+from archives import kaggle_members, zip_bytes  # noqa: E402
+from conftest import copy_project, run, set_params  # noqa: E402
 from kaggle_stub import KaggleStub  # noqa: E402
 
 from pneumonia.data import kaggle as kg  # noqa: E402
@@ -239,3 +241,54 @@ def test_secrets_never_appear_in_messages_or_logs(home, monkeypatch, tmp_path, c
     assert "Authorization" in everything  # the stub's leaky text did reach our output, scrubbed
     for secret in secrets:
         assert secret not in everything
+
+
+# -- the download stage end to end: `python stages/download.py` in a copy of the project, the real
+# client in its own process, pointed at the stub by environment variables only.
+
+def _kaggle_project(tmp_path: Path) -> Path:
+    project = copy_project(tmp_path / "project")
+    set_params(project, **{"data.source": "kaggle", "data.kaggle_dataset": SLUG})
+    return project
+
+
+def _run_download_stage(project: Path, stub: KaggleStub, home: Path):
+    return run([sys.executable, "stages/download.py"], project, check=False, HOME=str(home),
+               XDG_CONFIG_HOME=str(home / ".config"), NO_PROXY="", no_proxy="", **stub.client_env())
+
+
+def test_download_stage_fetches_the_archive_through_the_real_client(tmp_path):
+    members = kaggle_members()
+    nested = {name.replace("chest_xray/", "chest_xray/chest_xray/", 1): data for name, data in members.items()}
+    archive = zip_bytes({**members, **nested, "__MACOSX/chest_xray/._train": b"\0\5\26\7"})
+    project, home = _kaggle_project(tmp_path), tmp_path / "home"
+    with KaggleStub({SLUG: archive}) as stub:
+        _write(home / ".kaggle" / "kaggle.json", _kaggle_json(stub))
+        result = _run_download_stage(project, stub, home)
+
+    assert result.returncode == 0, result.stderr
+    [download] = stub.api_calls("DownloadDataset")
+    assert download.authorization == BASIC  # the client read kaggle.json from the temporary HOME
+    raw = project / "data" / "raw"
+    extracted = {p.relative_to(raw).as_posix(): p.read_bytes() for p in raw.rglob("*.jpeg")}
+    assert extracted == {name.removeprefix("chest_xray/"): data for name, data in members.items()}
+    source = json.loads((raw / "source.json").read_text())
+    assert source["kaggle_dataset"] == SLUG and source["version"] == stub.version
+    assert source["archive_sha256"] == hashlib.sha256(archive).hexdigest()
+    assert source["archive_size_bytes"] == len(archive)
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["raw"]  # no archive or scratch left
+    written = "".join(p.read_text(errors="replace") for p in (project / "data").rglob("*.json"))
+    for secret in (stub.key, BASIC.split()[1]):
+        assert secret not in result.stdout + result.stderr + written
+
+
+def test_download_stage_without_credentials_fails_cleanly(tmp_path):
+    project, home = _kaggle_project(tmp_path), tmp_path / "home"
+    home.mkdir()
+    with KaggleStub({SLUG: ZIP}) as stub:
+        result = _run_download_stage(project, stub, home)
+
+    assert result.returncode == 2
+    assert "error: No Kaggle API credentials found" in result.stderr and "Traceback" not in result.stderr
+    assert stub.requests == []
+    assert not (project / "data").exists() or list((project / "data").iterdir()) == []

@@ -3,14 +3,20 @@ from the files DVC tracks and from the MLflow store."""
 
 import json
 import re
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import commit_all, copy_project, run, set_params
+import yaml
+from browser import assert_not_blank, open_in_chromium
+from conftest import commit_all, copy_project, run, set_params, tool_env
 from mlflow.tracking import MlflowClient
 
-STAGES = ["download", "prepare", "tfrecords", "class_weights", "train", "evaluate"]
+STAGES = ["download", "prepare", "tfrecords", "class_weights", "data_report", "train", "evaluate"]
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
 
@@ -38,7 +44,7 @@ def synthetic_project(tmp_path_factory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("project"))
     set_params(project, **{
         "data.source": "synthetic", "data.image_size": 72, "train.epochs": 1, "train.batch_size": 8,
-        "tfrecords.workers": 2,
+        "tfrecords.workers": 2, "tracking.register_model": "pneumonia",
     })
     commit_all(project)
     return project
@@ -66,10 +72,15 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project):
     assert [point.step for point in history] == [1]
     artifacts = artifact_paths(synthetic_project, mlflow_run.info.run_id)
     assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/test.json",
-            "inputs/class_weights.json", "inputs/data.json", "inputs/source.json"} <= artifacts
+            "inputs/class_weights.json", "inputs/data.json", "inputs/source.json",
+            "inputs/data/summary.json", "inputs/data/figures/sample_grid.png"} <= artifacts
     [model] = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").search_logged_models(
         [mlflow_run.info.experiment_id], filter_string=f"source_run_id = '{mlflow_run.info.run_id}'")
-    assert model.name == "model"
+    # One model per run, logged by evaluate: the servable one, deciding at the threshold evaluate chose.
+    assert model.name == "model" and float(model.params["threshold"]) == test_metrics["threshold"]
+    candidate = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").get_model_version_by_alias(
+        "pneumonia", "candidate")
+    assert candidate.run_id == mlflow_run.info.run_id
     commit_all(synthetic_project, "baseline results")  # as a user would, before experimenting
 
 
@@ -128,5 +139,93 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     assert pool + data["dropped_as_in_test"] == 1054 + 3121 + 8 + 8
     test_metrics = json.loads((project / "metrics/test.json").read_text())
     assert test_metrics["n"] == 279 + 746
+    report = json.loads((project / "reports/data/summary.json").read_text())
+    assert report["images"]["as_shipped"] == {"train": {"NORMAL": 1054, "PNEUMONIA": 3121},
+                                              "val": {"NORMAL": 8, "PNEUMONIA": 8},
+                                              "test": {"NORMAL": 279, "PNEUMONIA": 746}}
+    assert report["unreadable"] == [] and report["raw_images"]["width"]["median"] == 224
+    audit = json.loads((project / "metrics/data_audit.json").read_text())
+    assert audit["passed"] and set(audit["leaks"].values()) == {0}, audit
     # One epoch at 64 px already separates the classes on real X-rays.
     assert test_metrics["roc_auc"] > 0.75, test_metrics
+    assert_evaluation_is_where_users_look(project, tmp_path)
+
+
+def assert_evaluation_is_where_users_look(project: Path, scratch: Path) -> None:
+    """`dvc plots show` draws every declared plot, `dvc exp show` has the headline metrics, the
+    HTML report opens in a browser with every image, the MLflow run has it all."""
+    rendered = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    for plot in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]:
+        name = plot if isinstance(plot, str) else next(iter(plot))
+        if (project / name).is_dir():  # a folder of PNG figures: each one rendered as an image
+            figures = sorted((project / name).glob("*.png"))
+            assert len(figures) == {"plots/figures": 7, "reports/data/figures": 4}[name], figures
+            for figure in figures:
+                [image] = rendered[f"{name}/{figure.name}"]
+                assert image["type"] == "image" and Path(image["url"]).stat().st_size > 1000
+        else:
+            [vega] = rendered[name]
+            assert vega["type"] == "vega" and vega["content"]["data"]["values"], name
+
+    [workspace, *_] = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    shown = workspace["data"]["metrics"]["metrics/test.json"]["data"]
+    for headline in ("roc_auc", "sensitivity", "specificity", "accuracy", "threshold"):
+        assert isinstance(shown[headline], float), (headline, shown)
+    assert shown["ci95"]["roc_auc"]["low"] <= shown["roc_auc"] <= shown["ci95"]["roc_auc"]["high"]
+
+    loaded, total = open_in_chromium(project / "reports/evaluation.html", scratch / "report.png")
+    assert loaded == total == 7
+    assert_not_blank(scratch / "report.png")
+
+    [mlflow_run] = mlflow_runs(project)
+    assert {"evaluation/evaluation.html", "evaluation/gradcam.png", "evaluation/training_curves.png",
+            "evaluation/calibration.csv"} <= artifact_paths(project, mlflow_run.info.run_id)
+    assert {"test_threshold", "test_ci95_sensitivity_low", "test_at_0.5_specificity"} <= mlflow_run.data.metrics.keys()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own store; stopped at teardown."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # up to 60 s to start
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not start")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_runs_go_to_a_tracking_server_and_a_dead_one_fails_fast(synthetic_project, tracking_server):
+    run(["dvc", "exp", "run", "--temp", "-S", "train.seed=7"], synthetic_project, MLFLOW_TRACKING_URI=tracking_server)
+    client = MlflowClient(tracking_server)
+    [server_run] = client.search_runs([client.get_experiment_by_name("pneumonia").experiment_id])
+    assert server_run.data.params["train.seed"] == "7"
+    assert "test_roc_auc" in server_run.data.metrics and "val_auc" in server_run.data.metrics
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run(["python", "stages/train.py"], synthetic_project, check=False, MLFLOW_TRACKING_URI=dead)
+    assert result.returncode == 2
+    assert f"the MLflow tracking server {dead} (MLFLOW_TRACKING_URI) cannot be reached" in result.stderr
+    assert "Epoch 1" not in result.stdout + result.stderr  # stopped before training
+    assert time.monotonic() - started < 60

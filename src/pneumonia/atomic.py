@@ -39,6 +39,10 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
         os.close(handle)
         temporary = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask-based modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary.chmod((0o777 if directory else 0o666) & ~umask)
     try:
         yield temporary
     except BaseException:

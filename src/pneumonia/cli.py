@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pneumonia import paths
@@ -14,6 +15,57 @@ def check_params(args: argparse.Namespace) -> None:
     print(json.dumps(load_params(args.params).model_dump(), indent=2))
 
 
+def compare_runs(args: argparse.Namespace) -> None:
+    from pneumonia.comparison import compare
+    from pneumonia.config import load_params
+
+    experiment = args.experiment or load_params().tracking.experiment
+    rows = compare(experiment, args.out)
+    print(f"{len(rows)} runs of {experiment!r} compared: {args.out / 'runs.md'}, runs.csv, runs.png")
+
+
+def predict(args: argparse.Namespace) -> None:
+    from pneumonia import prediction
+
+    if args.model_uri:
+        from pneumonia import serving
+
+        classifier = serving.load_classifier(args.model_uri)
+    else:
+        from pneumonia.config import load_params
+
+        jpeg_quality = load_params().tfrecords.jpeg_quality
+        classifier = prediction.load_classifier(paths.MODEL, paths.TEST_METRICS, jpeg_quality)
+    results = prediction.predict_files(classifier, prediction.image_files(args.paths))
+    print(prediction.table(results))
+    if args.csv:
+        prediction.write_csv(results, args.csv)
+    if args.json:
+        prediction.write_json(results, args.json)
+    if args.gradcam:
+        written = prediction.write_gradcam(classifier, results, args.gradcam)
+        print(f"{len(written)} Grad-CAM overlays in {args.gradcam}", file=sys.stderr)
+    if failed := sum(result.error is not None for result in results):
+        print(f"{failed} of {len(results)} files could not be predicted", file=sys.stderr)
+        sys.exit(1)
+
+
+def add_predict_parser(commands) -> None:
+    predict_parser = commands.add_parser(
+        "predict", help="probability of pneumonia and label for image files (JPEG, PNG) or folders of them",
+        description="Probability of pneumonia and label at the run's decision threshold for each image. "
+                    "Default model: models/model.keras with the threshold in metrics/test.json. "
+                    "Exit code 1 when some file could not be predicted.")
+    predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
+                                                    "models:/<name>@candidate, models:/<name>@champion")
+    predict_parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
+    predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
+    predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
+                                help="also write each image with the Grad-CAM map of its predicted class to DIR")
+    predict_parser.set_defaults(handler=predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-params", help="validate params.yaml and print it with all defaults filled in")
     check.add_argument("--params", type=Path, default=paths.PARAMS)
     check.set_defaults(handler=check_params)
+
+    add_predict_parser(commands)
+
+    compared = commands.add_parser(
+        "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost")
+    compared.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in params.yaml)")
+    compared.add_argument("--out", type=Path, default=paths.COMPARISON, help="folder for runs.md, runs.csv, runs.png")
+    compared.set_defaults(handler=compare_runs)
     return parser
 
 

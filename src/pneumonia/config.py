@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pneumonia import paths
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.threshold_rule import parse_threshold_rule
 from pneumonia.models.registry import CUSTOM_CNN, MODEL_NAMES, min_image_size
 
 
@@ -33,6 +34,8 @@ class DataConfig(Section):
     image_size: int = Field(160, ge=32, le=1024)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42
+    # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
+    max_unreadable_fraction: float = Field(0.01, ge=0, le=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
     def local_archive(self) -> Path:
@@ -59,6 +62,7 @@ class ModelConfig(Section):
     weights: str = "none"  # "imagenet", "none" or a path to a weights file
     head_units: int = Field(128, ge=0)  # backbones: dense units before the output (0: none)
     dropout: float = Field(0.3, ge=0, lt=1)
+    output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
 
     @field_validator("name")
     @classmethod
@@ -88,23 +92,76 @@ class ModelConfig(Section):
         return path
 
 
+class AugmentConfig(Section):
+    """Random augmentation while training; 0 (flip: none) disables each."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    zoom: float = Field(0, ge=0, lt=1)  # up to this fraction in or out
+    rotation: float = Field(0, ge=0, le=0.5)  # up to this fraction of a full turn either way
+    translation: float = Field(0, ge=0, lt=1)  # up to this fraction of the image size, each axis
+    contrast: float = Field(0, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
+
+
 class TrainConfig(Section):
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    lr_decay_rate: float = Field(0.9, gt=0, le=1)  # exponential decay, applied per epoch
+    lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"
+    lr_decay_rate: float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
+    lr_plateau_factor: float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
+    lr_plateau_patience: int = Field(2, ge=1)  # ... for this many epochs
+    fine_tune: Literal["frozen", "partial", "full"] = "full"  # which backbone layers train
+    fine_tune_layers: int = Field(30, ge=1)  # partial: the last this many layers of the backbone
+    warmup_epochs: int = Field(0, ge=0)  # first train the head alone this many epochs (0: no warm-up)
+    fine_tune_learning_rate: float = Field(1e-5, gt=0)  # after the warm-up
+    augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
     early_stopping_patience: int = Field(5, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: int = 42
+    # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
+    accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    scale_learning_rate: bool = False  # learning rates x the replica count (linear scaling rule)
+    steps_per_execution: int = Field(1, ge=1)  # batches per compiled call (TPUs: e.g. 32)
+
+    @model_validator(mode="after")
+    def _warmup_fits_strategy(self) -> "TrainConfig":
+        if self.warmup_epochs and self.fine_tune == "frozen":
+            raise ValueError(
+                f"train.warmup_epochs = {self.warmup_epochs} with train.fine_tune = 'frozen': the warm-up trains "
+                "the head on a frozen backbone, then unfreezes it per train.fine_tune; use 'partial' or 'full', "
+                "or set train.warmup_epochs to 0"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs = {self.warmup_epochs} leaves no fine-tuning epoch of train.epochs = "
+                f"{self.epochs}; lower it below train.epochs"
+            )
+        return self
 
 
 class EvaluateConfig(Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float | str = "youden"  # chosen on validation: a number, "youden" or "sensitivity@X"
+    bootstrap_samples: int = Field(1000, ge=100)  # resamples for the 95% confidence intervals
+    images_per_outcome: int = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
+    seed: int = 42  # bootstrap resampling and the choice of images shown
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _known_rule(cls, rule: Any) -> float | str:
+        return parse_threshold_rule(rule)
 
 
 class TrackingConfig(Section):
     experiment: str = Field("pneumonia", min_length=1)
+    # Registered-model name for each evaluated model (alias "candidate"); None: not registered.
+    register_model: str | None = None
+
+    @field_validator("register_model")
+    @classmethod
+    def _no_blank_name(cls, name: str | None) -> str | None:
+        return (name or "").strip() or None
 
 
 class Params(Section):
@@ -122,6 +179,20 @@ class Params(Section):
             raise ValueError(
                 f"data.image_size = {self.data.image_size} is below the {smallest}px minimum of "
                 f"model {self.model.name!r}; raise data.image_size"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits_model(self) -> "Params":
+        # Freezing only makes sense for pretrained layers; a network trained from scratch trains whole.
+        train = self.train
+        if self.model.weights == "none" and (train.fine_tune != "full" or train.warmup_epochs):
+            what = "custom_cnn has no pretrained backbone" if self.model.name == CUSTOM_CNN else \
+                f"model.weights = 'none' trains {self.model.name} from scratch"
+            raise ValueError(
+                f"train.fine_tune = {train.fine_tune!r}, train.warmup_epochs = {train.warmup_epochs}: {what}, "
+                "so nothing can be frozen; set train.fine_tune to 'full' and train.warmup_epochs to 0"
+                + ("" if self.model.name == CUSTOM_CNN else ", or use model.weights: imagenet or a weights file")
             )
         return self
 

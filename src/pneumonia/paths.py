@@ -13,15 +13,20 @@ DATA = Path("data")
 RAW = DATA / "raw"  # download: {train,val,test}/{NORMAL,PNEUMONIA}/ images + source.json
 RAW_SOURCE = RAW / "source.json"
 MANIFESTS = DATA / "manifests"  # prepare: {train,val,test}.csv
+IMAGE_TABLE = DATA / "images.csv"  # prepare: every raw file, its size, mode, intensity, or why it is unreadable
 TFRECORDS = DATA / "tfrecords"  # tfrecords: {train,val,test}-NNNNN-of-NNNNN.tfrecord
 CLASS_WEIGHTS = DATA / "class_weights.json"
 
 MODELS = Path("models")
 MODEL = MODELS / "model.keras"
 RUN_INFO = MODELS / "mlflow_run.json"  # hands the MLflow run id from train to evaluate
+# train: the state of an unfinished training, one folder per worker ("chief", "worker-1", ...),
+# resumed by the next attempt after a preemption; not a DVC output (DVC would delete it first)
+TRAIN_BACKUP = Path("backup") / "train"
 
 METRICS = Path("metrics")
 DATA_METRICS = METRICS / "data.json"
+DATA_AUDIT = METRICS / "data_audit.json"  # prepare: leakage audit
 TRAIN_METRICS = METRICS / "train.json"
 TEST_METRICS = METRICS / "test.json"
 
@@ -29,6 +34,14 @@ PLOTS = Path("plots")
 TRAIN_HISTORY = PLOTS / "train_history.csv"
 TEST_PREDICTIONS = PLOTS / "test_predictions.csv"
 ROC_CURVE = PLOTS / "roc.csv"
+PR_CURVE = PLOTS / "precision_recall.csv"
+CALIBRATION_CURVE = PLOTS / "calibration.csv"
+FIGURES = PLOTS / "figures"  # evaluate: PNG figures, rendered by `dvc plots show` and logged to MLflow
+
+REPORTS = Path("reports")
+EVALUATION_REPORT = REPORTS / "evaluation.html"
+DATA_REPORT = REPORTS / "data"  # data_report: summary.json, class_distribution.csv, PNG figures
+COMPARISON = REPORTS / "comparison"  # `pneumonia compare`: runs.md, runs.csv, runs.png
 
 
 def project_root() -> Path:

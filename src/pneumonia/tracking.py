@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import mlflow
 from pneumonia import paths
 from pneumonia.atomic import write_json
 from pneumonia.config import Params, flatten
+from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +28,55 @@ STORE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
 
 
+def default_store_uri() -> str:
+    return f"sqlite:///{paths.project_root() / STORE_FILE}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.project_root() / STORE_FILE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before training, not after an hour of it, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    parts = urllib.parse.urlsplit(uri)
+    shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()  # no password
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        raise PipelineError(
+            f"the MLflow tracking server {shown} (MLFLOW_TRACKING_URI) cannot be reached: {type(exc).__name__}. "
+            "Start it or fix MLFLOW_TRACKING_URI, or unset it to use the local store mlflow.db. Nothing was trained."
+        ) from None
+
+
+def create_store_once(uri: str) -> None:
+    """Create a new SQLite store (or upgrade an old one) one process at a time.
+
+    MLflow creates its tables by schema migrations that break when two processes run them at once:
+    two queued experiments (`dvc queue start -j 2`) starting on a fresh mlflow.db failed with
+    alembic's "expected to match one row when updating ... in 'alembic_version'". A lock file next
+    to the database serialises that step; later writes are safe under SQLite's own locking.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    database = uri.removeprefix("sqlite:///").split("?")[0]
+    with FileLock(f"{database}.lock"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the tables
 
 
 def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
-    local = "MLFLOW_TRACKING_URI" not in os.environ
-    location = (paths.project_root() / ARTIFACTS_FOLDER).as_uri() if local else None
+    # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so compare URIs, not the variable.)
+    default_store = tracking_uri() == default_store_uri()
+    location = (paths.project_root() / ARTIFACTS_FOLDER).as_uri() if default_store else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -55,8 +96,15 @@ def manifests_hash(manifests: Path) -> str:
     return digest.hexdigest()
 
 
+def data_version_tags(source: Path) -> dict[str, str]:
+    """The exact data trained on, from data/raw/source.json: Kaggle dataset version, archive size and hash."""
+    recorded = json.loads(source.read_text()) if source.is_file() else {}
+    keys = ("kaggle_dataset", "version", "archive_sha256", "archive_size_bytes")
+    return {f"data.{key}": str(recorded[key]) for key in keys if recorded.get(key) is not None}
+
+
 def run_tags(manifests: Path) -> dict[str, str]:
-    tags = {"data.manifests_sha256": manifests_hash(manifests)}
+    tags = {"data.manifests_sha256": manifests_hash(manifests), **data_version_tags(paths.RAW_SOURCE)}
     if commit := git_commit():
         tags["git.commit"] = commit
     if experiment := os.environ.get("DVC_EXP_NAME"):
@@ -65,11 +113,21 @@ def run_tags(manifests: Path) -> dict[str, str]:
 
 
 @contextmanager
-def training_run(params: Params, manifests: Path) -> Iterator[mlflow.ActiveRun]:
-    """Open the run for this training, with all params (flattened) and the provenance tags."""
+def training_run(params: Params, manifests: Path, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the run for this training, with all params (flattened) and the provenance tags; or
+    reopen `resume_run_id`, the run of an interrupted training that now resumes."""
+    check_reachable(tracking_uri())
+    create_store_once(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(params.tracking.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, tags=run_tags(manifests)) as run:
+    if resume_run_id is not None:
+        try:
+            mlflow.get_run(resume_run_id)
+        except mlflow.exceptions.MlflowException:
+            log.warning("the interrupted training's MLflow run %s is not in %s: starting a new run", resume_run_id,
+                        tracking_uri())
+            resume_run_id = None
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests)) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
         mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("evaluate.")})
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, tracking_uri())
@@ -90,11 +148,12 @@ def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
                       "tracking_uri": tracking_uri()})
 
 
-def log_training(summary: dict, model_path: Path, inputs: dict[str, Path]) -> None:
-    """Training summary metrics, the input files that describe the data, and the model."""
-    import keras
+def log_training(summary: dict, inputs: dict[str, Path]) -> None:
+    """Training summary metrics and the input files that describe the data.
 
+    The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
+    threshold: one servable model per run.
+    """
     mlflow.log_metrics(summary)
     for path in inputs.values():
         mlflow.log_artifact(str(path), artifact_path="inputs")
-    mlflow.keras.log_model(keras.models.load_model(model_path), name="model")

@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from pneumonia.data.prepare import Record
+from pneumonia.data.manifest import Record
 
 
 def class_weights(records: list[Record], method: str) -> dict[int, float]:

@@ -15,6 +15,14 @@ FEATURES = {
 SHUFFLE_BUFFER = 2048
 
 
+def _shard_by_element() -> tf.data.Options:
+    """Under a multi-worker strategy each worker keeps every n-th element (its shard of each batch):
+    correct with any number of TFRecord files, also fewer files than workers (FILE sharding is not)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
 def shard_paths(tfrecords: Path, split: str) -> list[str]:
     shards = read_meta(tfrecords)["splits"][split]["shards"]
     return [str(tfrecords / name) for name in shard_names(split, shards)]
@@ -52,13 +60,14 @@ def split_size(tfrecords: Path, split: str) -> int:
 
 def training_batches(tfrecords: Path, batch_size: int, seed: int) -> tf.data.Dataset:
     """Endless (image, label) batches for fitting: reshuffled each pass, full batches only (static
-    shapes); fit takes `split_size // batch_size` steps an epoch."""
+    shapes); fit takes `split_size // batch_size` steps an epoch. `batch_size` is the global batch."""
     return (
         records(tfrecords, "train", shuffle_seed=seed)
         .map(lambda example: (example["image"], example["label"]), num_parallel_calls=tf.data.AUTOTUNE)
         .repeat()
         .batch(batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(_shard_by_element())
     )
 
 
@@ -71,6 +80,7 @@ def evaluation_batches(tfrecords: Path, split: str, batch_size: int) -> tf.data.
         .batch(batch_size)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(_shard_by_element())
     )
 
 

@@ -8,6 +8,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -39,7 +40,11 @@ def _check_member(info: zipfile.ZipInfo) -> None:
 
 
 def extract_archive(archive: Path, out: Path) -> None:
-    """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/."""
+    """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/.
+
+    zipfile checks each member's CRC-32 as it is read, so a corrupt member stops the extraction;
+    `out` is a temporary folder (see download), so nothing of a damaged archive is kept.
+    """
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = [info for info in zf.infolist() if not info.is_dir()]
@@ -56,7 +61,7 @@ def extract_archive(archive: Path, out: Path) -> None:
                         with zf.open(by_name[name]) as src, open(folder / PurePosixPath(name).name, "wb") as dst:
                             shutil.copyfileobj(src, dst)
                         progress.update()
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise PipelineError(
             f"{archive} is not a readable zip archive ({exc}); it may be truncated or corrupt. "
             "Download it again."

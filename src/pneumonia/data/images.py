@@ -31,3 +31,8 @@ def resized_jpeg(path: str, size: int, quality: int) -> tuple[bytes | None, str]
         return encode_jpeg(load_resized(path, size), quality), ""
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def resized_jpegs(paths: list[str], size: int, quality: int) -> list[tuple[bytes | None, str]]:
+    """resized_jpeg of several files: one inter-process round trip for a chunk of images."""
+    return [resized_jpeg(path, size, quality) for path in paths]

@@ -149,6 +149,7 @@ def _classify(exc: BaseException, slug: str) -> tuple[bool, str]:
 @contextlib.contextmanager
 def _client_prints_to_log(secrets: list[str]):
     # The client print()s (dataset URL, auth help, headers when VERBOSE): route to our debug log, scrubbed.
+    # Its download progress bar goes to stderr and stays visible.
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
@@ -201,7 +202,7 @@ def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: 
         try:
             with _client_prints_to_log(secrets):
                 api = _authenticated_api()
-                api.dataset_download_files(slug, path=str(scratch), force=True, quiet=True, unzip=False)
+                api.dataset_download_files(slug, path=str(scratch), force=True, quiet=False, unzip=False)
                 os.replace(scratch / target.name, target)
                 version = _dataset_version(api, slug)
             break

@@ -3,37 +3,30 @@
 Kaggle's val split has 16 images, too few to choose a model on, so validation is drawn again from
 train + val, by patient and stratified by class. The test split stays exactly as shipped, and
 train/val images whose content also appears in test are dropped so that nothing seen in training
-is scored as unseen.
+is scored as unseen. Unreadable files are left out (up to data.max_unreadable_fraction), and the
+split is audited for leaks before any manifest is written.
 """
 
-import csv
-import hashlib
-import io
+import logging
 import re
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumonia import CLASS_NAMES
-from pneumonia.atomic import atomic_path, write_text
+from pneumonia.atomic import atomic_path, write_json
+from pneumonia.data.audit import ImageFacts, audit_splits, check_unreadable, inspect_raw, raise_if_leaked
+from pneumonia.data.manifest import Record, write_manifest
+
+log = logging.getLogger(__name__)
 
 # Kaggle names: pneumonia `person1_bacteria_1.jpeg`, `person12_virus_5.jpeg`; normal
 # `IM-0115-0001.jpeg`, `NORMAL2-IM-1427-0001.jpeg`. Anything else counts as its own patient.
 PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^((?:NORMAL2-)?IM-\d+)-"))
 
 
-@dataclass(frozen=True)
-class Record:
-    path: str  # relative to the repository root, '/'-separated
-    label: int  # 0 NORMAL, 1 PNEUMONIA
-    patient_id: str
-    sha256: str
-    kaggle_split: str
-
-
-MANIFEST_COLUMNS = tuple(field.name for field in fields(Record))
 
 
 def patient_id(file_name: str) -> str:
@@ -43,14 +36,8 @@ def patient_id(file_name: str) -> str:
     return Path(file_name).stem
 
 
-def scan(raw: Path, split: str) -> list[Record]:
-    records = []
-    for label, class_name in enumerate(CLASS_NAMES):
-        for path in sorted((raw / split / class_name).glob("*")):
-            if path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                records.append(Record(path.as_posix(), label, patient_id(path.name), digest, split))
-    return records
+def record(image: ImageFacts) -> Record:
+    return Record(image.path, image.label, patient_id(Path(image.path).name), image.sha256, image.kaggle_split)
 
 
 def _groups(records: list[Record]) -> np.ndarray:
@@ -76,14 +63,34 @@ def split_train_val(pool: list[Record], val_fraction: float, seed: int) -> tuple
     return [pool[i] for i in train_index], [pool[i] for i in val_index]
 
 
-def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int) -> dict:
-    """Write train/val/test manifests under `manifests`; return counts for the data metrics."""
-    test = scan(raw, "test")
-    test_hashes = {record.sha256 for record in test}
-    pool = scan(raw, "train") + scan(raw, "val")
-    kept = [record for record in pool if record.sha256 not in test_hashes]
+@dataclass(frozen=True)
+class Prepared:
+    summary: dict  # counts for metrics/data.json
+    audit: dict  # leakage findings
+    images: list[ImageFacts]  # every raw file, readable or not
+
+
+def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int, *,
+            max_unreadable_fraction: float = 0.01, audit_file: Path | None = None) -> Prepared:
+    """Write train/val/test manifests under `manifests`, unless too many images are unreadable or
+    the split leaked (PipelineError; the audit findings are still written to `audit_file`)."""
+    images = inspect_raw(raw)
+    unreadable = check_unreadable(images, max_unreadable_fraction)
+    if unreadable:
+        log.warning("skipping %d unreadable image file(s): %s", len(unreadable),
+                    ", ".join(image.path for image in unreadable[:20]) + (" ..." if len(unreadable) > 20 else ""))
+    readable = [image for image in images if not image.error]
+    test = [record(image) for image in readable if image.kaggle_split == "test"]
+    test_hashes = {r.sha256 for r in test}
+    pool = [record(image) for image in readable if image.kaggle_split != "test"]
+    kept = [r for r in pool if r.sha256 not in test_hashes]
     train, val = split_train_val(kept, val_fraction, seed)
     splits = {"train": train, "val": val, "test": test}
+
+    audit = audit_splits(splits, readable)
+    if audit_file:
+        write_json(audit_file, audit)
+    raise_if_leaked(audit)
     with atomic_path(manifests, directory=True) as out:
         for name, records in splits.items():
             write_manifest(out / f"{name}.csv", records)
@@ -91,19 +98,6 @@ def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int) -> dict:
         name: {class_name: sum(r.label == label for r in records) for label, class_name in enumerate(CLASS_NAMES)}
         for name, records in splits.items()
     }
-    return {"images": counts, "dropped_as_in_test": len(pool) - len(kept),
-            "patients": {name: len({r.patient_id for r in records}) for name, records in splits.items()}}
-
-
-def write_manifest(path: Path, records: list[Record]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows(astuple(record) for record in sorted(records, key=lambda r: r.path))
-    write_text(path, buffer.getvalue())
-
-
-def read_manifest(path: Path) -> list[Record]:
-    with open(path, newline="") as file:
-        return [Record(row["path"], int(row["label"]), row["patient_id"], row["sha256"], row["kaggle_split"])
-                for row in csv.DictReader(file)]
+    summary = {"images": counts, "dropped_as_in_test": len(pool) - len(kept), "unreadable_skipped": len(unreadable),
+               "patients": {name: len({r.patient_id for r in records}) for name, records in splits.items()}}
+    return Prepared(summary, audit, images)

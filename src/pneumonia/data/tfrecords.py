@@ -11,7 +11,9 @@ import logging
 import math
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -20,13 +22,15 @@ from tqdm import tqdm
 from pneumonia import SPLITS
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
-from pneumonia.data.images import resized_jpeg
-from pneumonia.data.prepare import Record, read_manifest
+from pneumonia.data.images import resized_jpegs
+from pneumonia.data.manifest import Record, read_manifest
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+CHUNK = 8  # images a worker task encodes: amortises the inter-process round trip
+IN_FLIGHT = 1024  # images submitted but not yet written: bounds memory whatever the dataset's size
 
 
 def _example(record: Record, jpeg: bytes) -> bytes:
@@ -60,20 +64,45 @@ def write_split(records: list[Record], out: Path, split: str, encoded: Iterator[
             for record in itertools.islice(pending, images_per_shard):
                 jpeg, error = next(encoded)
                 if jpeg is None:
-                    raise PipelineError(f"{record.path} is not a readable image ({error}); remove it or fix it.")
+                    # prepare leaves out files it cannot decode, so this one changed since (or decodes differently here).
+                    raise PipelineError(f"{record.path} is not a readable image ({error}), though prepare could read "
+                                        "it: was data/raw changed by hand? Run `dvc repro -f -s download` and retry.")
                 writer.write(_example(record, jpeg))
     return len(names)
 
 
+def encode_in_order(executor: ProcessPoolExecutor, paths: list[str], size: int,
+                    quality: int) -> Iterator[tuple[bytes | None, str]]:
+    """resized_jpeg of each path, in order, encoded by the executor's worker processes.
+
+    At most IN_FLIGHT images are queued or held at a time, so memory stays flat however large the
+    dataset. The first chunks are queued on call, so workers start while the writer imports
+    TensorFlow. A worker that dies fails its chunk (BrokenProcessPool) instead of hanging the stage.
+    """
+    # A function of pneumonia.data.images: the workers import only it (PIL), not this module's imports.
+    encode = partial(resized_jpegs, size=size, quality=quality)
+    chunks = (paths[start:start + CHUNK] for start in range(0, len(paths), CHUNK))
+    pending = deque(executor.submit(encode, chunk) for chunk in itertools.islice(chunks, IN_FLIGHT // CHUNK))
+
+    def results() -> Iterator[tuple[bytes | None, str]]:
+        while pending:
+            done = pending.popleft().result()
+            if (chunk := next(chunks, None)) is not None:
+                pending.append(executor.submit(encode, chunk))
+            yield from done
+
+    return results()
+
+
 def write_tfrecords(manifests: Path, target: Path, image_size: int, config: TFRecordsConfig) -> dict:
     meta: dict = {"image_size": image_size, "splits": {}}
-    encode = partial(resized_jpeg, size=image_size, quality=config.jpeg_quality)
     # spawn: workers need only PIL, not a fork of a process that may hold TensorFlow's threads.
-    pool = multiprocessing.get_context("spawn").Pool(config.workers or os.cpu_count() or 1)
-    with pool, atomic_path(target, directory=True) as out:
+    executor = ProcessPoolExecutor(config.workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
+    with executor, atomic_path(target, directory=True) as out:
         for split in SPLITS:
             records = read_manifest(manifests / f"{split}.csv")
-            encoded = pool.imap(encode, [record.path for record in records], chunksize=8)
+            encoded = encode_in_order(executor, [record.path for record in records], image_size,
+                                      config.jpeg_quality)
             shards = write_split(records, out, split, encoded, config.images_per_shard)
             meta["splits"][split] = {"images": len(records), "shards": shards}
             log.info("%s: %d images in %d shards", split, len(records), shards)

@@ -34,12 +34,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-THRESHOLD_RULE_FORMS = (
-    'a number strictly between 0 and 1 (e.g. 0.5), "youden", '
-    'or "sensitivity@X" with X in (0, 1] (e.g. "sensitivity@0.95")'
+# Re-exported: config validation uses the rule parser without importing scikit-learn.
+from pneumonia.evaluation.threshold_rule import (  # noqa: F401
+    SENSITIVITY_PREFIX,
+    THRESHOLD_RULE_FORMS,
+    parse_threshold_rule,
 )
-_SENSITIVITY_PREFIX = "sensitivity@"
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -74,31 +74,6 @@ def _require_both_classes(y_true: np.ndarray, what: str) -> None:
 # ----------------------------------------------------------------------- thresholds
 
 
-def parse_threshold_rule(value):
-    """Validate a threshold rule and return it (numbers as float, strings unchanged).
-
-    Allowed forms: a number in (0, 1), "youden", or "sensitivity@X" with X in (0, 1].
-    Raises ValueError naming the allowed forms; usable from a config validator.
-    """
-    # bool is a numbers.Real subclass, but `threshold: true` in a config is a mistake.
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if 0 < value < 1:
-            return float(value)
-        raise ValueError(f"threshold rule {value!r} is out of range; use {THRESHOLD_RULE_FORMS}")
-    if isinstance(value, str):
-        if value == "youden":
-            return value
-        if value.startswith(_SENSITIVITY_PREFIX):
-            target = value[len(_SENSITIVITY_PREFIX):]
-            try:
-                x = float(target)
-            except ValueError:
-                x = math.nan
-            if 0 < x <= 1:
-                return value
-    raise ValueError(f"invalid threshold rule {value!r}; use {THRESHOLD_RULE_FORMS}")
-
-
 def choose_threshold(y_true, y_prob, rule) -> float:
     """Turn a threshold rule into a probability threshold (predict positive if prob >= it).
 
@@ -130,7 +105,7 @@ def choose_threshold(y_true, y_prob, rule) -> float:
         best = int(np.argmax(tp * n_neg - fp * n_pos))  # argmax: first = highest threshold
         return float(thresholds[best])
 
-    target = float(rule[len(_SENSITIVITY_PREFIX):])
+    target = float(rule[len(SENSITIVITY_PREFIX):])
     # tpr only grows as the threshold falls, so the first hit is the highest threshold.
     # The tolerance keeps e.g. 7/10 >= 0.7 true despite binary floating point.
     meets = tpr >= target - 1e-12

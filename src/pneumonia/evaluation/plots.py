@@ -1,14 +1,25 @@
-"""Evaluation figures as PNG files, for MLflow (dvc plots renders the CSVs itself)."""
+"""Evaluation figures as PNG files: for MLflow, the HTML report and `dvc plots show`.
 
+Each function draws from plain numbers (no model, no files read) and writes one PNG atomically.
+"""
+
+import itertools
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pneumonia import CLASS_NAMES  # noqa: E402
 from pneumonia.atomic import atomic_path  # noqa: E402
+from pneumonia.evaluation.gallery import Case  # noqa: E402
+
+# Operating points on the curves: (legend label, marker).
+POINT_MARKERS = ("o", "s")
+TRAINING_CURVES = (("loss", "loss"), ("accuracy", "accuracy"), ("auc", "ROC AUC"))
 
 
 def _save(figure, path: Path) -> None:
@@ -17,26 +28,112 @@ def _save(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def confusion_matrix_png(counts: dict[str, int], path: Path, title: str) -> None:
-    matrix = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
-    figure, axes = plt.subplots(figsize=(4, 4))
-    axes.imshow(matrix, cmap="Blues")
-    for row in range(2):
-        for column in range(2):
-            axes.text(column, row, matrix[row][column], ha="center", va="center", fontsize=14)
-    axes.set_xticks([0, 1], CLASS_NAMES)
-    axes.set_yticks([0, 1], CLASS_NAMES)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("actual")
-    axes.set_title(title)
+def training_curves_png(history: dict[str, list[float]], path: Path) -> None:
+    """Loss, accuracy and AUC per epoch, training and validation (columns as Keras names them)."""
+    shown = [(key, title) for key, title in TRAINING_CURVES if key in history]
+    figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], shown):
+        ax.plot(history["epoch"], history[key], marker=".", label="training")
+        if f"val_{key}" in history:
+            ax.plot(history["epoch"], history[f"val_{key}"], marker=".", label="validation")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
     _save(figure, path)
 
 
-def roc_png(fpr: list[float], tpr: list[float], auc: float, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(4, 4))
-    axes.plot(fpr, tpr, label=f"ROC AUC {auc:.3f}")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
-    axes.set_xlabel("1 - specificity (false positive rate)")
-    axes.set_ylabel("sensitivity (true positive rate)")
-    axes.legend(loc="lower right")
+def confusion_matrices_png(matrices: list[tuple[str, dict[str, int]]], path: Path) -> None:
+    """One confusion matrix per (title, counts of tn/fp/fn/tp), side by side."""
+    figure, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 4), squeeze=False)
+    for ax, (title, counts) in zip(axes[0], matrices):
+        matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        for row, column in itertools.product(range(2), range(2)):
+            dark = matrix[row, column] > matrix.max() / 2
+            ax.text(column, row, matrix[row, column], ha="center", va="center", fontsize=14,
+                    color="white" if dark else "black")
+        ax.set_xticks([0, 1], CLASS_NAMES)
+        ax.set_yticks([0, 1], CLASS_NAMES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _mark_points(ax, points: list[tuple[str, float, float]]) -> None:
+    for (label, x, y), marker in zip(points, POINT_MARKERS):
+        ax.plot([x], [y], marker=marker, markersize=9, linestyle="none", label=label)
+
+
+def roc_png(roc: dict[str, list[float]], auc: float, points: list[tuple[str, float, float]], path: Path) -> None:
+    """ROC curve with operating points (label, false positive rate, sensitivity) marked."""
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(roc["fpr"], roc["tpr"], label=f"ROC, AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    _mark_points(ax, points)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title("ROC curve (test)")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(figure, path)
+
+
+def precision_recall_png(pr: dict[str, list[float]], average_precision: float, prevalence: float,
+                         points: list[tuple[str, float, float]], path: Path) -> None:
+    """Precision-recall curve with operating points (label, sensitivity, precision) marked."""
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post", label=f"PR, AP {average_precision:.3f}")
+    ax.axhline(prevalence, linestyle="--", color="grey", label=f"chance (prevalence {prevalence:.2f})")
+    _mark_points(ax, points)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (positive predictive value)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall curve (test)")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(figure, path)
+
+
+def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarray, ece: float, path: Path) -> None:
+    """Reliability diagram over a histogram of the predicted probabilities."""
+    figure, (curve, histogram) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 1]})
+    curve.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    curve.plot(calibration["mean_predicted"], calibration["fraction_positive"], marker="o",
+               label=f"model, ECE {ece:.3f}")
+    curve.set_ylabel("fraction with pneumonia")
+    curve.set_title("Calibration (test)")
+    curve.legend(loc="upper left", fontsize=8)
+    histogram.hist(probabilities, bins=np.linspace(0, 1, 11), color="grey")
+    histogram.set_xlabel("predicted probability of pneumonia")
+    histogram.set_ylabel("images")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def image_grid_png(images: np.ndarray, cases: list[Case], title: str, path: Path,
+                   heatmaps: np.ndarray | None = None) -> None:
+    """Images in rows by outcome, captioned with true and predicted label and probability;
+    with `heatmaps` (values in [0, 1]) laid over them."""
+    rows = list(dict.fromkeys(case.outcome for case in cases))  # outcomes present, in order
+    columns = max(sum(case.outcome == row for case in cases) for row in rows) if rows else 1
+    figure, axes = plt.subplots(max(len(rows), 1), columns, figsize=(2.3 * columns, 3.2 * max(len(rows), 1)),
+                                squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    slots = {row: iter(axes[number]) for number, row in enumerate(rows)}
+    for position, case in enumerate(cases):
+        ax = next(slots[case.outcome])
+        ax.imshow(images[position])
+        if heatmaps is not None:  # opacity follows the heat: where there is no evidence, the plain image
+            overlay = plt.get_cmap("jet")(heatmaps[position])
+            overlay[..., 3] = 0.6 * heatmaps[position]
+            ax.imshow(overlay)
+        wrong = case.label != case.predicted
+        ax.set_title(case.caption, fontsize=7, color="firebrick" if wrong else "black")
+    figure.suptitle(title)
+    figure.tight_layout()
     _save(figure, path)

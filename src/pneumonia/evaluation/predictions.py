@@ -1,12 +1,18 @@
-"""Model predictions on a TFRecords split, in file order."""
+"""Model predictions on a TFRecords split, in file order.
+
+TensorFlow is imported only to predict, so the metrics code can use `Predictions` without it.
+"""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
-from pneumonia.data import dataset
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass(frozen=True)
@@ -16,7 +22,16 @@ class Predictions:
     probabilities: np.ndarray  # of pneumonia
 
 
+def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:
+    """One probability of pneumonia per image, from a sigmoid output ([n, 1]) or a softmax one
+    over [NORMAL, PNEUMONIA] ([n, 2]): the one place that knows both heads."""
+    outputs = np.asarray(outputs)
+    return (outputs[:, 1] if outputs.shape[-1] == 2 else outputs.reshape(-1)).astype(float)
+
+
 def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: int) -> Predictions:
+    from pneumonia.data import dataset
+
     labels, names = dataset.labels_and_names(tfrecords, split)
-    probabilities = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0)
-    return Predictions(names, np.array(labels, dtype=int), probabilities.reshape(-1).astype(float))
+    outputs = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0)
+    return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))

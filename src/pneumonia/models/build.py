@@ -1,14 +1,36 @@
-"""Model construction from the `model` params; the names live in `registry`."""
+"""Model construction from the params: augmentation, the named network, the output layer.
+
+Every model takes plain [0, 255] RGB images and outputs either the probability of pneumonia
+(model.output: sigmoid, shape [batch, 1]) or of [NORMAL, PNEUMONIA] (softmax, shape [batch, 2]);
+`evaluation.predictions.pneumonia_probability` turns either into one probability per image.
+"""
 
 import keras
+from keras import layers
 
-from pneumonia.config import ModelConfig
+from pneumonia.config import AugmentConfig, ModelConfig
 from pneumonia.models import backbones, custom_cnn
+from pneumonia.models.augmentation import augment
 from pneumonia.models.registry import BACKBONES, CUSTOM_CNN
 
 
-def build_model(config: ModelConfig, image_size: int) -> keras.Model:
+def output_layer(kind: str, features):
+    # float32 output even under mixed precision: the loss and metrics need full-precision probabilities.
+    if kind == "softmax":
+        return layers.Dense(2, activation="softmax", name="normal_pneumonia", dtype="float32")(features)
+    return layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(features)
+
+
+NO_AUGMENTATION = AugmentConfig()
+
+
+def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfig = NO_AUGMENTATION) -> keras.Model:
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = augment(augmentation, inputs)
     if config.name == CUSTOM_CNN:
-        return custom_cnn.build(image_size, config.dropout)
-    weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or config.weights_file()
-    return backbones.build(BACKBONES[config.name], config.name, image_size, weights, config.head_units, config.dropout)
+        x = custom_cnn.features(x, config.dropout)
+    else:
+        weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or config.weights_file()
+        x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)
+    return keras.Model(inputs, output_layer(config.output, x), name=config.name)
+

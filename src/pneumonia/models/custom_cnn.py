@@ -4,7 +4,6 @@ Changed from the recipe: global average pooling instead of Flatten, so the netwo
 image size and has far fewer parameters to overfit with.
 """
 
-import keras
 from keras import layers
 
 
@@ -21,9 +20,8 @@ def dense_block(units: int, dropout_rate: float, inputs):
     return layers.Dropout(dropout_rate)(x)
 
 
-def build(image_size: int, dropout: float) -> keras.Model:
-    """Plain [0, 255] RGB images in, probability of pneumonia out."""
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+def features(inputs, dropout: float):
+    """Plain [0, 255] RGB images in, the features the output layer classifies out."""
     x = layers.Rescaling(1.0 / 255)(inputs)
     x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
     x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
@@ -37,6 +35,4 @@ def build(image_size: int, dropout: float) -> keras.Model:
     x = layers.GlobalAveragePooling2D()(x)
     x = dense_block(512, 0.7, x)
     x = dense_block(128, 0.5, x)
-    x = dense_block(64, dropout, x)
-    outputs = layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="custom_cnn")
+    return dense_block(64, dropout, x)

@@ -1,0 +1,223 @@
+"""What the benchmarks share: the sample prepared once, full-resolution stand-ins, manifests,
+repeated timings and the measurement of a process tree's memory.
+
+The machine may be shared: every figure is the median of several repetitions, measurements to be
+compared are taken alternately, and each result carries the load average seen while it ran.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-sample.zip"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each benchmark runs: `full` for the report, `smoke` to check that they work."""
+
+    repeats: int = 3
+    sample_every: int = 1  # keep every n-th image of each split of the sample
+    # input_vs_compute: many short alternating rounds, so that a burst of load hits both sides alike
+    train_rounds: int = 6
+    train_steps: int = 8  # batches an epoch; the first epoch of each fit is warm-up and not counted
+    train_epochs: int = 3
+    # full-resolution stand-ins (tfrecords_vs_folders, conversion_scaling)
+    standins: int = 400
+    standin_size: tuple[int, int] = (1800, 1500)  # width, height: the Kaggle images' typical size
+    read_batches: int = 300  # batches read from the TFRecords per timing
+    folder_passes: int = 2  # passes over the stand-in folder per timing
+    conversion_copies: tuple[int, int] = (1, 6)  # manifests repeating the stand-ins: the difference is steady state
+    # memory
+    memory_copies: tuple[int, int] = (1, 4)
+    # incremental_dvc
+    # The no-op repro does not depend on the image size; 72 px (xception's minimum) keeps both trainings short.
+    dvc_params: tuple[str, ...] = ("data.source=local", "data.image_size=72", "train.epochs=1")
+    dvc_experiment: tuple[str, ...] = ("model.name=xception", "model.weights=none")
+
+
+FULL = Scale()
+SMOKE = replace(
+    FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, standins=12,
+    standin_size=(360, 300), read_batches=4, folder_passes=1, conversion_copies=(1, 2), memory_copies=(1, 2),
+    dvc_params=("data.source=synthetic", "data.image_size=72", "data.synthetic.patients_per_class=6",
+                "data.synthetic.image_size=72", "train.epochs=1", "train.batch_size=8", "tfrecords.workers=2"),
+    dvc_experiment=("model.dropout=0.2",),
+)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+@contextmanager
+def load_during(result: dict) -> Iterator[None]:
+    """Record the 1-minute load average before and after a measurement (2.0 = both cores busy)."""
+    before = load_average()
+    yield
+    result["load_average"] = {"before": before, "after": load_average()}
+
+
+def timed(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def prepared_sample(workdir: Path, sample_zip: Path, every: int) -> Path:
+    """The sample extracted and split as the pipeline's download and prepare stages do it (every
+    n-th image of each split kept), once per work folder: returns the folder holding data/raw and
+    data/manifests (manifest paths relative to it)."""
+    from pneumonia import SPLITS, paths
+    from pneumonia.data.download import extract_archive
+    from pneumonia.data.manifest import read_manifest, write_manifest
+    from pneumonia.data.prepare import prepare
+
+    root = workdir / f"sample-every-{every}"
+    if not (root / paths.MANIFESTS / "test.csv").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with working_directory(root):
+            extract_archive(sample_zip, paths.RAW)
+            prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.15, seed=42)
+            for split in SPLITS:
+                manifest = paths.MANIFESTS / f"{split}.csv"
+                write_manifest(manifest, read_manifest(manifest)[::every])
+    return root
+
+
+def sample_records(sample: Path, split: str) -> list:
+    """A split's manifest records with absolute paths, so that they can be read from anywhere."""
+    from pneumonia import paths
+    from pneumonia.data.manifest import read_manifest
+
+    manifest = sample / paths.MANIFESTS / f"{split}.csv"
+    return [replace(record, path=str(sample / record.path)) for record in read_manifest(manifest)]
+
+
+def write_manifests(manifests: Path, splits: dict[str, list]) -> Path:
+    """Manifests for write_tfrecords; splits not given are written empty."""
+    from pneumonia import SPLITS
+    from pneumonia.data.manifest import write_manifest
+
+    manifests.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        write_manifest(manifests / f"{split}.csv", splits.get(split, []))
+    return manifests
+
+
+def _standin(source: str, target: Path, size: tuple[int, int], seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(source).convert("L").resize(size, Image.Resampling.BICUBIC)
+    # Film grain: an upscaled 224 px image alone compresses far better than a real radiograph.
+    grain = np.random.default_rng(seed).normal(0, 2.0, (size[1], size[0]))
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(target, format="JPEG", quality=80)
+
+
+def standins(workdir: Path, sample: Path, count: int, size: tuple[int, int]) -> tuple[Path, list]:
+    """`count` training images of the sample upscaled to `size` grayscale JPEGs (~0.16 MB at
+    1800x1500, like the Kaggle originals) in {NORMAL,PNEUMONIA}/ folders; returns the folder and
+    their manifest records. Made once per work folder."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pneumonia import CLASS_NAMES
+
+    folder = workdir / f"standins-{count}-{size[0]}x{size[1]}"
+    train = sample_records(sample, "train")
+    chosen = train[:: max(1, len(train) // count)][:count]  # spread over both classes
+    records = [replace(record, path=str(folder / CLASS_NAMES[record.label] / Path(record.path).name))
+               for record in chosen]
+    done = folder.with_name(folder.name + ".done")  # beside, not inside: the folder is read as a dataset
+    if not done.exists():
+        for class_name in CLASS_NAMES:
+            (folder / class_name).mkdir(parents=True, exist_ok=True)
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_standin, [r.path for r in chosen], [Path(r.path) for r in records],
+                          [size] * len(records), range(len(records))))
+        done.touch()
+    return folder, records
+
+
+@contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def peak_tree_rss(args: list[str], cwd: Path, interval: float = 0.02) -> dict:
+    """Run `args` as a child process; peak resident memory of it and all its descendants (the
+    decoding workers), summed, sampled every `interval` seconds; and of the largest single process."""
+    import psutil
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    child = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(child.pid)
+    peak_sum = peak_single = processes = 0
+    started = time.perf_counter()
+    while child.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            sizes = [process.memory_info().rss for process in tree]
+        except psutil.Error:  # a process ended between listing and reading
+            continue
+        peak_sum, peak_single = max(peak_sum, sum(sizes)), max(peak_single, max(sizes))
+        processes = max(processes, len(tree))
+        time.sleep(interval)
+    seconds = time.perf_counter() - started
+    _, stderr = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({child.returncode}):\n{stderr[-3000:]}")
+    return {"peak_rss_mb": round(peak_sum / 2**20, 1), "peak_single_process_rss_mb": round(peak_single / 2**20, 1),
+            "processes": processes, "seconds": round(seconds, 2)}
+
+
+def python() -> str:
+    return sys.executable
+
+
+# --- running one benchmark --------------------------------------------------------------------
+
+def main(run: Callable[[Path, Scale, Path], dict]) -> None:
+    """Command line of every benchmark script: run it, print or write its result as JSON."""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=sys.modules[run.__module__].__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it works, not the target")
+    parser.add_argument("--workdir", type=Path, help="reusable scratch folder (default: a temporary one)")
+    parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
+    parser.add_argument("--json", type=Path, help="write the result here instead of printing it")
+    args = parser.parse_args()
+    quiet_tensorflow()
+    with tempfile.TemporaryDirectory(prefix="pneumonia-bench-") as temporary:
+        workdir = args.workdir or Path(temporary)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = run(workdir.resolve(), SMOKE if args.smoke else FULL, args.sample.resolve())
+    text = json.dumps(result, indent=2)
+    args.json.write_text(text + "\n") if args.json else print(text)

@@ -1,0 +1,71 @@
+"""Target 4: `dvc repro` with nothing changed takes <= 3 s of wall time on the sample, and
+`dvc exp run -S model.name=...` runs no data stage (download, prepare, tfrecords).
+
+In a copy of the project (as the end-to-end tests make it) with the sample as data, one training
+epoch and 72 px images (the no-op repro does not depend on the image size; the trainings are short):
+a first full `dvc repro`, then `repeats` timed no-op repros, then an experiment
+on another model; which stages ran is read from DVC's own output.
+"""
+
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import REPO, Scale, load_during, main, median
+
+sys.path.insert(0, str(REPO / "tests"))
+import conftest  # the tests' project copy, and their environment for tools (this venv, no outside DVC)
+
+TARGET_SECONDS = 3.0
+DATA_STAGES = ("download", "prepare", "tfrecords")
+
+
+def dvc(project: Path, *args: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    output = conftest.run(["dvc", *args], project).stdout
+    return time.perf_counter() - started, output
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
+    project = workdir / "dvc-project"
+    shutil.rmtree(project, ignore_errors=True)
+    conftest.copy_project(project)
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in scale.dvc_params)}
+    conftest.set_params(project, **settings, **{"data.local_path": str(sample_zip)})
+    conftest.commit_all(project)
+
+    result: dict = {"params": list(scale.dvc_params), "experiment": [f"-S {item}" for item in scale.dvc_experiment]}
+    with load_during(result):
+        seconds, output = dvc(project, "repro")
+        result["first_repro"] = {"seconds": round(seconds, 1), "stages_run": stages_run(output)}
+        conftest.commit_all(project, "baseline")
+        noop = [dvc(project, "repro") for _ in range(scale.repeats)]
+        seconds, output = dvc(project, "exp", "run", *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
+    noop_seconds = median([seconds for seconds, _ in noop])
+    up_to_date = all("Data and pipelines are up to date" in out and not stages_run(out) for _, out in noop)
+    experiment_stages = stages_run(output)
+    skipped = re.findall(r"Stage '([\w-]+)' didn't change, skipping", output)
+    data_stages_run = [stage for stage in experiment_stages if stage in DATA_STAGES]
+    met = noop_seconds <= TARGET_SECONDS and up_to_date and not data_stages_run
+    return {
+        "target": f"no-op `dvc repro` <= {TARGET_SECONDS:g} s; `dvc exp run -S model.*` runs no data stage",
+        "measured": f"no-op repro {noop_seconds:.2f} s; experiment ran {', '.join(experiment_stages) or 'nothing'}",
+        "met": met,
+        "noop_repro_seconds": round(noop_seconds, 2), "noop_repro_runs": [round(s, 2) for s, _ in noop],
+        "noop_up_to_date": up_to_date,
+        "experiment_run": {"seconds": round(seconds, 1), "stages_run": experiment_stages, "stages_skipped": skipped,
+                           "data_stages_run": data_stages_run},
+        **result,
+    }
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,83 @@
+"""Target 1: training images/s reading the TFRecords >= 0.95 x images/s training the same model on
+the same batches already in memory (the compute limit); default model and image size.
+
+Both are fitted alternately, `train_rounds` rounds; the first epoch of every fit (tracing, the shuffle
+buffer filling) is warm-up and not counted. The ratio is the median of the rounds' ratios, so that
+a burst of load from elsewhere during one round does not decide it.
+"""
+
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, Scale, load_during, main, median, prepared_sample, working_directory
+
+TARGET = 0.95
+
+
+def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from pneumonia import paths, training
+    from pneumonia.config import load_params
+    from pneumonia.data import dataset
+    from pneumonia.data.class_weights import class_weights
+    from pneumonia.data.manifest import read_manifest
+    from pneumonia.data.tfrecords import write_tfrecords
+    from pneumonia.models.build import build_model
+
+    params = load_params(REPO / "params.yaml")
+    size, batch_size = params.data.image_size, params.train.batch_size
+    sample = prepared_sample(workdir, sample_zip, scale.sample_every)
+    tfrecords = workdir / f"sample-tfrecords-{size}"
+    if not tfrecords.exists():
+        with working_directory(sample):
+            write_tfrecords(paths.MANIFESTS, tfrecords, size, params.tfrecords)
+    weights = class_weights(read_manifest(sample / paths.MANIFESTS / "train.csv"), params.train.class_weight)
+
+    keras.utils.set_random_seed(params.train.seed)
+    model = build_model(params.model, size, params.train.augment)
+    training.prepare_stage(model, params, training.stages(params)[0], scale.train_steps)
+    from_records = training.labelled_for(params, dataset.training_batches(tfrecords, batch_size, params.train.seed))
+    in_memory = from_records.take(scale.train_steps).cache().repeat()
+    for _ in in_memory.take(scale.train_steps):  # fill the cache: these batches now live in memory
+        pass
+
+    class EpochRates(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rates: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch > 0:  # epoch 0 is warm-up
+                self.rates.append(scale.train_steps * batch_size / (time.perf_counter() - self.started))
+
+    def images_per_second(batches) -> float:
+        rates = EpochRates()
+        model.fit(batches, epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, class_weight=weights,
+                  callbacks=[rates], shuffle=False, verbose=0)
+        return median(rates.rates)
+
+    result: dict = {"model": params.model.name, "image_size": size, "batch_size": batch_size,
+                    "devices": [device.device_type for device in tf.config.list_logical_devices()]}
+    rounds = []
+    with load_during(result):
+        for _ in range(scale.train_rounds):
+            rounds.append({"tfrecords": images_per_second(from_records), "in_memory": images_per_second(in_memory)})
+    tfrecords_rate, memory_rate = median([r["tfrecords"] for r in rounds]), median([r["in_memory"] for r in rounds])
+    ratio = median([r["tfrecords"] / r["in_memory"] for r in rounds])
+    return {
+        "target": f"training images/s from TFRecords >= {TARGET} x images/s on the same batches in memory",
+        "measured": f"{ratio:.3f} x ({tfrecords_rate:.1f} vs {memory_rate:.1f} images/s)",
+        "ratio": round(ratio, 3), "met": ratio >= TARGET,
+        "tfrecords_images_per_second": round(tfrecords_rate, 1), "in_memory_images_per_second": round(memory_rate, 1),
+        "rounds": [{key: round(value, 1) for key, value in r.items()} for r in rounds],
+        **result,
+    }
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,123 @@
+"""Run every benchmark, each in its own process, and write benchmarks/results.json and results.md.
+
+    python -m benchmarks.run_all            # full: 8 to 15 minutes on 2 CPU cores, depending on load
+    python -m benchmarks.run_all --smoke    # tiny sizes: checks that every benchmark works
+
+Run from the repository root with the project's venv active.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+from benchmarks.common import REPO, SAMPLE_ZIP, load_average
+
+BENCHMARKS = {  # module: what it measures, in the issue's order
+    "input_vs_compute": "1. Input pipeline vs compute limit",
+    "tfrecords_vs_folders": "2. TFRecords vs reading image folders",
+    "conversion_scaling": "3. Conversion scales with cores",
+    "incremental_dvc": "4. Incremental work",
+    "memory": "5. Memory",
+}
+PACKAGES = ("tensorflow", "keras", "dvc", "pillow", "numpy", "psutil")
+
+
+def machine() -> dict:
+    import psutil
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text() if cpuinfo.exists() else "").splitlines()
+             if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(), "python": platform.python_version(),
+        "versions": {package: version(package) for package in PACKAGES},
+    }
+
+
+def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as output:
+        command = [sys.executable, "-m", f"benchmarks.{name}", "--workdir", str(workdir), "--sample", str(args.sample),
+                   "--json", output.name, *(["--smoke"] if args.smoke else [])]
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        completed = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True, check=False)
+        if completed.returncode != 0:
+            return {"met": False, "error": completed.stderr[-3000:], "measured": "failed (see error)"}
+        return {**json.loads(Path(output.name).read_text()), "benchmark_seconds": round(time.perf_counter() - started)}
+
+
+def markdown(report: dict) -> str:
+    machine, results = report["machine"], report["results"]
+    versions = ", ".join(f"{package} {number}" for package, number in machine["versions"].items())
+    smoke = " (smoke sizes: these figures check that the benchmarks work, not the targets)" if report["smoke"] else ""
+    lines = [
+        "# Performance benchmarks", "",
+        (f"Measured {report['finished']} on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
+         f"{machine['os']}, Python {machine['python']}, {versions}."), "",
+        f"Reproduce from the repository root: `{report['command']}`{smoke}", "",
+        "| target | measured | met | load average (before/after) |", "|---|---|---|---|",
+    ]
+    for name, title in BENCHMARKS.items():
+        if result := results.get(name):
+            load = result.get("load_average", {})
+            met = "yes" if result["met"] else "**no**"
+            lines.append(f"| {title}: {result.get('target', name)} | {result['measured']} | {met} | "
+                         f"{load.get('before', '?')} / {load.get('after', '?')} |")
+    standin_mb = results.get("tfrecords_vs_folders", {}).get("standin_mean_mb", "?")
+    lines += [
+        "",
+        ("Ratios, not absolute times, are the targets: both sides of each are measured in the same run, "
+         "alternately, and each figure is the median of the repetitions. The machine was shared with other "
+         "work: the load average shows how busy it was (2.0 = both cores busy). Target 1's ratio is the median "
+         "of the per-round ratios, each round fitting both sides; the images/s beside it are each side's median."),
+        "",
+        ("Full-resolution stand-ins (targets 2, 3): the sample's 224 px training images upscaled to 1800x1500 "
+         f"grayscale JPEGs with film grain (mean {standin_mb} MB, like the Kaggle originals' ~0.15-0.2 MB), since "
+         "the originals cannot be downloaded here."),
+    ]
+    for name, title in BENCHMARKS.items():
+        if (result := results.get(name)) and not result["met"] and "profile" in result:
+            lines += ["", f"Profile of {title} (not met): `{json.dumps(result['profile'])}`"]
+    lines += ["", ("Every repetition: [results.json](results.json); how each figure is measured: the docstring "
+                   "of its script in this folder."), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every benchmark works")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for results.json and results.md")
+    args = parser.parse_args()
+    args.sample = args.sample.resolve()
+
+    from pneumonia.atomic import write_json, write_text
+
+    report = {"machine": machine(), "smoke": args.smoke,
+              "started": datetime.now(UTC).isoformat(timespec="seconds"), "load_average_at_start": load_average(),
+              "command": "python -m benchmarks.run_all" + (" --smoke" if args.smoke else ""), "results": {}}
+    with tempfile.TemporaryDirectory(prefix="pneumonia-bench-") as workdir:
+        for name in args.only or BENCHMARKS:
+            report["results"][name] = result = run_benchmark(name, args, Path(workdir))
+            print(f"   {result['measured']} (met: {result['met']})", flush=True)
+    report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report["all_met"] = all(result["met"] for result in report["results"].values())
+    write_json(args.out / "results.json", report)
+    write_text(args.out / "results.md", markdown(report))
+    print(f"wrote {args.out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The manifest format: one CSV row per image of a split, written by prepare, read by the later stages."""
+
+import csv
+import io
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from pneumonia.atomic import write_text
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str  # relative to the repository root, '/'-separated
+    label: int  # 0 NORMAL, 1 PNEUMONIA
+    patient_id: str
+    sha256: str
+    kaggle_split: str
+
+
+MANIFEST_COLUMNS = tuple(field.name for field in fields(Record))
+
+
+def write_manifest(path: Path, records: list[Record]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows(astuple(record) for record in sorted(records, key=lambda r: r.path))
+    write_text(path, buffer.getvalue())
+
+
+def read_manifest(path: Path) -> list[Record]:
+    with open(path, newline="") as file:
+        return [Record(row["path"], int(row["label"]), row["patient_id"], row["sha256"], row["kaggle_split"])
+                for row in csv.DictReader(file)]

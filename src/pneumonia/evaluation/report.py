@@ -1,0 +1,163 @@
+"""One self-contained HTML page per evaluation: metrics with confidence intervals, every figure
+(embedded as base64 PNG), data counts, training summary, params and the model's layers.
+
+Nothing is fetched when it opens: no scripts, styles or images from elsewhere, so it can be mailed,
+archived in MLflow or opened offline.
+"""
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from pneumonia import CLASS_NAMES, SPLITS
+from pneumonia.atomic import write_text
+from pneumonia.evaluation.summary import AT_DEFAULT
+
+# (key in metrics/test.json, what a reader calls it)
+METRIC_ROWS = (
+    ("sensitivity", "Sensitivity (recall): pneumonia cases found"),
+    ("specificity", "Specificity: normal cases recognised"),
+    ("precision", "Precision (positive predictive value)"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("f1", "F1"),
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC (average precision)"),
+    ("brier", "Brier score (lower is better)"),
+    ("ece", "Expected calibration error (lower is better)"),
+)
+COUNT_ROWS = (("tp", "True positives"), ("fn", "False negatives"), ("tn", "True negatives"),
+              ("fp", "False positives"), ("n", "Images"))
+
+
+@dataclass(frozen=True)
+class Figure:
+    title: str
+    path: Path
+    caption: str = ""
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.path.read_bytes()).decode("ascii")
+
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Pneumonia classifier evaluation: {{ model_name }}</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+  table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+  th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+  th:first-child, td:first-child { text-align: left; }
+  thead th { background: #eef2f7; }
+  figure { margin: 1em 0 2em; }
+  figure img { max-width: 100%; border: 1px solid #ddd; }
+  figcaption { color: #555; font-size: 0.9em; }
+  pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+  .headline { font-size: 1.1em; background: #f3f8f3; padding: 0.6em 1em; border-left: 4px solid #4a4; }
+</style>
+</head>
+<body>
+<h1>Pneumonia classifier evaluation: {{ model_name }}</h1>
+<p class="headline">
+  At the operating point chosen on the validation split ({{ rule }}: predict pneumonia when
+  p(pneumonia) &ge; {{ fmt(scores.threshold) }}), the model finds
+  <b>{{ pct(scores.sensitivity) }}</b> of pneumonia cases (sensitivity) and recognises
+  <b>{{ pct(scores.specificity) }}</b> of normal cases (specificity) on {{ scores.n }} test images.
+</p>
+
+<h2>Test metrics</h2>
+<table>
+<thead><tr><th>metric</th><th>at threshold {{ fmt(scores.threshold) }}</th><th>95% CI</th>
+<th>at threshold 0.5</th><th>validation, at {{ fmt(scores.threshold) }}</th></tr></thead>
+<tbody>
+{% for key, label in metric_rows %}
+<tr><td>{{ label }}</td><td>{{ fmt(scores[key]) }}</td>
+<td>{% if key in scores.ci95 %}{{ fmt(scores.ci95[key].low) }} &ndash; {{ fmt(scores.ci95[key].high) }}{% endif %}</td>
+<td>{{ fmt(scores[at_default][key]) }}</td>
+<td>{% if key in scores.validation %}{{ fmt(scores.validation[key]) }}{% endif %}</td></tr>
+{% endfor %}
+{% for key, label in count_rows %}
+<tr><td>{{ label }}</td><td>{{ scores[key] }}</td><td></td><td>{{ scores[at_default][key] }}</td>
+<td>{% if key in scores.validation %}{{ scores.validation[key] }}{% endif %}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+<p>Confidence intervals: stratified percentile bootstrap over the test images
+({{ bootstrap_samples }} resamples). The threshold is chosen on validation only; test is used for
+nothing but these numbers.</p>
+
+<h2>Data</h2>
+<table>
+<thead><tr><th>split</th>{% for name in class_names %}<th>{{ name }}</th>{% endfor %}<th>patients</th></tr></thead>
+<tbody>
+{% for split in splits if split in data.images %}
+<tr><td>{{ split }}</td>{% for name in class_names %}<td>{{ data.images[split][name] }}</td>{% endfor %}
+<td>{{ data.get("patients", {}).get(split, "") }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+{% if "dropped_as_in_test" in data %}
+<p>Training and validation images also found in test (dropped): {{ data.dropped_as_in_test }}.</p>
+{% endif %}
+
+<h2>Figures</h2>
+{% for figure in figures %}
+<figure>
+<h3>{{ figure.title }}</h3>
+<img src="{{ figure.data_uri() }}" alt="{{ figure.title }}">
+{% if figure.caption %}<figcaption>{{ figure.caption }}</figcaption>{% endif %}
+</figure>
+{% endfor %}
+
+<h2>Training</h2>
+<table>
+<tbody>
+{% for key, value in training.items() %}<tr><td>{{ key }}</td><td>{{ fmt(value) }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+
+<h2>Parameters</h2>
+<pre>{{ params_yaml }}</pre>
+
+<h2>Model</h2>
+<pre>{{ model_summary }}</pre>
+</body>
+</html>
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"  # undefined, e.g. ROC AUC with one class
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any], data: dict[str, Any],
+           training: dict[str, Any], model_summary: str) -> str:
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(TEMPLATE).render(
+        model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores,
+        at_default=AT_DEFAULT, metric_rows=METRIC_ROWS, count_rows=COUNT_ROWS,
+        bootstrap_samples=params["evaluate"]["bootstrap_samples"],
+        data=data, splits=SPLITS, class_names=CLASS_NAMES, figures=figures, training=training,
+        params_yaml=yaml.safe_dump(params, sort_keys=False), model_summary=model_summary,
+        fmt=_fmt, pct=_pct,
+    )
+
+
+def write_report(path: Path, **content: Any) -> None:
+    """render(**content) to `path`, atomically."""
+    write_text(path, render(**content))

@@ -1,0 +1,118 @@
+"""The evaluation's numbers: threshold chosen on validation, test metrics at it and at 0.5 with
+bootstrap confidence intervals, and the tables `dvc plots` draws.
+
+metrics/test.json keeps the headline metrics at the top level (so `dvc exp show` has them as
+columns) and nests the rest. Undefined values (NaN, e.g. ROC AUC of a one-class split) become
+null: JSON has no NaN or infinity.
+"""
+
+import math
+from typing import Any
+
+import numpy as np
+
+from pneumonia import CLASS_NAMES
+from pneumonia.config import EvaluateConfig
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation import metrics
+from pneumonia.evaluation.predictions import Predictions
+
+DEFAULT_THRESHOLD = 0.5
+AT_DEFAULT = "at_0.5"  # metrics/test.json key of the metrics at the conventional 0.5
+CI_METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy")
+CONFIDENCE = 0.95
+VALIDATION_KEYS = ("sensitivity", "specificity", "accuracy", "roc_auc", "n")
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float (also nested) replaced by None."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(inner) for inner in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def choose_threshold(val: Predictions, rule: float | str) -> float:
+    """The probability threshold that `rule` picks on the validation predictions."""
+    try:
+        return metrics.choose_threshold(val.labels, val.probabilities, rule)
+    except ValueError as exc:
+        raise PipelineError(
+            f"params.yaml: evaluate.threshold = {rule!r} cannot be chosen on the validation split ({exc}).\n"
+            "Use a fixed number (e.g. `dvc exp run -S evaluate.threshold=0.5`) or a validation split "
+            "with both classes (data.val_fraction)."
+        ) from None
+
+
+def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfig) -> dict[str, Any]:
+    """metrics/test.json: test metrics at the threshold chosen on validation (top level), with
+    95% bootstrap intervals, the same at 0.5, and what the threshold gives on validation."""
+    if not 0 < test.labels.sum() < len(test.labels):
+        raise PipelineError(
+            f"the test split has {len(test.labels)} images of one class only: ROC, precision-recall and "
+            "confidence intervals need both NORMAL and PNEUMONIA test images; check data/raw/test."
+        )
+    threshold = choose_threshold(val, config.threshold)
+    scores = metrics.classification_metrics(test.labels, test.probabilities, threshold)
+    intervals = metrics.bootstrap_ci(test.labels, test.probabilities, threshold, metrics=CI_METRICS,
+                                     n_boot=config.bootstrap_samples, confidence=CONFIDENCE, seed=config.seed)
+    on_validation = metrics.classification_metrics(val.labels, val.probabilities, threshold)
+    return finite_or_none({
+        **scores,  # "threshold": the one chosen on validation
+        "threshold_rule": str(config.threshold),
+        "ci95": {name: {"low": low, "high": high} for name, (low, high) in intervals.items()},
+        AT_DEFAULT: metrics.classification_metrics(test.labels, test.probabilities, DEFAULT_THRESHOLD),
+        "validation": {key: on_validation[key] for key in VALIDATION_KEYS},
+    })
+
+
+def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:
+    """The numbers of `scores` flattened for MLflow: test_roc_auc, test_ci95_roc_auc_low, test_at_0.5_f1, ..."""
+    flat = {}
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            flat.update(mlflow_metrics(value, f"{prefix}_{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}_{key}"] = float(value)
+    return flat
+
+
+# -------------------------------------------------------------- tables for dvc plots
+
+
+def predictions_table(test: Predictions, threshold: float) -> dict[str, list]:
+    """One row per test image, class names as labels (dvc's confusion template counts them)."""
+
+    def names(flags):
+        return [CLASS_NAMES[int(flag)] for flag in flags]
+
+    return {
+        "file_name": test.file_names,
+        "actual": names(test.labels),
+        "predicted": names(test.probabilities >= threshold),
+        "predicted_at_0_5": names(test.probabilities >= DEFAULT_THRESHOLD),  # no dot: Vega reads it as a path
+        "probability": [f"{p:.6f}" for p in test.probabilities],
+    }
+
+
+def curves(test: Predictions) -> dict[str, dict[str, list[float]]]:
+    """ROC, precision-recall and calibration points, {name: {column: values}}.
+
+    The curves' "nobody positive" end has threshold infinity: its threshold is written as 1.0,
+    the probability above which nothing can lie, so the CSVs hold only finite numbers.
+    """
+    roc = metrics.roc_points(test.labels, test.probabilities)
+    pr = metrics.pr_points(test.labels, test.probabilities)
+    calibration = metrics.calibration_points(test.labels, test.probabilities)
+    calibration["perfectly_calibrated"] = calibration["mean_predicted"]  # the diagonal, for comparison
+    for curve in (roc, pr):
+        curve["threshold"] = np.minimum(curve["threshold"], 1.0).tolist()
+    return {"roc": roc, "precision_recall": pr, "calibration": calibration}
+
+
+def table(columns: dict[str, list]) -> tuple[list[str], list[list]]:
+    """{column: values} as (header, rows) for atomic.write_csv."""
+    return list(columns), [list(row) for row in zip(*columns.values())]

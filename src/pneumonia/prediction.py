@@ -1,0 +1,191 @@
+"""Prediction on image files: the preprocessing of training, the model's probability of pneumonia,
+and the label at the decision threshold of the model's run.
+
+Shared by `pneumonia predict` and the served MLflow model (pneumonia.serving), so both give the
+probability the evaluate stage gave the same image.
+"""
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia import CLASS_NAMES, atomic
+from pneumonia.data.images import encode_jpeg, load_resized
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation.predictions import pneumonia_probability
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+DEFAULT_THRESHOLD = 0.5
+BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
+
+
+def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
+    """An encoded image (bytes) or image file as training saw its images: uint8 (size, size, 3).
+
+    The exact path of a training image: load_resized, the JPEG re-encode of the TFRecords writer
+    at tfrecords.jpeg_quality, and TensorFlow's JPEG decoder as in data.dataset (PIL's decoder
+    differs from it by up to ~14 grey levels: another IDCT). So a test image gets exactly the
+    probability the evaluate stage gave it.
+    """
+    import tensorflow as tf
+
+    image = load_resized(source if isinstance(source, bytes) else str(source), image_size)
+    return tf.io.decode_jpeg(encode_jpeg(image, jpeg_quality), channels=3).numpy()
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A trained Keras model with the preprocessing and the decision threshold of its run."""
+
+    model: object  # keras.Model: plain [0, 255] RGB in, a sigmoid or [NORMAL, PNEUMONIA] softmax out
+    threshold: float
+    jpeg_quality: int
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.input_shape[1])
+
+    def preprocess(self, source: bytes | str | Path) -> np.ndarray:
+        return model_input(source, self.image_size, self.jpeg_quality)
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.empty(0)
+        return pneumonia_probability(self.model.predict(np.stack(images), batch_size=BATCH_SIZE, verbose=0))
+
+    def label(self, probability: float) -> str:
+        return CLASS_NAMES[int(probability >= self.threshold)]
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    file: str
+    probability: float | None = None
+    label: str | None = None
+    error: str | None = None  # why the file could not be predicted (then no probability)
+
+
+FIELDS = [field.name for field in fields(FilePrediction)]
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """Files as given (whatever their name); folders searched recursively for JPEG and PNG files."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(file for file in path.rglob("*")
+                            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    if not found:
+        raise PipelineError(f"no JPEG or PNG files in {', '.join(map(str, paths))}: name image files or folders")
+    return found
+
+
+def predict_files(classifier: Classifier, files: Sequence[Path]) -> list[FilePrediction]:
+    """One prediction per file, in order; a file that is not a readable image gets an error instead."""
+    results: list[FilePrediction] = []
+    for start in range(0, len(files), BATCH_SIZE):
+        chunk = files[start:start + BATCH_SIZE]
+        images, errors = [], {}
+        for file in chunk:
+            try:
+                images.append(classifier.preprocess(file))
+            except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
+                errors[file] = f"not a readable image ({type(exc).__name__}: {exc})"
+        probabilities = iter(classifier.probabilities(images))
+        for file in chunk:
+            if file in errors:
+                results.append(FilePrediction(str(file), error=errors[file]))
+            else:
+                probability = float(next(probabilities))
+                results.append(FilePrediction(str(file), probability, classifier.label(probability)))
+    return results
+
+
+def write_gradcam(classifier: Classifier, results: Sequence[FilePrediction], folder: Path) -> list[Path]:
+    """For each predicted file, its image with the Grad-CAM map of the predicted class laid over it,
+    as folder/<file name>.gradcam.png (the same overlay as the evaluation report's image grid)."""
+    from pneumonia.evaluation.gradcam import heatmaps
+
+    predicted = [result for result in results if result.error is None]
+    written: list[Path] = []
+    for start in range(0, len(predicted), BATCH_SIZE):
+        chunk = predicted[start:start + BATCH_SIZE]
+        images = np.stack([classifier.preprocess(result.file) for result in chunk])
+        maps = heatmaps(classifier.model, images, np.array([CLASS_NAMES.index(result.label) for result in chunk]))
+        for result, image, heatmap in zip(chunk, images, maps):
+            path = folder / f"{Path(result.file).name}.gradcam.png"
+            if path in written:  # same name in two folders
+                path = folder / f"{Path(result.file).name}.{len(written)}.gradcam.png"
+            _overlay_png(image, heatmap, f"{result.label}\np(pneumonia) = {result.probability:.2f}", path)
+            written.append(path)
+    return written
+
+
+def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(3, 3.3))
+    ax.imshow(image)
+    ax.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    ax.set_title(caption, fontsize=9)
+    ax.axis("off")
+    with atomic.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def run_threshold(test_metrics: Path) -> float:
+    """The decision threshold the evaluate stage chose (key "threshold"), or 0.5 with a warning."""
+    try:
+        return float(json.loads(test_metrics.read_text())["threshold"])
+    except (FileNotFoundError, KeyError):
+        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", test_metrics, DEFAULT_THRESHOLD)
+        return DEFAULT_THRESHOLD
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{test_metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
+
+
+def load_classifier(model_path: Path, test_metrics: Path, jpeg_quality: int) -> Classifier:
+    """The pipeline's last model (models/model.keras) with the threshold of its evaluation."""
+    if not model_path.is_file():
+        raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
+    import keras
+
+    return Classifier(keras.models.load_model(model_path), run_threshold(test_metrics), jpeg_quality)
+
+
+def table(results: Sequence[FilePrediction]) -> str:
+    """Aligned text: file, probability, label; a failed file's line says why instead."""
+    width = max(len("file"), *(len(result.file) for result in results))
+    lines = [f"{'file':<{width}}  probability  label"]
+    for result in results:
+        if result.error:
+            lines.append(f"{result.file:<{width}}  error: {result.error}")
+        else:
+            lines.append(f"{result.file:<{width}}  {result.probability:>11.4f}  {result.label}")
+    return "\n".join(lines)
+
+
+def write_csv(results: Sequence[FilePrediction], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")  # quotes commas in file names and errors
+    writer.writerow(FIELDS)
+    writer.writerows([getattr(result, field) for field in FIELDS] for result in results)
+    atomic.write_text(path, buffer.getvalue())
+
+
+def write_json(results: Sequence[FilePrediction], path: Path) -> None:
+    atomic.write_text(path, json.dumps([asdict(result) for result in results], indent=2) + "\n")

@@ -1,0 +1,131 @@
+"""The MLflow model of a run: base64-encoded JPEG/PNG images in, probability of pneumonia and label out.
+
+The evaluate stage logs it (it knows the decision threshold); it carries the Keras model, the
+threshold, the JPEG quality of the TFRecords and this package's code, and preprocesses like
+training (pneumonia.prediction). `mlflow models serve -m <uri>` serves it; a request is a
+DataFrame with a column "image" of base64 strings, e.g.
+
+    {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
+
+and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA"}, ...]}.
+"""
+
+import base64
+import binascii
+import io
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from pneumonia import tracking
+from pneumonia.config import Params
+from pneumonia.errors import PipelineError
+from pneumonia.prediction import Classifier
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the run's model: runs:/<run id>/model
+IMAGE_COLUMN = "image"
+KERAS_MODEL = "keras_model"  # the artifact holding the .keras file
+CANDIDATE = "candidate"  # alias of a newly registered version; promotion moves "champion"
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+)
+# Needed to load and run the model where it is served; mlflow adds itself.
+REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow")
+
+
+class PneumoniaModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import keras
+
+        config = context.model_config
+        self.classifier = Classifier(keras.models.load_model(context.artifacts[KERAS_MODEL]),
+                                     config["threshold"], config["jpeg_quality"])
+
+    def predict(self, context, model_input, params=None):
+        """model_input: a DataFrame with a column "image" of base64-encoded JPEG or PNG files."""
+        images = [self.request_image(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
+        probabilities = self.classifier.probabilities(images)
+        return pd.DataFrame({"probability": probabilities,
+                             "label": [self.classifier.label(p) for p in probabilities]})
+
+    def request_image(self, value: object, row: int) -> np.ndarray:
+        """One request's image, preprocessed; a bad one is the client's error (HTTP 400) naming its row."""
+        try:
+            encoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise MlflowException.invalid_parameter_value(
+                f"row {row} of column {IMAGE_COLUMN!r} is not base64 ({exc}): send each image file base64-encoded"
+            ) from None
+        try:
+            return self.classifier.preprocess(encoded)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
+            raise MlflowException.invalid_parameter_value(
+                f"row {row} of column {IMAGE_COLUMN!r} is not a readable image ({type(exc).__name__}: {exc}): "
+                "send JPEG or PNG files"
+            ) from None
+
+
+def encode_image(data: bytes) -> str:
+    """An image file as the model takes it (the client's side of image_bytes)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def input_example() -> pd.DataFrame:
+    """A small grey gradient PNG: logged with the model so that MLflow can show and check a request."""
+    gradient = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(gradient, mode="L").save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
+
+
+def log_model(model_path: Path, threshold: float, params: Params) -> ModelInfo:
+    """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold`.
+
+    With tracking.register_model set, the model is also registered under that name and the new
+    version gets the alias "candidate".
+    """
+    config = {"threshold": float(threshold), "jpeg_quality": params.tfrecords.jpeg_quality}
+    name = params.tracking.register_model
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=PneumoniaModel(),
+        artifacts={KERAS_MODEL: str(model_path)},
+        model_config=config,
+        params=config,
+        # This package's code goes with the model: it loads and serves without the project installed.
+        code_paths=[str(Path(__file__).parent)],
+        signature=SIGNATURE,
+        input_example=input_example(),
+        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+        registered_model_name=name,
+    )
+    if name:
+        mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, info.registered_model_version)
+        log.info("registered %s version %s as %s@%s", MODEL_NAME, info.registered_model_version, name, CANDIDATE)
+    return info
+
+
+def load_classifier(model_uri: str) -> Classifier:
+    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise PipelineError(
+            f"cannot load the MLflow model {model_uri!r} from {tracking.tracking_uri()}: {exc}") from None
+    python_model = model.unwrap_python_model()
+    if not isinstance(python_model, PneumoniaModel):
+        raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")
+    return python_model.classifier

@@ -1,0 +1,30 @@
+"""DVC stage `data_report`: counts, raw image statistics, sample images, class weights, leakage audit
+-> reports/data/ (logged to MLflow by the train stage)."""
+
+import json
+import logging
+from pathlib import Path
+
+from pneumonia import paths
+from pneumonia.config import load_params
+from pneumonia.data.audit import read_image_table
+from pneumonia.data.manifest import read_manifest
+from pneumonia.data.report import write_report
+from pneumonia.logs import run_stage
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    load_params()  # reads no params, but stops on an invalid params.yaml like every stage
+    report = write_report(paths.DATA_REPORT, _json(paths.RAW_SOURCE), read_image_table(paths.IMAGE_TABLE),
+                          _json(paths.DATA_METRICS), read_manifest(paths.MANIFESTS / "train.csv"),
+                          _json(paths.CLASS_WEIGHTS), _json(paths.DATA_AUDIT))
+    logging.getLogger("data_report").info("images as shipped: %s; as used: %s",
+                                          report["images"]["as_shipped"], report["images"]["as_used"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,48 @@
+"""Atomic outputs: complete or absent, never half-written."""
+
+import pytest
+
+from pneumonia.atomic import atomic_path, write_csv, write_json
+
+
+def test_file_appears_only_on_success(tmp_path):
+    target = tmp_path / "out" / "result.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # the temporary is gone too
+    write_json(target, {"b": 1, "a": 2})
+    assert target.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+def test_directory_replaces_previous_output_whole(tmp_path):
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_path(target, directory=True) as temporary:
+        (temporary / "new.txt").write_text("new")
+        assert not (target / "new.txt").exists()  # invisible until done
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    stale = tmp_path / ".raw.tmp-abc123"
+    stale.mkdir()
+    with atomic_path(tmp_path / "raw", directory=True):
+        pass
+    assert not stale.exists()
+
+
+def test_write_csv(tmp_path):
+    write_csv(tmp_path / "t.csv", ["a", "b"], [[1, 2.5], ["x", "y"]])
+    assert (tmp_path / "t.csv").read_text() == "a,b\n1,2.5\nx,y\n"
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    write_json(tmp_path / "m.json", {})
+    with atomic_path(tmp_path / "folder", directory=True):
+        pass
+    assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044  # readable by group and others
+    assert (tmp_path / "folder").stat().st_mode & 0o055 == 0o055

@@ -1,0 +1,229 @@
+"""Broken and awkward archives through the download and prepare stages: each is refused with a
+clear message and nothing half-written, or handled as documented; and the leakage audit."""
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from archives import jpeg, kaggle_members, tree_hashes, write_zip
+from conftest import copy_project, run, set_params
+
+from pneumonia.config import DataConfig
+from pneumonia.data.audit import audit_splits, raise_if_leaked, read_image_table, write_image_table
+from pneumonia.data.download import download
+from pneumonia.data.manifest import Record, read_manifest
+from pneumonia.data.prepare import prepare
+from pneumonia.errors import PipelineError
+
+RAW, MANIFESTS, AUDIT = Path("data/raw"), Path("data/manifests"), Path("metrics/data_audit.json")
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _download(archive: Path) -> dict:
+    return download(DataConfig(source="local", local_path=str(archive.resolve())), RAW)
+
+
+def _prepare(**kwargs):
+    return prepare(RAW, MANIFESTS, val_fraction=0.34, seed=0, audit_file=AUDIT, **kwargs)
+
+
+def _nothing_written():
+    data = Path("data")
+    leftovers = sorted(p.name for p in data.iterdir()) if data.exists() else []
+    assert leftovers == [], leftovers  # neither data/raw nor a temporary sibling
+
+
+def test_truncated_zip_is_refused(tmp_path):
+    good = write_zip(tmp_path / "good.zip", kaggle_members()).read_bytes()
+    archive = tmp_path / "truncated.zip"
+    archive.write_bytes(good[: len(good) * 2 // 3])
+
+    with pytest.raises(PipelineError, match="not a readable zip archive.*truncated or corrupt"):
+        _download(archive)
+    _nothing_written()
+
+
+def test_corrupt_member_fails_its_crc_check(tmp_path):
+    members = kaggle_members()
+    name = sorted(members)[-1]
+    archive = write_zip(tmp_path / "corrupt.zip", members)
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo(name)
+    # Flip bytes inside the member's compressed data (after its 30-byte local header and name).
+    start = info.header_offset + 30 + len(name.encode()) + len(info.extra)
+    for offset in range(start + 20, start + 40):
+        data[offset] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        _download(archive)
+    _nothing_written()
+
+
+@pytest.mark.parametrize("evil", ["chest_xray/train/NORMAL/../../../../escaped.jpeg", "/tmp/escaped-abs.jpeg"])
+def test_member_escaping_the_folder_is_refused(tmp_path, evil):
+    archive = write_zip(tmp_path / "evil.zip", {**kaggle_members(), evil: jpeg(99)})
+
+    with pytest.raises(PipelineError, match="would be written outside the data folder"):
+        _download(archive)
+    _nothing_written()
+    assert not list(tmp_path.parent.rglob("escaped*.jpeg")) and not Path("/tmp/escaped-abs.jpeg").exists()
+
+
+def test_symlink_member_is_refused(tmp_path):
+    archive = write_zip(tmp_path / "link.zip", kaggle_members(),
+                        symlinks={"chest_xray/train/NORMAL/IM-0999-0001.jpeg": "/etc/passwd"})
+
+    with pytest.raises(PipelineError, match="is a symbolic link"):
+        _download(archive)
+    _nothing_written()
+
+
+def test_non_image_named_jpeg_is_skipped_and_reported(tmp_path):
+    bad = "chest_xray/train/PNEUMONIA/person9_virus_1.jpeg"
+    archive = write_zip(tmp_path / "a.zip", {**kaggle_members(), bad: b"<html>Access denied</html>"})
+    _download(archive)
+
+    prepared = _prepare(max_unreadable_fraction=0.1)
+
+    assert prepared.summary["unreadable_skipped"] == 1
+    [skipped] = [image for image in prepared.images if image.error]
+    assert skipped.path == "data/raw/train/PNEUMONIA/person9_virus_1.jpeg"
+    assert "UnidentifiedImageError" in skipped.error
+    used = {r.path for split in ("train", "val", "test") for r in read_manifest(MANIFESTS / f"{split}.csv")}
+    assert skipped.path not in used and len(used) == len(prepared.images) - 1
+    write_image_table(Path("data/images.csv"), prepared.images)  # the report lists it from here
+    assert read_image_table(Path("data/images.csv")) == prepared.images
+
+
+def test_too_many_unreadable_images_fail_the_stage(tmp_path):
+    members = kaggle_members()
+    for name in sorted(members)[:3]:
+        members[name] = members[name][: len(members[name]) // 2]  # truncated JPEGs
+    _download(write_zip(tmp_path / "a.zip", members))
+
+    with pytest.raises(PipelineError, match=r"3 of 28 image files \(10.7%\) are not readable.*max_unreadable_fraction"):
+        _prepare(max_unreadable_fraction=0.05)
+    assert not MANIFESTS.exists() and not AUDIT.exists()
+
+
+def test_empty_val_class_folder_is_fine(tmp_path):
+    members = {name: data for name, data in kaggle_members().items() if "/val/NORMAL/" not in name}
+    archive = tmp_path / "a.zip"
+    write_zip(archive, {**members})
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("chest_xray/val/NORMAL/", b"")  # the folder is there, empty
+
+    source = _download(archive)
+
+    assert source["images"]["val"] == {"NORMAL": 0, "PNEUMONIA": 2}
+    assert _prepare().audit["passed"]
+
+
+def test_empty_train_class_folder_is_refused(tmp_path):
+    members = {name: data for name, data in kaggle_members().items() if "/train/NORMAL/" not in name}
+    archive = write_zip(tmp_path / "a.zip", members)
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("chest_xray/train/NORMAL/", b"")
+
+    with pytest.raises(PipelineError, match="no images in train/NORMAL.*both classes are needed"):
+        _download(archive)
+    _nothing_written()
+
+
+def test_nested_duplicate_tree_and_macos_litter_give_one_copy(tmp_path):
+    members = kaggle_members("chest_xray/")
+    duplicate = {name.replace("chest_xray/", "chest_xray/chest_xray/", 1): data for name, data in members.items()}
+    litter = {f"__MACOSX/{name.rsplit('/', 1)[0]}/._{name.rsplit('/', 1)[1]}": b"\0\5\26\7" for name in members}
+    litter["chest_xray/.DS_Store"] = b"\0\0\0\1Bud1"
+    archive = write_zip(tmp_path / "a.zip", {**members, **duplicate, **litter})
+
+    source = _download(archive)
+
+    extracted = {p.relative_to(RAW).as_posix(): p.read_bytes() for p in RAW.rglob("*") if p.is_file()}
+    expected = {name.removeprefix("chest_xray/"): data for name, data in members.items()}
+    assert extracted == {**expected, "source.json": extracted["source.json"]}
+    assert source["images"] == {"train": {"NORMAL": 6, "PNEUMONIA": 6}, "val": {"NORMAL": 2, "PNEUMONIA": 2},
+                                "test": {"NORMAL": 6, "PNEUMONIA": 6}}
+    assert _prepare().summary["unreadable_skipped"] == 0
+
+
+def test_patient_in_train_and_test_is_kept_out_of_training(tmp_path):
+    members = kaggle_members()
+    # The same X-rays of one patient shipped in train and in test.
+    copied = {name.replace("/test/", "/train/"): data for name, data in members.items()
+              if "/test/PNEUMONIA/person2_" in name}
+    copied = {name.replace("person2_", "person77_"): data for name, data in copied.items()}
+    # Another patient who only shares the `personN` number with a test patient (ids restart per split).
+    members["chest_xray/train/PNEUMONIA/person3_virus_9.jpeg"] = jpeg(1234, True)
+    _download(write_zip(tmp_path / "a.zip", {**members, **copied}))
+
+    prepared = _prepare()
+
+    test_content = {r.sha256 for r in read_manifest(MANIFESTS / "test.csv")}
+    pool = read_manifest(MANIFESTS / "train.csv") + read_manifest(MANIFESTS / "val.csv")
+    assert not test_content & {r.sha256 for r in pool}
+    assert "data/raw/train/PNEUMONIA/person3_virus_9.jpeg" in {r.path for r in pool}  # not a leak by id alone
+    assert prepared.summary["dropped_as_in_test"] == 2
+    audit = json.loads(AUDIT.read_text())
+    assert audit == prepared.audit
+    assert audit["passed"] and audit["official_train_images_also_in_test"] == 2
+    assert set(audit["leaks"].values()) == {0}
+
+
+def test_duplicates_within_a_split_are_reported(tmp_path):
+    members = kaggle_members()
+    members["chest_xray/test/NORMAL/IM-0299-0001.jpeg"] = members["chest_xray/test/NORMAL/IM-0201-0001.jpeg"]
+    _download(write_zip(tmp_path / "a.zip", members))
+
+    audit = _prepare().audit
+
+    assert audit["duplicates_within_split"]["test"] == 1 and audit["passed"]
+
+
+def _record(name: str, patient: str, content: str, split: str = "train") -> Record:
+    return Record(f"data/raw/{split}/NORMAL/{name}", 0, patient, content, split)
+
+
+def test_audit_catches_a_leaky_split():
+    splits = {"train": [_record("a.jpeg", "IM-1", "h1"), _record("b.jpeg", "IM-2", "h2")],
+              "val": [_record("c.jpeg", "IM-1", "h3"), _record("d.jpeg", "IM-4", "h2")],
+              "test": [_record("e.jpeg", "IM-5", "h3", "test")]}
+
+    audit = audit_splits(splits, official=[])
+
+    assert not audit["passed"]
+    assert audit["leaks"] == {"train_val_patients": 1, "train_val_content": 1, "train_test_content": 0,
+                              "val_test_content": 1}
+    with pytest.raises(PipelineError, match="leakage audit failed: train_val_patients = 1, train_val_content = 1"):
+        raise_if_leaked(audit)
+
+
+def test_download_and_prepare_twice_give_identical_bytes(tmp_path):
+    """The stage scripts, run twice from scratch in a copy of the project: every output byte-identical."""
+    archive = write_zip(tmp_path / "data.zip", {**kaggle_members(patients=4),
+                                                "chest_xray/train/NORMAL/IM-0999-0001.jpeg": b"not an image"})
+    project = copy_project(tmp_path / "project")
+    set_params(project, **{"data.source": "local", "data.local_path": str(archive), "data.val_fraction": 0.25,
+                           "data.max_unreadable_fraction": 0.1})
+    outputs = [project / "data", project / "metrics"]
+
+    hashes = []
+    for _ in range(2):
+        for stage in ("download", "prepare"):
+            run(["python", f"stages/{stage}.py"], project)
+        hashes.append(tree_hashes(*outputs))
+        for output in outputs:
+            shutil.rmtree(output)
+
+    assert hashes[0] == hashes[1]
+    names = {Path(name).relative_to(project).as_posix() for name in hashes[0]}
+    assert {"data/raw/source.json", "data/manifests/train.csv", "data/manifests/val.csv", "data/manifests/test.csv",
+            "data/images.csv", "metrics/data.json", "metrics/data_audit.json"} <= names

@@ -1,0 +1,142 @@
+"""The evaluate library: threshold chosen on validation and applied to test (known answers),
+metrics/test.json layout, plot tables, the images shown."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pneumonia.config import EvaluateConfig
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation import gallery, summary
+from pneumonia.evaluation.predictions import Predictions
+
+# Validation: perfectly separable, negatives 0.1-0.3, positives 0.6-0.8.
+VAL = Predictions([f"v{i}" for i in range(6)], np.array([0, 0, 0, 1, 1, 1]),
+                  np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8]))
+# Test:       ------ NORMAL ------      ------ PNEUMONIA -----
+TEST_LABELS = [0, 0, 0, 0] + [1, 1, 1, 1]
+TEST_PROBS = [0.1, 0.3, 0.55, 0.62] + [0.52, 0.65, 0.9, 0.95]
+TEST = Predictions([f"t{i}" for i in range(8)], np.array(TEST_LABELS), np.array(TEST_PROBS))
+
+
+def scores_for(rule, val=VAL, test=TEST):
+    return summary.evaluation_scores(val, test, EvaluateConfig(threshold=rule, bootstrap_samples=200))
+
+
+@pytest.mark.parametrize("rule, threshold, sensitivity, specificity", [
+    # Youden on validation: the lowest positive score separates perfectly.
+    ("youden", 0.6, 3 / 4, 3 / 4),  # test at 0.6: misses 0.52, accepts the normal 0.62
+    # 2 of 3 validation positives (>= 0.5) are caught from 0.7 down: the highest such threshold.
+    ("sensitivity@0.5", 0.7, 2 / 4, 4 / 4),
+    ("sensitivity@1", 0.6, 3 / 4, 3 / 4),
+    (0.5, 0.5, 4 / 4, 2 / 4),
+])
+def test_threshold_chosen_on_validation_and_applied_to_test(rule, threshold, sensitivity, specificity):
+    scores = scores_for(rule)
+    assert scores["threshold"] == threshold
+    assert scores["threshold_rule"] == str(rule)
+    assert scores["sensitivity"] == pytest.approx(sensitivity)
+    assert scores["specificity"] == pytest.approx(specificity)
+    # The same test metrics at 0.5: all four pneumonia cases, two of four normal ones.
+    at_half = scores[summary.AT_DEFAULT]
+    assert at_half["threshold"] == 0.5
+    assert (at_half["tp"], at_half["fn"], at_half["tn"], at_half["fp"]) == (4, 0, 2, 2)
+    # What the chosen threshold does on validation (where it was chosen).
+    assert scores["validation"]["n"] == 6
+
+
+def test_threshold_does_not_depend_on_test():
+    # Youden on this test alone would pick 0.65 (sensitivity 3/4, specificity 1); validation says 0.6.
+    assert scores_for("youden")["threshold"] == 0.6
+    shuffled_test = Predictions(TEST.file_names, TEST.labels, TEST.probabilities[::-1].copy())
+    assert scores_for("youden", test=shuffled_test)["threshold"] == 0.6
+
+
+def test_scores_have_headline_metrics_at_top_and_intervals_around_them():
+    scores = scores_for("youden")
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn", "n"):
+        assert isinstance(scores[key], (int, float)), key
+    for name in summary.CI_METRICS:
+        assert scores["ci95"][name]["low"] <= scores[name] <= scores["ci95"][name]["high"]
+    json.dumps(scores, allow_nan=False)  # strict JSON: no NaN or infinity
+
+
+def test_undefined_metrics_become_null():
+    assert summary.finite_or_none({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {
+        "a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+def test_data_driven_rule_needs_both_classes_in_validation():
+    one_class = Predictions(["a", "b"], np.array([1, 1]), np.array([0.4, 0.9]))
+    with pytest.raises(PipelineError, match="evaluate.threshold"):
+        scores_for("youden", val=one_class)
+    assert scores_for(0.5, val=one_class)["threshold"] == 0.5  # a fixed number needs nothing
+
+
+def test_one_class_test_split_is_a_clear_error():
+    one_class = Predictions(["a", "b"], np.array([0, 0]), np.array([0.4, 0.9]))
+    with pytest.raises(PipelineError, match="one class"):
+        scores_for(0.5, test=one_class)
+
+
+def test_mlflow_metrics_are_flat_numbers():
+    flat = summary.mlflow_metrics(scores_for("youden"))
+    assert flat["test_roc_auc"] == scores_for("youden")["roc_auc"]
+    assert {"test_threshold", "test_ci95_roc_auc_low", "test_ci95_roc_auc_high", "test_at_0.5_sensitivity",
+            "test_validation_sensitivity"} <= flat.keys()
+    assert "test_threshold_rule" not in flat
+    assert all(isinstance(value, float) for value in flat.values())
+
+
+def test_plot_tables_are_finite_and_complete():
+    curves = summary.curves(TEST)
+    header, rows = summary.table(curves["roc"])
+    assert header == ["fpr", "tpr", "threshold"]
+    assert all(math.isfinite(value) for row in rows for value in row)
+    assert rows[0][:2] == [0.0, 0.0] and rows[0][2] == 1.0  # "nobody positive" end, threshold clipped
+    assert rows[-1][:2] == [1.0, 1.0]
+    assert summary.table(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
+    calibration = curves["calibration"]
+    assert sum(calibration["count"]) == 8
+    assert calibration["perfectly_calibrated"] == calibration["mean_predicted"]
+
+    predictions = summary.predictions_table(TEST, 0.6)
+    assert predictions["actual"] == ["NORMAL"] * 4 + ["PNEUMONIA"] * 4
+    assert predictions["predicted"][3] == "PNEUMONIA" and predictions["predicted"][4] == "NORMAL"
+    assert predictions["predicted_at_0_5"][4] == "PNEUMONIA"
+
+
+def test_cases_shown_cover_each_outcome_most_confident_errors_first():
+    labels = np.array([1] * 6 + [0] * 6)
+    probs = np.array([0.9, 0.8, 0.7, 0.4, 0.1, 0.3] + [0.2, 0.1, 0.3, 0.6, 0.95, 0.7])
+    predictions = Predictions([f"f{i}" for i in range(12)], labels, probs)
+    cases = gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=0)
+    by_outcome = {name: [case for case in cases if case.outcome == name] for name, _, _ in gallery.OUTCOMES}
+    assert [case.outcome for case in cases] == [name for name, _, _ in gallery.OUTCOMES for _ in range(2)]
+    assert [case.probability for case in by_outcome["false negative"]] == [0.1, 0.3]  # most confidently wrong
+    assert [case.probability for case in by_outcome["false positive"]] == [0.95, 0.7]
+    assert {case.index for case in by_outcome["true positive"]} <= {0, 1, 2}
+    assert {case.index for case in by_outcome["true negative"]} <= {6, 7, 8}
+    for case in cases:
+        assert case.file_name == f"f{case.index}" and case.label == labels[case.index]
+        assert case.predicted == int(probs[case.index] >= 0.5)
+    assert gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=0) == cases  # reproducible
+    # Fewer cases than asked: all of them.
+    assert len(gallery.pick_cases(predictions, 0.5, per_outcome=10, seed=0)) == 12
+
+
+def test_images_read_back_in_case_order(synthetic_data):
+    from pneumonia.data import dataset
+
+    tfrecords = synthetic_data / "data" / "tfrecords"
+    labels, names = dataset.labels_and_names(tfrecords, "test")
+    predictions = Predictions(names, np.array(labels), np.linspace(0.01, 0.99, len(names)))
+    cases = gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=1)
+    images = gallery.load_images(tfrecords, "test", cases)
+    assert images.shape == (len(cases), 48, 48, 3) and images.dtype == np.uint8
+    everything = list(dataset.records(tfrecords, "test").as_numpy_iterator())
+    for case, image in zip(cases, images):
+        assert everything[case.index]["file_name"].decode() == case.file_name
+        np.testing.assert_array_equal(image, everything[case.index]["image"])

@@ -1,0 +1,192 @@
+"""Every model of the registry, the output layers, augmentation, weights files and the fine-tuning
+strategies, at the smallest input each model takes (weights=None: no download, fast)."""
+
+import keras
+import numpy as np
+import pytest
+
+from pneumonia.config import AugmentConfig, ModelConfig, Params, parse_params
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation.predictions import pneumonia_probability
+from pneumonia.models import backbones
+from pneumonia.models.build import build_model
+from pneumonia.models.fine_tuning import backbone_of, set_trainable
+from pneumonia.models.registry import BACKBONES, MODEL_NAMES, min_image_size
+
+AUGMENT_ALL = AugmentConfig(flip="horizontal", zoom=0.1, rotation=0.05, translation=0.1, contrast=0.2)
+
+
+def tiny_images(size: int, count: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 255, (count, size, size, 3)).astype("float32"), np.array([[0], [1]] * (count // 2), "float32")
+
+
+def test_registry_names_the_nine_models_of_the_seed_projects():
+    assert set(MODEL_NAMES) == {"custom_cnn", "xception", "resnet50v2", "densenet121", "densenet169",
+                                "densenet201", "efficientnetb0", "mobilenetv2", "inceptionv3"}
+    # The minimums keras.applications enforces (min_size=...): only these two need more than 32 px.
+    assert {name: min_image_size(name) for name in MODEL_NAMES if min_image_size(name) > 32} == {
+        "xception": 71, "inceptionv3": 75}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, tmp_path):
+    size = min_image_size(name)
+    # Two variants on the side, without adding builds: softmax on one backbone, augmentation on another.
+    config = ModelConfig(name=name, output="softmax" if name == "densenet121" else "sigmoid", head_units=8)
+    model = build_model(config, size, AUGMENT_ALL if name == "mobilenetv2" else AugmentConfig())
+    images, labels = tiny_images(size)
+    if config.output == "softmax":
+        labels = keras.utils.to_categorical(labels[:, 0], 2)
+    # Eager: tracing (and XLA-compiling) a training step of the big backbones takes ten times longer.
+    model.compile(optimizer="adam", loss="categorical_crossentropy" if config.output == "softmax" else "binary_crossentropy",
+                  run_eagerly=True)
+    before = [w.copy() for w in model.get_weights()]
+    model.train_on_batch(images, labels)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights())), "the step changed nothing"
+
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    assert expected.shape == (4, 2 if config.output == "softmax" else 1)
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    # Same outputs after reloading, and augmentation (when present) is off outside training.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(images, training=False)), expected,
+                               rtol=1e-5, atol=1e-6)
+    probabilities = pneumonia_probability(expected)
+    assert probabilities.shape == (4,) and ((0 <= probabilities) & (probabilities <= 1)).all()
+
+
+def test_images_below_a_models_minimum_are_refused_at_validation():
+    with pytest.raises(PipelineError, match=r"data.image_size = 64 is below the 75px minimum of model 'inceptionv3'"):
+        parse_params({"data": {"image_size": 64}, "model": {"name": "inceptionv3"}})
+    assert parse_params({"data": {"image_size": 75}, "model": {"name": "inceptionv3"}}).model.name == "inceptionv3"
+
+
+@pytest.mark.parametrize("model, train, message", [
+    ({"name": "custom_cnn"}, {"fine_tune": "frozen"}, "custom_cnn has no pretrained backbone"),
+    ({"name": "custom_cnn"}, {"warmup_epochs": 2}, "custom_cnn has no pretrained backbone"),
+    ({"name": "resnet50v2", "weights": "none"}, {"fine_tune": "partial"}, "trains resnet50v2 from scratch"),
+    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "frozen", "warmup_epochs": 1}, "use 'partial'"),
+    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "full", "warmup_epochs": 15}, "leaves no fine-tuning"),
+    ({"name": "resnet50v2"}, {"lr_schedule": "step"}, "train.lr_schedule = 'step'"),
+    ({"name": "resnet50v2"}, {"augment": {"zoom": 1.5}}, "train.augment.zoom = 1.5"),
+    ({"name": "resnet50v2", "output": "relu"}, {}, "model.output = 'relu'"),
+])
+def test_meaningless_strategies_are_refused_with_a_clear_message(model, train, message):
+    with pytest.raises(PipelineError, match=message):
+        parse_params({"model": model, "train": train})
+
+
+def test_strategies_of_pretrained_backbones_are_accepted():
+    params = parse_params({"model": {"name": "resnet50v2", "weights": "imagenet"},
+                           "train": {"fine_tune": "partial", "warmup_epochs": 3, "lr_schedule": "cosine"}})
+    assert isinstance(params, Params) and params.train.fine_tune_layers == 30
+
+
+def trainable_layers(layer_list) -> int:
+    return sum(layer.trainable for layer in layer_list)
+
+
+def test_each_strategy_leaves_exactly_the_expected_layers_trainable():
+    model = build_model(ModelConfig(name="mobilenetv2", head_units=8), 32)
+    backbone = backbone_of(model)
+    total = len(backbone.layers)
+    batch_norm = [isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers]
+    assert total == 154 and sum(batch_norm) == 52 and sum(batch_norm[-10:]) == 4  # MobileNetV2's layout
+    head_weights = 4  # head_dense and the output layer: kernel and bias each
+
+    set_trainable(model, "frozen", 10, pretrained=True)
+    assert trainable_layers(backbone.layers) == 0
+    assert len(model.trainable_weights) == head_weights
+
+    set_trainable(model, "partial", 10, pretrained=True)
+    assert trainable_layers(backbone.layers) == 10 - 4  # the last ten, less their batch norms
+    assert [layer.trainable for layer in backbone.layers[-10:]] == [not bn for bn in batch_norm[-10:]]
+    assert len(model.trainable_weights) == head_weights + 3  # kernels of block_16_depthwise, _project, Conv_1
+
+    set_trainable(model, "full", 10, pretrained=True)
+    assert trainable_layers(backbone.layers) == total - 52
+
+    set_trainable(model, "full", 10, pretrained=False)  # from scratch: batch norm trains too
+    assert trainable_layers(backbone.layers) == total
+
+    set_trainable(model, "partial", 1, pretrained=True)  # from fully trainable back to one layer
+    assert trainable_layers(backbone.layers) == 1
+
+    with pytest.raises(PipelineError, match=f"more than the {total} layers"):
+        set_trainable(model, "partial", total + 1, pretrained=True)
+
+
+def test_custom_cnn_has_no_backbone_and_trains_whole():
+    model = build_model(ModelConfig(name="custom_cnn"), 32)
+    assert backbone_of(model) is None
+    set_trainable(model, "frozen", 10, pretrained=False)
+    assert trainable_layers(model.layers) == len(model.layers)
+
+
+def write_backbone_weights(path, name: str = "mobilenetv2", size: int = 32):
+    """A backbone's weights as a file, as an ImageNet no-top download would be (here: random)."""
+    spec = BACKBONES[name]
+    backbone = backbones.load_backbone(spec, size, None)
+    backbone.save_weights(path)
+    return backbone
+
+
+def test_a_weights_file_loads_by_path(tmp_path):
+    saved = write_backbone_weights(tmp_path / "backbone.weights.h5")
+    model = build_model(ModelConfig(name="mobilenetv2", weights=str(tmp_path / "backbone.weights.h5")), 32)
+    loaded = backbone_of(model).get_weights()
+    assert len(loaded) == len(saved.get_weights()) > 0
+    for mine, theirs in zip(loaded, saved.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+
+    with pytest.raises(PipelineError, match="neither 'imagenet', 'none' nor an existing weights file"):
+        build_model(ModelConfig(name="mobilenetv2", weights=str(tmp_path / "missing.h5")), 32)
+
+
+def moving_means(model) -> list[np.ndarray]:
+    return [layer.moving_mean.numpy().copy() for layer in backbone_of(model).layers
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_batch_norm_of_a_pretrained_backbone_stays_in_inference_mode_when_unfrozen(pretrained, tmp_path):
+    if pretrained:
+        write_backbone_weights(tmp_path / "backbone.weights.h5")
+    config = ModelConfig(name="mobilenetv2", weights=str(tmp_path / "backbone.weights.h5") if pretrained else "none")
+    model = build_model(config, 32)
+    set_trainable(model, "full", 10, pretrained=pretrained)
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    before = moving_means(model)
+    kernel_before = backbone_of(model).trainable_weights[0].numpy().copy()
+    model.train_on_batch(*tiny_images(32))
+
+    assert not np.array_equal(backbone_of(model).trainable_weights[0].numpy(), kernel_before)  # it did train
+    statistics_changed = any(not np.array_equal(a, b) for a, b in zip(before, moving_means(model)))
+    # Pretrained: ImageNet statistics kept. From scratch: batch norm learns its statistics as usual.
+    assert statistics_changed is not pretrained
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_say_which_file_goes_where(monkeypatch, tmp_path):
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")  # noqa: TRY002 - as Keras
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(PipelineError) as error:
+        build_model(ModelConfig(name="densenet121", weights="imagenet"), 32)
+    expected = tmp_path / "keras" / "models" / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert str(expected) in str(error.value)
+    assert "model.weights" in str(error.value)
+
+
+def test_mobilenetv2_imagenet_file_depends_on_the_image_size():
+    assert BACKBONES["mobilenetv2"].imagenet_file_name(160).endswith("_1.0_160_no_top.h5")
+    assert BACKBONES["mobilenetv2"].imagenet_file_name(100).endswith("_1.0_224_no_top.h5")
+
+
+def test_pneumonia_probability_reads_either_output_layer():
+    np.testing.assert_allclose(pneumonia_probability(np.array([[0.2], [0.9]])), [0.2, 0.9])
+    np.testing.assert_allclose(pneumonia_probability(np.array([[0.8, 0.2], [0.1, 0.9]])), [0.2, 0.9])

@@ -1,0 +1,165 @@
+"""`pneumonia predict`: the preprocessing of training, per-file errors, table/CSV/JSON outputs."""
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumonia import cli, prediction
+from pneumonia.config import ModelConfig
+from pneumonia.data import dataset
+from pneumonia.data.manifest import read_manifest
+from pneumonia.errors import PipelineError
+from pneumonia.models.build import build_model
+from pneumonia.prediction import Classifier
+
+
+class MeanBrightness:
+    """A stand-in model: the probability of pneumonia is the mean brightness of the image."""
+
+    input_shape = (None, 32, 32, 3)
+
+    def predict(self, images, batch_size, verbose):
+        return images.reshape(len(images), -1).mean(axis=1, keepdims=True) / 255
+
+
+def save_image(path: Path, mode: str, size: tuple[int, int], value: int, fmt: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, (value,) * len(mode) if mode != "L" else value).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> dict[str, Path]:
+    """Bright and dark images in every accepted form, a text file named like an image, a truncated JPEG."""
+    folder = tmp_path / "xrays"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "notes.txt").write_text("not an image: not picked from a folder")
+    (folder / "text.png").write_text("not an image, named like one")
+    jpeg = io.BytesIO()
+    Image.new("L", (300, 300), 128).save(jpeg, format="JPEG")
+    (folder / "nested" / "truncated.jpeg").write_bytes(jpeg.getvalue()[:200])
+    return {
+        "bright_png_grey": save_image(folder / "bright.png", "L", (50, 70), 250, "PNG"),
+        "dark_jpeg_rgb": save_image(folder / "dark.JPG", "RGB", (640, 480), 5, "JPEG"),
+        "bright_jpeg_rgb": save_image(folder / "nested" / "bright_rgb.jpeg", "RGB", (20, 20), 240, "JPEG"),
+        "not_an_image": folder / "text.png",
+        "truncated": folder / "nested" / "truncated.jpeg",
+        "folder": folder,
+    }
+
+
+def test_model_input_is_the_training_image(synthetic_data):
+    """The same file through prediction and through the TFRecords writer + tf.data reader: equal pixels."""
+    records = read_manifest(synthetic_data / "data/manifests/val.csv")
+    manifest = {Path(record.path).name: record.path for record in records}
+    meta = json.loads((synthetic_data / "data/tfrecords/meta.json").read_text())
+    compared = 0
+    for example in dataset.records(synthetic_data / "data/tfrecords", "val").take(4).as_numpy_iterator():
+        path = synthetic_data / manifest[example["file_name"].decode()]
+        expected = example["image"]
+        actual = prediction.model_input(path, meta["image_size"], jpeg_quality=95)
+        assert actual.dtype == np.uint8 and actual.shape == expected.shape == (48, 48, 3)
+        np.testing.assert_array_equal(actual, expected)
+        compared += 1
+    assert compared == 4
+
+
+def test_every_readable_file_is_predicted_and_each_bad_one_gets_its_error(images):
+    classifier = Classifier(MeanBrightness(), threshold=0.5, jpeg_quality=95)
+    files = [images["dark_jpeg_rgb"], images["not_an_image"], images["bright_png_grey"],
+             images["truncated"], images["folder"] / "missing.png"]
+    results = prediction.predict_files(classifier, files)
+
+    assert [result.file for result in results] == [str(file) for file in files]
+    dark, text, bright, truncated, missing = results
+    assert dark.label == "NORMAL" and dark.probability < 0.1 and dark.error is None
+    assert bright.label == "PNEUMONIA" and bright.probability > 0.9
+    for failed in (text, truncated, missing):
+        assert failed.probability is None and failed.label is None
+        assert failed.error.startswith("not a readable image")
+    assert "UnidentifiedImageError" in text.error and "FileNotFoundError" in missing.error
+
+
+def test_label_follows_the_threshold(images):
+    bright = [images["bright_png_grey"]]
+    probability = prediction.predict_files(Classifier(MeanBrightness(), 0.5, 95), bright)[0].probability
+    assert prediction.predict_files(Classifier(MeanBrightness(), probability, 95), bright)[0].label == "PNEUMONIA"
+    assert prediction.predict_files(Classifier(MeanBrightness(), probability + 1e-6, 95), bright)[0].label == "NORMAL"
+
+
+def test_folders_give_their_jpeg_and_png_files_recursively(images):
+    found = prediction.image_files([images["folder"]])
+    assert sorted(file.name for file in found) == ["bright.png", "bright_rgb.jpeg", "dark.JPG", "text.png",
+                                                   "truncated.jpeg"]
+    assert prediction.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
+    (images["folder"] / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no JPEG or PNG files"):
+        prediction.image_files([images["folder"] / "empty"])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder with a (untrained) 32 px model, params.yaml and the evaluate stage's threshold."""
+    monkeypatch.chdir(tmp_path)
+    Path("models").mkdir()
+    build_model(ModelConfig(), 32).save("models/model.keras")
+    Path("metrics").mkdir()
+    Path("metrics/test.json").write_text(json.dumps({"threshold": 0.25, "roc_auc": 0.9}))
+    Path("params.yaml").write_text("tfrecords:\n  jpeg_quality: 90\n")
+    return tmp_path
+
+
+def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images, capsys):
+    good = [images["dark_jpeg_rgb"], images["bright_png_grey"]]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", *map(str, good), str(images["not_an_image"]), "--csv", "out.csv", "--json", "out.json",
+                  "--gradcam", "cams"])
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert "1 of 3 files could not be predicted" in err
+
+    model = keras.models.load_model("models/model.keras")
+    expected = model.predict(np.stack([prediction.model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
+    written = json.loads(Path("out.json").read_text())
+    assert [row["file"] for row in written] == [str(file) for file in [*good, images["not_an_image"]]]
+    np.testing.assert_allclose([row["probability"] for row in written[:2]], expected, rtol=1e-5)
+    assert [row["label"] for row in written[:2]] == ["PNEUMONIA" if p >= 0.25 else "NORMAL" for p in expected]
+    assert written[2]["probability"] is None and "not a readable image" in written[2]["error"]
+
+    rows = list(csv.DictReader(Path("out.csv").open()))
+    assert [row["file"] for row in rows] == [row["file"] for row in written]
+    np.testing.assert_allclose([float(row["probability"]) for row in rows[:2]], expected, rtol=1e-5)
+    assert rows[2]["probability"] == "" and rows[2]["error"] == written[2]["error"]
+
+    lines = out.splitlines()
+    assert lines[0].split() == ["file", "probability", "label"]
+    assert lines[1].split() == [str(good[0]), f"{expected[0]:.4f}", written[0]["label"]]
+    assert lines[3].startswith(str(images["not_an_image"])) and "error: not a readable image" in lines[3]
+
+    assert sorted(path.name for path in Path("cams").iterdir()) == ["bright.png.gradcam.png", "dark.JPG.gradcam.png"]
+    overlay = np.asarray(Image.open("cams/dark.JPG.gradcam.png").convert("RGB")).astype(int)
+    assert (overlay.max(axis=-1) - overlay.min(axis=-1)).max() > 20  # coloured by the map, not just the grey X-ray
+
+
+def test_cli_without_a_threshold_warns_and_uses_one_half(project, images, caplog):
+    os.remove("metrics/test.json")
+    cli.main(["predict", str(images["bright_png_grey"]), "--json", "out.json"])
+    assert "no decision threshold in metrics/test.json" in caplog.text
+    [row] = json.loads(Path("out.json").read_text())
+    assert row["label"] == ("PNEUMONIA" if row["probability"] >= 0.5 else "NORMAL")
+
+
+def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(images["bright_png_grey"])])
+    assert exit_info.value.code == 2
+    assert "models/model.keras not found: train a model first" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""The library training on the tiny synthetic TFRecords: stages, strategies, schedules, output
+layers, and what a run records for the comparison."""
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pneumonia import training
+from pneumonia.config import parse_params
+from pneumonia.evaluation.predictions import predict_split
+from pneumonia.models import backbones
+from pneumonia.models.build import build_model
+from pneumonia.models.fine_tuning import backbone_of, set_trainable
+from pneumonia.models.registry import BACKBONES
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def params_for(tmp_path, model: dict, train: dict):
+    return parse_params({"data": {"image_size": 48}, "model": model,
+                         "train": {"epochs": 1, "batch_size": 8, **train}})
+
+
+def fit(params, synthetic_data, tmp_path) -> tuple[training.TrainingResult, str]:
+    with mlflow.start_run() as run:
+        result = training.train(params, synthetic_data / "data/tfrecords", {0: 1.0, 1: 1.0}, tmp_path / "model.keras")
+    return result, run.info.run_id
+
+
+def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synthetic_data, tmp_path):
+    params = params_for(tmp_path, {"name": "custom_cnn", "output": "softmax"}, {
+        "lr_schedule": "cosine",
+        "augment": {"flip": "horizontal", "zoom": 0.1, "rotation": 0.05, "translation": 0.1, "contrast": 0.2}})
+    result, run_id = fit(params, synthetic_data, tmp_path)
+
+    assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc", "val_loss"} <= result.history.keys()
+    summary = result.summary()
+    assert summary["epochs_trained"] == 1 and summary["trainable_params"] <= summary["total_params"]
+    assert summary["peak_memory_mb"] > 100  # TensorFlow alone takes more than this
+    assert "gpu_peak_memory_mb" not in summary  # the test machines have no GPU
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert model.output_shape == (None, 2)
+    assert {"random_flip", "random_zoom", "random_rotation", "random_translation", "random_contrast"} <= {
+        layer.name for layer in model.layers}
+    test = predict_split(model, synthetic_data / "data/tfrecords", "test", 8)
+    assert test.probabilities.shape == test.labels.shape and ((0 <= test.probabilities) & (test.probabilities <= 1)).all()
+    assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1]
+
+
+def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(tracking_store, synthetic_data,
+                                                                                 tmp_path):
+    weights = tmp_path / "backbone.weights.h5"
+    pretrained = backbones.load_backbone(BACKBONES["mobilenetv2"], 48, None)
+    pretrained.save_weights(weights)
+    params = params_for(tmp_path, {"name": "mobilenetv2", "weights": str(weights), "head_units": 8}, {
+        "epochs": 2, "warmup_epochs": 1, "fine_tune": "partial", "fine_tune_layers": 6,
+        "fine_tune_learning_rate": 1e-4, "lr_schedule": "plateau", "early_stopping_patience": 3})
+    assert [(s.name, s.epochs, s.learning_rate, s.fine_tune) for s in training.stages(params)] == [
+        ("warm-up", 1, 1e-3, "frozen"), ("fine-tune", 1, 1e-4, "partial")]
+    result, run_id = fit(params, synthetic_data, tmp_path)
+
+    assert len(result.history["val_auc"]) == 2  # one epoch per stage, numbered on
+    assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1, 2]
+    assert result.history["learning_rate"][1] == pytest.approx(1e-4)  # the second stage's rate
+    # The last stage trained the head and the last 6 layers of the backbone (less its batch norms).
+    expected = build_model(params.model, 48)
+    set_trainable(expected, "partial", 6, pretrained=True)
+    assert result.trainable_params == sum(int(np.prod(w.shape)) for w in expected.trainable_weights)
+    assert 0 < result.trainable_params < result.total_params
+    # Batch norm ran in inference mode throughout: the pretrained statistics are untouched.
+    saved = keras.models.load_model(tmp_path / "model.keras")
+    for layer in backbone_of(saved).layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            np.testing.assert_array_equal(layer.moving_mean.numpy(),
+                                          pretrained.get_layer(layer.name).moving_mean.numpy())
+
+
+def test_learning_rate_schedules_and_callbacks(tmp_path):
+    def made(schedule: str):
+        params = params_for(tmp_path, {"name": "custom_cnn"}, {"lr_schedule": schedule, "epochs": 4})
+        [stage] = training.stages(params)
+        rate = training.learning_rate(params, stage, steps_per_epoch=10)
+        callbacks = {type(c).__name__ for c in training.make_callbacks(params, tmp_path / "m.keras")}
+        return rate, callbacks
+
+    rate, callbacks = made("exponential")
+    assert float(rate(10)) == pytest.approx(1e-3 * 0.9) and "ReduceLROnPlateau" not in callbacks
+    rate, callbacks = made("cosine")
+    assert float(rate(0)) == pytest.approx(1e-3) and float(rate(40)) == pytest.approx(0, abs=1e-9)
+    rate, callbacks = made("plateau")
+    assert rate == 1e-3 and "ReduceLROnPlateau" in callbacks
+
+
+def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 1], "float32")
+    probability = np.array([0.1, 0.8, 0.4, 0.6, 0.9, 0.3, 0.7, 0.2], "float32")
+
+    def results(output: str, y_true, y_pred) -> dict[str, float]:
+        found = {}
+        for metric in training.classification_metrics(output):
+            metric.update_state(y_true, y_pred)
+            found[metric.name] = float(metric.result())
+        return found
+
+    sigmoid = results("sigmoid", labels[:, None], probability[:, None])
+    softmax = results("softmax", keras.utils.to_categorical(labels, 2), np.stack([1 - probability, probability], 1))
+    assert sigmoid.keys() == softmax.keys() == {"accuracy", "precision", "recall", "auc"}
+    for name in sigmoid:
+        assert softmax[name] == pytest.approx(sigmoid[name], abs=1e-3), name
+    assert sigmoid["auc"] == pytest.approx(0.8, abs=1e-2)  # 15 (positive, negative) pairs, 12 ranked right
+
+
+def test_summary_is_what_the_train_stage_writes(tmp_path):
+    result = training.TrainingResult(history={"val_auc": [0.5, 0.7], "loss": [0.9, 0.8]}, best_epoch=1,
+                                      seconds=12.34, total_params=100, trainable_params=40,
+                                      peak_memory={"peak_memory_mb": 812.5})
+    assert json.loads(json.dumps(result.summary())) == {
+        "best_val_auc": 0.7, "best_loss": 0.8, "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3,
+        "total_params": 100, "trainable_params": 40, "peak_memory_mb": 812.5}
