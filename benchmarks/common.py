@@ -75,6 +75,24 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def epoch_timer():
+    """A Keras callback whose `seconds` lists each epoch's wall time (the first is warm-up: tracing)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
 def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

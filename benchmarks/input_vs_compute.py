@@ -6,10 +6,18 @@ buffer filling) is warm-up and not counted. The ratio is the median of the round
 a burst of load from elsewhere during one round does not decide it.
 """
 
-import time
 from pathlib import Path
 
-from benchmarks.common import REPO, Scale, load_during, main, median, prepared_sample, working_directory
+from benchmarks.common import (
+    REPO,
+    Scale,
+    epoch_timer,
+    load_during,
+    main,
+    median,
+    prepared_sample,
+    working_directory,
+)
 
 TARGET = 0.95
 
@@ -43,23 +51,11 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     for _ in in_memory.take(scale.train_steps):  # fill the cache: these batches now live in memory
         pass
 
-    class EpochRates(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.rates: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch > 0:  # epoch 0 is warm-up
-                self.rates.append(scale.train_steps * batch_size / (time.perf_counter() - self.started))
-
     def images_per_second(batches) -> float:
-        rates = EpochRates()
+        timer = epoch_timer()
         model.fit(batches, epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, class_weight=weights,
-                  callbacks=[rates], shuffle=False, verbose=0)
-        return median(rates.rates)
+                  callbacks=[timer], shuffle=False, verbose=0)
+        return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
 
     result: dict = {"model": params.model.name, "image_size": size, "batch_size": batch_size,
                     "devices": [device.device_type for device in tf.config.list_logical_devices()]}

@@ -22,10 +22,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.common import REPO, load_during, median, quiet_tensorflow
+from benchmarks.common import REPO, epoch_timer, load_during, median, quiet_tensorflow
 
 DEFAULT_MODELS = ["custom_cnn", "mobilenetv2", "efficientnetb0"]
 
@@ -63,21 +62,10 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
     labels = rng.integers(0, 2, (global_batch * 2, 1)).astype("float32")
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(global_batch, drop_remainder=True).repeat()
 
-    class EpochTimes(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.started)
-
     with strategy.scope():
         model = build_model(params.model, image_size, params.train.augment)
         training.prepare_stage(model, params, training.stages(params)[0], steps)
-    times = EpochTimes()
+    times = epoch_timer()
     result = {"model": model_name, "precision": keras.mixed_precision.global_policy().name, "strategy": strategy_name,
               "device": device, "replicas": strategy.num_replicas_in_sync, "image_size": image_size,
               "batch_size_per_replica": batch_size, "steps_per_epoch": steps}

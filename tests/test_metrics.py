@@ -2,7 +2,6 @@
 threshold rules with known answers, bootstrap behaviour and degenerate inputs."""
 
 import math
-import time
 import warnings
 
 import numpy as np
