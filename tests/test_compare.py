@@ -3,11 +3,13 @@ tells users to do to compare models."""
 
 import csv
 import json
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import commit_all, copy_project, run, set_params
+from conftest import commit_all, copy_project, run, set_params, tool_env
 from mlflow.tracking import MlflowClient
 
 from pneumonia import cli
@@ -60,6 +62,13 @@ def queue_status(project: Path) -> str:
     return run(["dvc", "queue", "status"], project).stdout
 
 
+def queue_command(project: Path, *args: str) -> None:
+    """`dvc queue start/stop`. Its worker daemons inherit the command's stdout and stderr: those go
+    to /dev/null, not to pipes that would keep this call waiting for as long as a worker lives."""
+    subprocess.run(["dvc", "queue", *args], cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=300)
+
+
 def wait_for_queue(project: Path, timeout: float = 1200) -> str:
     """`dvc queue start` returns at once; the queue is done when no task is queued or running."""
     deadline = time.monotonic() + timeout
@@ -87,7 +96,7 @@ def shown_experiments(project: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def swept_project(tmp_path_factory) -> Path:
+def swept_project(tmp_path_factory) -> Iterator[Path]:
     """Data stages done and committed, then one queued experiment per model of SWEEP, run two at a
     time. No training has run before: both experiments also create the MLflow store at once."""
     project = copy_project(tmp_path_factory.mktemp("sweep"))
@@ -100,12 +109,15 @@ def swept_project(tmp_path_factory) -> Path:
     for model in SWEEP:
         run(["dvc", "exp", "run", "--queue", "-n", f"sweep-{model}", "-S", f"model.name={model}",
              "-S", "model.weights=none"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project)
-    status = wait_for_queue(project)
-    for model in SWEEP:
-        logs = run(["dvc", "queue", "logs", f"sweep-{model}"], project, check=False)
-        assert f"sweep-{model}" in status and "Success" in status, f"{status}\n{logs.stdout}\n{logs.stderr}"
-    return project
+    queue_command(project, "start", "-j", "2")
+    try:
+        status = wait_for_queue(project)
+        for model in SWEEP:
+            logs = run(["dvc", "queue", "logs", f"sweep-{model}"], project, check=False)
+            assert f"sweep-{model}" in status and "Success" in status, f"{status}\n{logs.stdout}\n{logs.stderr}"
+        yield project
+    finally:
+        queue_command(project, "stop")  # idle workers would otherwise outlive the tests
 
 
 def test_queued_sweep_lands_every_run_in_mlflow_and_dvc_exp_show(swept_project):
