@@ -42,9 +42,7 @@ def main() -> None:
                   [[epoch, *(result.history[name][epoch - 1] for name in names)] for epoch in epochs])
         summary = result.summary()
         write_json(paths.TRAIN_METRICS, summary)
-        tracking.log_training(summary, inputs={
-            "class_weights": paths.CLASS_WEIGHTS, "data_counts": paths.DATA_METRICS, "source": paths.RAW_SOURCE,
-        })
+        tracking.log_training(summary, inputs=[paths.CLASS_WEIGHTS, paths.DATA_METRICS, paths.RAW_SOURCE])
         tracking.write_run_info(run, paths.RUN_INFO)
     shutil.rmtree(backup)  # finished: the next training starts afresh
 

@@ -148,12 +148,12 @@ def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
                       "tracking_uri": tracking_uri()})
 
 
-def log_training(summary: dict, inputs: dict[str, Path]) -> None:
+def log_training(summary: dict, inputs: list[Path]) -> None:
     """Training summary metrics and the input files that describe the data.
 
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
     """
     mlflow.log_metrics(summary)
-    for path in inputs.values():
+    for path in inputs:
         mlflow.log_artifact(str(path), artifact_path="inputs")
