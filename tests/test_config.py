@@ -80,3 +80,4 @@ def test_flatten_uses_dotted_keys():
     flat = flatten(parse_params({}))
     assert flat["data.synthetic.image_size"] == 96
     assert flat["model.name"] == "custom_cnn"
+

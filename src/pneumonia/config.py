@@ -4,6 +4,7 @@ Every stage calls `load_params()` first, so a typo, a wrong type or an impossibl
 stops the stage before any heavy work, with a message naming the key, the value and what is allowed.
 """
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,10 +52,35 @@ class DataConfig(Section):
         return path
 
 
+def storage_uri(value: Any, key: str, example: str, local: str) -> Any:
+    """A params key naming a folder tf.io.gfile writes to (tfrecords.uri, train.backup_uri): "" (or
+    no value in YAML) for the local default, else a URI with a scheme and a path, without a trailing
+    slash. A path without a scheme would silently be a local folder relative to the stage's working
+    directory, not the bucket meant."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return value  # pydantic reports the wrong type
+    uri = value.strip().rstrip("/")
+    if uri and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.+", uri):
+        raise ValueError(f"{key} must be a URI with a scheme and a path, e.g. {example} or file:///abs/path; "
+                         f"{local} leave {key} empty")
+    return uri
+
+
 class TFRecordsConfig(Section):
     images_per_shard: int = Field(512, ge=1)
     workers: int = Field(0, ge=0)  # 0: one per CPU core
     jpeg_quality: int = Field(95, ge=50, le=100)
+    # "": the shards stay in data/tfrecords. A URI tf.io.gfile writes to (gs://bucket/path,
+    # file:///abs/path): the shards go under <uri>/<content key>/, data/tfrecords keeps only meta.json.
+    uri: str = ""
+
+    @field_validator("uri", mode="before")
+    @classmethod
+    def _uri_with_scheme(cls, uri: Any) -> Any:
+        return storage_uri(uri, "tfrecords.uri", "gs://bucket/pneumonia/tfrecords",
+                           "for shards in the local data/tfrecords")
 
 
 class ModelConfig(Section):
@@ -119,11 +145,20 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(5, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: int = 42
+    deterministic: bool = True  # TensorFlow's deterministic ops: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     scale_learning_rate: bool = False  # learning rates x the replica count (linear scaling rule)
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call (TPUs: e.g. 32)
+    # "": the backup of an unfinished training is backup/train/<worker>. A URI tf.io.gfile writes to
+    # (gs://bucket/path): under <uri>/<fingerprint>/<worker>/, which outlives a preempted VM's disk.
+    backup_uri: str = ""
+
+    @field_validator("backup_uri", mode="before")
+    @classmethod
+    def _backup_uri_with_scheme(cls, uri: Any) -> Any:
+        return storage_uri(uri, "train.backup_uri", "gs://bucket/pneumonia/backups", "for the local backup/train")
 
     @model_validator(mode="after")
     def _warmup_fits_strategy(self) -> "TrainConfig":

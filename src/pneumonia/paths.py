@@ -57,3 +57,9 @@ def resolve_user_path(path: str | os.PathLike) -> Path:
     """A path from params.yaml: absolute as given, relative to the repository root otherwise."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else project_root() / path
+
+
+def join(folder: str | os.PathLike, name: str) -> str:
+    """`folder`/`name` for a local path or a URI alike (gs://..., file://...: tfrecords.uri,
+    train.backup_uri), which pathlib would mangle (Path("gs://b/x") is "gs:/b/x")."""
+    return f"{os.fspath(folder).rstrip('/')}/{name}"

@@ -11,16 +11,20 @@ survives preemption: a backup folder holds the state after every epoch (Keras Ba
 one per stage), the per-epoch history and the best checkpoint; a new process with the same params
 and data resumes after the last finished epoch. Under a multi-worker cluster every worker runs the
 same callbacks in a scratch folder of its own; only the chief writes the model and logs to MLflow.
+The backup folder is a local path or a URI (train.backup_uri: a bucket outlives a preempted VM's
+disk), so every read and write of it goes through tf.io.gfile, and Keras's own through its
+file_utils, which hands URIs to tf.io.gfile too.
 """
 
 import hashlib
 import json
 import logging
+import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,10 +33,11 @@ import mlflow
 import tensorflow as tf
 
 from pneumonia import distribute
-from pneumonia.atomic import atomic_path, write_json
+from pneumonia.atomic import atomic_path
 from pneumonia.config import Params, flatten
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
+from pneumonia.paths import join
 from pneumonia.errors import PipelineError
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import set_trainable
@@ -80,10 +85,11 @@ class EpochHistory(keras.callbacks.Callback):
     the next fit starts again from the backup (`on_epoch_begin`), and trained again.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str):
         super().__init__()
         self.path = path
-        self.epochs: list[dict] = json.loads(path.read_text()) if path.is_file() else []  # {"epoch", "stage", metrics}
+        recorded = read_backup_file(path)
+        self.epochs: list[dict] = json.loads(recorded) if recorded is not None else []  # {"epoch", "stage", metrics}
         self.stage = ""
         self._fit_started = False
 
@@ -105,7 +111,7 @@ class EpochHistory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         self.epochs.append({"epoch": epoch, "stage": self.stage, **metrics})
-        write_json(self.path, self.epochs)
+        write_backup_file(self.path, json.dumps(self.epochs, indent=2, sort_keys=True) + "\n")
 
     def as_lists(self) -> dict[str, list[float]]:
         names = dict.fromkeys(name for record in self.epochs for name in record if name not in ("epoch", "stage"))
@@ -143,8 +149,8 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
 class StageBackup(keras.callbacks.BackupAndRestore):
     """Keras BackupAndRestore for one stage, kept until the whole training has finished."""
 
-    def __init__(self, backup_dir: Path, end_epoch: int):
-        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+    def __init__(self, backup_dir: str, end_epoch: int):
+        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
         self.end_epoch = end_epoch
 
     def on_train_end(self, logs=None):
@@ -216,7 +222,7 @@ def prepare_stage(model: keras.Model, params: Params, stage: Stage, steps_per_ep
     compile_model(model, params, learning_rate(params, stage, steps_per_epoch))
 
 
-def make_callbacks(params: Params, checkpoint: Path, best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
+def make_callbacks(params: Params, checkpoint: str, best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
     """One set for all stages: the checkpoint remembers the best epoch across them (and across a
     resume: `best_so_far` is the best monitored value before it)."""
     train = params.train
@@ -253,40 +259,97 @@ def peak_memory_mb() -> dict[str, float]:
     return usage
 
 
-def backup_fingerprint(params: Params, tfrecords: Path) -> str:
-    """What a backup is valid for: the same model and training params, and the same TFRecords."""
+def backup_fingerprint(params: Params, tfrecords: Path, tracking_uri: str) -> str:
+    """What a backup is valid for: the same model and training params, the same TFRecords and the
+    same MLflow store (the run it logs into). A hash: the tracking URI may hold a password, and the
+    marker may be in a bucket."""
     trained_on = {key: value for key, value in flatten(params).items() if key.startswith(("model.", "train."))}
-    return hashlib.sha256(json.dumps([trained_on, read_meta(tfrecords)], sort_keys=True, default=str).encode()).hexdigest()
+    identity = [trained_on, read_meta(tfrecords), tracking_uri]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def open_backup(folder: Path, fingerprint: str) -> bool:
+def backup_folder(local_root: Path, backup_uri: str, worker: str, fingerprint: str) -> str:
+    """This worker's backup folder: `local_root`/<worker>, or with train.backup_uri
+    <uri>/<fingerprint[:16]>/<worker>. Each experiment gets a folder of its own under a URI: queued
+    experiments (each in a temporary copy of the repository, with a local backup of its own) or
+    several machines share the bucket, and one must neither remove nor resume another's backup."""
+    if not backup_uri:
+        return str(local_root / worker)
+    return join(join(backup_uri, fingerprint[:16]), worker)
+
+
+def read_backup_file(path: str) -> str | None:
+    """The text of a file in a backup (a local path or a URI), None when there is none."""
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as file:
+        return file.read()
+
+
+def write_backup_file(path: str, text: str) -> None:
+    """Replace a file in a backup whole: written beside it, then renamed over it, so a process killed
+    meanwhile leaves the previous version (a stray `.tmp-*` at worst, removed with the backup)."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with tf.io.gfile.GFile(temporary, "w") as file:
+        file.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def open_backup(folder: str | os.PathLike, fingerprint: str) -> bool:
     """Make `folder` the backup of this training; True when it holds an interrupted run to resume.
     A backup of other params or data is removed: it must not be resumed."""
-    marker = folder / "fingerprint"
-    if folder.is_dir() and (not marker.is_file() or marker.read_text() != fingerprint):
-        log.info("removing the backup %s of a training with other params or data", folder)
-        shutil.rmtree(folder)
-    resuming = marker.is_file()
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
-    return resuming
+    folder = os.fspath(folder)
+    marker = join(folder, "fingerprint")
+    try:
+        recorded = read_backup_file(marker)
+        if recorded != fingerprint and tf.io.gfile.isdir(folder):
+            log.info("removing the backup %s of a training with other params or data", folder)
+            tf.io.gfile.rmtree(folder)
+        tf.io.gfile.makedirs(folder)
+        write_backup_file(marker, fingerprint)
+    except tf.errors.OpError as exc:  # before any training, not after its first epoch
+        raise PipelineError(
+            f"cannot keep the training backup in {folder} ({exc.message}).\nWith train.backup_uri set, check "
+            "that the bucket exists and that this machine's credentials may write to it (gs://: `gcloud auth "
+            "application-default login` or GOOGLE_APPLICATION_CREDENTIALS), or leave train.backup_uri empty "
+            "for a local backup."
+        ) from None
+    return recorded == fingerprint
+
+
+def remove_backup(folder: str) -> None:
+    """Remove a finished training's backup; under train.backup_uri also its fingerprint's folder once
+    no worker's backup is left in it."""
+    tf.io.gfile.rmtree(folder)
+    if "://" not in folder:
+        return  # a local backup/train/<worker>, as it always was
+    parent = folder.rsplit("/", 1)[0]
+    try:
+        if not tf.io.gfile.listdir(parent):
+            tf.io.gfile.rmtree(parent)
+    except tf.errors.NotFoundError:
+        pass  # another worker removed it first
 
 
 def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None, model_path: Path,
-          placement: distribute.Placement | None = None, backup: Path | None = None) -> TrainingResult:
+          placement: distribute.Placement | None = None, backup: str | os.PathLike | None = None) -> TrainingResult:
     """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only).
 
-    `backup` is this worker's backup folder (see `open_backup`); its state is resumed when present.
+    `backup` is this worker's backup folder, a local path or a URI (see `backup_folder`,
+    `open_backup`); its state is resumed when present.
     Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
     (the chief only). The caller removes the backup once it has written its outputs.
     """
     placement = placement or distribute.place(params.train.accelerator, params.train.precision)
     if backup is None:
         with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
-            return train(params, tfrecords, class_weight, model_path, placement, Path(scratch))
+            return train(params, tfrecords, class_weight, model_path, placement, scratch)
+    backup = os.fspath(backup)
     if placement.is_chief and mlflow.active_run():
         mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
-    keras.utils.set_random_seed(params.train.seed)
+    keras.utils.set_random_seed(params.train.seed)  # Python, NumPy, TensorFlow and Keras layers
+    if params.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     global_batch = params.train.batch_size * placement.replicas
     train_images = dataset.split_size(tfrecords, "train")
     steps_per_epoch = train_images // global_batch
@@ -299,8 +362,8 @@ def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None
     validation_batches = labelled_for(params, dataset.evaluation_batches(tfrecords, "val", global_batch))
     rate_scale = placement.replicas if params.train.scale_learning_rate else 1
 
-    history = EpochHistory(backup / "history.json")
-    checkpoint = backup / "best.keras"
+    history = EpochHistory(join(backup, "history.json"))
+    checkpoint = join(backup, "best.keras")
     monitored = [record[params.train.monitor] for record in history.epochs]
     best_so_far = (min(monitored) if params.train.monitor == "val_loss" else max(monitored)) if monitored else None
     if history.epochs:
@@ -325,16 +388,18 @@ def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None
                 class_weight=class_weight,
                 # The backup comes after the history and the checkpoint, MLflow after the backup
                 # (see EpochHistory, MlflowEpochMetrics).
-                callbacks=[*callbacks, StageBackup(backup / f"stage-{number}", epochs_before + stage.epochs), *progress],
+                callbacks=[*callbacks, StageBackup(join(backup, f"stage-{number}"), epochs_before + stage.epochs),
+                           *progress],
                 shuffle=False,  # the dataset shuffles itself, reproducibly
                 verbose=2 if placement.is_chief else 0,
             )
         seconds = time.perf_counter() - started
-    if not checkpoint.is_file() or checkpoint.stat().st_size == 0:  # the monitored metric never became finite
+    # No checkpoint, or an empty one: the monitored metric never became finite.
+    if not tf.io.gfile.exists(checkpoint) or tf.io.gfile.stat(checkpoint).length == 0:
         raise PipelineError(f"training never produced a finite {params.train.monitor}; check the data and learning rate")
     if placement.is_chief:
         with atomic_path(model_path) as saved:
-            shutil.copyfile(checkpoint, saved)
+            tf.io.gfile.copy(checkpoint, str(saved), overwrite=True)
 
     result_history = history.as_lists()
     values = result_history[params.train.monitor]

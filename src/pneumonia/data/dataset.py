@@ -5,6 +5,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from pneumonia.data.tfrecords import read_meta, shard_names
+from pneumonia.paths import join
 
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -24,8 +25,11 @@ def _shard_by_element() -> tf.data.Options:
 
 
 def shard_paths(tfrecords: Path, split: str) -> list[str]:
-    shards = read_meta(tfrecords)["splits"][split]["shards"]
-    return [str(tfrecords / name) for name in shard_names(split, shards)]
+    """The split's shard files, for every reader: beside `tfrecords`/meta.json, or under the URI its
+    "location" names (tfrecords.uri), which tf.data reads through tf.io.gfile as it does local files."""
+    meta = read_meta(tfrecords)
+    folder = meta.get("location") or str(tfrecords)
+    return [join(folder, name) for name in shard_names(split, meta["splits"][split]["shards"])]
 
 
 def _decoder(image_size: int):

@@ -3,17 +3,24 @@
 Decoding and resizing the originals (up to ~3000 px) is the expensive part, so it runs in a pool
 of worker processes; the parent only serialises records and writes shards, in manifest order, so
 the same manifests always give the same files.
+
+The shards go to data/tfrecords (the DVC output), or, with tfrecords.uri set, to a folder named by
+their content key under that URI (a bucket a TPU can read): data/tfrecords then holds only
+meta.json, whose "location" tells the readers (pneumonia.data.dataset.shard_paths) where they are.
 """
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +32,16 @@ from pneumonia.config import TFRecordsConfig
 from pneumonia.data.images import resized_jpegs
 from pneumonia.data.manifest import Record, read_manifest
 from pneumonia.errors import PipelineError
+from pneumonia.paths import join
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 CHUNK = 8  # images a worker task encodes: amortises the inter-process round trip
 IN_FLIGHT = 1024  # images submitted but not yet written: bounds memory whatever the dataset's size
+# In the content key: bump when the records' format or the resizing changes, so new shards never
+# land on a key whose old shards a committed meta.json still points at.
+FORMAT = 1
 
 
 def _example(record: Record, jpeg: bytes) -> bytes:
@@ -52,15 +63,76 @@ def shard_names(split: str, count: int) -> list[str]:
     return [f"{split}-{index:05d}-of-{count:05d}.tfrecord" for index in range(count)]
 
 
-def write_split(records: list[Record], out: Path, split: str, encoded: Iterator[tuple[bytes | None, str]],
-                images_per_shard: int) -> int:
-    """Write `records` (whose encodings `encoded` yields in the same order) into shards under `out`."""
+def content_key(manifests: Path, image_size: int, config: TFRecordsConfig) -> str:
+    """Names the shard folder under tfrecords.uri: the same manifests (which hold every image's
+    sha256) and encoding params give the same key, so a rerun rewrites the same objects, and other
+    data or params never overwrite shards that another meta.json points at."""
+    inputs = {
+        "format": FORMAT, "image_size": image_size, "jpeg_quality": config.jpeg_quality,
+        "images_per_shard": config.images_per_shard,
+        "manifests": {split: hashlib.sha256((manifests / f"{split}.csv").read_bytes()).hexdigest()
+                      for split in SPLITS},
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remote_location(uri: str, key: str) -> str:
+    """`uri`/`key`, created; a PipelineError naming tfrecords.uri when TensorFlow cannot write there,
+    before any image is encoded."""
     import tensorflow as tf
 
+    location = join(uri, key)
+    try:
+        tf.io.gfile.makedirs(location)
+    except tf.errors.OpError as exc:
+        hint = ("TensorFlow has no s3:// filesystem of its own (tensorflow-io added one to older TensorFlow "
+                "versions); use gs://, or leave tfrecords.uri empty for local shards"
+                if uri.startswith("s3://") else
+                "check that the bucket exists and that this machine's credentials may write to it "
+                "(gs://: `gcloud auth application-default login` or GOOGLE_APPLICATION_CREDENTIALS), "
+                "or leave tfrecords.uri empty for local shards")
+        raise PipelineError(f"params.yaml: tfrecords.uri = {uri!r}: cannot write to {location} "
+                            f"({exc.message}).\n{hint}.") from None
+    return location
+
+
+@contextmanager
+def _shard_writer(out: Path | str, name: str) -> Iterator:
+    """A TFRecordWriter for shard `name` under `out`.
+
+    `out` a Path: the local temporary folder that atomic_path renames as a whole once complete.
+    `out` a URI: a temporary object, renamed to `name` once written, so a killed run never leaves a
+    partial shard under a final name (a run killed outright may leave a `.NAME.tmp-*` object behind,
+    never read). Shards are written here, in the parent process (the workers only encode JPEGs),
+    so in-process filesystems such as TensorFlow's ram:// work too.
+    """
+    import tensorflow as tf
+
+    if isinstance(out, Path):
+        with tf.io.TFRecordWriter(str(out / name)) as writer:
+            yield writer
+        return
+    temporary = join(out, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with tf.io.TFRecordWriter(temporary) as writer:
+            yield writer
+        tf.io.gfile.rename(temporary, join(out, name), overwrite=True)
+    except BaseException:
+        try:
+            tf.io.gfile.remove(temporary)
+        except tf.errors.OpError:
+            pass  # never written, or already gone
+        raise
+
+
+def write_split(records: list[Record], out: Path | str, split: str, encoded: Iterator[tuple[bytes | None, str]],
+                images_per_shard: int) -> int:
+    """Write `records` (whose encodings `encoded` yields in the same order) into shards under `out`,
+    a local folder (Path) or a URI (str)."""
     names = shard_names(split, max(1, math.ceil(len(records) / images_per_shard)))
     pending = iter(records)
     for index, name in enumerate(tqdm(names, desc=f"{split} shards", mininterval=2)):
-        with tf.io.TFRecordWriter(str(out / name)) as writer:
+        with _shard_writer(out, name) as writer:
             for record in itertools.islice(pending, images_per_shard):
                 jpeg, error = next(encoded)
                 if jpeg is None:
@@ -95,7 +167,13 @@ def encode_in_order(executor: ProcessPoolExecutor, paths: list[str], size: int,
 
 
 def write_tfrecords(manifests: Path, target: Path, image_size: int, config: TFRecordsConfig) -> dict:
+    """Shards of every split into `target` (a local folder), or under tfrecords.uri with only
+    meta.json in `target`; meta.json comes last, so it marks complete shards wherever they are."""
     meta: dict = {"image_size": image_size, "splits": {}}
+    location = remote_location(config.uri, content_key(manifests, image_size, config)) if config.uri else None
+    if location is not None:
+        meta["location"] = location
+        log.info("Shards go to %s", location)
     # spawn: workers need only PIL, not a fork of a process that may hold TensorFlow's threads.
     executor = ProcessPoolExecutor(config.workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
     with executor, atomic_path(target, directory=True) as out:
@@ -103,7 +181,8 @@ def write_tfrecords(manifests: Path, target: Path, image_size: int, config: TFRe
             records = read_manifest(manifests / f"{split}.csv")
             encoded = encode_in_order(executor, [record.path for record in records], image_size,
                                       config.jpeg_quality)
-            shards = write_split(records, out, split, encoded, config.images_per_shard)
+            shards = write_split(records, out if location is None else location, split, encoded,
+                                 config.images_per_shard)
             meta["splits"][split] = {"images": len(records), "shards": shards}
             log.info("%s: %d images in %d shards", split, len(records), shards)
         write_json(out / META, meta)
@@ -111,4 +190,6 @@ def write_tfrecords(manifests: Path, target: Path, image_size: int, config: TFRe
 
 
 def read_meta(tfrecords: Path) -> dict:
+    """data/tfrecords/meta.json: image size, images and shards per split, and "location", the URI
+    of the shard folder when the shards are not beside it (tfrecords.uri)."""
     return json.loads((tfrecords / META).read_text())
