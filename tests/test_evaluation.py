@@ -25,17 +25,23 @@ def scores_for(rule, val=VAL, test=TEST):
     return summary.evaluation_scores(val, test, EvaluateConfig(threshold=rule, bootstrap_samples=200))
 
 
+def midway(low, high):
+    """Halfway in log-odds: where a data-driven threshold lands between two validation scores."""
+    logit_low, logit_high = (math.log(p / (1 - p)) for p in (low, high))
+    return 1 / (1 + math.exp(-(logit_low + logit_high) / 2))
+
+
 @pytest.mark.parametrize("rule, threshold, sensitivity, specificity", [
-    # Youden on validation: the lowest positive score separates perfectly.
-    ("youden", 0.6, 3 / 4, 3 / 4),  # test at 0.6: misses 0.52, accepts the normal 0.62
-    # 2 of 3 validation positives (>= 0.5) are caught from 0.7 down: the highest such threshold.
-    ("sensitivity@0.5", 0.7, 2 / 4, 4 / 4),
-    ("sensitivity@1", 0.6, 3 / 4, 3 / 4),
+    # Youden on validation: anything in (0.3, 0.6] separates perfectly; the middle is 0.445.
+    ("youden", midway(0.3, 0.6), 4 / 4, 2 / 4),  # test at 0.445: catches 0.52, accepts the normals 0.55, 0.62
+    # 2 of 3 validation positives (>= 0.5) are caught from 0.7 down to above 0.6: 0.652.
+    ("sensitivity@0.5", midway(0.6, 0.7), 2 / 4, 4 / 4),
+    ("sensitivity@1", midway(0.3, 0.6), 4 / 4, 2 / 4),
     (0.5, 0.5, 4 / 4, 2 / 4),
 ])
 def test_threshold_chosen_on_validation_and_applied_to_test(rule, threshold, sensitivity, specificity):
     scores = scores_for(rule)
-    assert scores["threshold"] == threshold
+    assert scores["threshold"] == pytest.approx(threshold)
     assert scores["threshold_rule"] == str(rule)
     assert scores["sensitivity"] == pytest.approx(sensitivity)
     assert scores["specificity"] == pytest.approx(specificity)
@@ -48,10 +54,10 @@ def test_threshold_chosen_on_validation_and_applied_to_test(rule, threshold, sen
 
 
 def test_threshold_does_not_depend_on_test():
-    # Youden on this test alone would pick 0.65 (sensitivity 3/4, specificity 1); validation says 0.6.
-    assert scores_for("youden")["threshold"] == 0.6
+    # Youden on this test alone would pick 0.65 (sensitivity 3/4, specificity 1); validation says 0.445.
+    assert scores_for("youden")["threshold"] == pytest.approx(midway(0.3, 0.6))
     shuffled_test = Predictions(TEST.file_names, TEST.labels, TEST.probabilities[::-1].copy())
-    assert scores_for("youden", test=shuffled_test)["threshold"] == 0.6
+    assert scores_for("youden", test=shuffled_test)["threshold"] == pytest.approx(midway(0.3, 0.6))
 
 
 def test_scores_have_headline_metrics_at_top_and_intervals_around_them():

@@ -210,12 +210,28 @@ def test_youden_separates_perfectly_separable_classes():
     assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
 
 
+def midway(low, high):
+    """Halfway between two scores in log-odds, as choose_threshold places data-driven thresholds."""
+    def logit(p):
+        return math.log(p / (1 - p))
+    return 1 / (1 + math.exp(-(logit(low) + logit(high)) / 2))
+
+
 def test_youden_hand_example_and_tie_break():
     # J at each candidate of the hand example: 0.95:.25 0.85:.5 0.75:.5-1/6 0.72:.75-1/6
-    # 0.65:.75-2/6 0.45:1-2/6 (best, J=2/3) 0.35:1-.5 ...
-    assert choose_threshold(Y_HAND, P_HAND, "youden") == 0.45
-    # J = 0.5 at both 0.4 (tpr .5, fpr 0) and 0.2 (tpr 1, fpr .5): the higher one wins.
-    assert choose_threshold([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], "youden") == 0.4
+    # 0.65:.75-2/6 0.45:1-2/6 (best, J=2/3) 0.35:1-.5 ...; 0.35 is the next lower score.
+    assert choose_threshold(Y_HAND, P_HAND, "youden") == pytest.approx(midway(0.35, 0.45))
+    # J = 0.5 at both 0.4 (tpr .5, fpr 0) and 0.2 (tpr 1, fpr .5): the fewer false alarms win.
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], "youden") == pytest.approx(midway(0.3, 0.4))
+
+
+def test_threshold_sits_midway_in_the_gap_not_on_the_edge_of_the_positives():
+    # Perfectly separable: any threshold in (0.3, 0.9] separates; the middle in log-odds is 0.6.
+    t = choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.9, 0.95], "youden")
+    assert t == pytest.approx(midway(0.3, 0.9)) and 0.3 < t < 0.9
+    # Scores saturated at exactly 0 and 1 still give a threshold strictly between them.
+    t = choose_threshold([0, 0, 1, 1], [0.0, 0.0, 1.0, 1.0], "youden")
+    assert 0.0 < t <= 1.0 and classification_metrics([0, 0, 1, 1], [0.0, 0.0, 1.0, 1.0], t)["accuracy"] == 1.0
 
 
 def test_youden_matches_brute_force_on_random_data():
@@ -226,27 +242,28 @@ def test_youden_matches_brute_force_on_random_data():
         return np.mean(p[y == 1] >= s) + np.mean(p[y == 0] < s) - 1
 
     assert youden_j(t) == pytest.approx(max(youden_j(s) for s in np.unique(p)))
-    assert t in p
+    below, at_or_above = p[p < t], p[p >= t]
+    assert t == pytest.approx(midway(below.max(), at_or_above.min()))
 
 
 def test_youden_never_returns_infinity():
     # A model that is always wrong has J <= 0 everywhere; sklearn's leading +inf
-    # threshold also has J = 0 but is not a usable threshold.
+    # threshold also has J = 0 but is not a usable threshold. The lowest score has no gap below.
     t = choose_threshold([1, 0, 1, 0], [0.2, 0.8, 0.3, 0.9], "youden")
     assert math.isfinite(t) and t == 0.2
 
 
-def test_sensitivity_rule_picks_highest_threshold_meeting_target():
+def test_sensitivity_rule_picks_best_specificity_meeting_target():
     pos = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.2]
     neg = [0.1, 0.3, 0.5, 0.58, 0.62]
     y, p = [1] * 10 + [0] * 5, pos + neg
-    # 9 of 10 positives must be caught: the 9th highest positive score is 0.55.
-    assert choose_threshold(y, p, "sensitivity@0.9") == 0.55
-    assert classification_metrics(y, p, 0.55)["specificity"] == pytest.approx(3 / 5)
-    assert choose_threshold(y, p, "sensitivity@0.7") == 0.65  # 7/10 exactly, despite float 0.7
-    assert choose_threshold(y, p, "sensitivity@0.85") == 0.55
-    assert choose_threshold(y, p, "sensitivity@1") == 0.2
-    assert choose_threshold(y, p, "sensitivity@0.05") == 0.95
+    # 9 of 10 positives must be caught: the 9th highest positive score is 0.55, the next lower 0.5.
+    assert choose_threshold(y, p, "sensitivity@0.9") == pytest.approx(midway(0.5, 0.55))
+    assert classification_metrics(y, p, choose_threshold(y, p, "sensitivity@0.9"))["specificity"] == pytest.approx(3 / 5)
+    assert choose_threshold(y, p, "sensitivity@0.7") == pytest.approx(midway(0.62, 0.65))  # 7/10 exactly
+    assert choose_threshold(y, p, "sensitivity@0.85") == pytest.approx(midway(0.5, 0.55))
+    assert choose_threshold(y, p, "sensitivity@1") == pytest.approx(midway(0.1, 0.2))
+    assert choose_threshold(y, p, "sensitivity@0.05") == pytest.approx(midway(0.9, 0.95))
 
 
 def test_data_driven_rules_need_both_classes():
