@@ -127,3 +127,22 @@ def test_summary_is_what_the_train_stage_writes(tmp_path):
     assert json.loads(json.dumps(result.summary())) == {
         "best_val_auc": 0.7, "best_loss": 0.8, "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3,
         "total_params": 100, "trainable_params": 40, "peak_memory_mb": 812.5}
+
+
+def test_same_seed_gives_the_same_model_and_another_seed_does_not(tracking_store, synthetic_data, tmp_path):
+    """train.seed + train.deterministic: shuffling, augmentation, dropout and initialisation repeat exactly
+    (on CPU; README "Reproducibility" says what holds on accelerators)."""
+    def trained(seed: int, name: str) -> tuple[dict, np.ndarray]:
+        params = params_for(tmp_path, {"name": "custom_cnn"}, {
+            "epochs": 2, "seed": seed, "augment": {"zoom": 0.1, "rotation": 0.05, "contrast": 0.2}})
+        (tmp_path / name).mkdir()
+        result, _ = fit(params, synthetic_data, tmp_path / name)
+        model = keras.models.load_model(tmp_path / name / "model.keras")
+        return result.history, predict_split(model, synthetic_data / "data/tfrecords", "val", 8).probabilities
+
+    first_history, first = trained(7, "first")
+    again_history, again = trained(7, "again")
+    _, other = trained(8, "other")
+    assert again_history == first_history
+    np.testing.assert_array_equal(again, first)
+    assert not np.array_equal(other, first)

@@ -1,22 +1,32 @@
 """The separable-conv network of the keras.io "Pneumonia classification on TPU" recipe.
 
 Changed from the recipe: global average pooling instead of Flatten, so the network takes any
-image size and has far fewer parameters to overfit with.
+image size and has far fewer parameters to overfit with; batch-norm moving statistics that follow
+the data within tens of steps (momentum 0.9, Keras' default is 0.99), because at about a hundred
+steps per epoch the default left validation predictions constant for the first epochs; and
+batch statistics over the global batch when training on several replicas (`synchronized`, no-op on
+one device), so every worker normalises alike and the saved moving statistics see all of the data.
 """
 
 from keras import layers
+
+BN_MOMENTUM = 0.9
+
+
+def batch_norm():
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True)
 
 
 def conv_block(filters: int, inputs):
     x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(inputs)
     x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     return layers.MaxPool2D()(x)
 
 
 def dense_block(units: int, dropout_rate: float, inputs):
     x = layers.Dense(units, activation="relu")(inputs)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     return layers.Dropout(dropout_rate)(x)
 
 
