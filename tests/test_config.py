@@ -81,3 +81,26 @@ def test_flatten_uses_dotted_keys():
     assert flat["data.synthetic.image_size"] == 96
     assert flat["model.name"] == "custom_cnn"
 
+
+def test_readme_gpu_profile_is_a_valid_set_of_params():
+    """The README's recommended GPU profile (`dvc exp run -n gpu-profile -S ...`) names real keys and values."""
+    import shlex
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("dvc exp run -n gpu-profile")
+    command = readme[start:readme.index("```", start)].replace("\\\n", " ")
+    words = shlex.split(command)
+    overrides = dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-S")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        section = raw
+        for parent in parents:
+            section = section[parent]
+        assert last in section, f"the README's GPU profile sets {key}, which params.yaml does not have"
+        section[last] = yaml.safe_load(value)
+    params = parse_params(raw)
+    assert params.model.weights == "imagenet" and params.model.name != "custom_cnn"
+    assert params.train.accelerator == "gpu" and params.train.warmup_epochs > 0

@@ -145,7 +145,7 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(5, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: int = 42
-    deterministic: bool = True  # TensorFlow's deterministic ops: same seed, same model (slower on GPUs)
+    deterministic: bool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
