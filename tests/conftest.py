@@ -83,22 +83,31 @@ def sample_zip() -> Path:
     return SAMPLE_ZIP
 
 
-@pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory) -> Path:
-    """A prepared synthetic project folder: data/raw, data/manifests and data/tfrecords at 48 px."""
+def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient: int, raw_size: int,
+                      image_size: int, images_per_shard: int) -> Path:
+    """A prepared synthetic project folder at `root`: data/raw, data/manifests and data/tfrecords
+    (at `image_size`), made by the library as the stages make them."""
     from pneumonia import paths
     from pneumonia.config import SyntheticConfig, TFRecordsConfig
     from pneumonia.data import synthetic
     from pneumonia.data.prepare import prepare
     from pneumonia.data.tfrecords import write_tfrecords
 
-    root = tmp_path_factory.mktemp("synthetic")
     cwd = os.getcwd()
-    os.chdir(root)
+    os.chdir(root)  # manifest paths are relative to the project root
     try:
-        synthetic.generate(paths.RAW, SyntheticConfig(patients_per_class=10, images_per_patient=3, image_size=64), 0)
+        synthetic.generate(paths.RAW, SyntheticConfig(patients_per_class=patients_per_class,
+                                                      images_per_patient=images_per_patient, image_size=raw_size), 0)
         prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.2, seed=0)
-        write_tfrecords(paths.MANIFESTS, paths.TFRECORDS, 48, TFRecordsConfig(images_per_shard=16, workers=2))
+        write_tfrecords(paths.MANIFESTS, paths.TFRECORDS, image_size,
+                        TFRecordsConfig(images_per_shard=images_per_shard, workers=2))
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A prepared synthetic project folder: data/raw, data/manifests and data/tfrecords at 48 px."""
+    return prepare_synthetic(tmp_path_factory.mktemp("synthetic"), patients_per_class=10, images_per_patient=3,
+                             raw_size=64, image_size=48, images_per_shard=16)

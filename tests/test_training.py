@@ -9,7 +9,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import REPO, run
+from conftest import REPO, prepare_synthetic, run
 from mlflow.tracking import MlflowClient
 
 from pneumonia import training
@@ -155,16 +155,8 @@ json.dump({"history": result.history, "val": probabilities.probabilities.tolist(
 def synthetic_data_160(tmp_path_factory) -> Path:
     """Synthetic TFRecords at the default 160 px and batch 32: at 48 px two processes agreed even when
     Grappler's rewrites made trainings on the real data part (see training.train)."""
-    from pneumonia.config import SyntheticConfig, TFRecordsConfig
-    from pneumonia.data import synthetic
-    from pneumonia.data.prepare import prepare
-    from pneumonia.data.tfrecords import write_tfrecords
-
-    root = tmp_path_factory.mktemp("synthetic160")
-    synthetic.generate(root / "raw", SyntheticConfig(patients_per_class=80, images_per_patient=2, image_size=160), 0)
-    prepare(root / "raw", root / "manifests", val_fraction=0.2, seed=0)
-    write_tfrecords(root / "manifests", root / "data/tfrecords", 160, TFRecordsConfig(images_per_shard=32, workers=2))
-    return root
+    return prepare_synthetic(tmp_path_factory.mktemp("synthetic160"), patients_per_class=80, images_per_patient=2,
+                             raw_size=160, image_size=160, images_per_shard=32)
 
 
 def test_same_seed_gives_the_same_model_and_another_seed_does_not(synthetic_data_160, tmp_path):
