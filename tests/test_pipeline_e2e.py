@@ -16,7 +16,8 @@ from browser import assert_not_blank, open_in_chromium
 from conftest import commit_all, copy_project, run, set_params, tool_env
 from mlflow.tracking import MlflowClient
 
-STAGES = ["download", "prepare", "tfrecords", "class_weights", "data_report", "train", "evaluate"]
+STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
+EXTERNAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chest-xray-external.zip"
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
 
@@ -122,11 +123,13 @@ def test_temp_experiment_lands_in_the_same_store(synthetic_project):
 
 
 def test_sample_dataset_end_to_end(tmp_path, sample_zip):
-    """The real chest X-rays, through `data.source: local`, at a small image size."""
+    """The real chest X-rays, through `data.source: local`, at a small image size, scored on the
+    external set too (another acquisition: Kaggle's official test split)."""
+    assert EXTERNAL_ZIP.is_file(), f"{EXTERNAL_ZIP} is missing; it ships beside the repository (shared/datasets)"
     project = copy_project(tmp_path)
     set_params(project, **{
         "data.source": "local", "data.local_path": str(sample_zip), "data.image_size": 64,
-        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2,
+        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(EXTERNAL_ZIP),
     })
     commit_all(project)
     result = run(["dvc", "repro"], project)
@@ -148,18 +151,25 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     assert audit["passed"] and set(audit["leaks"].values()) == {0}, audit
     # One epoch at 64 px already separates the classes on real X-rays.
     assert test_metrics["roc_auc"] > 0.75, test_metrics
-    assert_evaluation_is_where_users_look(project, tmp_path)
+    external = json.loads((project / "metrics/external.json").read_text())
+    assert external["n"] == 244 and external["patients"] == 171 and external["threshold"] == test_metrics["threshold"]
+    assert external["ci95"]["roc_auc"]["low"] <= external["roc_auc"] <= external["ci95"]["roc_auc"]["high"]
+    assert 0 <= external["border_share"] <= 1 and external["border_audit_images"] > 200
+    assert 0 <= test_metrics["border_share"] <= 1
+    assert "External set: another site" in (project / "reports/evaluation.html").read_text()
+    assert_evaluation_is_where_users_look(project, tmp_path, external=True)
 
 
-def assert_evaluation_is_where_users_look(project: Path, scratch: Path) -> None:
+def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external: bool = False) -> None:
     """`dvc plots show` draws every declared plot, `dvc exp show` has the headline metrics, the
     HTML report opens in a browser with every image, the MLflow run has it all."""
     rendered = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    figure_count = {"plots/figures": 13 if external else 7, "reports/data/figures": 4}
     for plot in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]:
         name = plot if isinstance(plot, str) else next(iter(plot))
         if (project / name).is_dir():  # a folder of PNG figures: each one rendered as an image
             figures = sorted((project / name).glob("*.png"))
-            assert len(figures) == {"plots/figures": 7, "reports/data/figures": 4}[name], figures
+            assert len(figures) == figure_count[name], figures
             for figure in figures:
                 [image] = rendered[f"{name}/{figure.name}"]
                 assert image["type"] == "image" and Path(image["url"]).stat().st_size > 1000
@@ -174,13 +184,19 @@ def assert_evaluation_is_where_users_look(project: Path, scratch: Path) -> None:
     assert shown["ci95"]["roc_auc"]["low"] <= shown["roc_auc"] <= shown["ci95"]["roc_auc"]["high"]
 
     loaded, total = open_in_chromium(project / "reports/evaluation.html", scratch / "report.png")
-    assert loaded == total == 7
+    assert loaded == total == figure_count["plots/figures"]
     assert_not_blank(scratch / "report.png")
 
     [mlflow_run] = mlflow_runs(project)
     assert {"evaluation/evaluation.html", "evaluation/gradcam.png", "evaluation/training_curves.png",
             "evaluation/calibration.csv"} <= artifact_paths(project, mlflow_run.info.run_id)
-    assert {"test_threshold", "test_ci95_sensitivity_low", "test_at_0.5_specificity"} <= mlflow_run.data.metrics.keys()
+    assert {"test_threshold", "test_ci95_sensitivity_low", "test_at_0.5_specificity",
+            "test_border_share"} <= mlflow_run.data.metrics.keys()
+    if external:
+        assert {"external_roc_auc", "external_ci95_roc_auc_low", "external_sensitivity", "external_specificity",
+                "external_border_share"} <= mlflow_run.data.metrics.keys()
+        shown = workspace["data"]["metrics"]["metrics/external.json"]["data"]
+        assert isinstance(shown["roc_auc"], float) and isinstance(shown["border_share"], float)
 
 
 def free_port() -> int:

@@ -16,9 +16,12 @@ from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.predictions import Predictions
 from pneumonia.evaluation.report import write_report
+from pneumonia.evaluation.scoring import ScoredSplit
 
-FIGURE_FILES = {"training_curves.png", "confusion_matrix.png", "roc.png", "precision_recall.png",
-                "calibration.png", "test_images.png", "gradcam.png"}
+SPLIT_FIGURES = {"confusion_matrix.png", "roc.png", "precision_recall.png", "calibration.png", "gradcam.png"}
+FIGURE_FILES = {"training_curves.png", "test_images.png", "external_images.png", *SPLIT_FIGURES,
+                *(f"external_{name}" for name in SPLIT_FIGURES)}
+BORDER = {"border_share": 0.31, "border_band": 0.12, "border_share_if_uniform": 0.4224, "border_audit_images": 300}
 DATA = {"images": {"train": {"NORMAL": 900, "PNEUMONIA": 2700}, "val": {"NORMAL": 160, "PNEUMONIA": 480},
                    "test": {"NORMAL": 117, "PNEUMONIA": 183}},
         "patients": {"train": 2000, "val": 350, "test": 250}, "dropped_as_in_test": 3}
@@ -38,20 +41,25 @@ def report(tmp_path_factory):
     """A report from made-up predictions, images and heat maps, written as the evaluate stage does."""
     root = tmp_path_factory.mktemp("report")
     params = Params()
-    val, test = predictions(120, seed=1), predictions(300, seed=2)
-    scores = summary.evaluation_scores(val, test, params.evaluate)
-    cases = gallery.pick_cases(test, scores["threshold"], params.evaluate.images_per_outcome, seed=0)
+    val, test, external = predictions(120, seed=1), predictions(300, seed=2), predictions(90, seed=3)
+    scores = {**summary.evaluation_scores(val, test, params.evaluate), **BORDER}
+    external_scores = {**summary.external_scores(external, scores["threshold"], params.evaluate, {"patients": 70}),
+                       **BORDER, "border_share": 0.47}
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (len(cases), 48, 48, 3), dtype=np.uint8)
-    heatmaps = rng.random((len(cases), 48, 48))
+
+    def scored(name, split_scores, split_predictions):
+        cases = gallery.pick_cases(split_predictions, scores["threshold"], params.evaluate.images_per_outcome, seed=0)
+        return ScoredSplit(name, split_scores, split_predictions, summary.curves(split_predictions), cases,
+                           rng.integers(0, 255, (len(cases), 48, 48, 3), dtype=np.uint8), rng.random((len(cases), 48, 48)))
+
     history_csv = root / "train_history.csv"
     history_csv.write_text("epoch,loss,val_loss,accuracy,val_accuracy,auc,val_auc\n"
                            "1,0.6,0.55,0.7,0.72,0.8,0.82\n2,0.4,0.45,0.8,0.79,0.9,0.88\n3,0.3,0.42,0.86,0.8,0.94,0.9\n")
-    figures = draw_figures(root / "figures", scores, test, summary.curves(test), read_history(history_csv), cases,
-                           images, heatmaps, "conv2d_7")
+    figures = draw_figures(root / "figures", read_history(history_csv),
+                           [scored("test", scores, test), scored("external", external_scores, external)], "conv2d_7")
     page = root / "evaluation.html"
-    write_report(page, scores=scores, figures=figures, params=params.model_dump(), data=DATA, training=TRAINING,
-                 model_summary=MODEL_SUMMARY)
+    write_report(page, scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
+                 data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY)
     return page, scores
 
 
@@ -97,6 +105,16 @@ def test_report_shows_metrics_intervals_data_params_and_model(report):
                    "threshold: youden", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
         assert phrase in text, phrase
     assert "&lt;layer&gt; conv2d (Conv2D)" in html  # the model summary, escaped
+    assert "31.0% of the Grad-CAM evidence lies in the outer" in text
+
+
+def test_report_has_a_section_for_the_external_set(report):
+    page, scores = report
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.read_text()))
+    section = text[text.index("External set: another site"):text.index(" Data ", text.index("External set"))]
+    assert "90 images of another acquisition" in section and "70 patients" in section
+    assert f"same threshold {scores['threshold']:.3f}" in section
+    assert "Border share of Grad-CAM evidence 0.470" in section
 
 
 def test_report_opens_in_chromium_with_every_image_loaded(report, tmp_path):

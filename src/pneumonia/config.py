@@ -89,6 +89,12 @@ class ModelConfig(Section):
     head_units: int = Field(128, ge=0)  # backbones: dense units before the output (0: none)
     dropout: float = Field(0.3, ge=0, lt=1)
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
+    # Share of the image cut off each side before the network sees it: burned-in markers and
+    # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
+    crop: float = Field(0, ge=0, lt=0.4)
+    # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
+    # variance per image: brightness and contrast of the acquisition removed)
+    input_norm: Literal["scale", "per_image"] = "scale"
 
     @field_validator("name")
     @classmethod
@@ -102,6 +108,11 @@ class ModelConfig(Section):
         if self.name == CUSTOM_CNN and self.weights != "none":
             raise ValueError(
                 f"model.weights = {self.weights!r}: custom_cnn is trained from scratch, set model.weights to 'none'"
+            )
+        if self.name != CUSTOM_CNN and self.input_norm != "scale":
+            raise ValueError(
+                f"model.input_norm = {self.input_norm!r} is for custom_cnn; {self.name} scales its input as its "
+                "pretrained weights expect: set model.input_norm to 'scale'"
             )
         return self
 
@@ -142,6 +153,7 @@ class TrainConfig(Section):
     fine_tune_learning_rate: float = Field(1e-5, gt=0)  # after the warm-up
     augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
+    label_smoothing: float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
     early_stopping_patience: int = Field(5, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: int = 42
@@ -181,6 +193,9 @@ class EvaluateConfig(Section):
     bootstrap_samples: int = Field(1000, ge=100)  # resamples for the 95% confidence intervals
     images_per_outcome: int = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
     seed: int = 42  # bootstrap resampling and the choice of images shown
+    # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
+    # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
+    external: str = ""
 
     @field_validator("threshold", mode="before")
     @classmethod

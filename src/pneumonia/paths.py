@@ -16,6 +16,8 @@ MANIFESTS = DATA / "manifests"  # prepare: {train,val,test}.csv
 IMAGE_TABLE = DATA / "images.csv"  # prepare: every raw file, its size, mode, intensity, or why it is unreadable
 TFRECORDS = DATA / "tfrecords"  # tfrecords: {train,val,test}-NNNNN-of-NNNNN.tfrecord
 CLASS_WEIGHTS = DATA / "class_weights.json"
+# external: evaluate.external as TFRecords (split "external"), manifest.csv and the audit in meta.json
+EXTERNAL = DATA / "external"
 
 MODELS = Path("models")
 MODEL = MODELS / "model.keras"
@@ -29,6 +31,7 @@ DATA_METRICS = METRICS / "data.json"
 DATA_AUDIT = METRICS / "data_audit.json"  # prepare: leakage audit
 TRAIN_METRICS = METRICS / "train.json"
 TEST_METRICS = METRICS / "test.json"
+EXTERNAL_METRICS = METRICS / "external.json"  # evaluate: the external set, {"evaluated": false} without one
 
 PLOTS = Path("plots")
 TRAIN_HISTORY = PLOTS / "train_history.csv"
@@ -36,6 +39,7 @@ TEST_PREDICTIONS = PLOTS / "test_predictions.csv"
 ROC_CURVE = PLOTS / "roc.csv"
 PR_CURVE = PLOTS / "precision_recall.csv"
 CALIBRATION_CURVE = PLOTS / "calibration.csv"
+EXTERNAL_PLOTS = PLOTS / "external"  # evaluate: predictions.csv, roc.csv, ... of the external set (if any)
 FIGURES = PLOTS / "figures"  # evaluate: PNG figures, rendered by `dvc plots show` and logged to MLflow
 
 REPORTS = Path("reports")

@@ -210,7 +210,8 @@ def classification_metrics(output: str) -> list[keras.metrics.Metric]:
 def compile_model(model: keras.Model, params: Params, rate) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(rate),
-        loss="categorical_crossentropy" if params.model.output == "softmax" else "binary_crossentropy",
+        loss=(keras.losses.CategoricalCrossentropy if params.model.output == "softmax"
+              else keras.losses.BinaryCrossentropy)(label_smoothing=params.train.label_smoothing),
         metrics=classification_metrics(params.model.output),
         steps_per_execution=params.train.steps_per_execution,
     )

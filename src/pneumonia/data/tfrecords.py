@@ -169,16 +169,26 @@ def encode_in_order(executor: ProcessPoolExecutor, paths: list[str], size: int,
 def write_tfrecords(manifests: Path, target: Path, image_size: int, config: TFRecordsConfig) -> dict:
     """Shards of every split into `target` (a local folder), or under tfrecords.uri with only
     meta.json in `target`; meta.json comes last, so it marks complete shards wherever they are."""
-    meta: dict = {"image_size": image_size, "splits": {}}
     location = remote_location(config.uri, content_key(manifests, image_size, config)) if config.uri else None
     if location is not None:
-        meta["location"] = location
         log.info("Shards go to %s", location)
+    splits = {split: read_manifest(manifests / f"{split}.csv") for split in SPLITS}
+    with atomic_path(target, directory=True) as out:
+        return write_records(splits, out, image_size, config, location)
+
+
+def write_records(splits: dict[str, list[Record]], out: Path, image_size: int, config: TFRecordsConfig,
+                  location: str | None = None, extra_meta: dict | None = None) -> dict:
+    """Shards of each named split of `splits` into the folder `out` (the caller's temporary one), or
+    under `location` (a URI) with only meta.json in `out`: the one way images become model input, for
+    the pipeline's splits and for an external validation set alike. meta.json comes last."""
+    meta: dict = {"image_size": image_size, "splits": {}, **(extra_meta or {})}
+    if location is not None:
+        meta["location"] = location
     # spawn: workers need only PIL, not a fork of a process that may hold TensorFlow's threads.
     executor = ProcessPoolExecutor(config.workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
-    with executor, atomic_path(target, directory=True) as out:
-        for split in SPLITS:
-            records = read_manifest(manifests / f"{split}.csv")
+    with executor:
+        for split, records in splits.items():
             encoded = encode_in_order(executor, [record.path for record in records], image_size,
                                       config.jpeg_quality)
             shards = write_split(records, out if location is None else location, split, encoded,

@@ -2,14 +2,9 @@
 
 import csv
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-
 from pneumonia.evaluation import plots
-from pneumonia.evaluation.gallery import Case
-from pneumonia.evaluation.predictions import Predictions
 from pneumonia.evaluation.report import Figure
+from pneumonia.evaluation.scoring import ScoredSplit
 from pneumonia.evaluation.summary import AT_DEFAULT, DEFAULT_THRESHOLD
 
 
@@ -20,42 +15,50 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {column: [float(row[column]) for row in rows] for column in (rows[0] if rows else {})}
 
 
-def draw_figures(folder: Path, scores: dict[str, Any], test: Predictions, curves: dict[str, dict[str, list[float]]],
-                 history: dict[str, list[float]], cases: list[Case], images: np.ndarray, heatmaps: np.ndarray,
+def draw_figures(folder: Path, history: dict[str, list[float]], splits: list[ScoredSplit],
                  gradcam_layer: str) -> list[Figure]:
+    figure = Figure("Training curves", folder / "training_curves.png",
+                    "Loss, accuracy and ROC AUC per epoch on the training and validation splits.")
+    plots.training_curves_png(history, figure.path)
+    return [figure, *(figure for split in splits for figure in split_figures(folder, split, gradcam_layer))]
+
+
+def split_figures(folder: Path, split: ScoredSplit, gradcam_layer: str) -> list[Figure]:
+    scores, name = split.scores, split.name
     threshold, default = scores["threshold"], scores[AT_DEFAULT]
     chosen = f"chosen threshold {threshold:.3f}"
     fixed = f"threshold {DEFAULT_THRESHOLD}"
+    prefix = "" if name == "test" else f"{name}_"  # test keeps the file names it always had
     figures = [
-        Figure("Training curves", folder / "training_curves.png",
-               "Loss, accuracy and ROC AUC per epoch on the training and validation splits."),
-        Figure("Confusion matrices (test)", folder / "confusion_matrix.png",
+        Figure(f"Confusion matrices ({name})", folder / f"{prefix}confusion_matrix.png",
                f"Left: at the threshold chosen on validation ({scores['threshold_rule']}); "
                f"right: at {DEFAULT_THRESHOLD}."),
-        Figure("ROC curve (test)", folder / "roc.png", "Markers: the operating points of the confusion matrices."),
-        Figure("Precision-recall curve (test)", folder / "precision_recall.png",
+        Figure(f"ROC curve ({name})", folder / f"{prefix}roc.png",
                "Markers: the operating points of the confusion matrices."),
-        Figure("Calibration (test)", folder / "calibration.png",
+        Figure(f"Precision-recall curve ({name})", folder / f"{prefix}precision_recall.png",
+               "Markers: the operating points of the confusion matrices."),
+        Figure(f"Calibration ({name})", folder / f"{prefix}calibration.png",
                "Fraction of pneumonia cases per bin of predicted probability; the diagonal is perfect calibration."),
-        Figure("Test images", folder / "test_images.png",
+        Figure(f"{name.capitalize()} images", folder / f"{name}_images.png",
                "Rows by outcome at the chosen threshold: errors are the most confident ones, correct ones are random."),
-        Figure("Grad-CAM (test)", folder / "gradcam.png",
+        Figure(f"Grad-CAM ({name})", folder / f"{prefix}gradcam.png",
                f"Where the model found evidence for the class it predicted (Grad-CAM on layer {gradcam_layer}); "
-               "same images as above."),
+               f"same images as above. Share of the heat in the outer {scores['border_band']:.0%} of the image "
+               f"over {scores['border_audit_images']} {name} images: {scores['border_share']:.2f} "
+               f"(evenly spread heat: {scores['border_share_if_uniform']:.2f})."),
     ]
-    paths = {figure.path.stem: figure.path for figure in figures}
-
-    plots.training_curves_png(history, paths["training_curves"])
-    plots.confusion_matrices_png([(f"test, {chosen}", scores), (f"test, {fixed}", default)], paths["confusion_matrix"])
+    confusion, roc, pr, calibration, images, gradcam = (figure.path for figure in figures)
+    plots.confusion_matrices_png([(f"{name}, {chosen}", scores), (f"{name}, {fixed}", default)], confusion)
     roc_points = [(chosen, 1 - scores["specificity"], scores["sensitivity"]),
                   (fixed, 1 - default["specificity"], default["sensitivity"])]
-    plots.roc_png(curves["roc"], scores["roc_auc"], roc_points, paths["roc"])
+    plots.roc_png(split.curves["roc"], scores["roc_auc"], roc_points, roc, name)
     pr_points = [(chosen, scores["sensitivity"], scores["precision"]),
                  (fixed, default["sensitivity"], default["precision"])]
-    plots.precision_recall_png(curves["precision_recall"], scores["pr_auc"], float(test.labels.mean()), pr_points,
-                               paths["precision_recall"])
-    plots.calibration_png(curves["calibration"], test.probabilities, scores["ece"], paths["calibration"])
-    plots.image_grid_png(images, cases, "Test images: true and predicted label", paths["test_images"])
-    plots.image_grid_png(images, cases, "Grad-CAM: evidence for the predicted class", paths["gradcam"],
-                         heatmaps=heatmaps)
+    plots.precision_recall_png(split.curves["precision_recall"], scores["pr_auc"],
+                               float(split.predictions.labels.mean()), pr_points, pr, name)
+    plots.calibration_png(split.curves["calibration"], split.predictions.probabilities, scores["ece"], calibration,
+                          name)
+    plots.image_grid_png(split.images, split.cases, f"{name.capitalize()} images: true and predicted label", images)
+    plots.image_grid_png(split.images, split.cases, f"Grad-CAM ({name}): evidence for the predicted class", gradcam,
+                         heatmaps=split.heatmaps)
     return figures

@@ -55,16 +55,22 @@ def pick_cases(predictions: Predictions, threshold: float, per_outcome: int, see
 
 def load_images(tfrecords: Path, split: str, cases: list[Case]) -> np.ndarray:
     """The images of `cases` as uint8 (n, height, width, 3), in the order of `cases`."""
+    return images_at(tfrecords, split, [case.index for case in cases], [case.file_name for case in cases])
+
+
+def images_at(tfrecords: Path, split: str, indices: list[int], names: list[str] | None = None) -> np.ndarray:
+    """The split's images at positions `indices` (file order) as uint8 (n, height, width, 3), in the
+    order given; `names`, when given, are checked against the records' file names."""
     from pneumonia.data import dataset
 
-    wanted = {case.index: case for case in cases}
+    wanted = dict(zip(indices, names or [None] * len(indices)))
     found = {}
     for index, example in enumerate(dataset.records(tfrecords, split).as_numpy_iterator()):
         if index in wanted:
             name = example["file_name"].decode()
-            if name != wanted[index].file_name:
-                raise RuntimeError(f"{split} record {index} is {name}, predictions say {wanted[index].file_name}")
+            if wanted[index] is not None and name != wanted[index]:
+                raise RuntimeError(f"{split} record {index} is {name}, predictions say {wanted[index]}")
             found[index] = example["image"]
             if len(found) == len(wanted):
                 break
-    return np.stack([found[case.index] for case in cases]) if cases else np.zeros((0, 1, 1, 3), np.uint8)
+    return np.stack([found[index] for index in indices]) if indices else np.zeros((0, 1, 1, 3), np.uint8)

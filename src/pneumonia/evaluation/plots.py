@@ -69,7 +69,8 @@ def _mark_points(ax, points: list[tuple[str, float, float]]) -> None:
         ax.plot([x], [y], marker=marker, markersize=9, linestyle="none", label=label)
 
 
-def roc_png(roc: dict[str, list[float]], auc: float, points: list[tuple[str, float, float]], path: Path) -> None:
+def roc_png(roc: dict[str, list[float]], auc: float, points: list[tuple[str, float, float]], path: Path,
+            split: str = "test") -> None:
     """ROC curve with operating points (label, false positive rate, sensitivity) marked."""
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(roc["fpr"], roc["tpr"], label=f"ROC, AUC {auc:.3f}")
@@ -77,13 +78,13 @@ def roc_png(roc: dict[str, list[float]], auc: float, points: list[tuple[str, flo
     _mark_points(ax, points)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_title("ROC curve (test)")
+    ax.set_title(f"ROC curve ({split})")
     ax.legend(loc="lower right", fontsize=8)
     _save(figure, path)
 
 
 def precision_recall_png(pr: dict[str, list[float]], average_precision: float, prevalence: float,
-                         points: list[tuple[str, float, float]], path: Path) -> None:
+                         points: list[tuple[str, float, float]], path: Path, split: str = "test") -> None:
     """Precision-recall curve with operating points (label, sensitivity, precision) marked."""
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post", label=f"PR, AP {average_precision:.3f}")
@@ -92,12 +93,13 @@ def precision_recall_png(pr: dict[str, list[float]], average_precision: float, p
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (positive predictive value)")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Precision-recall curve (test)")
+    ax.set_title(f"Precision-recall curve ({split})")
     ax.legend(loc="lower left", fontsize=8)
     _save(figure, path)
 
 
-def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarray, ece: float, path: Path) -> None:
+def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarray, ece: float, path: Path,
+                    split: str = "test") -> None:
     """Reliability diagram over a histogram of the predicted probabilities."""
     figure, (curve, histogram) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
                                               gridspec_kw={"height_ratios": [3, 1]})
@@ -105,7 +107,7 @@ def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarr
     curve.plot(calibration["mean_predicted"], calibration["fraction_positive"], marker="o",
                label=f"model, ECE {ece:.3f}")
     curve.set_ylabel("fraction with pneumonia")
-    curve.set_title("Calibration (test)")
+    curve.set_title(f"Calibration ({split})")
     curve.legend(loc="upper left", fontsize=8)
     histogram.hist(probabilities, bins=np.linspace(0, 1, 11), color="grey")
     histogram.set_xlabel("predicted probability of pneumonia")

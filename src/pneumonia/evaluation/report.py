@@ -90,7 +90,40 @@ TEMPLATE = """<!DOCTYPE html>
 </table>
 <p>Confidence intervals: stratified percentile bootstrap over the test images
 ({{ bootstrap_samples }} resamples). The threshold is chosen on validation only; test is used for
-nothing but these numbers.</p>
+nothing but these numbers. The test split comes from the same source as the training data
+(in-distribution); the external set below, if any, from another site.</p>
+<p>Shortcut audit: {{ pct(scores.border_share) }} of the Grad-CAM evidence lies in the outer
+{{ pct(scores.border_band) }} of the image ({{ scores.border_audit_images }} test images; evenly
+spread evidence would give {{ pct(scores.border_share_if_uniform) }}). Markers, corners and
+collimation edges live there, not lungs.</p>
+
+{% if external %}
+<h2 id="external">External set: another site</h2>
+<p class="headline">
+  On {{ external.n }} images of another acquisition ({{ external.source }}, {{ external.patients }} patients),
+  at the same threshold {{ fmt(external.threshold) }}: sensitivity <b>{{ pct(external.sensitivity) }}</b>,
+  specificity <b>{{ pct(external.specificity) }}</b>, ROC AUC <b>{{ fmt(external.roc_auc) }}</b>.
+  This is what to expect at a hospital whose X-rays the model has never seen; the test split above
+  only says how well it does on images like its training set.
+</p>
+<table>
+<thead><tr><th>metric</th><th>at threshold {{ fmt(external.threshold) }}</th><th>95% CI</th>
+<th>at threshold 0.5</th><th>test, at {{ fmt(scores.threshold) }}</th></tr></thead>
+<tbody>
+{% for key, label in metric_rows %}
+<tr><td>{{ label }}</td><td>{{ fmt(external[key]) }}</td>
+<td>{% if key in external.ci95 %}{{ fmt(external.ci95[key].low) }} &ndash; {{ fmt(external.ci95[key].high) }}{% endif %}</td>
+<td>{{ fmt(external[at_default][key]) }}</td><td>{{ fmt(scores[key]) }}</td></tr>
+{% endfor %}
+{% for key, label in count_rows %}
+<tr><td>{{ label }}</td><td>{{ external[key] }}</td><td></td><td>{{ external[at_default][key] }}</td>
+<td>{{ scores[key] }}</td></tr>
+{% endfor %}
+<tr><td>Border share of Grad-CAM evidence</td><td>{{ fmt(external.border_share) }}</td><td></td><td></td>
+<td>{{ fmt(scores.border_share) }}</td></tr>
+</tbody>
+</table>
+{% endif %}
 
 <h2>Data</h2>
 <table>
@@ -146,10 +179,11 @@ def _pct(value: float | None) -> str:
 
 
 def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any], data: dict[str, Any],
-           training: dict[str, Any], model_summary: str) -> str:
+           training: dict[str, Any], model_summary: str, external: dict[str, Any] | None = None) -> str:
+    """The page; `external`: metrics/external.json when an external set was scored."""
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(
-        model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores,
+        model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores, external=external,
         at_default=AT_DEFAULT, metric_rows=METRIC_ROWS, count_rows=COUNT_ROWS,
         bootstrap_samples=params["evaluate"]["bootstrap_samples"],
         data=data, splits=SPLITS, class_names=CLASS_NAMES, figures=figures, training=training,

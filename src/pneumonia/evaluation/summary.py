@@ -47,26 +47,38 @@ def choose_threshold(val: Predictions, rule: float | str) -> float:
         ) from None
 
 
+def split_scores(predictions: Predictions, threshold: float, config: EvaluateConfig, what: str) -> dict[str, Any]:
+    """Metrics of a scored split (test, or an external set) at `threshold` (top level) with 95%
+    bootstrap intervals, and the same at 0.5."""
+    if not 0 < predictions.labels.sum() < len(predictions.labels):
+        raise PipelineError(
+            f"the {what} has {len(predictions.labels)} images of one class only: ROC, precision-recall and "
+            "confidence intervals need both NORMAL and PNEUMONIA images; check its NORMAL/ and PNEUMONIA/ folders."
+        )
+    labels, probabilities = predictions.labels, predictions.probabilities
+    intervals = metrics.bootstrap_ci(labels, probabilities, threshold, metrics=CI_METRICS,
+                                     n_boot=config.bootstrap_samples, confidence=CONFIDENCE, seed=config.seed)
+    return {
+        **metrics.classification_metrics(labels, probabilities, threshold),  # "threshold": the one given
+        "threshold_rule": str(config.threshold),
+        "ci95": {name: {"low": low, "high": high} for name, (low, high) in intervals.items()},
+        AT_DEFAULT: metrics.classification_metrics(labels, probabilities, DEFAULT_THRESHOLD),
+    }
+
+
 def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfig) -> dict[str, Any]:
     """metrics/test.json: test metrics at the threshold chosen on validation (top level), with
     95% bootstrap intervals, the same at 0.5, and what the threshold gives on validation."""
-    if not 0 < test.labels.sum() < len(test.labels):
-        raise PipelineError(
-            f"the test split has {len(test.labels)} images of one class only: ROC, precision-recall and "
-            "confidence intervals need both NORMAL and PNEUMONIA test images; check data/raw/test."
-        )
     threshold = choose_threshold(val, config.threshold)
-    scores = metrics.classification_metrics(test.labels, test.probabilities, threshold)
-    intervals = metrics.bootstrap_ci(test.labels, test.probabilities, threshold, metrics=CI_METRICS,
-                                     n_boot=config.bootstrap_samples, confidence=CONFIDENCE, seed=config.seed)
+    scores = split_scores(test, threshold, config, "test split (data/raw/test)")
     on_validation = metrics.classification_metrics(val.labels, val.probabilities, threshold)
-    return finite_or_none({
-        **scores,  # "threshold": the one chosen on validation
-        "threshold_rule": str(config.threshold),
-        "ci95": {name: {"low": low, "high": high} for name, (low, high) in intervals.items()},
-        AT_DEFAULT: metrics.classification_metrics(test.labels, test.probabilities, DEFAULT_THRESHOLD),
-        "validation": {key: on_validation[key] for key in VALIDATION_KEYS},
-    })
+    return finite_or_none({**scores, "validation": {key: on_validation[key] for key in VALIDATION_KEYS}})
+
+
+def external_scores(external: Predictions, threshold: float, config: EvaluateConfig, audit: dict) -> dict[str, Any]:
+    """metrics/external.json: the external set at the threshold chosen on validation, as test is scored."""
+    scores = split_scores(external, threshold, config, f"external set (evaluate.external = {config.external!r})")
+    return finite_or_none({**scores, "source": config.external, "patients": audit.get("patients")})
 
 
 def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:
@@ -83,30 +95,30 @@ def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, fl
 # -------------------------------------------------------------- tables for dvc plots
 
 
-def predictions_table(test: Predictions, threshold: float) -> dict[str, list]:
-    """One row per test image, class names as labels (dvc's confusion template counts them)."""
+def predictions_table(scored: Predictions, threshold: float) -> dict[str, list]:
+    """One row per image, class names as labels (dvc's confusion template counts them)."""
 
     def names(flags):
         return [CLASS_NAMES[int(flag)] for flag in flags]
 
     return {
-        "file_name": test.file_names,
-        "actual": names(test.labels),
-        "predicted": names(test.probabilities >= threshold),
-        "predicted_at_0_5": names(test.probabilities >= DEFAULT_THRESHOLD),  # no dot: Vega reads it as a path
-        "probability": [f"{p:.6f}" for p in test.probabilities],
+        "file_name": scored.file_names,
+        "actual": names(scored.labels),
+        "predicted": names(scored.probabilities >= threshold),
+        "predicted_at_0_5": names(scored.probabilities >= DEFAULT_THRESHOLD),  # no dot: Vega reads it as a path
+        "probability": [f"{p:.6f}" for p in scored.probabilities],
     }
 
 
-def curves(test: Predictions) -> dict[str, dict[str, list[float]]]:
+def curves(scored: Predictions) -> dict[str, dict[str, list[float]]]:
     """ROC, precision-recall and calibration points, {name: {column: values}}.
 
     The curves' "nobody positive" end has threshold infinity: its threshold is written as 1.0,
     the probability above which nothing can lie, so the CSVs hold only finite numbers.
     """
-    roc = metrics.roc_points(test.labels, test.probabilities)
-    pr = metrics.pr_points(test.labels, test.probabilities)
-    calibration = metrics.calibration_points(test.labels, test.probabilities)
+    roc = metrics.roc_points(scored.labels, scored.probabilities)
+    pr = metrics.pr_points(scored.labels, scored.probabilities)
+    calibration = metrics.calibration_points(scored.labels, scored.probabilities)
     calibration["perfectly_calibrated"] = calibration["mean_predicted"]  # the diagonal, for comparison
     for curve in (roc, pr):
         curve["threshold"] = np.minimum(curve["threshold"], 1.0).tolist()

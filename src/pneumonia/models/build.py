@@ -1,6 +1,6 @@
 """Model construction from the params: augmentation, the named network, the output layer.
 
-Every model takes plain [0, 255] RGB images and outputs either the probability of pneumonia
+Every model takes plain [0, 255] RGB images (cropped by model.crop before anything else) and outputs either the probability of pneumonia
 (model.output: sigmoid, shape [batch, 1]) or of [NORMAL, PNEUMONIA] (softmax, shape [batch, 2]);
 `evaluation.predictions.pneumonia_probability` turns either into one probability per image.
 """
@@ -26,9 +26,13 @@ NO_AUGMENTATION = AugmentConfig()
 
 def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfig = NO_AUGMENTATION) -> keras.Model:
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = augment(augmentation, inputs)
+    x = inputs
+    if config.crop:
+        kept = image_size - 2 * round(image_size * config.crop)
+        x = layers.CenterCrop(kept, kept, name="border_crop")(x)
+    x = augment(augmentation, x)
     if config.name == CUSTOM_CNN:
-        x = custom_cnn.features(x, config.dropout)
+        x = custom_cnn.features(x, config.dropout, config.input_norm)
     else:
         weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or config.weights_file()
         x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)

@@ -30,9 +30,12 @@ def dense_block(units: int, dropout_rate: float, inputs):
     return layers.Dropout(dropout_rate)(x)
 
 
-def features(inputs, dropout: float):
+def features(inputs, dropout: float, input_norm: str = "scale"):
     """Plain [0, 255] RGB images in, the features the output layer classifies out."""
-    x = layers.Rescaling(1.0 / 255)(inputs)
+    if input_norm == "per_image":  # each image to zero mean and unit variance over all its pixels
+        x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, name="per_image_norm")(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 255)(inputs)
     x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
     x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
     x = layers.MaxPool2D()(x)
