@@ -29,7 +29,7 @@ def held_out_scores(labels: np.ndarray, probabilities: np.ndarray, patients: lis
     unique = sorted(set(patients))
     patient_index = np.array([unique.index(patient) for patient in patients])
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"sensitivity": [], "specificity": [], "balanced_accuracy": []}
+    scores: dict[str, list[float]] = {"sensitivity": [], "specificity": [], "balanced_accuracy": [], "accuracy": []}
     for _ in range(repeats):
         in_first = rng.permutation(len(unique)) < len(unique) // 2
         first = in_first[patient_index]

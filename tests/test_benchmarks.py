@@ -32,31 +32,27 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     assert sum(line.startswith(("| 1.", "| 2.", "| 3.", "| 4.", "| 5.")) for line in table.splitlines()) == 5
 
 
-def test_default_profile_runs_each_seed_through_the_pipeline_and_tabulates_it(tmp_path):
-    """The script behind the README's results table, on synthetic data with two seeds."""
-    run([sys.executable, "-m", "benchmarks.default_profile", "--smoke", "--out", str(tmp_path)], REPO)
+def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distribution(tmp_path):
+    """The script behind the README's results table, on synthetic data and a synthetic external site."""
+    run([sys.executable, "-m", "benchmarks.external_validity", "--smoke", "--profiles", "default", "--seeds", "42",
+         "--out", str(tmp_path)], REPO)
 
-    report = json.loads((tmp_path / "default_profile.json").read_text())
-    assert [r["seed"] for r in report["runs"]] == [42, 1]
-    for result in report["runs"]:
-        assert 0 <= result["roc_auc"] <= 1 and result["train_seconds"] > 0 and result["epochs_trained"] == 1
-        for name, (low, high) in result["ci95"].items():
-            assert low <= result[name] <= high, name
-        held_out = result["threshold_rules_on_validation"]
-        assert {"youden", "sensitivity@0.95", "0.5"} <= held_out.keys()
-        assert held_out["0.5"]["sensitivity"]["mean"] >= 0  # a number, from the validation halves
-    aucs = [r["roc_auc"] for r in report["runs"]]
-    assert report["summary"]["roc_auc"]["mean"] == sum(aucs) / 2
-    assert report["params"]["train"]["seed"] == 1  # the last run's params: seeds really were set
-    assert set(report["targets"]) == {"roc_auc", "sensitivity", "specificity"}
+    report = json.loads((tmp_path / "external_validity.json").read_text())
+    [result] = report["runs"]
+    assert (result["profile"], result["seed"]) == ("default", 42) and result["epochs_trained"] == 1
+    for split in ("test", "external"):
+        for name, (low, high) in result[split]["ci95"].items():
+            assert low <= result[split][name] <= high, (split, name)
+    assert {"youden", "sensitivity@0.95", "0.5"} <= result["rules"].keys()
+    for point in (result["site_labelled_youden"], result["batch_norm_adapted"], result["prior_adjusted"]):
+        assert 0 <= point["sensitivity"] <= 1 and 0 <= point["specificity"] <= 1
 
-    table = (tmp_path / "default_profile.md").read_text()
-    assert sum(line.startswith(("| 42 |", "| 1 |", "| mean ± sd |")) for line in table.splitlines()) == 3
-    assert sum(line.startswith(("| youden |", "| sensitivity@0.95 |")) for line in table.splitlines()) == 2
-    assert "python -m benchmarks.default_profile --smoke" in table
+    table = (tmp_path / "external_validity.md").read_text()
+    assert sum(line.startswith("| default | 42 |") for line in table.splitlines()) == 2  # summary and per-run rows
+    assert "python -m benchmarks.external_validity --smoke" in table
 
 
-def test_readme_results_table_is_the_default_profile_report():
-    """The README shows the pipeline's own table (benchmarks/default_profile.md), not hand-typed figures."""
-    table = (REPO / "benchmarks" / "default_profile.md").read_text()
+def test_readme_results_table_is_the_external_validity_report():
+    """The README shows the benchmark's own table (benchmarks/external_validity.md), not hand-typed figures."""
+    table = (REPO / "benchmarks" / "external_validity.md").read_text()
     assert table.strip() in (REPO / "README.md").read_text()

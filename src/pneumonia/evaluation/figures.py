@@ -15,6 +15,10 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {column: [float(row[column]) for row in rows] for column in (rows[0] if rows else {})}
 
 
+def _share(value: float | None) -> str:
+    return "n/a (no heat: the model's evidence is flat)" if value is None else f"{value:.2f}"
+
+
 def draw_figures(folder: Path, history: dict[str, list[float]], splits: list[ScoredSplit],
                  gradcam_layer: str) -> list[Figure]:
     figure = Figure("Training curves", folder / "training_curves.png",
@@ -44,7 +48,7 @@ def split_figures(folder: Path, split: ScoredSplit, gradcam_layer: str) -> list[
         Figure(f"Grad-CAM ({name})", folder / f"{prefix}gradcam.png",
                f"Where the model found evidence for the class it predicted (Grad-CAM on layer {gradcam_layer}); "
                f"same images as above. Share of the heat in the outer {scores['border_band']:.0%} of the image "
-               f"over {scores['border_audit_images']} {name} images: {scores['border_share']:.2f} "
+               f"over {scores['border_audit_images']} {name} images: {_share(scores['border_share'])} "
                f"(evenly spread heat: {scores['border_share_if_uniform']:.2f})."),
     ]
     confusion, roc, pr, calibration, images, gradcam = (figure.path for figure in figures)

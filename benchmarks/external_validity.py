@@ -1,0 +1,292 @@
+"""The README's results: training profiles judged on X-rays of another acquisition.
+
+    python -m benchmarks.external_validity                          # default and previous profiles, 3 seeds each
+    python -m benchmarks.external_validity --profiles light_aug --seeds 42   # add runs to the report
+    python -m benchmarks.external_validity --smoke                  # synthetic data, 1 epoch: checks that it works
+
+Each run is the pipeline itself, in a copy of the project: `dvc exp run -S data.source=local
+-S data.local_path=<sample> -S evaluate.external=<external set> -S train.seed=<seed>` plus the
+profile's overrides. It reads back metrics/test.json (the sample's own test split: the same
+acquisition as training, in-distribution), metrics/external.json (the official Kaggle test images
+of ../shared/datasets/chest-xray-external.zip: another acquisition) and metrics/train.json. Then,
+from the run's model and predictions:
+
+* threshold rules: each chooses its threshold on validation (never on the external set) and is
+  scored on the external set;
+* a threshold chosen on the site's own labelled images: chosen on a random half of the external
+  patients and scored on the other half (cross-fitted, many halvings), never on the images it chose on;
+* unsupervised site adaptation (pneumonia.adaptation): batch-norm statistics or the class prior
+  re-estimated on the unlabelled images of half the external patients, scored on the other half
+  at the pipeline's threshold.
+
+Runs accumulate in <out>/external_validity.json (a rerun of a profile and seed replaces its row);
+<out>/external_validity.md is made from all of them and copied into README.md between its markers.
+The external set is never trained, early-stopped or checkpointed on: it enters only the evaluate
+stage, after training.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from benchmarks.common import REPO, SAMPLE_ZIP, load_average, working_directory
+from benchmarks.run_all import machine
+from benchmarks.threshold_rules import held_out_scores
+
+sys.path.insert(0, str(REPO / "tests"))
+import conftest  # the tests' project copy, and their environment for tools (this venv, no outside DVC)
+
+EXTERNAL_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-external.zip"
+README_MARKERS = ("<!-- external_validity.md: made by python -m benchmarks.external_validity -->",
+                  "<!-- /external_validity.md -->")
+METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+RULES = ("youden", "sensitivity@0.9", "sensitivity@0.95", "sensitivity@0.99", 0.5)
+HALVINGS = 100  # random halvings of the external patients for the site-labelled threshold
+ADAPT_HALVINGS = 5  # for the adaptations (each adapts and predicts: slower)
+
+# Overrides of params.yaml as committed; "default" is params.yaml itself.
+PREVIOUS = {"train.augment.zoom": 0, "train.augment.translation": 0, "train.augment.rotation": 0,
+            "train.augment.contrast": 0, "model.crop": 0, "model.input_norm": "scale", "train.label_smoothing": 0,
+            "train.epochs": 15, "train.early_stopping_patience": 5}
+LIGHT_AUG = {**PREVIOUS, "train.augment.zoom": 0.1, "train.augment.translation": 0.05, "train.augment.contrast": 0.1,
+             "train.epochs": 30, "train.early_stopping_patience": 8}
+PROFILES = {
+    "default": {},
+    "previous": PREVIOUS,  # the default until this benchmark: no augmentation, 15 epochs
+    "light_aug": LIGHT_AUG,  # the issue's first probe: light augmentation, 30 epochs
+}
+SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
+                "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
+                "train.epochs": 1, "train.batch_size": 8, "evaluate.bootstrap_samples": 100}
+
+
+def settings(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+
+
+def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
+    """Threshold rules and site adaptation on the external set, from the run's model (see module doc)."""
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    from pneumonia import adaptation, paths
+    from pneumonia.config import load_params
+    from pneumonia.data.external import SPLIT
+    from pneumonia.data.prepare import patient_id
+    from pneumonia.evaluation.gallery import images_at
+    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
+    from pneumonia.evaluation.predictions import pneumonia_probability, predict_split
+
+    with working_directory(project.resolve()):
+        params = load_params()
+        model = keras.models.load_model(paths.MODEL)
+        val = predict_split(model, paths.TFRECORDS, "val", params.train.batch_size)
+        external = predict_split(model, paths.EXTERNAL, SPLIT, params.train.batch_size)
+        images = images_at(paths.EXTERNAL, SPLIT, list(range(len(external.labels))))
+        threshold = json.loads(paths.EXTERNAL_METRICS.read_text())["threshold"]
+
+    def scored(labels, probabilities, at) -> dict:
+        found = classification_metrics(labels, probabilities, at)
+        return {name: found[name] for name in ("sensitivity", "specificity", "accuracy")}
+
+    patients = [patient_id(name) for name in external.file_names]
+    # Two fixed halves of the external patients: a rule that wins on the set should win on both.
+    half = np.array([int(hashlib.sha256(patient.encode()).hexdigest(), 16) % 2 for patient in patients])
+    rules = {}
+    for rule in RULES:
+        chosen = choose_threshold(val.labels, val.probabilities, rule)
+        rules[str(rule)] = {"threshold": chosen, **scored(external.labels, external.probabilities, chosen),
+                            "halves": [scored(external.labels[half == side], external.probabilities[half == side],
+                                              chosen) for side in (0, 1)]}
+    site = held_out_scores(external.labels, external.probabilities, patients, "youden", halvings, seed=0)
+
+    unique = sorted(set(patients))
+    index = np.array([unique.index(patient) for patient in patients])
+    rng = np.random.default_rng(0)
+    adapted_rows, prior_rows = [], []
+    for _ in range(adapt_halvings):
+        first = (rng.permutation(len(unique)) < len(unique) // 2)[index]
+        for fitted_on, scored_on in ((first, ~first), (~first, first)):
+            adapted = adaptation.adapt_batch_norm(model, images[fitted_on])
+            probabilities = pneumonia_probability(adapted.predict(images[scored_on], verbose=0))
+            adapted_rows.append({**scored(external.labels[scored_on], probabilities, threshold),
+                                 "roc_auc": float(roc_auc_score(external.labels[scored_on], probabilities))})
+            prior = adaptation.site_prior(external.probabilities[fitted_on], training_prior=0.5)
+            shifted = adaptation.adjust_to_prior(external.probabilities[scored_on], 0.5, prior)
+            prior_rows.append({**scored(external.labels[scored_on], shifted, threshold), "prior": prior})
+    mean = lambda rows: {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}  # noqa: E731
+    return {"rules": rules, "site_labelled_youden": {name: site[name]["mean"] for name in site},
+            "batch_norm_adapted": mean(adapted_rows), "prior_adjusted": mean(prior_rows)}
+
+
+def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int) -> dict:
+    started = time.perf_counter()
+    conftest.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project)
+    wall = time.perf_counter() - started
+    test = json.loads((project / "metrics/test.json").read_text())
+    external = json.loads((project / "metrics/external.json").read_text())
+    train = json.loads((project / "metrics/train.json").read_text())
+
+    def split(scores: dict) -> dict:
+        return {**{name: scores[name] for name in (*METRICS, "threshold", "border_share")},
+                "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in METRICS}}
+
+    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "test": split(test),
+            "external": split(external), "best_epoch": train["best_epoch"], "epochs_trained": train["epochs_trained"],
+            "train_seconds": train["train_seconds"], "pipeline_seconds": round(wall, 1),
+            **analyse(project, halvings, adapt_halvings)}
+
+
+def spread(values: list[float]) -> str:
+    values = [value for value in values if value is not None]
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "n/a"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown(report: dict) -> str:
+    by_profile: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        by_profile.setdefault(run["profile"], []).append(run)
+    order = [name for name in (*PROFILES, *by_profile) if name in by_profile]
+    order = list(dict.fromkeys(order))
+
+    def cell(runs, where, name):
+        return spread([run[where][name] for run in runs])
+
+    lines = [
+        "External set: 244 X-rays of Kaggle's official test split (another acquisition than training). "
+        "In-distribution: the sample's own test split (1,025 images, same acquisition as training). Mean ± sd over "
+        "seeds, at the threshold the pipeline chose on validation.",
+        "",
+        "| profile | seeds | external ROC AUC | external accuracy | external sensitivity | external specificity "
+        "| external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity | training |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        runs = by_profile[name]
+        lines.append(
+            f"| {name} | {', '.join(str(run['seed']) for run in runs)} | "
+            + " | ".join(cell(runs, "external", metric) for metric in METRICS)
+            + f" | {cell(runs, 'external', 'border_share')} | {cell(runs, 'test', 'roc_auc')} | "
+            f"{cell(runs, 'test', 'sensitivity')} / {cell(runs, 'test', 'specificity')} | "
+            f"{statistics.fmean(run['train_seconds'] for run in runs) / 60:.0f} min |")
+    lines += ["", "Each run, external set with 95% bootstrap intervals:", "",
+              "| profile | seed | ROC AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity | threshold "
+              "| best epoch / trained |", "|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        for run in by_profile[name]:
+            ext = run["external"]
+            lines.append(
+                f"| {name} | {run['seed']} | {ext['roc_auc']:.3f} [{ext['ci95']['roc_auc'][0]:.3f}, "
+                f"{ext['ci95']['roc_auc'][1]:.3f}] | {ext['accuracy']:.3f} [{ext['ci95']['accuracy'][0]:.3f}, "
+                f"{ext['ci95']['accuracy'][1]:.3f}] | {ext['sensitivity']:.3f} | {ext['specificity']:.3f} | "
+                f"{ext['threshold']:.3f} | {run['best_epoch']} / {run['epochs_trained']} |")
+    lines += ["", "Operating points on the external set (mean over seeds; sensitivity / specificity / accuracy). "
+              "Rules choose on validation; the site's own threshold is chosen on half of the external patients and "
+              f"scored on the other half ({report['halvings']} halvings); adaptations fit on the unlabelled images of "
+              f"half the patients and are scored on the other half ({report['adapt_halvings']} halvings) at the "
+              "pipeline's threshold:", "",
+              "| profile | " + " | ".join(f"rule {rule}" for rule in RULES)
+              + " | site's labelled threshold | batch-norm adapted | prior adjusted |",
+              "|---|" + "---|" * (len(RULES) + 3)]
+
+    def point(runs, pick) -> str:
+        values = [pick(run) for run in runs]
+        return " / ".join(f"{statistics.fmean(value[name] for value in values):.3f}"
+                          for name in ("sensitivity", "specificity", "accuracy"))
+
+    for name in order:
+        runs = by_profile[name]
+        lines.append(f"| {name} | " + " | ".join(point(runs, lambda run, rule=rule: run["rules"][str(rule)])
+                                                  for rule in RULES)
+                     + f" | {point(runs, lambda run: run['site_labelled_youden'])}"
+                     + f" | {point(runs, lambda run: run['batch_norm_adapted'])}"
+                     + f" | {point(runs, lambda run: run['prior_adjusted'])} |")
+    lines += ["", "The same rules on two fixed halves of the external patients (accuracy, mean over seeds; a rule "
+              "that wins on the set should win on both):", "",
+              "| profile | " + " | ".join(f"rule {rule}: half A / half B" for rule in RULES) + " |",
+              "|---|" + "---|" * len(RULES)]
+    for name in order:
+        runs = by_profile[name]
+        lines.append(f"| {name} | " + " | ".join(
+            " / ".join(f"{statistics.fmean(run['rules'][str(rule)]['halves'][side]['accuracy'] for run in runs):.3f}"
+                       for side in (0, 1)) for rule in RULES) + " |")
+    lines += ["", "Profiles (overrides of params.yaml as committed): "
+              + "; ".join(f"{name}: `{' '.join(settings(by_profile[name][0]['overrides'])) or 'none'}`" for name in order)
+              + ".", "",
+              f"Reproduce: `{report['command']}`. Measured {report['date']} on {report['machine']['cpu']} "
+              f"({report['machine']['cores']} cores)."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + table + rest[rest.index(end):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profiles", nargs="+", choices=sorted(PROFILES), default=["default", "previous"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--smoke", action="store_true", help="synthetic data and external set, 1 epoch, 1 seed")
+    parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
+    parser.add_argument("--external", type=Path, default=EXTERNAL_ZIP, help="the external set (zip or folder)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for external_validity.json/.md")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    report_path = args.out / "external_validity.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() and not args.smoke else {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="pneumonia-external-validity-") as temporary:
+        project = conftest.copy_project(Path(temporary) / "project")
+        conftest.commit_all(project)
+        if args.smoke:
+            from pneumonia.config import SyntheticConfig
+            from pneumonia.data import synthetic
+
+            synthetic.generate(Path(temporary) / "site", SyntheticConfig(patients_per_class=10, images_per_patient=1,
+                                                                         image_size=64), seed=99)
+            overrides = {**SMOKE_PARAMS, "evaluate.external": str(Path(temporary) / "site" / "train")}
+            halvings, adapt_halvings, seeds = 4, 1, args.seeds[:1]
+        else:
+            overrides = {"data.source": "local", "data.local_path": str(args.sample.resolve()),
+                         "evaluate.external": str(args.external.resolve())}
+            halvings, adapt_halvings, seeds = HALVINGS, ADAPT_HALVINGS, args.seeds
+        for profile in args.profiles:
+            for seed in seeds:
+                run = run_one(project, profile, seed, overrides, halvings, adapt_halvings)
+                report["runs"] = [old for old in report["runs"]
+                                  if (old["profile"], old["seed"]) != (profile, seed)] + [run]
+                print(json.dumps({key: run[key] for key in ("profile", "seed", "external", "test")}), flush=True)
+    report.update({
+        "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
+        "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
+        "load_average": load_average(),
+        "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else ""),
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / "external_validity.md").write_text(table)
+    if not args.smoke and args.out.resolve() == (REPO / "benchmarks").resolve():
+        update_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
