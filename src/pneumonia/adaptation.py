@@ -24,15 +24,15 @@ def adapt_batch_norm(model, images: np.ndarray, batch_size: int = 64):
 
     adapted = keras.models.clone_model(model)
     adapted.set_weights(model.get_weights())
-    norms = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if not norms:
-        raise ValueError(f"model {model.name!r} has no batch-norm layer of its own to adapt")
     if any(isinstance(layer, keras.Model) for layer in adapted.layers):
         raise ValueError(f"model {model.name!r} nests a backbone; batch-norm adaptation is implemented for flat "
                          "networks (custom_cnn)")
+    norms = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        raise ValueError(f"model {model.name!r} has no batch-norm layer to adapt")
     images = np.asarray(images, dtype=np.float32)
     for norm in norms:
-        inputs = keras.Model(adapted.inputs, norm.input)
+        inputs = keras.Model(adapted.inputs[0], norm.input)
         total, squares, count = 0.0, 0.0, 0
         for start in range(0, len(images), batch_size):
             features = np.asarray(inputs(images[start:start + batch_size], training=False), dtype=np.float64)
