@@ -3,6 +3,7 @@
     python -m benchmarks.external_validity                          # default and previous profiles, 3 seeds each
     python -m benchmarks.external_validity --profiles light_aug --seeds 42   # add runs to the report
     python -m benchmarks.external_validity --smoke                  # synthetic data, 1 epoch: checks that it works
+    python -m benchmarks.external_validity --tables-only            # remake the .md and README table from the .json
 
 Each run is the pipeline itself, in a copy of the project: `dvc exp run -S data.source=local
 -S data.local_path=<sample> -S evaluate.external=<external set> -S train.seed=<seed>` plus the
@@ -247,11 +248,25 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
     parser.add_argument("--external", type=Path, default=EXTERNAL_ZIP, help="the external set (zip or folder)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for external_validity.json/.md")
+    parser.add_argument("--tables-only", action="store_true", help="no runs: the tables from the existing .json")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     report_path = args.out / "external_validity.json"
     report = json.loads(report_path.read_text()) if report_path.exists() and not args.smoke else {"runs": []}
+    if not args.tables_only:
+        report = measure(report, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / "external_validity.md").write_text(table)
+    if not args.smoke and args.out.resolve() == (REPO / "benchmarks").resolve():
+        update_readme(table)
+    print(table)
+
+
+def measure(report: dict, args: argparse.Namespace) -> dict:
+    """`report` with the runs of args.profiles x args.seeds added (or replaced)."""
     with tempfile.TemporaryDirectory(prefix="pneumonia-external-validity-") as temporary:
         project = conftest.copy_project(Path(temporary) / "project")
         conftest.commit_all(project)
@@ -273,19 +288,13 @@ def main() -> None:
                 report["runs"] = [old for old in report["runs"]
                                   if (old["profile"], old["seed"]) != (profile, seed)] + [run]
                 print(json.dumps({key: run[key] for key in ("profile", "seed", "external", "test")}), flush=True)
-    report.update({
-        "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
-        "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
-        "load_average": load_average(),
-        "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else ""),
-    })
-    args.out.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.out / "external_validity.md").write_text(table)
-    if not args.smoke and args.out.resolve() == (REPO / "benchmarks").resolve():
-        update_readme(table)
-    print(table)
+                if not args.smoke:  # kept run by run: hours of training are not lost to a later failure
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "external_validity.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {**report, "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
+            "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
+            "load_average": load_average(),
+            "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "")}
 
 
 if __name__ == "__main__":

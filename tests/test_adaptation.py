@@ -44,3 +44,38 @@ def test_em_recovers_the_share_of_pneumonia_at_a_site():
     assert adaptation.site_prior(probabilities, training_prior=0.5) == pytest.approx(0.8, abs=0.02)
     np.testing.assert_allclose(adaptation.adjust_to_prior(probabilities, 0.5, 0.5), probabilities)
     assert np.all(adaptation.adjust_to_prior(probabilities, 0.5, 0.8) >= probabilities - 1e-12)
+
+
+def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from pneumonia import cli
+
+    monkeypatch.chdir(tmp_path)
+    keras.utils.set_random_seed(0)
+    (tmp_path / "models").mkdir()
+    build_model(ModelConfig(), 32).save(tmp_path / "models" / "model.keras")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "test.json").write_text('{"threshold": 0.5}')
+    (tmp_path / "params.yaml").write_text("{}")
+    site = tmp_path / "site"
+    site.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(80, 255, (40, 40), dtype=np.uint8)).save(site / f"{index}.png")
+    (site / "broken.jpeg").write_bytes(b"not an image")
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "7"])
+    assert refused.value.code == 2 and "6 image(s) found" in capsys.readouterr().err
+    assert not (tmp_path / "adapted.keras").exists()
+
+    cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "6"])
+    output = capsys.readouterr()
+    assert "adapted to 6 images" in output.out and "broken.jpeg" in output.err
+    adapted = keras.models.load_model(tmp_path / "adapted.keras")
+    [norm, *_] = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert not np.allclose(norm.moving_mean.numpy(), 0)
+
+    cli.main(["predict", str(site / "0.png"), "--model", "adapted.keras"])
+    assert "0.png" in capsys.readouterr().out

@@ -35,7 +35,7 @@ def predict(args: argparse.Namespace) -> None:
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = prediction.load_classifier(paths.MODEL, paths.TEST_METRICS, jpeg_quality)
+        classifier = prediction.load_classifier(args.model, paths.TEST_METRICS, jpeg_quality)
     results = prediction.predict_files(classifier, prediction.image_files(args.paths))
     print(prediction.table(results))
     if args.csv:
@@ -59,11 +59,58 @@ def add_predict_parser(commands) -> None:
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
                                                     "models:/<name>@candidate, models:/<name>@champion")
+    predict_parser.add_argument("--model", type=Path, default=paths.MODEL,
+                                help="a Keras model file (default models/model.keras; e.g. one `pneumonia adapt` wrote), "
+                                     "used at the run's threshold")
     predict_parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
                                 help="also write each image with the Grad-CAM map of its predicted class to DIR")
     predict_parser.set_defaults(handler=predict)
+
+
+def adapt(args: argparse.Namespace) -> None:
+    import keras
+    import numpy as np
+
+    from pneumonia import adaptation, atomic, prediction
+    from pneumonia.config import load_params
+    from pneumonia.errors import PipelineError
+
+    classifier = prediction.load_classifier(args.model, paths.TEST_METRICS, load_params().tfrecords.jpeg_quality)
+    images, unreadable = [], []
+    for path in prediction.image_files(args.paths):
+        try:
+            images.append(classifier.preprocess(path))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so
+            unreadable.append(f"{path}: {type(exc).__name__}")
+    if unreadable:
+        print(f"{len(unreadable)} file(s) left out, not readable images: {'; '.join(unreadable[:5])}", file=sys.stderr)
+    if len(images) < args.min_images:
+        raise PipelineError(f"{len(images)} image(s) found in {', '.join(map(str, args.paths))}: batch-norm statistics "
+                            f"need at least --min-images {args.min_images} X-rays of the site, unlabelled, e.g. a "
+                            "few weeks of its studies.")
+    try:
+        adapted = adaptation.adapt_batch_norm(classifier.model, np.stack(images))
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    with atomic.atomic_path(args.out) as written:
+        keras.saving.save_model(adapted, written)
+    print(f"adapted to {len(images)} images of the site: {args.out} "
+          f"(use it with `pneumonia predict --model {args.out} ...`)")
+
+
+def add_adapt_parser(commands) -> None:
+    adapt_parser = commands.add_parser(
+        "adapt", help="adapt the model to a new site from its unlabelled X-rays (batch-norm statistics)",
+        description="Re-estimate the model's batch-norm statistics on a site's own X-rays (no labels needed; "
+                    "AdaBN) and save the adapted model. Measured effect on another acquisition: "
+                    "benchmarks/external_validity.md. Only for networks without a nested backbone (custom_cnn).")
+    adapt_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="the site's image files or folders")
+    adapt_parser.add_argument("--model", type=Path, default=paths.MODEL, help="default: models/model.keras")
+    adapt_parser.add_argument("--out", type=Path, required=True, help="where to write the adapted .keras model")
+    adapt_parser.add_argument("--min-images", type=int, default=50, help="refuse fewer images than this (default 50)")
+    adapt_parser.set_defaults(handler=adapt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=check_params)
 
     add_predict_parser(commands)
+    add_adapt_parser(commands)
 
     compared = commands.add_parser(
         "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost")
