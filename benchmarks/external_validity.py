@@ -155,7 +155,8 @@ def spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, summary_only: bool = False) -> str:
+    """The report's tables; `summary_only`: the first (one row a profile), for the README."""
     by_profile: dict[str, list[dict]] = {}
     for run in report["runs"]:
         by_profile.setdefault(run["profile"], []).append(run)
@@ -182,6 +183,9 @@ def markdown(report: dict) -> str:
             + f" | {cell(runs, 'external', 'border_share')} | {cell(runs, 'test', 'roc_auc')} | "
             f"{cell(runs, 'test', 'sensitivity')} / {cell(runs, 'test', 'specificity')} | "
             f"{statistics.fmean(run['train_seconds'] for run in runs) / 60:.0f} min |")
+    if summary_only:
+        return "\n".join(lines) + ("\n\nPer run, operating points and adaptation: [benchmarks/external_validity.md]"
+                                    f"(benchmarks/external_validity.md) (`{report['command']}`).\n")
     lines += ["", "Each run, external set with 95% bootstrap intervals:", "",
               "| profile | seed | ROC AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity | threshold "
               "| best epoch / trained |", "|---|---|---|---|---|---|---|---|"]
@@ -261,7 +265,7 @@ def main() -> None:
     table = markdown(report)
     (args.out / "external_validity.md").write_text(table)
     if not args.smoke and args.out.resolve() == (REPO / "benchmarks").resolve():
-        update_readme(table)
+        update_readme(markdown(report, summary_only=True))
     print(table)
 
 
