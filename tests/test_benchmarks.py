@@ -56,7 +56,16 @@ def test_default_profile_runs_each_seed_through_the_pipeline_and_tabulates_it(tm
     assert "python -m benchmarks.default_profile --smoke" in table
 
 
-def test_readme_results_table_is_the_default_profile_report():
-    """The README shows the pipeline's own table (benchmarks/default_profile.md), not hand-typed figures."""
+def test_results_page_table_is_the_default_profile_report():
+    """docs/results.md shows the pipeline's own table (benchmarks/default_profile.md), not hand-typed figures."""
     table = (REPO / "benchmarks" / "default_profile.md").read_text()
-    assert table.strip() in (REPO / "README.md").read_text()
+    assert table.strip() in (REPO / "docs" / "results.md").read_text()
+
+
+def test_performance_page_table_is_the_benchmark_report():
+    """docs/performance.md's table is a copy of benchmarks/results.md (made by benchmarks.run_all), not hand-typed."""
+    page = (REPO / "docs" / "performance.md").read_text()
+    start = page.index("<!-- performance-table: copied from benchmarks/results.md -->\n")
+    table = page[page.index("\n", start) + 1:page.index("<!-- /performance-table -->")]
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 6  # header and targets 1 to 5
+    assert table.strip() in (REPO / "benchmarks" / "results.md").read_text()

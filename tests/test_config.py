@@ -82,13 +82,13 @@ def test_flatten_uses_dotted_keys():
     assert flat["model.name"] == "custom_cnn"
 
 
-def test_readme_gpu_profile_is_a_valid_set_of_params():
-    """The README's recommended GPU profile (`dvc exp run -n gpu-profile -S ...`) names real keys and values."""
+def test_documented_gpu_profile_is_a_valid_set_of_params():
+    """The recommended GPU profile in docs/results.md (`dvc exp run -n gpu-profile -S ...`) names real keys and values."""
     import shlex
 
     from conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "results.md").read_text()
     start = readme.index("dvc exp run -n gpu-profile")
     command = readme[start:readme.index("```", start)].replace("\\\n", " ")
     words = shlex.split(command)
@@ -99,7 +99,7 @@ def test_readme_gpu_profile_is_a_valid_set_of_params():
         section = raw
         for parent in parents:
             section = section[parent]
-        assert last in section, f"the README's GPU profile sets {key}, which params.yaml does not have"
+        assert last in section, f"the documented GPU profile sets {key}, which params.yaml does not have"
         section[last] = yaml.safe_load(value)
     params = parse_params(raw)
     assert params.model.weights == "imagenet" and params.model.name != "custom_cnn"
