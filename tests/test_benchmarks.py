@@ -7,11 +7,13 @@ asserted here). About two minutes, most of it the DVC benchmark's pipeline runs.
 import json
 import sys
 
+import pytest
 from conftest import REPO, run
 
 BENCHMARKS = ["input_vs_compute", "tfrecords_vs_folders", "conversion_scaling", "incremental_dvc", "memory"]
 
 
+@pytest.mark.e2e
 def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out", str(tmp_path), "--sample", str(sample_zip)],
         REPO)
@@ -32,6 +34,7 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     assert sum(line.startswith(("| 1.", "| 2.", "| 3.", "| 4.", "| 5.")) for line in table.splitlines()) == 5
 
 
+@pytest.mark.e2e
 def test_default_profile_runs_each_seed_through_the_pipeline_and_tabulates_it(tmp_path):
     """The script behind the README's results table, on synthetic data with two seeds."""
     run([sys.executable, "-m", "benchmarks.default_profile", "--smoke", "--out", str(tmp_path)], REPO)
