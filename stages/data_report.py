@@ -1,5 +1,5 @@
 """DVC stage `data_report`: counts, raw image statistics, sample images, class weights, leakage audit
--> reports/data/ (logged to MLflow by the train stage)."""
+-> reports/data/ (logged to MLflow by the evaluate stage, so report changes cost no retraining)."""
 
 import json
 import logging

@@ -7,11 +7,13 @@ asserted here). About two minutes, most of it the DVC benchmark's pipeline runs.
 import json
 import sys
 
+import pytest
 from conftest import REPO, run
 
 BENCHMARKS = ["input_vs_compute", "tfrecords_vs_folders", "conversion_scaling", "incremental_dvc", "memory"]
 
 
+@pytest.mark.e2e
 def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out", str(tmp_path), "--sample", str(sample_zip)],
         REPO)
@@ -32,6 +34,7 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     assert sum(line.startswith(("| 1.", "| 2.", "| 3.", "| 4.", "| 5.")) for line in table.splitlines()) == 5
 
 
+@pytest.mark.e2e
 def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distribution(tmp_path):
     """The script behind the README's results table, on synthetic data and a synthetic external site."""
     run([sys.executable, "-m", "benchmarks.external_validity", "--smoke", "--profiles", "default", "--seeds", "42",
@@ -60,3 +63,12 @@ def test_readme_results_table_is_the_external_validity_report():
     summary = markdown(report, summary_only=True)
     assert summary.splitlines()[4] in (REPO / "benchmarks" / "external_validity.md").read_text()  # the first row
     assert summary.strip() in (REPO / "README.md").read_text()
+
+
+def test_performance_page_table_is_the_benchmark_report():
+    """docs/performance.md's table is a copy of benchmarks/results.md (made by benchmarks.run_all), not hand-typed."""
+    page = (REPO / "docs" / "performance.md").read_text()
+    start = page.index("<!-- performance-table: copied from benchmarks/results.md -->\n")
+    table = page[page.index("\n", start) + 1:page.index("<!-- /performance-table -->")]
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 6  # header and targets 1 to 5
+    assert table.strip() in (REPO / "benchmarks" / "results.md").read_text()

@@ -112,6 +112,7 @@ def test_uri_is_normalised(uri, expected):
     assert parse_params({"tfrecords": {"uri": uri}}).tfrecords.uri == expected
 
 
+@pytest.mark.e2e
 def test_dvc_pipeline_with_shards_under_a_file_uri(tmp_path):
     """The real stages, each its own process: tfrecords writes under the URI, train and evaluate
     read from it, and DVC tracks only meta.json."""

@@ -129,6 +129,7 @@ def swept_project(tmp_path_factory) -> Iterator[Path]:
         queue_command(project, "stop")  # idle workers would otherwise outlive the tests
 
 
+@pytest.mark.e2e
 def test_queued_sweep_lands_every_run_in_mlflow_and_dvc_exp_show(swept_project):
     status = queue_status(swept_project)
     assert status.count("Success") == len(SWEEP) and "Failed" not in status, status
@@ -153,6 +154,7 @@ def test_queued_sweep_lands_every_run_in_mlflow_and_dvc_exp_show(swept_project):
         m: shown[f"sweep-{m}"]["train"]["total_params"] for m in SWEEP}
 
 
+@pytest.mark.e2e
 def test_compare_command_on_the_sweep(swept_project):
     result = run(["pneumonia", "compare"], swept_project)
     assert "2 runs of 'pneumonia' compared" in result.stdout

@@ -206,6 +206,7 @@ def test_audit_catches_a_leaky_split():
         raise_if_leaked(audit)
 
 
+@pytest.mark.e2e
 def test_download_and_prepare_twice_give_identical_bytes(tmp_path):
     """The stage scripts, run twice from scratch in a copy of the project: every output byte-identical."""
     archive = write_zip(tmp_path / "data.zip", {**kaggle_members(patients=4),

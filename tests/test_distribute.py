@@ -110,6 +110,7 @@ def run_store(project: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
 
 
+@pytest.mark.e2e
 def test_two_workers_train_one_epoch_and_only_the_chief_writes(synthetic_data, tmp_path):
     ports = {free_port()}
     while len(ports) < 2:

@@ -20,6 +20,8 @@ STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data
 EXTERNAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chest-xray-external.zip"
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
+pytestmark = pytest.mark.e2e
+
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
@@ -51,9 +53,20 @@ def synthetic_project(tmp_path_factory) -> Path:
     return project
 
 
-def test_repro_runs_every_stage_and_records_the_run(synthetic_project):
+@pytest.fixture(scope="module")
+def baseline(synthetic_project) -> tuple[str, list[mlflow.entities.Run]]:
+    """The first `dvc repro` of the project (its output and the MLflow runs right after it), committed
+    as a user would before experimenting. Every test that builds on it asks for it, so each also runs
+    alone (`pytest -k model`) or in another order."""
     result = run(["dvc", "repro"], synthetic_project)
-    assert stages_run(result.stdout) == STAGES
+    runs = mlflow_runs(synthetic_project)
+    commit_all(synthetic_project, "baseline results")
+    return result.stdout, runs
+
+
+def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline):
+    output, runs = baseline
+    assert stages_run(output) == STAGES
 
     test_metrics = json.loads((synthetic_project / "metrics/test.json").read_text())
     assert TEST_METRIC_KEYS <= test_metrics.keys()
@@ -63,7 +76,7 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project):
     data = json.loads((synthetic_project / "metrics/data.json").read_text())
     assert data["images"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}  # 20% of 12 patients x 3 images
 
-    [mlflow_run] = mlflow_runs(synthetic_project)
+    [mlflow_run] = runs
     assert mlflow_run.data.params["model.name"] == "custom_cnn"
     assert mlflow_run.data.params["data.source"] == "synthetic"
     assert {"val_auc", "loss", "test_roc_auc", "test_accuracy", "train_seconds"} <= mlflow_run.data.metrics.keys()
@@ -82,21 +95,21 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project):
     candidate = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").get_model_version_by_alias(
         "pneumonia", "candidate")
     assert candidate.run_id == mlflow_run.info.run_id
-    commit_all(synthetic_project, "baseline results")  # as a user would, before experimenting
 
 
-def test_second_repro_does_nothing(synthetic_project):
+def test_second_repro_does_nothing(synthetic_project, baseline):
     result = run(["dvc", "repro"], synthetic_project)
     assert stages_run(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
 
 
-def test_model_swap_reruns_only_train_and_evaluate(synthetic_project):
+def test_model_swap_reruns_only_train_and_evaluate(synthetic_project, baseline):
+    before = len(mlflow_runs(synthetic_project))
     result = run(["dvc", "exp", "run", "-S", "model.name=xception", "-S", "model.weights=none"], synthetic_project)
     assert stages_run(result.stdout) == ["train", "evaluate"]
-    runs = mlflow_runs(synthetic_project)
-    assert [r.data.params["model.name"] for r in runs] == ["custom_cnn", "xception"]
-    assert "test_roc_auc" in runs[1].data.metrics
+    [swapped] = mlflow_runs(synthetic_project)[before:]
+    assert swapped.data.params["model.name"] == "xception"
+    assert "test_roc_auc" in swapped.data.metrics
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], synthetic_project).stdout)
     models, aucs = set(), []
@@ -111,7 +124,7 @@ def test_model_swap_reruns_only_train_and_evaluate(synthetic_project):
     assert models == {"custom_cnn", "xception"}, shown
 
 
-def test_temp_experiment_lands_in_the_same_store(synthetic_project):
+def test_temp_experiment_lands_in_the_same_store(synthetic_project, baseline):
     before = len(mlflow_runs(synthetic_project))
     result = run(["dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.002"], synthetic_project)
     assert "train" in stages_run(result.stdout)

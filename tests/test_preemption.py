@@ -28,6 +28,7 @@ def finished_epochs(backup: Path | None) -> int:
     (None, "backup/train/chief"),  # the default: in the project
     ("backups", "backups/*/chief"),  # train.backup_uri = file://<tmp>/backups: <uri>/<fingerprint>/<worker>
 ], ids=["local", "file-uri"])
+@pytest.mark.e2e
 def test_a_killed_training_resumes_after_its_last_finished_epoch(synthetic_data, tmp_path, backup_uri, chief_backup):
     uri = {"backup_uri": f"file://{tmp_path / backup_uri}"} if backup_uri else {}
     project = prepared_project(synthetic_data, tmp_path, epochs=EPOCHS, early_stopping_patience=EPOCHS, **uri)

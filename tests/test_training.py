@@ -159,6 +159,7 @@ def synthetic_data_160(tmp_path_factory) -> Path:
                              raw_size=160, image_size=160, images_per_shard=32)
 
 
+@pytest.mark.e2e
 def test_same_seed_gives_the_same_model_and_another_seed_does_not(synthetic_data_160, tmp_path):
     """train.seed + train.deterministic: shuffling, augmentation, dropout and initialisation repeat exactly,
     from one process to the next (on CPU; README "Reproducibility" says what holds on accelerators)."""

@@ -13,7 +13,7 @@ https://github.com/keras-team/keras/issues/20585 (open). Two private functions o
 `apply()` is called only when the strategy is multi-worker, and both replacements defer to the
 originals for any other strategy, so default, mirrored and TPU training run stock Keras.
 Drop this module when keras-team/keras#20585 is fixed in the Keras range pinned in pyproject.toml
-(tests/test_distribute.py trains on two workers with and would show it).
+(tests/test_distribute.py trains on two workers: without this module it passes only once Keras is fixed).
 """
 
 import tensorflow as tf
