@@ -2,8 +2,10 @@
 {train,val,test}/{NORMAL,PNEUMONIA}/ image files plus a source.json that says where they came from.
 """
 
+import errno
 import hashlib
 import logging
+import os
 import shutil
 import stat
 import tempfile
@@ -39,6 +41,17 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         raise PipelineError(f"refusing the archive: member {info.filename!r} is a symbolic link")
 
 
+def check_free_space(needed: int, out: Path, what: str) -> None:
+    """Refuse before writing when `needed` bytes (declared by the source) do not fit on out's disk:
+    an archive whose members expand past the free space (a zip bomb) must not fill it."""
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise PipelineError(
+            f"{what} expands to {needed / 1e6:,.0f} MB but only {free / 1e6:,.0f} MB are free on the disk of "
+            f"{out.parent}: free up space (or move the project to a larger disk) and run the stage again."
+        )
+
+
 def extract_archive(archive: Path, out: Path) -> None:
     """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/.
 
@@ -53,6 +66,9 @@ def extract_archive(archive: Path, out: Path) -> None:
             by_name = {info.filename: info for info in infos}
             files = locate_splits(list(by_name))
             total = sum(len(names) for names in files.values())
+            # zipfile stops at a member's declared size (its CRC then fails), so this bounds what is written.
+            check_free_space(sum(by_name[name].file_size for names in files.values() for name in names), out,
+                             f"the archive {archive}")
             with tqdm(total=total, desc="extracting", unit="img", mininterval=2) as progress:
                 for (split, class_name), names in files.items():
                     folder = out / split / class_name
@@ -68,9 +84,27 @@ def extract_archive(archive: Path, out: Path) -> None:
         ) from None
 
 
+def regular_files(folder: Path) -> list[str]:
+    """Files under `folder`, '/'-separated relative names, without following symbolic links: a link
+    could pull in any file the user can read (or loop), and DVC would not see its target change."""
+    names, links = [], []
+    for root, dirs, files in os.walk(folder):  # does not descend into linked folders
+        for name in sorted(dirs) + sorted(files):
+            path = Path(root) / name
+            if path.is_symlink():
+                links.append(path.relative_to(folder).as_posix())
+            elif name in files and path.is_file():
+                names.append(path.relative_to(folder).as_posix())
+    if links:
+        log.warning("not following %d symbolic link(s) in %s: %s", len(links), folder,
+                    ", ".join(links[:10]) + (" ..." if len(links) > 10 else ""))
+    return names
+
+
 def copy_folder(folder: Path, out: Path) -> None:
-    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
-    files = locate_splits(names)
+    files = locate_splits(regular_files(folder))
+    check_free_space(sum((folder / name).stat().st_size for names in files.values() for name in names), out,
+                     f"the folder {folder}")
     for (split, class_name), members in tqdm(files.items(), desc="copying", mininterval=2):
         target = out / split / class_name
         target.mkdir(parents=True, exist_ok=True)
@@ -110,15 +144,24 @@ def _from_local(config: DataConfig, out: Path) -> dict:
 
 def download(config: DataConfig, raw: Path) -> dict:
     """Fill `raw` atomically from the configured source; return what source.json records."""
-    with atomic_path(raw, directory=True) as out:
-        if config.source == "kaggle":
-            origin = _from_kaggle(config, out)
-        elif config.source == "local":
-            origin = _from_local(config, out)
-        else:
-            synthetic.generate(out, config.synthetic, config.seed)
-            origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
-        source = {"source": config.source, **origin, "images": count_images(out)}
-        write_json(out / "source.json", source)
+    try:
+        with atomic_path(raw, directory=True) as out:
+            if config.source == "kaggle":
+                origin = _from_kaggle(config, out)
+            elif config.source == "local":
+                origin = _from_local(config, out)
+            else:
+                synthetic.generate(out, config.synthetic, config.seed)
+                origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
+            source = {"source": config.source, **origin, "images": count_images(out)}
+            write_json(out / "source.json", source)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PipelineError(
+            f"the disk of {raw.parent} is full ({exc.strerror}) while writing {raw}: nothing was kept. "
+            "Free up space (the dataset needs about twice its archive's size while it is extracted) "
+            "and run the stage again."
+        ) from None
     log.info("images per split and class: %s", source["images"])
     return source
