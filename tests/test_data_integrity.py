@@ -191,6 +191,25 @@ def test_empty_train_class_folder_is_refused(tmp_path):
     _nothing_written()
 
 
+@pytest.mark.parametrize("val_fraction", [0.1, 0.15])
+def test_val_fraction_beyond_the_patients_of_a_class_is_a_message(tmp_path, val_fraction):
+    _download(write_zip(tmp_path / "a.zip", kaggle_members()))  # 4 patients a class in train + val
+    with pytest.raises(PipelineError, match=r"data.val_fraction = .* class NORMAL has only 4 patient\(s\) left for "
+                                            r"train and val: raise data.val_fraction to at least 0.25"):
+        prepare(RAW, MANIFESTS, val_fraction=val_fraction, seed=0, audit_file=AUDIT)
+    assert not MANIFESTS.exists()
+
+
+def test_a_class_left_empty_by_unreadable_images_is_a_message(tmp_path):
+    members = {name: (b"not an image" if "/NORMAL/" in name and "/test/" not in name else data)
+               for name, data in kaggle_members().items()}
+    _download(write_zip(tmp_path / "a.zip", members))
+    with pytest.raises(PipelineError, match=r"train \+ val \(before the split\) has no NORMAL image after skipping "
+                                            r"8 unreadable image\(s\): every split needs both classes"):
+        _prepare(max_unreadable_fraction=1)
+    assert not MANIFESTS.exists()
+
+
 def test_nested_duplicate_tree_and_macos_litter_give_one_copy(tmp_path):
     members = kaggle_members("chest_xray/")
     duplicate = {name.replace("chest_xray/", "chest_xray/chest_xray/", 1): data for name, data in members.items()}
