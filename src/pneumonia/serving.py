@@ -29,6 +29,7 @@ from PIL import Image
 from pneumonia import tracking
 from pneumonia.config import Params
 from pneumonia.errors import PipelineError
+from pneumonia.logs import redact
 from pneumonia.prediction import Classifier
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,12 @@ def log_model(model_path: Path, threshold: float, params: Params) -> ModelInfo:
 
 def load_classifier(model_uri: str) -> Classifier:
     """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.use_tracking_uri(tracking.tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         raise PipelineError(
-            f"cannot load the MLflow model {model_uri!r} from {tracking.tracking_uri()}: {exc}") from None
+            f"cannot load the MLflow model {model_uri!r} from {tracking.shown_uri()}: {redact(str(exc))}") from None
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, PneumoniaModel):
         raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")
