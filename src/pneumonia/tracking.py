@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,29 @@ def create_store_once(uri: str) -> None:
     database = uri.removeprefix("sqlite:///").split("?")[0]
     with FileLock(f"{database}.lock"):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the tables
+
+
+LOCKED_RETRY_SECONDS = 600
+
+
+def retry_locked(call, *args, **kwargs):
+    """call(*args, **kwargs), tried again while the SQLite store stays locked past MLflow's 20 s busy
+    timeout: queued experiments share mlflow.db, and a "database is locked" must not end a training
+    that has run for an hour."""
+    delay, deadline = 1.0, time.monotonic() + LOCKED_RETRY_SECONDS
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except mlflow.exceptions.MlflowException as exc:
+            if "database is locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("the MLflow store is locked by another process: trying again in %.0f s", delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30)
+
+
+def log_epoch_metrics(metrics: dict[str, float], step: int) -> None:
+    retry_locked(mlflow.log_metrics, metrics, step=step)
 
 
 def _experiment_id(name: str) -> str:
@@ -176,6 +200,6 @@ def log_training(summary: dict, inputs: list[Path]) -> None:
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
     """
-    mlflow.log_metrics(summary)
+    retry_locked(mlflow.log_metrics, summary)
     for path in inputs:
-        mlflow.log_artifact(str(path), artifact_path="inputs")
+        retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")

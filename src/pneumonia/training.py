@@ -32,7 +32,7 @@ import keras
 import mlflow
 import tensorflow as tf
 
-from pneumonia import distribute
+from pneumonia import distribute, tracking
 from pneumonia.atomic import atomic_path
 from pneumonia.config import Params, flatten
 from pneumonia.data import dataset
@@ -130,13 +130,14 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
         super().__init__()
         self.history = history
         run_id = mlflow.active_run().info.run_id
-        self.logged = {point.step for point in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+        self.logged = {point.step for point in
+                       tracking.retry_locked(mlflow.MlflowClient().get_metric_history, run_id, "loss")}
 
     def _log_new_epochs(self):
         for record in self.history.epochs:
             step = record["epoch"] + 1
             if step not in self.logged:
-                mlflow.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=step)
+                tracking.log_epoch_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step)
                 self.logged.add(step)
 
     def on_epoch_end(self, epoch, logs=None):
