@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -124,9 +123,21 @@ def _from_kaggle(config: DataConfig, out: Path) -> dict:
 
     method = kaggle.find_credentials()
     log.info("downloading %s from Kaggle (credentials from %s)", config.kaggle_dataset, method)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
-        archive = kaggle.download_archive(config.kaggle_dataset, Path(scratch))
+    # One scratch folder per dataset, kept when the stage is killed: the next run resumes the partial
+    # archive in it (the client appends only to bytes it can prove are of the same remote file).
+    scratch = out.parent / f".download-{config.kaggle_dataset.replace('/', '--')}"
+    for stale in out.parent.glob(".download-*"):
+        if stale != scratch:  # other datasets', or random names of older versions: 1.2 GB each
+            log.info("removing the stale download folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        archive = kaggle.download_archive(config.kaggle_dataset, scratch)
         extract_archive(archive.path, out)
+    except PipelineError:
+        if any(scratch.glob("*.zip")) and not any(scratch.glob("*.kaggle-partial")):
+            shutil.rmtree(scratch, ignore_errors=True)  # a complete but unusable archive: start afresh next time
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
     return {"kaggle_dataset": archive.slug, "version": archive.version,
             "archive_sha256": archive.sha256, "archive_size_bytes": archive.size_bytes}
 
