@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from pneumonia import tracking
 from pneumonia.atomic import atomic_path, write_text
 from pneumonia.errors import PipelineError
+from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)
 
