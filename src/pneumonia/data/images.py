@@ -36,8 +36,8 @@ def to_grey(image: Image.Image) -> Image.Image:
     conversion (1-bit: 0 and 255).
     """
     if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(pixels / 257), 0, 255).astype(np.uint8))
+        pixels = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)  # no overflow of + 128
+        return Image.fromarray(np.clip((pixels + 128) // 257, 0, 255).astype(np.uint8))
     return image.convert("L")
 
 
