@@ -9,12 +9,16 @@ Requests it understands (all POST with a JSON body, like the real API):
   security.OAuthService/IntrospectToken   {"token"} -> {"active", "username"}  (access-token login)
   datasets.DatasetApiService/DownloadDataset {"ownerSlug", "datasetSlug"} -> 302 to the zip
   datasets.DatasetApiService/GetDataset   {"ownerSlug", "datasetSlug"} -> {"currentVersionNumber"}
-and GET /stub-storage/<owner>/<name>.zip, the redirect target (real Kaggle: a signed storage URL).
+and GET /stub-storage/<owner>/<name>.zip, the redirect target (real Kaggle: a signed storage URL),
+with an ETag and byte ranges as Google Cloud Storage serves it, optionally slowly (`throttle`).
 """
 
 import base64
+import hashlib
 import json
+import re
 import threading
+import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +34,7 @@ class Recorded:
     path: str
     authorization: str | None
     body: dict
+    range: str | None = None
 
 
 class KaggleStub:
@@ -43,6 +48,8 @@ class KaggleStub:
         self.requests: list[Recorded] = []
         self.failures_served = 0
         self._fail_remaining, self._fail_status = 0, 503
+        self.throttle = 0.0  # seconds per 64 KiB of a zip served: slow enough to kill a download midway
+        self.last_modified = formatdate(usegmt=True)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -85,9 +92,9 @@ class KaggleStub:
             message += f" (Authorization: {header}; key={self.key}; token={self.token})"
         return status, {"Content-Type": "application/json"}, json.dumps({"code": status, "message": message}).encode()
 
-    def handle(self, method: str, path: str, header: str | None, body: dict):
+    def handle(self, method: str, path: str, header: str | None, body: dict, byte_range: str | None = None):
         with self._lock:
-            self.requests.append(Recorded(method, path, header, body))
+            self.requests.append(Recorded(method, path, header, body, byte_range))
             if self._fail_remaining > 0:
                 self._fail_remaining -= 1
                 self.failures_served += 1
@@ -97,9 +104,13 @@ class KaggleStub:
             data = self.datasets.get(path[len(STORAGE):-len(".zip")])
             if data is None:
                 return 404, {"Content-Type": "text/plain"}, b"no such object"
-            headers = {"Content-Type": "application/zip", "Content-Length": str(len(data)),
-                       "Last-Modified": formatdate(usegmt=True)}
-            return 200, headers, data
+            headers = {"Content-Type": "application/zip", "Last-Modified": self.last_modified,
+                       "ETag": f'"{hashlib.sha256(data).hexdigest()[:16]}"', "Accept-Ranges": "bytes"}
+            if byte_range and (match := re.fullmatch(r"bytes=(\d+)-", byte_range)):
+                start = int(match.group(1))
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                return 206, {**headers, "Content-Length": str(len(data) - start)}, data[start:]
+            return 200, {**headers, "Content-Length": str(len(data))}, data
         if method != "POST" or not path.startswith(API):
             return 404, {"Content-Type": "text/plain"}, b"unknown endpoint"
 
@@ -132,14 +143,18 @@ def _handler_for(stub: KaggleStub):
                 body = {}
             # As a proxy we receive absolute URLs ("http://localhost/api/..."); keep the path.
             path = urlsplit(self.path).path
-            status, headers, payload = stub.handle(self.command, path, self.headers.get("Authorization"), body)
+            status, headers, payload = stub.handle(self.command, path, self.headers.get("Authorization"), body,
+                                                   self.headers.get("Range"))
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
             if "Content-Length" not in headers:
                 self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            chunk = 1 << 16 if stub.throttle and headers.get("Content-Type") == "application/zip" else len(payload) or 1
+            for start in range(0, len(payload), chunk):
+                self.wfile.write(payload[start:start + chunk])
+                time.sleep(stub.throttle)
 
         do_GET = do_POST = _serve
 

@@ -45,6 +45,15 @@ def dotted_keys(raw: dict, prefix: str = "") -> set[str]:
         ({"data": {"imagesize": 64}}, ["data.imagesize", "unknown key"]),
         ({"data": {"val_fraction": 0.9}}, ["data.val_fraction = 0.9", "less than 0.5"]),
         ({"model": {"weights": "imagenet"}}, ["model.weights = 'imagenet'", "custom_cnn", "'none'"]),
+        # issue 16: lax parsing took these for settings
+        ({"train": {"epochs": True}}, ["train.epochs = True", "integer"]),
+        ({"train": {"epochs": 2.5}}, ["train.epochs = 2.5", "integer"]),
+        ({"train": {"deterministic": "yes"}}, ["train.deterministic = 'yes'", "boolean"]),
+        ({"train": {"learning_rate": float("inf")}}, ["train.learning_rate = inf", "finite"]),
+        ({"train": {"learning_rate": True}}, ["train.learning_rate = True", "not true/false"]),
+        ({"model": {"dropout": float("nan")}}, ["model.dropout = nan", "finite"]),
+        ({"data": {"local_path": ""}}, ["data.local_path = ''", "at least 1 character"]),
+        ({"data": {"local_path": "  "}}, ["data.local_path = '  '", "at least 1 character"]),
     ],
 )
 def test_bad_params_name_key_value_and_what_is_allowed(raw, expected):
@@ -52,6 +61,14 @@ def test_bad_params_name_key_value_and_what_is_allowed(raw, expected):
         parse_params(raw)
     for fragment in expected:
         assert fragment in str(error.value)
+
+
+def test_yaml_numbers_and_strings_still_parse():
+    # PyYAML reads `1e-4` (no dot) as a string: it must stay a valid learning rate.
+    params = parse_params(yaml.safe_load("train:\n  learning_rate: 1e-4\n  epochs: 3\n  deterministic: false\n"
+                                         "data:\n  local_path: ' data.zip '\n"))
+    assert params.train.learning_rate == 1e-4 and params.train.epochs == 3 and params.train.deterministic is False
+    assert params.data.local_path == "data.zip"
 
 
 def test_image_size_below_a_backbones_minimum_is_refused():

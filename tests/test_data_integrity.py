@@ -1,7 +1,10 @@
 """Broken and awkward archives through the download and prepare stages: each is refused with a
 clear message and nothing half-written, or handled as documented; and the leakage audit."""
 
+import errno
 import json
+import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -86,6 +89,56 @@ def test_symlink_member_is_refused(tmp_path):
     _nothing_written()
 
 
+def test_archive_expanding_past_the_free_space_is_refused_before_extraction(tmp_path, monkeypatch):
+    members = kaggle_members()
+    archive = write_zip(tmp_path / "bomb.zip", {**members, "chest_xray/train/NORMAL/IM-0900-0001.jpeg": bytes(5_000_000)})
+    assert archive.stat().st_size < 100_000  # 5 MB of zeros deflate to a few KiB
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    copied = []
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *args: copied.append(args))
+
+    with pytest.raises(PipelineError, match=r"bomb.zip expands to 5 MB but only 1 MB are free .* free up space"):
+        _download(archive)
+    assert copied == []  # not a byte extracted
+    _nothing_written()
+
+
+def test_disk_full_during_extraction_is_a_message_and_nothing_is_kept(tmp_path, monkeypatch):
+    archive = write_zip(tmp_path / "good.zip", kaggle_members())
+    calls = []
+
+    def copy_until_full(source, target, *args):
+        calls.append(target)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        target.write(source.read())
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_until_full)
+    with pytest.raises(PipelineError, match=r"the disk of .* is full \(No space left on device\) .* nothing was kept"):
+        _download(archive)
+    _nothing_written()
+
+
+def test_symlinks_in_a_local_folder_are_not_followed(tmp_path, caplog):
+    folder = tmp_path / "chest_xray"
+    for name, data in kaggle_members(root="").items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    secret = tmp_path / "outside" / "secret.jpeg"
+    secret.parent.mkdir()
+    secret.write_bytes(jpeg(77))
+    (folder / "train/NORMAL/IM-0999-0001.jpeg").symlink_to(secret)
+    (folder / "train/PNEUMONIA/linked").symlink_to(secret.parent, target_is_directory=True)
+
+    with caplog.at_level(logging.WARNING):
+        source = _download(folder)
+    copied = sorted(p.relative_to(RAW).as_posix() for p in RAW.rglob("*") if p.is_file() and p.name != "source.json")
+    assert copied == sorted(name for name in kaggle_members(root=""))
+    assert sum(sum(counts.values()) for counts in source["images"].values()) == len(copied)
+    assert "not following 2 symbolic link(s)" in caplog.text and "IM-0999-0001.jpeg" in caplog.text
+
+
 def test_non_image_named_jpeg_is_skipped_and_reported(tmp_path):
     bad = "chest_xray/train/PNEUMONIA/person9_virus_1.jpeg"
     archive = write_zip(tmp_path / "a.zip", {**kaggle_members(), bad: b"<html>Access denied</html>"})
@@ -136,6 +189,25 @@ def test_empty_train_class_folder_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="no images in train/NORMAL.*both classes are needed"):
         _download(archive)
     _nothing_written()
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.15])
+def test_val_fraction_beyond_the_patients_of_a_class_is_a_message(tmp_path, val_fraction):
+    _download(write_zip(tmp_path / "a.zip", kaggle_members()))  # 4 patients a class in train + val
+    with pytest.raises(PipelineError, match=r"data.val_fraction = .* class NORMAL has only 4 patient\(s\) left for "
+                                            r"train and val: raise data.val_fraction to at least 0.25"):
+        prepare(RAW, MANIFESTS, val_fraction=val_fraction, seed=0, audit_file=AUDIT)
+    assert not MANIFESTS.exists()
+
+
+def test_a_class_left_empty_by_unreadable_images_is_a_message(tmp_path):
+    members = {name: (b"not an image" if "/NORMAL/" in name and "/test/" not in name else data)
+               for name, data in kaggle_members().items()}
+    _download(write_zip(tmp_path / "a.zip", members))
+    with pytest.raises(PipelineError, match=r"train \+ val \(before the split\) has no NORMAL image after skipping "
+                                            r"8 unreadable image\(s\): every split needs both classes"):
+        _prepare(max_unreadable_fraction=1)
+    assert not MANIFESTS.exists()
 
 
 def test_nested_duplicate_tree_and_macos_litter_give_one_copy(tmp_path):

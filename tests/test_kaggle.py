@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package
 from archives import kaggle_members, zip_bytes  # noqa: E402
-from conftest import copy_project, run, set_params  # noqa: E402
+from conftest import copy_project, run, set_params, tool_env  # noqa: E402
 from kaggle_stub import KaggleStub  # noqa: E402
 
 from pneumonia.data import kaggle as kg  # noqa: E402
@@ -292,3 +293,42 @@ def test_download_stage_without_credentials_fails_cleanly(tmp_path):
     assert "error: No Kaggle API credentials found" in result.stderr and "Traceback" not in result.stderr
     assert stub.requests == []
     assert not (project / "data").exists() or list((project / "data").iterdir()) == []
+
+
+def test_a_killed_download_resumes_and_leaves_no_scratch(tmp_path):
+    """SIGKILL midway through the archive: the next run removes older runs' scratch folders, resumes
+    the partial archive (an HTTP range request) instead of starting from zero, and leaves only data/raw."""
+    members = kaggle_members(patients=30)
+    archive = zip_bytes({**members, "chest_xray/padding.bin": os.urandom(1_500_000)})  # not an image: ignored
+    project, home = _kaggle_project(tmp_path), tmp_path / "home"
+    stale = project / "data" / ".download-k3j2x9qa"  # a killed run of the old code: random name, never removed
+    stale.mkdir(parents=True)
+    (stale / "chest-xray-pneumonia.zip").write_bytes(b"partial")
+    with KaggleStub({SLUG: archive}) as stub:
+        _write(home / ".kaggle" / "kaggle.json", _kaggle_json(stub))
+        stub.throttle = 0.05  # ~3 s for the archive
+        env = tool_env(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), NO_PROXY="", no_proxy="",
+                       **stub.client_env())
+        first = subprocess.Popen([sys.executable, "stages/download.py"], cwd=project, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = project / "data" / f".download-{SLUG.replace('/', '--')}" / "chest-xray-pneumonia.zip"
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and partial.stat().st_size > len(archive) // 3):
+            assert first.poll() is None and time.monotonic() < deadline, "the download did not get going"
+            time.sleep(0.05)
+        first.kill()
+        first.wait(timeout=30)
+        kept = partial.stat().st_size
+        assert 0 < kept < len(archive)
+
+        stub.throttle = 0
+        result = _run_download_stage(project, stub, home)
+
+    assert result.returncode == 0, result.stderr
+    downloads = [r for r in stub.requests if r.path.endswith(".zip")]
+    assert downloads[-1].range == f"bytes={kept}-"  # resumed where the killed run stopped
+    raw = project / "data" / "raw"
+    assert {p.relative_to(raw).as_posix(): p.read_bytes() for p in raw.rglob("*.jpeg")} == {
+        name.removeprefix("chest_xray/"): data for name, data in members.items()}
+    assert json.loads((raw / "source.json").read_text())["archive_sha256"] == hashlib.sha256(archive).hexdigest()
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["raw"]  # no scratch, stale or new

@@ -61,8 +61,14 @@ def xrays(sample_zip, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(store) -> str:
-    """`mlflow models serve` of the registered candidate, in this environment; stopped at teardown."""
+def server(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def served(store) -> tuple[str, int]:
+    """`mlflow models serve` of the registered candidate, in this environment, and its process group
+    (the CLI and its uvicorn worker); stopped at teardown."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -85,7 +91,7 @@ def server(store) -> str:
             time.sleep(1)
         else:
             raise AssertionError(f"mlflow models serve did not answer /ping within {SERVER_START_SECONDS} s")
-        yield url
+        yield url, process.pid
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -157,3 +163,106 @@ def test_a_malformed_request_gets_a_4xx_with_a_message_and_the_server_keeps_serv
     assert message in answer.json()["message"]
 
     assert invoke(server, request_for(xrays[:1])).status_code == 200
+
+
+def test_base64_wrapped_at_76_columns_is_accepted(server, xrays):
+    wrapped = base64.encodebytes(xrays[0].read_bytes()).decode()  # what GNU `base64` prints: 76 columns
+    assert "\n" in wrapped
+    answers = [invoke(server, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}))
+               for encoded in (wrapped, serving.encode_image(xrays[0].read_bytes()))]
+    assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
+    assert answers[0].json() == answers[1].json()
+
+
+def huge_png_base64() -> str:
+    from test_images import huge_png
+
+    return serving.encode_image(huge_png(10_000, 10_000))  # ~130 KiB of base64, 100 MP decoded
+
+
+def hostile_requests() -> dict[str, tuple[str, str]]:
+    """{name: (body, what the 400's message says)}: each over one limit, the limit named."""
+    def frame(images: list[str]) -> str:
+        return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}})
+
+    tiny = serving.input_example()[serving.IMAGE_COLUMN][0]
+    return {
+        "100-megapixels": (frame([huge_png_base64()]), "more than the 36 megapixel limit"),
+        "too-many-rows": (frame([tiny] * (serving.MAX_ROWS + 1)), f"more than the limit of {serving.MAX_ROWS} images"),
+        "17-MiB-file": (frame(["A" * (17 * 2**20 * 4 // 3)]), "more than the limit of 16 MiB an image file"),
+    }
+
+
+@pytest.mark.parametrize("name", ["100-megapixels", "too-many-rows", "17-MiB-file"])
+def test_a_request_over_a_limit_gets_a_400_naming_the_limit(server, name):
+    body, message = hostile_requests()[name]
+    answer = invoke(server, body)
+    assert answer.status_code == 400, answer.text[:300]
+    assert message in answer.json()["message"]
+
+
+def group_rss_mb(group: int) -> float:
+    """Resident memory of the processes in a process group, MiB."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:  # field 5 of /proc/<pid>/stat: the process group
+                status = (stat.parent / "status").read_text()
+                total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return total / 1024
+
+
+LOAD_CLIENTS = 8
+LOAD_REQUESTS = 6  # each client: good and hostile requests in turn
+MEMORY_CEILING_MB = 2048  # the server's processes (CLI and worker, TensorFlow and the model loaded) at most
+
+
+def test_concurrent_good_and_hostile_requests_memory_stays_bounded(served, xrays):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, group = served
+    good = request_for(xrays[:2])
+    expected = invoke(url, good).json()
+    hostile = list(hostile_requests().values())
+    baseline, peak, done = group_rss_mb(group), [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], group_rss_mb(group))
+            time.sleep(0.1)
+
+    def client(number: int) -> list[tuple[str, int, object]]:
+        answers = []
+        for index in range(LOAD_REQUESTS):
+            if (number + index) % 2:
+                body, message = hostile[(number + index) % len(hostile)]
+                answer = invoke(url, body)
+                answers.append(("hostile", answer.status_code, message in answer.text))
+            else:
+                answer = invoke(url, good)
+                answers.append(("good", answer.status_code, answer.json() if answer.ok else answer.text))
+        return answers
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+            results = [answer for answers in pool.map(client, range(LOAD_CLIENTS)) for answer in answers]
+    finally:
+        done.set()
+        watcher.join()
+    seconds = time.monotonic() - started
+
+    assert len(results) == LOAD_CLIENTS * LOAD_REQUESTS
+    for kind, status, content in results:
+        if kind == "good":
+            assert status == 200 and content == expected, (status, content)  # every good request, answered right
+        else:
+            assert status == 400 and content is True, status
+    assert peak[0] < MEMORY_CEILING_MB, f"server memory peaked at {peak[0]:.0f} MiB (at rest {baseline:.0f} MiB)"
+    print(f"load: {len(results)} requests in {seconds:.1f} s, server memory {baseline:.0f} -> peak {peak[0]:.0f} MiB")

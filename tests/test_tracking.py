@@ -45,3 +45,59 @@ def test_manifests_hash_changes_with_content(tmp_path):
     first = tracking.manifests_hash(tmp_path)
     (tmp_path / "train.csv").write_text("b\n")
     assert tracking.manifests_hash(tmp_path) != first
+
+
+# One queued experiment's training: its run, then per-epoch metrics as MlflowEpochMetrics logs them.
+LOGGER = """
+import sys, time
+from pathlib import Path
+import mlflow
+from pneumonia import tracking
+folder, experiment = Path(sys.argv[1]), sys.argv[2]
+mlflow.set_tracking_uri(tracking.tracking_uri())
+with mlflow.start_run(experiment_id=experiment) as run:
+    (folder / f"ready-{run.info.run_id}").touch()
+    while not (folder / "locked").exists():
+        time.sleep(0.1)
+    for epoch in range(1, 6):
+        tracking.log_epoch_metrics({"loss": 1 / epoch, "val_auc": 0.5 + epoch / 20}, epoch)
+"""
+
+
+def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path, monkeypatch):
+    """4 processes log each epoch into one SQLite store while another process holds its write lock
+    longer than MLflow's 20 s busy timeout (a long write of another experiment, a backup, `mlflow gc`):
+    before, each failed with "database is locked"; now every epoch of every run is logged."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tool_env
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.create_store_once(uri)
+    experiment = MlflowClient(uri).create_experiment("queue", artifact_location=(tmp_path / "art").as_uri())
+    loggers = [subprocess.Popen([sys.executable, "-c", LOGGER, str(tmp_path), experiment], env=tool_env(
+        MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("ready-*"))) < 4:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in loggers), "loggers did not start"
+            time.sleep(0.2)
+        lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        (tmp_path / "locked").touch()
+        time.sleep(25)
+        lock.execute("COMMIT")
+        lock.close()
+        outputs = [p.communicate(timeout=240)[0] for p in loggers]
+    finally:
+        for p in loggers:
+            p.kill()
+    assert [p.returncode for p in loggers] == [0] * 4, "\n".join(outputs)
+    client = MlflowClient(uri)
+    for ready in tmp_path.glob("ready-*"):
+        history = client.get_metric_history(ready.name.removeprefix("ready-"), "val_auc")
+        assert sorted(point.step for point in history) == [1, 2, 3, 4, 5]

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from pneumonia import tracking
 from pneumonia.atomic import atomic_path, write_text
 from pneumonia.errors import PipelineError
+from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def experiment_runs(client: MlflowClient, experiment: str) -> list[mlflow.entiti
     if found is None:
         names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
         raise PipelineError(
-            f"no MLflow experiment {experiment!r} at {client.tracking_uri} (experiments there: {names}); "
+            f"no MLflow experiment {experiment!r} at {redact(client.tracking_uri)} (experiments there: {names}); "
             "pass --experiment, or run the pipeline first (dvc exp run)."
         )
     runs, token = [], None

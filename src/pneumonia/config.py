@@ -6,10 +6,11 @@ stops the stage before any heavy work, with a message naming the key, the value 
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StringConstraints,
+                      ValidationError, field_validator, model_validator)
 
 from pneumonia import paths
 from pneumonia.errors import PipelineError
@@ -17,26 +18,38 @@ from pneumonia.evaluation.threshold_rule import parse_threshold_rule
 from pneumonia.models.registry import CUSTOM_CNN, MODEL_NAMES, min_image_size
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true/false")
+    return value
+
+
+# Strict where lax parsing hides a mistake (`epochs: true` read as 1, `deterministic: "yes"` as true);
+# floats stay lax for strings because YAML 1.1 reads `1e-4` as one.
+Float = Annotated[float, BeforeValidator(_not_bool)]
+NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
 class Section(BaseModel):
-    # Unknown keys are errors: a misspelt param must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are errors: a misspelt param must not be silently ignored; inf and nan are never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Section):
-    patients_per_class: int = Field(12, ge=4)
-    images_per_patient: int = Field(3, ge=1)
-    image_size: int = Field(96, ge=32, le=1024)
+    patients_per_class: StrictInt = Field(12, ge=4)
+    images_per_patient: StrictInt = Field(3, ge=1)
+    image_size: StrictInt = Field(96, ge=32, le=1024)
 
 
 class DataConfig(Section):
     source: Literal["kaggle", "local", "synthetic"] = "kaggle"
     kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+$")
-    local_path: str = "../shared/datasets/chest-xray-sample.zip"
-    image_size: int = Field(160, ge=32, le=1024)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    seed: int = 42
+    local_path: NonEmptyStr = "../shared/datasets/chest-xray-sample.zip"
+    image_size: StrictInt = Field(160, ge=32, le=1024)
+    val_fraction: Float = Field(0.15, gt=0, lt=0.5)
+    seed: StrictInt = 42
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
-    max_unreadable_fraction: float = Field(0.01, ge=0, le=1)
+    max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
     def local_archive(self) -> Path:
@@ -69,9 +82,9 @@ def storage_uri(value: Any, key: str, example: str, local: str) -> Any:
 
 
 class TFRecordsConfig(Section):
-    images_per_shard: int = Field(512, ge=1)
-    workers: int = Field(0, ge=0)  # 0: one per CPU core
-    jpeg_quality: int = Field(95, ge=50, le=100)
+    images_per_shard: StrictInt = Field(512, ge=1)
+    workers: StrictInt = Field(0, ge=0)  # 0: one per CPU core
+    jpeg_quality: StrictInt = Field(95, ge=50, le=100)
     # "": the shards stay in data/tfrecords. A URI tf.io.gfile writes to (gs://bucket/path,
     # file:///abs/path): the shards go under <uri>/<content key>/, data/tfrecords keeps only meta.json.
     uri: str = ""
@@ -85,13 +98,13 @@ class TFRecordsConfig(Section):
 
 class ModelConfig(Section):
     name: str = CUSTOM_CNN
-    weights: str = "none"  # "imagenet", "none" or a path to a weights file
-    head_units: int = Field(128, ge=0)  # backbones: dense units before the output (0: none)
-    dropout: float = Field(0.3, ge=0, lt=1)
+    weights: NonEmptyStr = "none"  # "imagenet", "none" or a path to a weights file
+    head_units: StrictInt = Field(128, ge=0)  # backbones: dense units before the output (0: none)
+    dropout: Float = Field(0.3, ge=0, lt=1)
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
     # Share of the image cut off each side before the network sees it: burned-in markers and
     # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
-    crop: float = Field(0, ge=0, lt=0.4)
+    crop: Float = Field(0, ge=0, lt=0.4)
     # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
     # variance per image: brightness and contrast of the acquisition removed)
     input_norm: Literal["scale", "per_image"] = "scale"
@@ -133,36 +146,36 @@ class AugmentConfig(Section):
     """Random augmentation while training; 0 (flip: none) disables each."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
-    zoom: float = Field(0, ge=0, lt=1)  # up to this fraction in or out
-    rotation: float = Field(0, ge=0, le=0.5)  # up to this fraction of a full turn either way
-    translation: float = Field(0, ge=0, lt=1)  # up to this fraction of the image size, each axis
-    contrast: float = Field(0, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
+    zoom: Float = Field(0, ge=0, lt=1)  # up to this fraction in or out
+    rotation: Float = Field(0, ge=0, le=0.5)  # up to this fraction of a full turn either way
+    translation: Float = Field(0, ge=0, lt=1)  # up to this fraction of the image size, each axis
+    contrast: Float = Field(0, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
 
 
 class TrainConfig(Section):
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: StrictInt = Field(15, ge=1)
+    batch_size: StrictInt = Field(32, ge=1)
+    learning_rate: Float = Field(1e-3, gt=0)
     lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"
-    lr_decay_rate: float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
-    lr_plateau_factor: float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
-    lr_plateau_patience: int = Field(2, ge=1)  # ... for this many epochs
+    lr_decay_rate: Float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
+    lr_plateau_factor: Float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
+    lr_plateau_patience: StrictInt = Field(2, ge=1)  # ... for this many epochs
     fine_tune: Literal["frozen", "partial", "full"] = "full"  # which backbone layers train
-    fine_tune_layers: int = Field(30, ge=1)  # partial: the last this many layers of the backbone
-    warmup_epochs: int = Field(0, ge=0)  # first train the head alone this many epochs (0: no warm-up)
-    fine_tune_learning_rate: float = Field(1e-5, gt=0)  # after the warm-up
+    fine_tune_layers: StrictInt = Field(30, ge=1)  # partial: the last this many layers of the backbone
+    warmup_epochs: StrictInt = Field(0, ge=0)  # first train the head alone this many epochs (0: no warm-up)
+    fine_tune_learning_rate: Float = Field(1e-5, gt=0)  # after the warm-up
     augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
-    label_smoothing: float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
-    early_stopping_patience: int = Field(5, ge=1)
+    label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
+    early_stopping_patience: StrictInt = Field(5, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
-    seed: int = 42
-    deterministic: bool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
+    seed: StrictInt = 42
+    deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
-    scale_learning_rate: bool = False  # learning rates x the replica count (linear scaling rule)
-    steps_per_execution: int = Field(1, ge=1)  # batches per compiled call (TPUs: e.g. 32)
+    scale_learning_rate: StrictBool = False  # learning rates x the replica count (linear scaling rule)
+    steps_per_execution: StrictInt = Field(1, ge=1)  # batches per compiled call (TPUs: e.g. 32)
     # "": the backup of an unfinished training is backup/train/<worker>. A URI tf.io.gfile writes to
     # (gs://bucket/path): under <uri>/<fingerprint>/<worker>/, which outlives a preempted VM's disk.
     backup_uri: str = ""
@@ -190,9 +203,9 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     threshold: float | str = "youden"  # chosen on validation: a number, "youden" or "sensitivity@X"
-    bootstrap_samples: int = Field(1000, ge=100)  # resamples for the 95% confidence intervals
-    images_per_outcome: int = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
-    seed: int = 42  # bootstrap resampling and the choice of images shown
+    bootstrap_samples: StrictInt = Field(1000, ge=100)  # resamples for the 95% confidence intervals
+    images_per_outcome: StrictInt = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
+    seed: StrictInt = 42  # bootstrap resampling and the choice of images shown
     # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
     # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
     external: str = ""

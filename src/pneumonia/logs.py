@@ -2,18 +2,53 @@
 
 import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable
 
 from pneumonia.errors import PipelineError
+
+# The password of `scheme://user:password@host` (MLflow tracking URIs: http, postgresql, mysql+pymysql, ...).
+_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
+_record_factory = logging.getLogRecordFactory()
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
+def _redacted_record(*args, **kwargs) -> logging.LogRecord:
+    # At creation, so every logger's records are covered, also those of libraries with handlers of
+    # their own (MLflow's do not propagate to the root logger).
+    record = _record_factory(*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a malformed record is logging's to report, as it would anyway
+        return record
+    if (redacted := redact(message)) != message:
+        record.msg, record.args = redacted, None
+    return record
+
+
+def _redacted_excepthook(kind, value, trace) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, trace))))
+
+
+def hide_secrets() -> None:
+    """Passwords in URLs never reach a log line, an error message or a traceback of this process."""
+    logging.setLogRecordFactory(_redacted_record)
+    sys.excepthook = _redacted_excepthook
 
 
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage: INFO logging, and a PipelineError becomes a message and exit code 2, no traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hide_secrets()
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import logging
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from PIL import Image
 
 from pneumonia import tracking
 from pneumonia.config import Params
+from pneumonia.data.images import ImageTooLarge
 from pneumonia.errors import PipelineError
+from pneumonia.logs import redact
 from pneumonia.prediction import Classifier
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,14 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
     outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
 )
+# Limits of a request, so that a few hostile ones cannot exhaust the server's memory: the server
+# answers a timed-out request with 504 but its thread goes on decoding. Rows a request, bytes an
+# image file (base64 is 4/3 of it), and images decoded at once in this process (each up to
+# images.MAX_PIXELS: ~0.2 GB at worst while decoded).
+MAX_ROWS = 64
+MAX_IMAGE_BYTES = 16 * 2**20
+MAX_ENCODED_CHARS = MAX_IMAGE_BYTES * 4 // 3 * 77 // 76 + 4  # with GNU base64's line breaks
+DECODING = threading.BoundedSemaphore(2)
 # Needed to load and run the model where it is served; mlflow adds itself.
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow")
 
@@ -55,6 +66,10 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         """model_input: a DataFrame with a column "image" of base64-encoded JPEG or PNG files."""
+        if len(model_input) > MAX_ROWS:
+            raise MlflowException.invalid_parameter_value(
+                f"the request has {len(model_input)} rows, more than the limit of {MAX_ROWS} images a request: "
+                f"send at most {MAX_ROWS} per request")
         images = [self.request_image(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
         probabilities = self.classifier.probabilities(images)
         return pd.DataFrame({"probability": probabilities,
@@ -62,14 +77,23 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
 
     def request_image(self, value: object, row: int) -> np.ndarray:
         """One request's image, preprocessed; a bad one is the client's error (HTTP 400) naming its row."""
+        if isinstance(value, str) and len(value) > MAX_ENCODED_CHARS:
+            raise MlflowException.invalid_parameter_value(
+                f"row {row} of column {IMAGE_COLUMN!r} is {len(value) / 2**20:.1f} MiB of base64, more than the "
+                f"limit of {MAX_IMAGE_BYTES // 2**20} MiB an image file: downscale or compress the image")
         try:
-            encoded = base64.b64decode(value, validate=True)
+            # Line breaks are ignored: GNU `base64` wraps at 76 columns (MIME does too).
+            encoded = base64.b64decode("".join(value.split()) if isinstance(value, str) else value, validate=True)
         except (binascii.Error, TypeError, ValueError) as exc:
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is not base64 ({exc}): send each image file base64-encoded"
             ) from None
         try:
-            return self.classifier.preprocess(encoded)
+            with DECODING:
+                return self.classifier.preprocess(encoded)
+        except ImageTooLarge as exc:
+            raise MlflowException.invalid_parameter_value(
+                f"row {row} of column {IMAGE_COLUMN!r} is too large: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is not a readable image ({type(exc).__name__}: {exc}): "
@@ -119,12 +143,12 @@ def log_model(model_path: Path, threshold: float, params: Params) -> ModelInfo:
 
 def load_classifier(model_uri: str) -> Classifier:
     """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.use_tracking_uri(tracking.tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         raise PipelineError(
-            f"cannot load the MLflow model {model_uri!r} from {tracking.tracking_uri()}: {exc}") from None
+            f"cannot load the MLflow model {model_uri!r} from {tracking.shown_uri()}: {redact(str(exc))}") from None
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, PneumoniaModel):
         raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import subprocess
-import urllib.parse
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +21,7 @@ from pneumonia import paths
 from pneumonia.atomic import write_json
 from pneumonia.config import Params, flatten
 from pneumonia.errors import PipelineError
+from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,25 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
 
 
+def shown_uri() -> str:
+    """The tracking URI as logs, messages and files show it: without its password."""
+    return redact(tracking_uri())
+
+
+def use_tracking_uri(uri: str) -> None:
+    if redact(uri) != uri:
+        # MLflow prints an http store's run links to stdout, password and all.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    mlflow.set_tracking_uri(uri)
+
+
 def check_reachable(uri: str) -> None:
     """Fail before training, not after an hour of it, when a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
 
-    parts = urllib.parse.urlsplit(uri)
-    shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()  # no password
+    shown = redact(uri)
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
     except requests.RequestException as exc:
@@ -68,6 +80,29 @@ def create_store_once(uri: str) -> None:
     database = uri.removeprefix("sqlite:///").split("?")[0]
     with FileLock(f"{database}.lock"):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the tables
+
+
+LOCKED_RETRY_SECONDS = 600
+
+
+def retry_locked(call, *args, **kwargs):
+    """call(*args, **kwargs), tried again while the SQLite store stays locked past MLflow's 20 s busy
+    timeout: queued experiments share mlflow.db, and a "database is locked" must not end a training
+    that has run for an hour."""
+    delay, deadline = 1.0, time.monotonic() + LOCKED_RETRY_SECONDS
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except mlflow.exceptions.MlflowException as exc:
+            if "database is locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("the MLflow store is locked by another process: trying again in %.0f s", delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30)
+
+
+def log_epoch_metrics(metrics: dict[str, float], step: int) -> None:
+    retry_locked(mlflow.log_metrics, metrics, step=step)
 
 
 def _experiment_id(name: str) -> str:
@@ -118,34 +153,45 @@ def training_run(params: Params, manifests: Path, resume_run_id: str | None = No
     reopen `resume_run_id`, the run of an interrupted training that now resumes."""
     check_reachable(tracking_uri())
     create_store_once(tracking_uri())
-    mlflow.set_tracking_uri(tracking_uri())
+    use_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(params.tracking.experiment)
     if resume_run_id is not None:
         try:
             mlflow.get_run(resume_run_id)
         except mlflow.exceptions.MlflowException:
             log.warning("the interrupted training's MLflow run %s is not in %s: starting a new run", resume_run_id,
-                        tracking_uri())
+                        shown_uri())
             resume_run_id = None
     with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests)) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
         mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("evaluate.")})
-        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, tracking_uri())
+        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, shown_uri())
         yield run
 
 
 @contextmanager
 def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run whose id the train stage handed over in `run_info`."""
+    """Reopen the run whose id the train stage handed over in `run_info`.
+
+    The file holds the tracking URI without its password (it is a DVC output, pushed to remotes):
+    MLFLOW_TRACKING_URI supplies the password when it names the same store.
+    """
     info = json.loads(run_info.read_text())
-    mlflow.set_tracking_uri(info["tracking_uri"])
+    recorded = info["tracking_uri"]
+    uri = tracking_uri() if shown_uri() == recorded else recorded
+    if "***@" in uri:
+        raise PipelineError(
+            f"the train stage logged to {recorded}, whose password {run_info} does not keep: set "
+            "MLFLOW_TRACKING_URI to that URI with its password, as for the train stage"
+        )
+    use_tracking_uri(uri)
     with mlflow.start_run(run_id=info["run_id"]) as run:
         yield run
 
 
 def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
     write_json(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                      "tracking_uri": tracking_uri()})
+                      "tracking_uri": shown_uri()})
 
 
 def log_training(summary: dict, inputs: list[Path]) -> None:
@@ -154,6 +200,6 @@ def log_training(summary: dict, inputs: list[Path]) -> None:
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
     """
-    mlflow.log_metrics(summary)
+    retry_locked(mlflow.log_metrics, summary)
     for path in inputs:
-        mlflow.log_artifact(str(path), artifact_path="inputs")
+        retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")

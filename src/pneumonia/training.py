@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import keras
 import mlflow
 import tensorflow as tf
 
-from pneumonia import distribute
+from pneumonia import distribute, tracking
 from pneumonia.atomic import atomic_path
 from pneumonia.config import Params, flatten
 from pneumonia.data import dataset
@@ -130,13 +131,14 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
         super().__init__()
         self.history = history
         run_id = mlflow.active_run().info.run_id
-        self.logged = {point.step for point in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+        self.logged = {point.step for point in
+                       tracking.retry_locked(mlflow.MlflowClient().get_metric_history, run_id, "loss")}
 
     def _log_new_epochs(self):
         for record in self.history.epochs:
             step = record["epoch"] + 1
             if step not in self.logged:
-                mlflow.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=step)
+                tracking.log_epoch_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step)
                 self.logged.add(step)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -223,14 +225,61 @@ def prepare_stage(model: keras.Model, params: Params, stage: Stage, steps_per_ep
     compile_model(model, params, learning_rate(params, stage, steps_per_epoch))
 
 
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose file is replaced whole: saved beside it, then renamed over it (also through
+    tf.io.gfile, for a backup under train.backup_uri). Keras saves in place, so a process killed
+    mid-save left a truncated best model, which became models/model.keras if no later epoch beat it.
+    """
+
+    _saving_to: str | None = None
+
+    def _get_file_path(self, epoch, batch, logs):
+        # Keras's one hook for where it saves; _save_model below sets the temporary name.
+        return self._saving_to or super()._get_file_path(epoch, batch, logs)
+
+    def _save_model(self, epoch, batch, logs):
+        target = super()._get_file_path(epoch, batch, logs)
+        folder, name = target.rsplit("/", 1) if "/" in target else (".", target)
+        self._saving_to = f"{folder}/.{uuid.uuid4().hex[:12]}.tmp-{name}"  # keeps the .keras suffix Keras needs
+        try:
+            super()._save_model(epoch, batch, logs)
+            if tf.io.gfile.exists(self._saving_to):
+                tf.io.gfile.rename(self._saving_to, target, overwrite=True)
+        finally:
+            if tf.io.gfile.exists(self._saving_to):
+                tf.io.gfile.remove(self._saving_to)
+            self._saving_to = None
+
+
+def complete_keras_file(path: str) -> bool:
+    """Whether a .keras file (a zip) is whole: every member present and matching its CRC."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError, OSError, tf.errors.OpError):
+        return False
+
+
+def promote_checkpoint(checkpoint: str, model_path: Path, backup: str) -> None:
+    """Copy the best checkpoint to `model_path` (atomically), once it is known to be whole."""
+    if not complete_keras_file(checkpoint):
+        raise PipelineError(
+            f"the best model {checkpoint} is damaged (truncated: a process was killed while saving it, before "
+            f"saves were atomic); nothing was promoted to {model_path}. Remove the backup folder {backup} "
+            "and train again."
+        )
+    with atomic_path(model_path) as saved:
+        tf.io.gfile.copy(checkpoint, str(saved), overwrite=True)
+
+
 def make_callbacks(params: Params, checkpoint: str, best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
     """One set for all stages: the checkpoint remembers the best epoch across them (and across a
     resume: `best_so_far` is the best monitored value before it)."""
     train = params.train
     mode = "min" if train.monitor == "val_loss" else "max"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=train.monitor, mode=mode, save_best_only=True,
-                                        initial_value_threshold=best_so_far),
+        AtomicModelCheckpoint(checkpoint, monitor=train.monitor, mode=mode, save_best_only=True,
+                              initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor=train.monitor, mode=mode, patience=train.early_stopping_patience,
                                       restore_best_weights=True),
     ]
@@ -403,8 +452,7 @@ def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None
     if not tf.io.gfile.exists(checkpoint) or tf.io.gfile.stat(checkpoint).length == 0:
         raise PipelineError(f"training never produced a finite {params.train.monitor}; check the data and learning rate")
     if placement.is_chief:
-        with atomic_path(model_path) as saved:
-            tf.io.gfile.copy(checkpoint, str(saved), overwrite=True)
+        promote_checkpoint(checkpoint, model_path, backup)
 
     result_history = history.as_lists()
     values = result_history[params.train.monitor]

@@ -12,11 +12,12 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from pneumonia import CLASS_NAMES, SPLITS
 from pneumonia.atomic import write_text
+from pneumonia.data.images import open_image, to_grey
 from pneumonia.errors import PipelineError
 
 STATS_SIZE = 128  # pixels a side (at least) of the decode the intensity statistics are taken from
@@ -40,10 +41,10 @@ def inspect_file(path: Path, kaggle_split: str, label: int) -> ImageFacts:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             (width, height), mode = image.size, image.mode
             image.draft("L", (STATS_SIZE, STATS_SIZE))  # JPEG: decode at 1/2 to 1/8 scale, much faster
-            pixels = np.asarray(image.convert("L"), dtype=np.float64)
+            pixels = np.asarray(to_grey(image), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         # (PIL's own text for an unknown format holds a memory address: not reproducible.)
         unknown = isinstance(exc, UnidentifiedImageError)

@@ -2,11 +2,12 @@
 {train,val,test}/{NORMAL,PNEUMONIA}/ image files plus a source.json that says where they came from.
 """
 
+import errno
 import hashlib
 import logging
+import os
 import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -39,6 +40,17 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         raise PipelineError(f"refusing the archive: member {info.filename!r} is a symbolic link")
 
 
+def check_free_space(needed: int, out: Path, what: str) -> None:
+    """Refuse before writing when `needed` bytes (declared by the source) do not fit on out's disk:
+    an archive whose members expand past the free space (a zip bomb) must not fill it."""
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise PipelineError(
+            f"{what} expands to {needed / 1e6:,.0f} MB but only {free / 1e6:,.0f} MB are free on the disk of "
+            f"{out.parent}: free up space (or move the project to a larger disk) and run the stage again."
+        )
+
+
 def extract_archive(archive: Path, out: Path) -> None:
     """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/.
 
@@ -53,6 +65,9 @@ def extract_archive(archive: Path, out: Path) -> None:
             by_name = {info.filename: info for info in infos}
             files = locate_splits(list(by_name))
             total = sum(len(names) for names in files.values())
+            # zipfile stops at a member's declared size (its CRC then fails), so this bounds what is written.
+            check_free_space(sum(by_name[name].file_size for names in files.values() for name in names), out,
+                             f"the archive {archive}")
             with tqdm(total=total, desc="extracting", unit="img", mininterval=2) as progress:
                 for (split, class_name), names in files.items():
                     folder = out / split / class_name
@@ -68,9 +83,27 @@ def extract_archive(archive: Path, out: Path) -> None:
         ) from None
 
 
+def regular_files(folder: Path) -> list[str]:
+    """Files under `folder`, '/'-separated relative names, without following symbolic links: a link
+    could pull in any file the user can read (or loop), and DVC would not see its target change."""
+    names, links = [], []
+    for root, dirs, files in os.walk(folder):  # does not descend into linked folders
+        for name in sorted(dirs) + sorted(files):
+            path = Path(root) / name
+            if path.is_symlink():
+                links.append(path.relative_to(folder).as_posix())
+            elif name in files and path.is_file():
+                names.append(path.relative_to(folder).as_posix())
+    if links:
+        log.warning("not following %d symbolic link(s) in %s: %s", len(links), folder,
+                    ", ".join(links[:10]) + (" ..." if len(links) > 10 else ""))
+    return names
+
+
 def copy_folder(folder: Path, out: Path) -> None:
-    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
-    files = locate_splits(names)
+    files = locate_splits(regular_files(folder))
+    check_free_space(sum((folder / name).stat().st_size for names in files.values() for name in names), out,
+                     f"the folder {folder}")
     for (split, class_name), members in tqdm(files.items(), desc="copying", mininterval=2):
         target = out / split / class_name
         target.mkdir(parents=True, exist_ok=True)
@@ -90,9 +123,21 @@ def _from_kaggle(config: DataConfig, out: Path) -> dict:
 
     method = kaggle.find_credentials()
     log.info("downloading %s from Kaggle (credentials from %s)", config.kaggle_dataset, method)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
-        archive = kaggle.download_archive(config.kaggle_dataset, Path(scratch))
+    # One scratch folder per dataset, kept when the stage is killed: the next run resumes the partial
+    # archive in it (the client appends only to bytes it can prove are of the same remote file).
+    scratch = out.parent / f".download-{config.kaggle_dataset.replace('/', '--')}"
+    for stale in out.parent.glob(".download-*"):
+        if stale != scratch:  # other datasets', or random names of older versions: 1.2 GB each
+            log.info("removing the stale download folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        archive = kaggle.download_archive(config.kaggle_dataset, scratch)
         extract_archive(archive.path, out)
+    except PipelineError:
+        if any(scratch.glob("*.zip")) and not any(scratch.glob("*.kaggle-partial")):
+            shutil.rmtree(scratch, ignore_errors=True)  # a complete but unusable archive: start afresh next time
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
     return {"kaggle_dataset": archive.slug, "version": archive.version,
             "archive_sha256": archive.sha256, "archive_size_bytes": archive.size_bytes}
 
@@ -110,15 +155,24 @@ def _from_local(config: DataConfig, out: Path) -> dict:
 
 def download(config: DataConfig, raw: Path) -> dict:
     """Fill `raw` atomically from the configured source; return what source.json records."""
-    with atomic_path(raw, directory=True) as out:
-        if config.source == "kaggle":
-            origin = _from_kaggle(config, out)
-        elif config.source == "local":
-            origin = _from_local(config, out)
-        else:
-            synthetic.generate(out, config.synthetic, config.seed)
-            origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
-        source = {"source": config.source, **origin, "images": count_images(out)}
-        write_json(out / "source.json", source)
+    try:
+        with atomic_path(raw, directory=True) as out:
+            if config.source == "kaggle":
+                origin = _from_kaggle(config, out)
+            elif config.source == "local":
+                origin = _from_local(config, out)
+            else:
+                synthetic.generate(out, config.synthetic, config.seed)
+                origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
+            source = {"source": config.source, **origin, "images": count_images(out)}
+            write_json(out / "source.json", source)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PipelineError(
+            f"the disk of {raw.parent} is full ({exc.strerror}) while writing {raw}: nothing was kept. "
+            "Free up space (the dataset needs about twice its archive's size while it is extracted) "
+            "and run the stage again."
+        ) from None
     log.info("images per split and class: %s", source["images"])
     return source

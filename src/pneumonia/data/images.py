@@ -3,20 +3,55 @@ new images exactly as it saw its training images."""
 
 import io
 
+import numpy as np
 from PIL import Image
+
+# Refused before decoding: 6000 x 6000, over 4x the largest chest radiographs (a 43 cm detector at
+# 100 um is 4300 px). PIL alone only warns up to 179 MP, and a 10000 x 10000 PNG of 380 KiB
+# decodes to ~0.5 GB.
+MAX_PIXELS = 36_000_000
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_image(source: bytes | str) -> Image.Image:
+    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ImageTooLarge(f"{width} x {height} = {width * height / 1e6:.0f} megapixels, more than the "
+                            f"{MAX_PIXELS / 1e6:.0f} megapixel limit: downscale the image first")
+    return image
+
+
+def to_grey(image: Image.Image) -> Image.Image:
+    """8-bit grayscale ("L") of any PIL mode a JPEG or PNG opens as.
+
+    16-bit (I;16*) and 32-bit (I) grey are scaled from their full range to 0..255 (PIL's own
+    convert clips everything above 255 to white). Alpha (LA, RGBA, PA) is dropped: the grey
+    values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through PIL's
+    conversion (1-bit: 0 and 255).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)  # no overflow of + 128
+        return Image.fromarray(np.clip((pixels + 128) // 257, 0, 255).astype(np.uint8))
+    return image.convert("L")
 
 
 def load_resized(source: bytes | str, size: int) -> Image.Image:
-    """Decode a JPEG/PNG (grayscale or colour, any size) to a `size` x `size` grayscale image.
+    """Decode a JPEG/PNG (grayscale or colour, 8 or 16 bit, up to MAX_PIXELS) to a `size` x `size`
+    grayscale image.
 
     Chest X-rays carry no colour information; the few RGB files in the Kaggle set are grey too.
     """
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image = open_image(source)
     # JPEG draft mode decodes at a reduced scale directly: several times faster on the
     # ~2000 px originals, and the result is resized down anyway.
     image.draft("L", (size, size))
-    image = image.convert("L")
-    return image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return to_grey(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:

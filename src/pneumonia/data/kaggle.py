@@ -12,9 +12,7 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,13 +195,13 @@ def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: 
 
     retries = max(retries, 0)
     for attempt in range(retries + 1):
-        # The client writes into a scratch dir; only a complete zip is moved to its final name.
-        scratch = Path(tempfile.mkdtemp(prefix=".kaggle-download-", dir=dest_dir))
+        # force=False: the client resumes a partial `target` of the same remote file (checked by its
+        # .kaggle-partial marker: ETag or Last-Modified, and size), else downloads it again whole.
+        # A complete target is only ever returned after the client's size check passed.
         try:
             with _client_prints_to_log(secrets):
                 api = _authenticated_api()
-                api.dataset_download_files(slug, path=str(scratch), force=True, quiet=False, unzip=False)
-                os.replace(scratch / target.name, target)
+                api.dataset_download_files(slug, path=str(dest_dir), force=False, quiet=False, unzip=False)
                 version = _dataset_version(api, slug)
             break
         except (Exception, SystemExit) as exc:
@@ -215,8 +213,6 @@ def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: 
             delay = backoff_s * 2**attempt
             log.warning("%s; retrying in %.1f s (%d/%d)", message, delay, attempt + 1, retries)
             time.sleep(delay)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     info = ArchiveInfo(target, slug, version, target.stat().st_size, _sha256(target))
     log.info("Downloaded %s: %d bytes, version %s, sha256 %s", slug, info.size_bytes, info.version, info.sha256)

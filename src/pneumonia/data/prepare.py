@@ -19,6 +19,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.data.audit import ImageFacts, audit_splits, check_unreadable, inspect_raw, raise_if_leaked
 from pneumonia.data.manifest import Record, write_manifest
+from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,33 @@ def _groups(records: list[Record]) -> np.ndarray:
 
 
 def split_train_val(pool: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    folds = StratifiedGroupKFold(n_splits=round(1 / val_fraction), shuffle=True, random_state=seed)
-    labels = np.array([record.label for record in pool])
-    train_index, val_index = next(folds.split(np.zeros(len(pool)), labels, _groups(pool)))
+    n_splits = round(1 / val_fraction)
+    labels, groups = np.array([record.label for record in pool]), _groups(pool)
+    for label, class_name in enumerate(CLASS_NAMES):
+        patients = len(set(groups[labels == label]))
+        if patients < n_splits:
+            raise PipelineError(
+                f"data.val_fraction = {val_fraction} draws validation as 1 of {n_splits} folds of patients per "
+                f"class, but class {class_name} has only {patients} patient(s) left for train and val: "
+                + (f"raise data.val_fraction to at least {1 / patients:.2f}, or " if patients > 2 else "")
+                + "use a larger dataset."
+            )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_index, val_index = next(folds.split(np.zeros(len(pool)), labels, groups))
     return [pool[i] for i in train_index], [pool[i] for i in val_index]
+
+
+def check_both_classes(splits: dict[str, list[Record]], unreadable: int) -> None:
+    """Training, model choice and evaluation all need images of both classes in each split."""
+    for name, records in splits.items():
+        missing = [class_name for label, class_name in enumerate(CLASS_NAMES)
+                   if not any(r.label == label for r in records)]
+        if missing:
+            skipped = f" after skipping {unreadable} unreadable image(s)" if unreadable else ""
+            raise PipelineError(
+                f"{name} has no {' and no '.join(missing)} image{skipped}: every split needs both "
+                f"classes. Use a larger dataset{', or repair the unreadable images' if unreadable else ''}."
+            )
 
 
 @dataclass(frozen=True)
@@ -84,8 +108,10 @@ def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int, *,
     test_hashes = {r.sha256 for r in test}
     pool = [record(image) for image in readable if image.kaggle_split != "test"]
     kept = [r for r in pool if r.sha256 not in test_hashes]
+    check_both_classes({"train + val (before the split)": kept, "the test split": test}, len(unreadable))
     train, val = split_train_val(kept, val_fraction, seed)
     splits = {"train": train, "val": val, "test": test}
+    check_both_classes({"the train split": train, "the val split": val}, len(unreadable))
 
     audit = audit_splits(splits, readable)
     if audit_file:

@@ -13,11 +13,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from pneumonia import CLASS_NAMES, SPLITS  # noqa: E402
 from pneumonia.atomic import atomic_path, write_csv, write_json  # noqa: E402
 from pneumonia.data.audit import ImageFacts  # noqa: E402
+from pneumonia.data.images import open_image, to_grey  # noqa: E402
 from pneumonia.data.manifest import Record  # noqa: E402
 
 SAMPLES_PER_CLASS = 8
@@ -112,9 +112,9 @@ def sample_grid_png(train: list[Record], path: Path) -> None:
     for label, name in enumerate(CLASS_NAMES):
         chosen = sorted((r for r in train if r.label == label), key=lambda r: r.sha256)[:SAMPLES_PER_CLASS]
         for ax, record in zip(axes[label], chosen):
-            with Image.open(record.path) as image:
+            with open_image(record.path) as image:
                 image.draft("L", (128, 128))
-                ax.imshow(image.convert("L"), cmap="gray", vmin=0, vmax=255)
+                ax.imshow(to_grey(image), cmap="gray", vmin=0, vmax=255)
         for ax in axes[label]:
             ax.set_xticks([])
             ax.set_yticks([])

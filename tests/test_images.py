@@ -1,0 +1,106 @@
+"""Image decoding shared by prepare, TFRecords, `pneumonia predict` and serving (pneumonia.data.images):
+every PIL mode a JPEG or PNG opens as comes out as the grey values it stores, and huge images are
+refused from their header."""
+
+import io
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumonia.data.audit import inspect_file
+from pneumonia.data.images import MAX_PIXELS, ImageTooLarge, load_resized, resized_jpeg
+from pneumonia.prediction import model_input
+
+GRADIENT = np.tile(np.linspace(0, 255, 256).round().astype(np.uint8), (256, 1))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def grey(data: bytes) -> np.ndarray:
+    """The decoded grey values, at the (square) source size."""
+    return np.asarray(load_resized(data, 256), dtype=np.float64)
+
+
+def as_16_bit(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(pixels.astype(np.uint16) * 257)
+
+
+def test_16_bit_grey_is_scaled_by_its_bit_depth_not_clipped():
+    expected = grey(encoded(Image.fromarray(GRADIENT, mode="L")))
+    decoded = grey(encoded(as_16_bit(GRADIENT)))
+    assert Image.open(io.BytesIO(encoded(as_16_bit(GRADIENT)))).mode == "I;16"
+    # Before: convert("L") clipped all values above 255, mean 254.
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_16_bit_xray_is_the_same_model_input_as_its_8_bit_version(sample_zip, tmp_path):
+    with zipfile.ZipFile(sample_zip) as archive:
+        name = next(name for name in sorted(archive.namelist()) if "/test/PNEUMONIA/" in name and name.endswith(".jpeg"))
+        xray = np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("L"))
+    eight, sixteen = encoded(Image.fromarray(xray, mode="L")), encoded(as_16_bit(xray))
+    # The model sees identical pixels, so its prediction is identical.
+    np.testing.assert_array_equal(model_input(sixteen, 160, 95), model_input(eight, 160, 95))
+    # prepare's statistics too
+    (tmp_path / "8.png").write_bytes(eight)
+    (tmp_path / "16.png").write_bytes(sixteen)
+    facts = [inspect_file(tmp_path / name, "test", 1) for name in ("8.png", "16.png")]
+    assert facts[0].error == facts[1].error == "" and facts[0].mean == facts[1].mean
+
+
+@pytest.mark.parametrize(("mode", "fmt", "tolerance"), [
+    ("RGB", "PNG", 0), ("RGB", "JPEG", 2), ("CMYK", "JPEG", 2), ("P", "PNG", 0), ("LA", "PNG", 0), ("RGBA", "PNG", 0),
+])
+def test_colour_palette_and_alpha_modes_give_their_grey_values(mode, fmt, tolerance):
+    image = Image.fromarray(GRADIENT, mode="L").convert(mode)
+    if "A" in mode:
+        # Alpha is dropped, not composited: a half-transparent X-ray keeps its stored grey values.
+        image.putalpha(Image.new("L", image.size, 128))
+    data = encoded(image, fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    assert np.abs(grey(data) - GRADIENT).max() <= tolerance
+
+
+def test_1_bit_images_are_black_and_white():
+    data = encoded(Image.fromarray(GRADIENT, mode="L").convert("1"))
+    assert Image.open(io.BytesIO(data)).mode == "1"
+    assert set(np.unique(grey(data))) <= {0.0, 255.0}
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid all-black grey PNG of width x height: a few hundred KiB however many pixels it has."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor, row, parts = zlib.compressobj(9), bytes(width + 1), []
+    for _ in range(height):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Image.open still gives PIL's
+def test_a_90_megapixel_image_is_refused_before_decoding(tmp_path):
+    data = huge_png(9500, 9500)  # between PIL's warning (89 MP) and its error (179 MP)
+    assert len(data) < 200_000
+    # Before: decoded in full (~90 MB) with only PIL's DecompressionBombWarning.
+    with pytest.raises(ImageTooLarge, match=r"9500 x 9500 = 90 megapixels, more than the 36 megapixel limit"):
+        load_resized(data, 160)
+    # The TFRecords writer skips it with the reason, and prepare counts it unreadable.
+    (tmp_path / "huge.png").write_bytes(data)
+    jpeg, reason = resized_jpeg(str(tmp_path / "huge.png"), 160, 95)
+    assert jpeg is None and "megapixel limit" in reason
+    assert "megapixel limit" in inspect_file(tmp_path / "huge.png", "train", 0).error
+
+
+def test_an_image_at_the_limit_is_decoded():
+    side = int(MAX_PIXELS ** 0.5)
+    assert np.asarray(load_resized(huge_png(side, side), 64)).max() == 0
