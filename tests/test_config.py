@@ -22,7 +22,9 @@ def test_repository_params_are_valid_and_complete():
                 "data.seed", "model.name", "model.weights", "train.epochs", "train.batch_size",
                 "train.learning_rate", "tracking.experiment"):
         assert key in flat
-    assert params.data.source == "kaggle" and params.model.name == "custom_cnn"
+    # A fresh clone runs on the sample committed with it (issue 15).
+    assert params.data.source == "local" and params.data.local_path == "data_sample/chest-xray-small.zip"
+    assert params.model.name == "custom_cnn"
     # Every key in params.yaml is one the config knows, and vice versa (no silent defaults-only keys).
     assert set(flatten(Params.model_validate(raw))) == set(flatten(parse_params(raw)))
 

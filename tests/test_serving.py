@@ -49,10 +49,10 @@ def store(synthetic_data, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def xrays(sample_zip, tmp_path_factory) -> list[Path]:
-    """Six real test X-rays of the sample, three of each class, as files."""
+def xrays(repo_sample, tmp_path_factory) -> list[Path]:
+    """Six real test X-rays of the committed sample, three of each class, as files."""
     folder = tmp_path_factory.mktemp("xrays")
-    with zipfile.ZipFile(sample_zip) as archive:
+    with zipfile.ZipFile(repo_sample) as archive:
         names = sorted(name for name in archive.namelist() if "/test/" in name and name.endswith(".jpeg"))
         for label in ("NORMAL", "PNEUMONIA"):
             for name in [name for name in names if f"/{label}/" in name][:3]:

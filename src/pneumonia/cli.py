@@ -50,6 +50,16 @@ def predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def build_sample(args: argparse.Namespace) -> None:
+    from pneumonia.data.sample import build_sample as build
+
+    summary = build(args.archive, args.out, {"train": args.train, "test": args.test}, args.seed)
+    for split, classes in summary.images.items():
+        print(f"{split}: " + ", ".join(f"{c} {n} images of {summary.patients[split][c]} patients"
+                                      for c, n in classes.items()))
+    print(f"{args.out}: {summary.size_bytes} bytes, sha256 {summary.sha256}")
+
+
 def add_predict_parser(commands) -> None:
     predict_parser = commands.add_parser(
         "predict", help="probability of pneumonia and label for image files (JPEG, PNG) or folders of them",
@@ -75,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=check_params)
 
     add_predict_parser(commands)
+
+    from pneumonia.data.sample import DEFAULT_FRACTIONS, DEFAULT_SEED
+
+    sample = commands.add_parser(
+        "build-sample", help="build the compact sample (data_sample/) from an archive in the Kaggle layout",
+        description="Draw whole patients, the same share of each class per split, deterministically "
+                    "(the same archive and options give a byte-identical zip). Images are copied, not re-encoded.")
+    sample.add_argument("archive", type=Path, help="zip in the Kaggle layout, e.g. ../shared/datasets/chest-xray-sample.zip")
+    sample.add_argument("--out", type=Path, default=paths.SAMPLE, help=f"the zip written (default {paths.SAMPLE})")
+    sample.add_argument("--train", type=float, default=DEFAULT_FRACTIONS["train"], help="share of train patients kept")
+    sample.add_argument("--test", type=float, default=DEFAULT_FRACTIONS["test"], help="share of test patients kept")
+    sample.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    sample.set_defaults(handler=build_sample)
 
     compared = commands.add_parser(
         "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost")

@@ -29,9 +29,9 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["kaggle", "local", "synthetic"] = "kaggle"
+    source: Literal["kaggle", "local", "synthetic"] = "local"
     kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+$")
-    local_path: str = "../shared/datasets/chest-xray-sample.zip"
+    local_path: str = str(paths.SAMPLE)  # the sample committed in data_sample/
     image_size: int = Field(160, ge=32, le=1024)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42

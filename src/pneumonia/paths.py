@@ -9,6 +9,9 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
+# The compact real sample committed with the code (data_sample/README.md): the default data.local_path
+SAMPLE = Path("data_sample") / "chest-xray-small.zip"
+
 DATA = Path("data")
 RAW = DATA / "raw"  # download: {train,val,test}/{NORMAL,PNEUMONIA}/ images + source.json
 RAW_SOURCE = RAW / "source.json"
