@@ -10,9 +10,15 @@ from pneumonia.logs import run_stage
 
 
 def check_params(args: argparse.Namespace) -> None:
-    from pneumonia.config import load_params
+    import yaml
 
-    print(json.dumps(load_params(args.params).model_dump(), indent=2))
+    from pneumonia.config import auto_keys, flatten, load_params
+
+    params = load_params(args.params)
+    print(json.dumps(params.model_dump(), indent=2))
+    resolved = flatten(params)
+    for key in auto_keys(yaml.safe_load(args.params.read_text())):
+        print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
 
 
 def compare_runs(args: argparse.Namespace) -> None:

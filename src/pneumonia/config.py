@@ -83,9 +83,43 @@ class TFRecordsConfig(Section):
                            "for shards in the local data/tfrecords")
 
 
+# `auto` in params.yaml (Params resolves it from model.name; `pneumonia check-params` shows the result):
+# a pretrained backbone with head warm-up then fine-tuning for the backbone families, as the seed
+# projects trained them; custom_cnn from scratch.
+AUTO = "auto"
+PRETRAINED_RECIPE = {"weights": "imagenet", "warmup_epochs": 3, "fine_tune": "partial"}
+FROM_SCRATCH_RECIPE = {"weights": "none", "warmup_epochs": 0, "fine_tune": "full"}
+
+
+def resolve_auto(raw: Any) -> Any:
+    """params with every `auto` replaced: model.weights imagenet for a backbone (none for custom_cnn);
+    train.warmup_epochs and train.fine_tune per PRETRAINED_RECIPE when the resolved weights are
+    pretrained (not none), per FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict) \
+            or not isinstance(raw.get("train", {}), dict):
+        return raw  # pydantic reports the wrong types
+    model, train = dict(raw.get("model") or {}), dict(raw.get("train") or {})
+    if model.get("weights") == AUTO:
+        model["weights"] = (FROM_SCRATCH_RECIPE if model.get("name", CUSTOM_CNN) == CUSTOM_CNN
+                            else PRETRAINED_RECIPE)["weights"]
+    recipe = FROM_SCRATCH_RECIPE if model.get("weights", "none") == "none" else PRETRAINED_RECIPE
+    if train.get("fine_tune") == AUTO:
+        train["fine_tune"] = recipe["fine_tune"]
+    if train.get("warmup_epochs") == AUTO:  # a frozen backbone has nothing to warm up for
+        train["warmup_epochs"] = 0 if train.get("fine_tune") == "frozen" else recipe["warmup_epochs"]
+    return {**raw, **({"model": model} if "model" in raw else {}), **({"train": train} if "train" in raw else {})}
+
+
+def auto_keys(raw: Any) -> list[str]:
+    """The params.yaml keys set to `auto`."""
+    return [f"{section}.{key}" for section, key in (("model", "weights"), ("train", "warmup_epochs"),
+                                                    ("train", "fine_tune"))
+            if isinstance(raw, dict) and isinstance(raw.get(section), dict) and raw[section].get(key) == AUTO]
+
+
 class ModelConfig(Section):
     name: str = CUSTOM_CNN
-    weights: str = "none"  # "imagenet", "none" or a path to a weights file
+    weights: str = "none"  # "imagenet", "none" or a path to a weights file (params.yaml: also "auto")
     head_units: int = Field(128, ge=0)  # backbones: dense units before the output (0: none)
     dropout: float = Field(0.3, ge=0, lt=1)
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
@@ -206,6 +240,11 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, raw: Any) -> Any:
+        return resolve_auto(raw)
 
     @model_validator(mode="after")
     def _image_fits_model(self) -> "Params":
