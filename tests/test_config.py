@@ -37,6 +37,7 @@ def test_repository_params_are_valid_and_complete():
         ({"data": {"source": "s3"}}, ["data.source = 's3'", "'kaggle'", "'local'", "'synthetic'"]),
         ({"data": {"imagesize": 64}}, ["data.imagesize", "unknown key"]),
         ({"data": {"val_fraction": 0.9}}, ["data.val_fraction = 0.9", "less than 0.5"]),
+        ({"data": {"kaggle_dataset": "owner/name/latest"}}, ["data.kaggle_dataset = 'owner/name/latest'", "pattern"]),
         ({"model": {"weights": "imagenet"}}, ["model.weights = 'imagenet'", "custom_cnn", "'none'"]),
     ],
 )
@@ -106,3 +107,7 @@ def test_readme_gpu_profile_is_a_valid_set_of_params():
     params = parse_params(raw)
     assert params.model.weights == "imagenet" and params.model.name != "custom_cnn"
     assert params.train.accelerator == "gpu" and params.train.warmup_epochs > 0
+
+
+def test_a_kaggle_dataset_version_can_be_pinned():
+    assert parse_params({"data": {"kaggle_dataset": "owner/name/12"}}).data.kaggle_dataset == "owner/name/12"

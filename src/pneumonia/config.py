@@ -30,7 +30,8 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     source: Literal["kaggle", "local", "synthetic"] = "local"
-    kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+$")
+    # owner/name (the current version) or owner/name/N (version N, pinned)
+    kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+(/\d+)?$")
     local_path: str = str(paths.SAMPLE)  # the sample committed in data_sample/
     image_size: int = Field(160, ge=32, le=1024)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
