@@ -50,13 +50,16 @@ def main() -> None:
 
     with tracking.resumed_run(paths.RUN_INFO):
         mlflow.set_tags({f"evaluate.{key}": value for key, value in config.model_dump().items()})
-        mlflow.log_metrics(summary.mlflow_metrics(scores))
+        # The model first, then its test metrics linked to it and to the test set: the logged model's
+        # page shows them and mlflow.search_logged_models ranks models by them.
+        logged = serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
+        [test_set] = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"}).values()
+        mlflow.log_metrics(summary.mlflow_metrics(scores), model_id=logged.model_id, dataset=test_set)
         for path in (paths.TEST_METRICS, paths.TEST_PREDICTIONS, paths.ROC_CURVE, paths.PR_CURVE,
                      paths.CALIBRATION_CURVE, paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         # The data report belongs with the run; logged here so that report changes cost no retraining.
         mlflow.log_artifacts(str(paths.DATA_REPORT), artifact_path="inputs/data")
-        serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
 
 
 if __name__ == "__main__":

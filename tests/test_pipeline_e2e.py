@@ -2,7 +2,9 @@
 from the files DVC tracks and from the MLflow store."""
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from browser import assert_not_blank, open_in_chromium
+from browser import FLAGS, assert_not_blank, chromium, open_in_chromium
 from conftest import commit_all, copy_project, run, set_params, tool_env
 from mlflow.tracking import MlflowClient
 
@@ -108,6 +110,63 @@ def test_model_swap_reruns_only_train_and_evaluate(synthetic_project):
                 models.add(name)
                 aucs.append(test["roc_auc"])
     assert models == {"custom_cnn", "xception"}, shown
+
+
+def page_text(url: str, profile: Path) -> str:
+    """The text of an MLflow UI page once its scripts have run, as headless Chromium renders it."""
+    dom = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_model_with_test_metrics(
+        synthetic_project, tmp_path):
+    """`mlflow ui` as a user opens it: the run of `dvc exp run` named as `dvc exp show` names the
+    experiment, the train/val/test manifests in its Datasets, the model's page with its test metrics."""
+    [exp_run] = [r for r in mlflow_runs(synthetic_project) if r.data.params["model.name"] == "xception"]
+    name = exp_run.data.tags["dvc.exp_name"]
+    assert exp_run.info.run_name == name
+    assert name in run(["dvc", "exp", "list", "--name-only"], synthetic_project).stdout.split()
+    client = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}")
+    [model] = client.search_logged_models([exp_run.info.experiment_id],
+                                          filter_string=f"source_run_id = '{exp_run.info.run_id}'")
+    linked = {metric.key: metric for metric in model.metrics}
+    assert linked["test_roc_auc"].dataset_name == "test" and linked["test_roc_auc"].model_id == model.model_id
+    datasets = {i.dataset.name: i.dataset.digest for i in client.get_run(exp_run.info.run_id).inputs.dataset_inputs}
+    assert set(datasets) == {"train", "val", "test"}
+    assert not {"threshold", "jpeg_quality"} & set(exp_run.data.params)  # one clean name each
+
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{synthetic_project / 'mlflow.db'}"],
+                              env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its worker processes stop with it
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # up to 120 s to start on a busy machine
+            try:
+                if urllib.request.urlopen(f"{ui}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not start")
+        experiment = exp_run.info.experiment_id
+        run_page = page_text(f"{ui}/#/experiments/{experiment}/runs/{exp_run.info.run_id}", tmp_path / "p1")
+        model_page = page_text(f"{ui}/#/experiments/{experiment}/models/{model.model_id}", tmp_path / "p2")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # its job-runner processes may linger
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+    assert name in run_page
+    shown = run_page.split("Datasets", 1)[-1]  # the run's Datasets panel (the sidebar's link comes first)
+    for dataset, digest in datasets.items():
+        assert f"{dataset} ({digest})" in shown or (dataset in shown and digest in shown), (dataset, run_page[-3000:])
+    assert "test_roc_auc" in model_page and f"{linked['test_roc_auc'].value:.4f}"[:5] in model_page, model_page[:3000]
 
 
 def test_temp_experiment_lands_in_the_same_store(synthetic_project):

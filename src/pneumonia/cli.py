@@ -56,6 +56,13 @@ def predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def promote(args: argparse.Namespace) -> None:
+    from pneumonia import serving
+
+    version = serving.promote(args.name, args.source, args.target, args.version)
+    print(f"{args.name}@{args.target} -> version {version}")
+
+
 def build_sample(args: argparse.Namespace) -> None:
     from pneumonia.data.sample import build_sample as build
 
@@ -91,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=check_params)
 
     add_predict_parser(commands)
+
+    promoted = commands.add_parser(
+        "promote", help="move a registered model's alias (default: champion to the version aliased candidate)",
+        description="Point an alias of a registered model at a version: by default 'champion' at the version "
+                    "aliased 'candidate' (the last one evaluated with tracking.register_model). Store: "
+                    "MLFLOW_TRACKING_URI, else mlflow.db at the repository root.")
+    promoted.add_argument("name", help="registered-model name (tracking.register_model)")
+    promoted.add_argument("--from", dest="source", default="candidate", help="alias of the version to promote")
+    promoted.add_argument("--to", dest="target", default="champion", help="alias to move to it")
+    promoted.add_argument("--version", help="promote this version number instead of the --from alias")
+    promoted.set_defaults(handler=promote)
 
     from pneumonia.data.sample import DEFAULT_FRACTIONS, DEFAULT_SEED
 
