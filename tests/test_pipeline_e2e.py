@@ -163,10 +163,16 @@ def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_mod
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
     assert name in run_page
-    shown = run_page.split("Datasets", 1)[-1]  # the run's Datasets panel (the sidebar's link comes first)
-    for dataset, digest in datasets.items():
-        assert f"{dataset} ({digest})" in shown or (dataset in shown and digest in shown), (dataset, run_page[-3000:])
-    assert "test_roc_auc" in model_page and f"{linked['test_roc_auc'].value:.4f}"[:5] in model_page, model_page[:3000]
+    # The run's Datasets panel lists the first dataset with its digest and context, the others as "+N".
+    panel = re.search(r"Datasets (\w+) \((\w+)\) (\w+)(?: \+(\d+))?", run_page)
+    assert panel, run_page[-3000:]
+    first, digest, context, more = panel.groups()
+    assert datasets[first] == digest and context in {"training", "validation", "testing"}
+    assert 1 + int(more or 0) == len(datasets) == 3
+    # The model's page: each test metric with the test dataset (and its digest) it was computed on.
+    for key in ("test_roc_auc", "test_sensitivity", "test_specificity", "test_accuracy"):
+        shown = re.search(rf"{key} test \(#{datasets['test']}\) {re.escape(name)} ([-\d.e]+)", model_page)
+        assert shown and float(shown[1]) == pytest.approx(linked[key].value, abs=1e-9), (key, model_page[:3000])
 
 
 def test_temp_experiment_lands_in_the_same_store(synthetic_project):
