@@ -8,7 +8,7 @@ from pneumonia.logs import run_stage
 
 def main() -> None:
     params = load_params()
-    download(params.data, paths.RAW)
+    download(params.data, paths.RAW, paths.ARCHIVE_RECORD)
 
 
 if __name__ == "__main__":

@@ -66,15 +66,22 @@ def main() -> None:
 
     with tracking.resumed_run(paths.RUN_INFO):
         mlflow.set_tags({f"evaluate.{key}": value for key, value in config.model_dump().items()})
+        # The model first, then each split's metrics linked to it and to that split's data: the logged
+        # model's page shows them and mlflow.search_logged_models ranks models by them.
+        logged = serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
+        datasets = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"})
+        if len(scored) > 1:
+            datasets[EXTERNAL] = tracking.manifest_dataset(paths.EXTERNAL / "manifest.csv", name=EXTERNAL)
+            mlflow.log_input(datasets[EXTERNAL], context="external validation")
         for split in scored:
-            mlflow.log_metrics(summary.mlflow_metrics(split.scores, prefix=split.name))
+            mlflow.log_metrics(summary.mlflow_metrics(split.scores, prefix=split.name), model_id=logged.model_id,
+                               dataset=datasets[split.name])
         for path in (paths.TEST_METRICS, paths.EXTERNAL_METRICS, paths.TEST_PREDICTIONS, paths.ROC_CURVE,
                      paths.PR_CURVE, paths.CALIBRATION_CURVE, paths.EVALUATION_REPORT,
                      *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         # The data report belongs with the run; logged here so that report changes cost no retraining.
         mlflow.log_artifacts(str(paths.DATA_REPORT), artifact_path="inputs/data")
-        serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def main() -> None:
         summary = result.summary()
         write_json(paths.TRAIN_METRICS, summary)
         tracking.log_training(summary, inputs=[paths.CLASS_WEIGHTS, paths.DATA_METRICS, paths.RAW_SOURCE])
+        tracking.log_manifests(paths.MANIFESTS, {"train": "training", "val": "validation"})
         tracking.write_run_info(run, paths.RUN_INFO)
     training.remove_backup(backup)  # finished: the next training starts afresh
 

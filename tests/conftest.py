@@ -11,7 +11,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-sample.zip"
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+SAMPLE_ZIP = SHARED_DATASETS / "chest-xray-sample.zip"
+# The compact sample committed in the repository (data_sample/README.md): on every clone.
+REPO_SAMPLE = REPO / "data_sample" / "chest-xray-small.zip"
+# CI sets this (.ci/run): there ../shared exists, and a test that needs it must run, not be skipped.
+REQUIRE_SHARED = os.environ.get("PNEUMONIA_REQUIRE_SHARED") == "1"
 VENV_BIN = Path(sys.executable).parent
 
 # Keep TensorFlow quiet and off any GPU a developer may have: tests are about behaviour, not speed.
@@ -76,11 +81,30 @@ def commit_all(project: Path, message: str = "test set-up") -> None:
     run(["git", "commit", "-qm", message], project)
 
 
+def shared_dataset(name: str) -> Path:
+    """A file of ../shared/datasets, beside the repository on the development and CI machines, not in a
+    clone: the test is skipped without it, saying what is missing; with PNEUMONIA_REQUIRE_SHARED=1 (CI)
+    it fails instead."""
+    path = SHARED_DATASETS / name
+    if not path.is_file():
+        missing = f"{path} is missing (../shared/datasets beside the repository, not part of a clone)"
+        if REQUIRE_SHARED:
+            pytest.fail(f"{missing}, and PNEUMONIA_REQUIRE_SHARED=1 says it must be there")
+        pytest.skip(missing)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sample_zip() -> Path:
-    if not SAMPLE_ZIP.is_file():
-        pytest.fail(f"the real sample {SAMPLE_ZIP} is missing; it ships beside the repository (shared/datasets)")
-    return SAMPLE_ZIP
+    """The larger real sample (5216 images), ../shared/datasets/chest-xray-sample.zip."""
+    return shared_dataset(SAMPLE_ZIP.name)
+
+
+@pytest.fixture(scope="session")
+def repo_sample() -> Path:
+    """The compact real sample committed in data_sample/ (1236 images), on every clone."""
+    assert REPO_SAMPLE.is_file(), f"{REPO_SAMPLE} is committed with the code; rebuild it: data_sample/README.md"
+    return REPO_SAMPLE
 
 
 def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient: int, raw_size: int,

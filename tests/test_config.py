@@ -22,7 +22,9 @@ def test_repository_params_are_valid_and_complete():
                 "data.seed", "model.name", "model.weights", "train.epochs", "train.batch_size",
                 "train.learning_rate", "tracking.experiment"):
         assert key in flat
-    assert params.data.source == "kaggle" and params.model.name == "custom_cnn"
+    # A fresh clone runs on the sample committed with it (issue 15).
+    assert params.data.source == "local" and params.data.local_path == "data_sample/chest-xray-small.zip"
+    assert params.model.name == "custom_cnn"
     # Every key in params.yaml is one the config knows, and vice versa (no silent defaults-only keys).
     assert dotted_keys(raw) == set(flat)
 
@@ -44,6 +46,7 @@ def dotted_keys(raw: dict, prefix: str = "") -> set[str]:
         ({"data": {"source": "s3"}}, ["data.source = 's3'", "'kaggle'", "'local'", "'synthetic'"]),
         ({"data": {"imagesize": 64}}, ["data.imagesize", "unknown key"]),
         ({"data": {"val_fraction": 0.9}}, ["data.val_fraction = 0.9", "less than 0.5"]),
+        ({"data": {"kaggle_dataset": "owner/name/latest"}}, ["data.kaggle_dataset = 'owner/name/latest'", "pattern"]),
         ({"model": {"weights": "imagenet"}}, ["model.weights = 'imagenet'", "custom_cnn", "'none'"]),
         # issue 16: lax parsing took these for settings
         ({"train": {"epochs": True}}, ["train.epochs = True", "integer"]),
@@ -130,3 +133,7 @@ def test_documented_gpu_profile_is_a_valid_set_of_params():
     params = parse_params(raw)
     assert params.model.weights == "imagenet" and params.model.name != "custom_cnn"
     assert params.train.accelerator == "gpu" and params.train.warmup_epochs > 0
+
+
+def test_a_kaggle_dataset_version_can_be_pinned():
+    assert parse_params({"data": {"kaggle_dataset": "owner/name/12"}}).data.kaggle_dataset == "owner/name/12"

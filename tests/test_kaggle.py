@@ -332,3 +332,36 @@ def test_a_killed_download_resumes_and_leaves_no_scratch(tmp_path):
         name.removeprefix("chest_xray/"): data for name, data in members.items()}
     assert json.loads((raw / "source.json").read_text())["archive_sha256"] == hashlib.sha256(archive).hexdigest()
     assert sorted(p.name for p in (project / "data").iterdir()) == ["raw"]  # no scratch, stale or new
+
+
+def test_a_pinned_version_is_asked_for_and_recorded_and_a_changed_archive_is_reported(tmp_path):
+    """data.kaggle_dataset owner/name/N downloads version N; data_archive.json records what came, and
+    a later download of other bytes (Kaggle's current version changed) says so, with the pin to use."""
+    project, home = _kaggle_project(tmp_path), tmp_path / "home"
+    first = zip_bytes(kaggle_members())
+    set_params(project, **{"data.kaggle_dataset": f"{SLUG}/3"})
+    with KaggleStub({SLUG: first}) as stub:
+        _write(home / ".kaggle" / "kaggle.json", _kaggle_json(stub))
+        result = _run_download_stage(project, stub, home)
+    assert result.returncode == 0, result.stderr
+    [download] = stub.api_calls("DownloadDataset")
+    assert download.body.get("datasetVersionNumber") == 3  # the client asked Kaggle for version 3
+    source = json.loads((project / "data/raw/source.json").read_text())
+    assert (source["kaggle_dataset"], source["version"]) == (f"{SLUG}/3", 3)
+    recorded = json.loads((project / "data_archive.json").read_text())
+    assert (recorded["version"], recorded["archive_sha256"]) == (3, hashlib.sha256(first).hexdigest())
+    assert "differs" not in result.stderr
+
+    members = kaggle_members()
+    changed = zip_bytes({**members, "chest_xray/train/NORMAL/IM-9999-0001.jpeg": next(iter(members.values()))})
+    set_params(project, **{"data.kaggle_dataset": SLUG})
+    with KaggleStub({SLUG: changed}, version=4) as stub:
+        _write(home / ".kaggle" / "kaggle.json", _kaggle_json(stub))
+        result = _run_download_stage(project, stub, home)
+    assert result.returncode == 0, result.stderr
+    assert "differs from the one recorded in data_archive.json" in result.stderr
+    assert f"data.kaggle_dataset={SLUG}/3" in result.stderr  # how to get the recorded data back
+    source = json.loads((project / "data/raw/source.json").read_text())
+    assert source["version"] == 4
+    assert source["differs_from_recorded"] == {"version": 3, "archive_sha256": hashlib.sha256(first).hexdigest()}
+    assert json.loads((project / "data_archive.json").read_text())["version"] == 4  # the record follows

@@ -1,10 +1,16 @@
 """Every model of the registry, the output layers, augmentation, weights files and the fine-tuning
 strategies, at the smallest input each model takes (weights=None: no download, fast)."""
 
+import copy
+import itertools
+import shlex
+
 import keras
 import numpy as np
 import pytest
+import yaml
 
+from conftest import REPO
 from pneumonia.config import AugmentConfig, ModelConfig, Params, parse_params
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
@@ -190,3 +196,60 @@ def test_mobilenetv2_imagenet_file_depends_on_the_image_size():
 def test_pneumonia_probability_reads_either_output_layer():
     np.testing.assert_allclose(pneumonia_probability(np.array([[0.2], [0.9]])), [0.2, 0.9])
     np.testing.assert_allclose(pneumonia_probability(np.array([[0.8, 0.2], [0.1, 0.9]])), [0.2, 0.9])
+
+
+def overridden(raw: dict, overrides: dict) -> dict:
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        section = raw
+        for parent in parents:
+            section = section[parent]
+        assert last in section, f"-S {key}: no such key in params.yaml"
+        section[last] = value
+    return raw
+
+
+def recipe_runs(command: str) -> list[dict]:
+    """The params overrides of each experiment a `dvc exp run ... -S k=v ...` line queues or runs:
+    comma-separated values are DVC's grid (one experiment per combination)."""
+    runs = []
+    for part in command.split("&&"):
+        words = shlex.split(part)
+        assert words[:3] == ["dvc", "exp", "run"], part
+        axes = [(w.split("=", 1)[0], [yaml.safe_load(v) for v in w.split("=", 1)[1].split(",")])
+                for flag, w in zip(words, words[1:]) if flag == "-S"]
+        runs += [dict(zip([key for key, _ in axes], values))
+                 for values in itertools.product(*[values for _, values in axes])]
+    return runs
+
+
+def test_a_backbone_name_alone_resolves_to_the_pretrained_recipe():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert parse_params(raw).model.weights == "none"  # the default custom_cnn: from scratch
+    params = parse_params(overridden(raw, {"model.name": "xception"}))
+    assert (params.model.weights, params.train.warmup_epochs, params.train.fine_tune) == ("imagenet", 3, "partial")
+    explicit = parse_params(overridden(raw, {"model.name": "xception", "model.weights": "none"}))
+    assert (explicit.model.weights, explicit.train.warmup_epochs, explicit.train.fine_tune) == ("none", 0, "full")
+
+
+def test_each_documented_seed_recipe_validates_and_resolves_as_described():
+    readme = (REPO / "docs" / "models.md").read_text()
+    block = readme.split("<!-- seed recipes -->")[1].split("<!-- /seed recipes -->")[0]
+    commands = [line for line in block.splitlines() if line.startswith("dvc exp run")]
+    assert len(commands) == 4
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    resolved = {}
+    for number, command in zip(("001", "002", "003", "004"), commands):
+        resolved[number] = [parse_params(overridden(raw, overrides)) for overrides in recipe_runs(command)]
+    [r001] = resolved["001"]
+    assert (r001.model.name, r001.model.weights, r001.train.fine_tune, r001.train.warmup_epochs) == \
+        ("resnet50v2", "imagenet", "frozen", 0)
+    [r002] = resolved["002"]
+    assert (r002.model.name, r002.train.warmup_epochs, r002.train.fine_tune) == ("densenet169", 3, "full")
+    assert [(p.model.name, p.model.weights, p.train.fine_tune) for p in resolved["003"]] == [
+        ("custom_cnn", "none", "full"), ("mobilenetv2", "imagenet", "frozen"),
+        ("mobilenetv2", "imagenet", "partial"), ("mobilenetv2", "imagenet", "full")]
+    [r004] = resolved["004"]
+    assert (r004.model.name, r004.data.image_size, r004.model.weights, r004.train.fine_tune) == \
+        ("xception", 299, "imagenet", "partial")

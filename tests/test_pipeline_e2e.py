@@ -2,7 +2,9 @@
 from the files DVC tracks and from the MLflow store."""
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -12,12 +14,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from browser import assert_not_blank, open_in_chromium
-from conftest import commit_all, copy_project, run, set_params, tool_env
+from browser import FLAGS, assert_not_blank, chromium, open_in_chromium
+from conftest import commit_all, copy_project, run, set_params, shared_dataset, tool_env
 from mlflow.tracking import MlflowClient
 
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
-EXTERNAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chest-xray-external.zip"
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
 pytestmark = pytest.mark.e2e
@@ -124,6 +125,71 @@ def test_model_swap_reruns_only_train_and_evaluate(synthetic_project, baseline):
     assert models == {"custom_cnn", "xception"}, shown
 
 
+def page_text(url: str, profile: Path) -> str:
+    """The text of an MLflow UI page once its scripts have run, as headless Chromium renders it."""
+    dom = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_model_with_test_metrics(
+        synthetic_project, baseline, tmp_path):
+    """`mlflow ui` as a user opens it: the run of `dvc exp run` named as `dvc exp show` names the
+    experiment, the train/val/test manifests in its Datasets, the model's page with its test metrics."""
+    before = {r.info.run_id for r in mlflow_runs(synthetic_project)}
+    run(["dvc", "exp", "run", "--temp", "-S", "train.seed=3"], synthetic_project)
+    [exp_run] = [r for r in mlflow_runs(synthetic_project) if r.info.run_id not in before]
+    name = exp_run.data.tags["dvc.exp_name"]
+    assert exp_run.info.run_name == name
+    assert name in run(["dvc", "exp", "list", "--name-only"], synthetic_project).stdout.split()
+    client = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}")
+    [model] = client.search_logged_models([exp_run.info.experiment_id],
+                                          filter_string=f"source_run_id = '{exp_run.info.run_id}'")
+    linked = {metric.key: metric for metric in model.metrics}
+    assert linked["test_roc_auc"].dataset_name == "test" and linked["test_roc_auc"].model_id == model.model_id
+    datasets = {i.dataset.name: i.dataset.digest for i in client.get_run(exp_run.info.run_id).inputs.dataset_inputs}
+    assert set(datasets) == {"train", "val", "test"}
+    assert not {"threshold", "jpeg_quality"} & set(exp_run.data.params)  # one clean name each
+
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{synthetic_project / 'mlflow.db'}"],
+                              env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its worker processes stop with it
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # up to 120 s to start on a busy machine
+            try:
+                if urllib.request.urlopen(f"{ui}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not start")
+        experiment = exp_run.info.experiment_id
+        run_page = page_text(f"{ui}/#/experiments/{experiment}/runs/{exp_run.info.run_id}", tmp_path / "p1")
+        model_page = page_text(f"{ui}/#/experiments/{experiment}/models/{model.model_id}", tmp_path / "p2")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # its job-runner processes may linger
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+    assert name in run_page
+    # The run's Datasets panel lists the first dataset with its digest and context, the others as "+N".
+    panel = re.search(r"Datasets (\w+) \((\w+)\) (\w+)(?: \+(\d+))?", run_page)
+    assert panel, run_page[-3000:]
+    first, digest, context, more = panel.groups()
+    assert datasets[first] == digest and context in {"training", "validation", "testing"}
+    assert 1 + int(more or 0) == len(datasets) == 3
+    # The model's page: each test metric with the test dataset (and its digest) it was computed on.
+    for key in ("test_roc_auc", "test_sensitivity", "test_specificity", "test_accuracy"):
+        shown = re.search(rf"{key} test \(#{datasets['test']}\) {re.escape(name)} ([-\d.e]+)", model_page)
+        assert shown and float(shown[1]) == pytest.approx(linked[key].value, abs=1e-9), (key, model_page[:3000])
+
+
 def test_temp_experiment_lands_in_the_same_store(synthetic_project, baseline):
     before = len(mlflow_runs(synthetic_project))
     result = run(["dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.002"], synthetic_project)
@@ -138,11 +204,11 @@ def test_temp_experiment_lands_in_the_same_store(synthetic_project, baseline):
 def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     """The real chest X-rays, through `data.source: local`, at a small image size, scored on the
     external set too (another acquisition: Kaggle's official test split)."""
-    assert EXTERNAL_ZIP.is_file(), f"{EXTERNAL_ZIP} is missing; it ships beside the repository (shared/datasets)"
+    external_zip = shared_dataset("chest-xray-external.zip")
     project = copy_project(tmp_path)
     set_params(project, **{
         "data.source": "local", "data.local_path": str(sample_zip), "data.image_size": 64,
-        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(EXTERNAL_ZIP),
+        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(external_zip),
     })
     commit_all(project)
     result = run(["dvc", "repro"], project)

@@ -49,10 +49,10 @@ def store(synthetic_data, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def xrays(sample_zip, tmp_path_factory) -> list[Path]:
-    """Six real test X-rays of the sample, three of each class, as files."""
+def xrays(repo_sample, tmp_path_factory) -> list[Path]:
+    """Six real test X-rays of the committed sample, three of each class, as files."""
     folder = tmp_path_factory.mktemp("xrays")
-    with zipfile.ZipFile(sample_zip) as archive:
+    with zipfile.ZipFile(repo_sample) as archive:
         names = sorted(name for name in archive.namelist() if "/test/" in name and name.endswith(".jpeg"))
         for label in ("NORMAL", "PNEUMONIA"):
             for name in [name for name in names if f"/{label}/" in name][:3]:
@@ -117,8 +117,25 @@ def test_logged_model_is_registered_as_candidate_with_its_threshold(store):
     info = mlflow.models.get_model_info(f"models:/{REGISTERED}@{serving.CANDIDATE}")
     assert info.signature.inputs.input_names() == [serving.IMAGE_COLUMN]
     assert info.signature.outputs.input_names() == ["probability", "label"]
-    assert info.flavors["python_function"]["config"] == {"threshold": THRESHOLD, "jpeg_quality": JPEG_QUALITY}
     assert info.saved_input_example_info is not None
+    # threshold and JPEG quality travel with the model (its params and an artifact), not as unprefixed run params
+    logged = client.get_logged_model(info.model_id)
+    assert logged.params["threshold"] == str(THRESHOLD) and logged.params["jpeg_quality"] == str(JPEG_QUALITY)
+    assert not {"threshold", "jpeg_quality"} & set(client.get_run(store["run_id"]).data.params)
+    classifier = serving.load_classifier(f"models:/{REGISTERED}@{serving.CANDIDATE}")
+    assert (classifier.threshold, classifier.jpeg_quality) == (THRESHOLD, JPEG_QUALITY)
+
+
+def test_promote_moves_the_champion_alias_and_says_what_is_missing(store, capsys):
+    client = MlflowClient(store["uri"])
+    cli.main(["promote", REGISTERED])
+    assert client.get_model_version_by_alias(REGISTERED, serving.CHAMPION).version == store["version"]
+    assert f"{REGISTERED}@champion -> version {store['version']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["promote", REGISTERED, "--from", "no-such-alias"])
+    assert exit_code.value.code == 2
+    error = capsys.readouterr().err
+    assert "has no version with alias 'no-such-alias'" in error and "tracking.register_model" in error
 
 
 def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, monkeypatch):

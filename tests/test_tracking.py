@@ -34,6 +34,7 @@ def test_training_run_logs_params_tags_and_hands_over_its_id(tmp_path, monkeypat
     assert stored.data.params["train.epochs"] == "3"
     assert "evaluate.threshold" not in stored.data.params  # evaluate records its own settings
     assert stored.data.tags["dvc.exp_name"] == "brave-newt"
+    assert stored.info.run_name == "brave-newt"  # the run is named as `dvc exp show` names the experiment
     assert stored.data.tags["data.manifests_sha256"] == tracking.manifests_hash(manifests)
     assert stored.data.metrics["test_auc"] == 0.9
     experiment = MlflowClient(tracking.tracking_uri()).get_experiment(stored.info.experiment_id)
@@ -101,3 +102,28 @@ def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path
     for ready in tmp_path.glob("ready-*"):
         history = client.get_metric_history(ready.name.removeprefix("ready-"), "val_auc")
         assert sorted(point.step for point in history) == [1, 2, 3, 4, 5]
+
+
+def test_plain_repro_runs_are_named_after_model_and_commit(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # not a git repository: no commit to name
+    params = parse_params({"model": {"name": "mobilenetv2", "weights": "none"}})
+    assert tracking.run_name(params) == "repro-mobilenetv2"
+    monkeypatch.setattr(tracking, "git_commit", lambda: "0123456789abcdef")
+    assert tracking.run_name(params) == "repro-mobilenetv2-0123456"
+
+
+def test_manifests_are_logged_as_datasets_with_content_digests(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for split, rows in (("train", "a.jpeg,0\nb.jpeg,1\n"), ("val", "c.jpeg,1\n"), ("test", "d.jpeg,0\n")):
+        (tmp_path / f"{split}.csv").write_text("path,label\n" + rows)
+    params = parse_params({})
+    with tracking.training_run(params, tmp_path) as run:
+        logged = tracking.log_manifests(tmp_path, {"train": "training", "val": "validation", "test": "testing"})
+    inputs = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).inputs.dataset_inputs
+    found = {i.dataset.name: (i.dataset.digest, [t.value for t in i.tags if t.key == "mlflow.data.context"])
+             for i in inputs}
+    assert found == {name: (dataset.digest, [context]) for (name, dataset), context in
+                     zip(logged.items(), ("training", "validation", "testing"))}
+    assert len({digest for digest, _ in found.values()}) == 3  # the content decides the digest

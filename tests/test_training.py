@@ -40,7 +40,7 @@ def fit(params, synthetic_data, tmp_path) -> tuple[training.TrainingResult, str]
     return result, run.info.run_id
 
 
-def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synthetic_data, tmp_path):
+def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synthetic_data, tmp_path, capsys):
     params = params_for(tmp_path, {"name": "custom_cnn", "output": "softmax"}, {
         "lr_schedule": "cosine",
         "augment": {"flip": "horizontal", "zoom": 0.1, "rotation": 0.05, "translation": 0.1, "contrast": 0.2}})
@@ -57,6 +57,7 @@ def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synt
         layer.name for layer in model.layers}
     test = predict_split(model, synthetic_data / "data/tfrecords", "test", 8)
     assert test.probabilities.shape == test.labels.shape and ((0 <= test.probabilities) & (test.probabilities <= 1)).all()
+    assert "predicting test: 100%" in capsys.readouterr().err  # evaluate's predictions show progress
     assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1]
 
 

@@ -10,9 +10,15 @@ from pneumonia.logs import run_stage
 
 
 def check_params(args: argparse.Namespace) -> None:
-    from pneumonia.config import load_params
+    import yaml
 
-    print(json.dumps(load_params(args.params).model_dump(), indent=2))
+    from pneumonia.config import auto_keys, flatten, load_params
+
+    params = load_params(args.params)
+    print(json.dumps(params.model_dump(), indent=2))
+    resolved = flatten(params)
+    for key in auto_keys(yaml.safe_load(args.params.read_text())):
+        print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
 
 
 def compare_runs(args: argparse.Namespace) -> None:
@@ -48,6 +54,23 @@ def predict(args: argparse.Namespace) -> None:
     if failed := sum(result.error is not None for result in results):
         print(f"{failed} of {len(results)} files could not be predicted", file=sys.stderr)
         sys.exit(1)
+
+
+def promote(args: argparse.Namespace) -> None:
+    from pneumonia import serving
+
+    version = serving.promote(args.name, args.source, args.target, args.version)
+    print(f"{args.name}@{args.target} -> version {version}")
+
+
+def build_sample(args: argparse.Namespace) -> None:
+    from pneumonia.data.sample import build_sample as build
+
+    summary = build(args.archive, args.out, {"train": args.train, "test": args.test}, args.seed)
+    for split, classes in summary.images.items():
+        print(f"{split}: " + ", ".join(f"{c} {n} images of {summary.patients[split][c]} patients"
+                                      for c, n in classes.items()))
+    print(f"{args.out}: {summary.size_bytes} bytes, sha256 {summary.sha256}")
 
 
 def add_predict_parser(commands) -> None:
@@ -123,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(commands)
     add_adapt_parser(commands)
+
+    promoted = commands.add_parser(
+        "promote", help="move a registered model's alias (default: champion to the version aliased candidate)",
+        description="Point an alias of a registered model at a version: by default 'champion' at the version "
+                    "aliased 'candidate' (the last one evaluated with tracking.register_model). Store: "
+                    "MLFLOW_TRACKING_URI, else mlflow.db at the repository root.")
+    promoted.add_argument("name", help="registered-model name (tracking.register_model)")
+    promoted.add_argument("--from", dest="source", default="candidate", help="alias of the version to promote")
+    promoted.add_argument("--to", dest="target", default="champion", help="alias to move to it")
+    promoted.add_argument("--version", help="promote this version number instead of the --from alias")
+    promoted.set_defaults(handler=promote)
+
+    from pneumonia.data.sample import DEFAULT_FRACTIONS, DEFAULT_SEED
+
+    sample = commands.add_parser(
+        "build-sample", help="build the compact sample (data_sample/) from an archive in the Kaggle layout",
+        description="Draw whole patients, the same share of each class per split, deterministically "
+                    "(the same archive and options give a byte-identical zip). Images are copied, not re-encoded.")
+    sample.add_argument("archive", type=Path, help="zip in the Kaggle layout, e.g. ../shared/datasets/chest-xray-sample.zip")
+    sample.add_argument("--out", type=Path, default=paths.SAMPLE, help=f"the zip written (default {paths.SAMPLE})")
+    sample.add_argument("--train", type=float, default=DEFAULT_FRACTIONS["train"], help="share of train patients kept")
+    sample.add_argument("--test", type=float, default=DEFAULT_FRACTIONS["test"], help="share of test patients kept")
+    sample.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    sample.set_defaults(handler=build_sample)
 
     compared = commands.add_parser(
         "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost")

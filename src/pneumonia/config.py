@@ -42,9 +42,10 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["kaggle", "local", "synthetic"] = "kaggle"
-    kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+$")
-    local_path: NonEmptyStr = "../shared/datasets/chest-xray-sample.zip"
+    source: Literal["kaggle", "local", "synthetic"] = "local"
+    # owner/name (the current version) or owner/name/N (version N, pinned)
+    kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+(/\d+)?$")
+    local_path: NonEmptyStr = str(paths.SAMPLE)  # the sample committed in data_sample/
     image_size: StrictInt = Field(160, ge=32, le=1024)
     val_fraction: Float = Field(0.15, gt=0, lt=0.5)
     seed: StrictInt = 42
@@ -96,9 +97,43 @@ class TFRecordsConfig(Section):
                            "for shards in the local data/tfrecords")
 
 
+# `auto` in params.yaml (Params resolves it from model.name; `pneumonia check-params` shows the result):
+# a pretrained backbone with head warm-up then fine-tuning for the backbone families, as the seed
+# projects trained them; custom_cnn from scratch.
+AUTO = "auto"
+PRETRAINED_RECIPE = {"weights": "imagenet", "warmup_epochs": 3, "fine_tune": "partial"}
+FROM_SCRATCH_RECIPE = {"weights": "none", "warmup_epochs": 0, "fine_tune": "full"}
+
+
+def resolve_auto(raw: Any) -> Any:
+    """params with every `auto` replaced: model.weights imagenet for a backbone (none for custom_cnn);
+    train.warmup_epochs and train.fine_tune per PRETRAINED_RECIPE when the resolved weights are
+    pretrained (not none), per FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict) \
+            or not isinstance(raw.get("train", {}), dict):
+        return raw  # pydantic reports the wrong types
+    model, train = dict(raw.get("model") or {}), dict(raw.get("train") or {})
+    if model.get("weights") == AUTO:
+        model["weights"] = (FROM_SCRATCH_RECIPE if model.get("name", CUSTOM_CNN) == CUSTOM_CNN
+                            else PRETRAINED_RECIPE)["weights"]
+    recipe = FROM_SCRATCH_RECIPE if model.get("weights", "none") == "none" else PRETRAINED_RECIPE
+    if train.get("fine_tune") == AUTO:
+        train["fine_tune"] = recipe["fine_tune"]
+    if train.get("warmup_epochs") == AUTO:  # a frozen backbone has nothing to warm up for
+        train["warmup_epochs"] = 0 if train.get("fine_tune") == "frozen" else recipe["warmup_epochs"]
+    return {**raw, **({"model": model} if "model" in raw else {}), **({"train": train} if "train" in raw else {})}
+
+
+def auto_keys(raw: Any) -> list[str]:
+    """The params.yaml keys set to `auto`."""
+    return [f"{section}.{key}" for section, key in (("model", "weights"), ("train", "warmup_epochs"),
+                                                    ("train", "fine_tune"))
+            if isinstance(raw, dict) and isinstance(raw.get(section), dict) and raw[section].get(key) == AUTO]
+
+
 class ModelConfig(Section):
     name: str = CUSTOM_CNN
-    weights: NonEmptyStr = "none"  # "imagenet", "none" or a path to a weights file
+    weights: NonEmptyStr = "none"  # "imagenet", "none" or a path to a weights file (params.yaml: also "auto")
     head_units: StrictInt = Field(128, ge=0)  # backbones: dense units before the output (0: none)
     dropout: Float = Field(0.3, ge=0, lt=1)
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
@@ -234,6 +269,11 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, raw: Any) -> Any:
+        return resolve_auto(raw)
 
     @model_validator(mode="after")
     def _image_fits_model(self) -> "Params":

@@ -9,6 +9,13 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
+# The compact real sample committed with the code (data_sample/README.md): the default data.local_path
+SAMPLE = Path("data_sample") / "chest-xray-small.zip"
+
+# download: the archive last downloaded (source, version, sha256), kept across runs and committed with
+# the baseline, so that a download that differs from it says so
+ARCHIVE_RECORD = Path("data_archive.json")
+
 DATA = Path("data")
 RAW = DATA / "raw"  # download: {train,val,test}/{NORMAL,PNEUMONIA}/ images + source.json
 RAW_SOURCE = RAW / "source.json"

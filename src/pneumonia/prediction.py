@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -92,7 +93,10 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
 
 def predict_files(classifier: Classifier, files: Sequence[Path]) -> list[FilePrediction]:
     """One prediction per file, in order; a file that is not a readable image gets an error instead."""
+    from tqdm import tqdm
+
     results: list[FilePrediction] = []
+    progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, file=sys.stderr)
     for start in range(0, len(files), BATCH_SIZE):
         chunk = files[start:start + BATCH_SIZE]
         images, errors = [], {}
@@ -108,6 +112,8 @@ def predict_files(classifier: Classifier, files: Sequence[Path]) -> list[FilePre
             else:
                 probability = float(next(probabilities))
                 results.append(FilePrediction(str(file), probability, classifier.label(probability)))
+        progress.update(len(chunk))
+    progress.close()
     return results
 
 

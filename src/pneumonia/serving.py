@@ -13,7 +13,9 @@ and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA"}, 
 import base64
 import binascii
 import io
+import json
 import logging
+import tempfile
 import threading
 from importlib.metadata import version
 from pathlib import Path
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the run's model: runs:/<run id>/model
 IMAGE_COLUMN = "image"
 KERAS_MODEL = "keras_model"  # the artifact holding the .keras file
+CONFIG = "config"  # the artifact holding {"threshold", "jpeg_quality"} (not model_config: MLflow would also
+# log that as run params, unprefixed duplicates of tfrecords.jpeg_quality and the test_threshold metric)
 CANDIDATE = "candidate"  # alias of a newly registered version; promotion moves "champion"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
@@ -60,7 +64,10 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
-        config = context.model_config
+        if CONFIG in context.artifacts:
+            config = json.loads(Path(context.artifacts[CONFIG]).read_text())
+        else:  # models logged before the config became an artifact
+            config = context.model_config
         self.classifier = Classifier(keras.models.load_model(context.artifacts[KERAS_MODEL]),
                                      config["threshold"], config["jpeg_quality"])
 
@@ -122,23 +129,46 @@ def log_model(model_path: Path, threshold: float, params: Params) -> ModelInfo:
     """
     config = {"threshold": float(threshold), "jpeg_quality": params.tfrecords.jpeg_quality}
     name = params.tracking.register_model
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=PneumoniaModel(),
-        artifacts={KERAS_MODEL: str(model_path)},
-        model_config=config,
-        params=config,
-        # This package's code goes with the model: it loads and serves without the project installed.
-        code_paths=[str(Path(__file__).parent)],
-        signature=SIGNATURE,
-        input_example=input_example(),
-        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
-        registered_model_name=name,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        config_file = Path(scratch) / "config.json"
+        config_file.write_text(json.dumps(config))
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=PneumoniaModel(),
+            artifacts={KERAS_MODEL: str(model_path), CONFIG: str(config_file)},
+            params=config,  # the logged model's own params (on its page), not the run's
+            # This package's code goes with the model: it loads and serves without the project installed.
+            code_paths=[str(Path(__file__).parent)],
+            signature=SIGNATURE,
+            input_example=input_example(),
+            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+            registered_model_name=name,
+        )
     if name:
         mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, info.registered_model_version)
         log.info("registered %s version %s as %s@%s", MODEL_NAME, info.registered_model_version, name, CANDIDATE)
     return info
+
+
+CHAMPION = "champion"
+
+
+def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version: str | None = None) -> str:
+    """Point the registered model `name`'s alias `target` at the version aliased `source` (or at
+    `version`); return that version. MlflowClient.set_registered_model_alias, with clear errors."""
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    try:
+        chosen = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, source)
+    except MlflowException as exc:
+        what = f"version {version}" if version else f"version with alias {source!r}"
+        raise PipelineError(
+            f"registered model {name!r} has no {what} in {tracking.tracking_uri()} ({exc.message.splitlines()[0]}). "
+            "Register models with tracking.register_model (each evaluated model becomes a version aliased "
+            f"{CANDIDATE!r}); `mlflow ui` lists them."
+        ) from None
+    client.set_registered_model_alias(name, target, chosen.version)
+    return chosen.version
 
 
 def load_classifier(model_uri: str) -> Classifier:

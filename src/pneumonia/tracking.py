@@ -138,6 +138,15 @@ def data_version_tags(source: Path) -> dict[str, str]:
     return {f"data.{key}": str(recorded[key]) for key in keys if recorded.get(key) is not None}
 
 
+def run_name(params: Params) -> str:
+    """The DVC experiment's name under `dvc exp run` (DVC_EXP_NAME, as `dvc exp show` lists it), else
+    what a plain `dvc repro` trained: repro-<model>-<commit>."""
+    if experiment := os.environ.get("DVC_EXP_NAME"):
+        return experiment
+    commit = git_commit()
+    return f"repro-{params.model.name}" + (f"-{commit[:7]}" if commit else "")
+
+
 def run_tags(manifests: Path) -> dict[str, str]:
     tags = {"data.manifests_sha256": manifests_hash(manifests), **data_version_tags(paths.RAW_SOURCE)}
     if commit := git_commit():
@@ -162,7 +171,8 @@ def training_run(params: Params, manifests: Path, resume_run_id: str | None = No
             log.warning("the interrupted training's MLflow run %s is not in %s: starting a new run", resume_run_id,
                         shown_uri())
             resume_run_id = None
-    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests)) as run:
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests),
+                          run_name=None if resume_run_id else run_name(params)) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
         mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("evaluate.")})
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, shown_uri())
@@ -203,3 +213,21 @@ def log_training(summary: dict, inputs: list[Path]) -> None:
     retry_locked(mlflow.log_metrics, summary)
     for path in inputs:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")
+
+
+def manifest_dataset(manifest: Path, name: str | None = None):
+    """A split's manifest (path, label, patient, image hash per row) as an MLflow dataset: the UI's
+    Datasets panel names it with a digest of its content."""
+    import pandas as pd
+
+    return mlflow.data.from_pandas(pd.read_csv(manifest), source=str(manifest.resolve()), name=name or manifest.stem,
+                                   targets="label")
+
+
+def log_manifests(manifests: Path, splits: dict[str, str]) -> dict:
+    """Log the manifests of `splits` ({split: context}) as the active run's inputs; return the datasets."""
+    datasets = {}
+    for split, context in splits.items():
+        datasets[split] = manifest_dataset(manifests / f"{split}.csv")
+        mlflow.log_input(datasets[split], context=context)
+    return datasets

@@ -4,6 +4,7 @@
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -153,7 +154,33 @@ def _from_local(config: DataConfig, out: Path) -> dict:
     return {"local_path": config.local_path, "archive_sha256": digest, "archive_size_bytes": path.stat().st_size}
 
 
-def download(config: DataConfig, raw: Path) -> dict:
+def same_dataset(a: dict, b: dict) -> bool:
+    """Whether two source records name the same data: a Kaggle dataset (any version) or a local path."""
+    def name(record: dict) -> str:
+        return "/".join(str(record.get("kaggle_dataset", "")).split("/")[:2]) or str(record.get("local_path"))
+    return a.get("source") == b.get("source") and name(a) == name(b)
+
+
+def check_against_record(source: dict, record_path: Path) -> None:
+    """Say so when the archive differs from the one recorded by the previous download of the same
+    dataset: Kaggle's current version changed, or the local file was replaced."""
+    if not record_path.is_file() or "archive_sha256" not in source:
+        return
+    recorded = json.loads(record_path.read_text())
+    if not same_dataset(recorded, source) or recorded.get("archive_sha256") == source["archive_sha256"]:
+        return
+    pin = ""
+    if source["source"] == "kaggle" and recorded.get("version") is not None:
+        pin = (f" To train on the recorded one, pin it: `dvc exp run -S data.kaggle_dataset="
+               f"{'/'.join(recorded['kaggle_dataset'].split('/')[:2])}/{recorded['version']}`.")
+    log.warning("the archive downloaded now differs from the one recorded in %s: version %s, sha256 %s then; "
+                "version %s, sha256 %s now. The data changed, so results will too.%s", record_path,
+                recorded.get("version"), recorded.get("archive_sha256"), source.get("version"),
+                source["archive_sha256"], pin)
+    source["differs_from_recorded"] = {key: recorded.get(key) for key in ("version", "archive_sha256")}
+
+
+def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
     """Fill `raw` atomically from the configured source; return what source.json records."""
     try:
         with atomic_path(raw, directory=True) as out:
@@ -165,6 +192,8 @@ def download(config: DataConfig, raw: Path) -> dict:
                 synthetic.generate(out, config.synthetic, config.seed)
                 origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
             source = {"source": config.source, **origin, "images": count_images(out)}
+            if record is not None:
+                check_against_record(source, record)
             write_json(out / "source.json", source)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -174,5 +203,7 @@ def download(config: DataConfig, raw: Path) -> dict:
             "Free up space (the dataset needs about twice its archive's size while it is extracted) "
             "and run the stage again."
         ) from None
+    if record is not None:
+        write_json(record, {key: value for key, value in source.items() if key not in ("images", "synthetic")})
     log.info("images per split and class: %s", source["images"])
     return source

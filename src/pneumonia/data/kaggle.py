@@ -183,10 +183,11 @@ def _sha256(path: Path) -> str:
 
 
 def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: float = 2.0) -> ArchiveInfo:
-    """Download the dataset zip `owner/name` into dest_dir as `<name>.zip` (retrying transient errors)."""
+    """Download the dataset zip `owner/name` (current version) or `owner/name/N` (version N) into
+    dest_dir as `<name>.zip` (retrying transient errors)."""
     parts = slug.split("/")
-    if len(parts) != 2 or not all(parts):
-        raise PipelineError(f"Kaggle dataset {slug!r} must have the form owner/name.")
+    if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and not parts[2].isdigit()):
+        raise PipelineError(f"Kaggle dataset {slug!r} must have the form owner/name or owner/name/N (version N).")
     method, secrets = _credentials()  # before importing kaggle, which would exit() without credentials
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: 
             with _client_prints_to_log(secrets):
                 api = _authenticated_api()
                 api.dataset_download_files(slug, path=str(dest_dir), force=False, quiet=False, unzip=False)
-                version = _dataset_version(api, slug)
+                version = int(parts[2]) if len(parts) == 3 else _dataset_version(api, slug)
             break
         except (Exception, SystemExit) as exc:
             transient, message = _classify(exc, slug)

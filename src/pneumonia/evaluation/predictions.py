@@ -32,6 +32,16 @@ def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:
 def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: int) -> Predictions:
     from pneumonia.data import dataset
 
+    import keras
+    from tqdm import tqdm
+
     labels, names = dataset.labels_and_names(tfrecords, split)
-    outputs = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0)
+
+    class Progress(keras.callbacks.Callback):  # on stderr, like the other stages' progress
+        def on_predict_batch_end(self, batch, logs=None):
+            bar.update(min(batch_size, len(labels) - bar.n))
+
+    with tqdm(total=len(labels), desc=f"predicting {split}", unit="img", mininterval=2) as bar:
+        outputs = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0,
+                                callbacks=[Progress()])
     return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))

@@ -1,0 +1,85 @@
+"""dvc.yaml and the committed baseline (dvc.lock, metrics/, plots/): cheap checks, no stage runs."""
+
+import re
+import shutil
+from collections import Counter
+
+import pytest
+import yaml
+from PIL import Image
+from ruamel.yaml import YAML
+
+from conftest import REPO, run
+from pneumonia.config import Params, flatten
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+# Settings that change how fast or where, not what a stage produces: not stage params, so changing
+# them reruns nothing (issue 15).
+NOT_RESULTS = {"tfrecords.workers", "train.backup_uri"}
+
+
+def lookup(params: dict, dotted: str):
+    value = params
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def covered(key: str, listed: list[str]) -> bool:
+    return any(key == entry or key.startswith(entry + ".") for entry in listed)
+
+
+def test_every_stage_says_what_it_does():
+    for name, stage in DVC_YAML["stages"].items():
+        assert len(stage.get("desc", "")) > 20, f"stage {name} has no desc: (shown by dvc stage list)"
+
+
+@pytest.mark.parametrize("stage, sections", [("tfrecords", ["tfrecords"]), ("train", ["model", "train"]),
+                                             ("evaluate", ["evaluate", "model", "train"])])
+def test_stage_params_are_the_settings_that_change_results(stage, sections):
+    listed = DVC_YAML["stages"][stage]["params"]
+    keys = [key for key in flatten(Params()) if key.split(".")[0] in sections]
+    assert not [key for key in keys if key in NOT_RESULTS and covered(key, listed)]
+    missing = [key for key in keys if key not in NOT_RESULTS and not covered(key, listed)]
+    assert not missing, f"{stage}: params.yaml keys that change results but are not stage params: {missing}"
+
+
+def test_dvc_plots_show_draws_every_figure_once(tmp_path):
+    """Each PNG of plots/figures and reports/data/figures appears once in `dvc plots show`'s page
+    (declared both as a stage plot and at top level, each was drawn twice)."""
+    for name in ("dvc.yaml", "params.yaml", "plots/train_history.csv", "plots/test_predictions.csv",
+                 "plots/roc.csv", "plots/precision_recall.csv", "plots/calibration.csv",
+                 "reports/data/class_distribution.csv"):  # the committed baseline's plot data
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    figures = ["plots/figures/roc.png", "plots/figures/gradcam.png", "reports/data/figures/sample_grid.png"]
+    for name in figures:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    run(["dvc", "plots", "show", "-o", "rendered"], tmp_path)
+    page = (tmp_path / "rendered" / "index.html").read_text()
+    drawn = Counter(re.findall(r'<img[^>]*src="static/workspace_([^"]+)\.png"', page))
+    assert drawn == Counter({name.removesuffix(".png").replace("/", "_"): 1 for name in figures}), drawn
+    # and every data plot of dvc.yaml once
+    titles = [next(iter(plot)) for plot in DVC_YAML["plots"] if isinstance(plot, dict)]
+    assert all(page.count(f'"{title}"') >= 1 for title in titles)
+
+
+def test_committed_lock_records_the_committed_params():
+    """The baseline (dvc.lock, metrics/, plots/) describes params.yaml as committed: refresh it with
+    `dvc repro` and commit when params.yaml changes (README "Quick start")."""
+    # Read as DVC reads them (YAML 1.2, ruamel): to PyYAML's YAML 1.1 the `1e-05` DVC writes is a string.
+    dvc_yaml = YAML(typ="safe")
+    params = dvc_yaml.load((REPO / "params.yaml").read_text())
+    stages = DVC_YAML["stages"]
+    lock = dvc_yaml.load((REPO / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(stages), "dvc.lock lacks stages of dvc.yaml: run `dvc repro` and commit"
+    stale = []
+    for name, stage in stages.items():
+        recorded = lock[name].get("params", {}).get("params.yaml", {})
+        assert set(recorded) == set(stage.get("params", [])), f"{name}: dvc.yaml params changed since dvc.lock"
+        stale += [f"{name}: {key} = {value!r} in dvc.lock, {lookup(params, key)!r} in params.yaml"
+                  for key, value in recorded.items() if lookup(params, key) != value]
+    assert not stale, "the committed baseline is stale; run `dvc repro` and commit:\n" + "\n".join(stale)
