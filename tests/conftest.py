@@ -1,5 +1,6 @@
 """Shared fixtures: a copy of the project to run DVC in, and a small synthetic dataset."""
 
+import inspect
 import os
 import shutil
 import socket
@@ -79,6 +80,16 @@ def commit_all(project: Path, message: str = "test set-up") -> None:
         run(["git", "init", "-q"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", message], project)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark `shared` every test that reads ../shared/datasets (the sample_zip fixture or shared_dataset),
+    so CI can run them where the folder exists and the rest in a clone with nothing beside it."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if "sample_zip" in getattr(item, "fixturenames", ()) or (
+                function is not None and "shared_dataset(" in inspect.getsource(function)):
+            item.add_marker(pytest.mark.shared)
 
 
 def shared_dataset(name: str) -> Path:
