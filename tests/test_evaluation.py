@@ -87,12 +87,15 @@ def test_one_class_test_split_is_a_clear_error():
         scores_for(0.5, test=one_class)
 
 
-def test_mlflow_metrics_are_flat_numbers():
-    flat = summary.mlflow_metrics(scores_for("youden"))
-    assert flat["test_roc_auc"] == scores_for("youden")["roc_auc"]
-    assert {"test_threshold", "test_ci95_roc_auc_low", "test_ci95_roc_auc_high", "test_at_0.5_sensitivity",
-            "test_validation_sensitivity"} <= flat.keys()
-    assert "test_threshold_rule" not in flat
+def test_mlflow_metrics_are_the_headline_numbers_with_their_intervals():
+    scores = {**scores_for("youden"), "border_share": 0.2}
+    flat = summary.mlflow_metrics(scores, prefix="external")
+    assert flat["external_roc_auc"] == scores["roc_auc"] and flat["external_border_share"] == 0.2
+    assert {"external_threshold", "external_sensitivity", "external_specificity", "external_ci95_roc_auc_low",
+            "external_ci95_roc_auc_high", "external_ci95_accuracy_high"} <= flat.keys()
+    # one clean name each: no counts, no metrics at 0.5 or on validation (they stay in metrics/*.json)
+    assert not [key for key in flat if "at_0.5" in key or "validation" in key or key.endswith(("_tp", "_n"))]
+    assert len(flat) == len(summary.MLFLOW_KEYS) + 2 * len(summary.CI_METRICS)
     assert all(isinstance(value, float) for value in flat.values())
 
 

@@ -269,7 +269,7 @@ def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external
     [mlflow_run] = mlflow_runs(project)
     assert {"evaluation/evaluation.html", "evaluation/gradcam.png", "evaluation/training_curves.png",
             "evaluation/calibration.csv"} <= artifact_paths(project, mlflow_run.info.run_id)
-    assert {"test_threshold", "test_ci95_sensitivity_low", "test_at_0.5_specificity",
+    assert {"test_threshold", "test_ci95_sensitivity_low", "test_specificity",
             "test_border_share"} <= mlflow_run.data.metrics.keys()
     if external:
         assert {"external_roc_auc", "external_ci95_roc_auc_low", "external_sensitivity", "external_specificity",

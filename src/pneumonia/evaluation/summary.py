@@ -81,14 +81,18 @@ def external_scores(external: Predictions, threshold: float, config: EvaluateCon
     return finite_or_none({**scores, "source": config.external, "patients": audit.get("patients")})
 
 
+# What a split contributes to the MLflow run's metrics: the headline numbers and the 95% intervals of
+# CI_METRICS, so the compare view lists a few dozen meaningful columns. The rest (counts, metrics at
+# 0.5, validation) stays in metrics/<split>.json, logged as an artifact of the run.
+MLFLOW_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1",
+               "brier", "ece", "threshold", "border_share")
+
+
 def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:
-    """The numbers of `scores` flattened for MLflow: test_roc_auc, test_ci95_roc_auc_low, test_at_0.5_f1, ..."""
-    flat = {}
-    for key, value in scores.items():
-        if isinstance(value, dict):
-            flat.update(mlflow_metrics(value, f"{prefix}_{key}"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}_{key}"] = float(value)
+    """The headline numbers of `scores` for MLflow: test_roc_auc, ..., test_ci95_roc_auc_low, ..."""
+    flat = {f"{prefix}_{key}": float(scores[key]) for key in MLFLOW_KEYS if scores.get(key) is not None}
+    for name, interval in scores.get("ci95", {}).items():
+        flat.update({f"{prefix}_ci95_{name}_{end}": float(value) for end, value in interval.items() if value is not None})
     return flat
 
 
