@@ -125,6 +125,18 @@ def test_model_swap_reruns_only_train_and_evaluate(synthetic_project, baseline):
     assert models == {"custom_cnn", "xception"}, shown
 
 
+def wait_until_healthy(uri: str, seconds: float) -> None:
+    """Wait for an `mlflow server` at `uri` to answer its health check."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server at {uri} did not start within {seconds} s")
+
+
 def page_text(url: str, profile: Path) -> str:
     """The text of an MLflow UI page once its scripts have run, as headless Chromium renders it."""
     dom = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
@@ -159,14 +171,7 @@ def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_mod
                               start_new_session=True)  # its worker processes stop with it
     ui = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):  # up to 120 s to start on a busy machine
-            try:
-                if urllib.request.urlopen(f"{ui}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start")
+        wait_until_healthy(ui, seconds=120)  # a busy machine
         experiment = exp_run.info.experiment_id
         run_page = page_text(f"{ui}/#/experiments/{experiment}/runs/{exp_run.info.run_id}", tmp_path / "p1")
         model_page = page_text(f"{ui}/#/experiments/{experiment}/models/{model.model_id}", tmp_path / "p2")
@@ -296,14 +301,7 @@ def tracking_server(tmp_path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # up to 60 s to start
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start")
+        wait_until_healthy(uri, seconds=60)
         yield uri
     finally:
         server.terminate()
