@@ -228,7 +228,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
             " / ".join(f"{statistics.fmean(run['rules'][str(rule)]['halves'][side]['accuracy'] for run in runs):.3f}"
                        for side in (0, 1)) for rule in RULES) + " |")
     lines += ["", "Profiles (overrides of params.yaml as committed): "
-              + "; ".join(f"{name}: `{' '.join(settings(by_profile[name][0]['overrides'])) or 'none'}`" for name in order)
+              + "; ".join(f"{name}: `{' '.join(settings(by_profile[name][0]['overrides'])) or 'none'}`"
+                          for name in order)
               + ".", "",
               f"Reproduce: `{report['command']}`. Measured {report['date']} on {report['machine']['cpu']} "
               f"({report['machine']['cores']} cores)."]

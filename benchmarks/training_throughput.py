@@ -82,10 +82,12 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in report["results"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['precision']} | {row['strategy']} | failed: see throughput.json | | | |")
+            lines.append(f"| {row['model']} | {row['precision']} | {row['strategy']} "
+                         "| failed: see throughput.json | | | |")
             continue
         load = row["load_average"]
-        lines.append(f"| {row['model']} | {row['precision']} | {row['strategy']} | {row['device']} | {row['replicas']} | "
+        lines.append(f"| {row['model']} | {row['precision']} | {row['strategy']} | {row['device']} "
+                     f"| {row['replicas']} | "
                      f"{row['images_per_second']} | {load['before']} / {load['after']} |")
     lines += ["", f"{report['image_size']} px images, {report['batch_size']} per replica, random images in memory "
               "(the model's compute limit, not the input pipeline's); median of the epochs after the first.", ""]
@@ -97,7 +99,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"],
                         choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"])
-    parser.add_argument("--strategies", nargs="+", default=["default", "mirrored"], choices=["default", "mirrored", "auto"])
+    parser.add_argument("--strategies", nargs="+", default=["default", "mirrored"],
+                        choices=["default", "mirrored", "auto"])
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16, help="per replica")
     parser.add_argument("--steps", type=int, default=8, help="batches an epoch")
@@ -114,7 +117,7 @@ def main() -> None:
         return
 
     import platform
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from pneumonia.atomic import write_json, write_text
 
@@ -134,7 +137,7 @@ def main() -> None:
                 results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
                 print(f"   {results[-1]['images_per_second']} images/s", flush=True)
     report = {"machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
-              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "finished": datetime.now(UTC).isoformat(timespec="seconds"),
               "command": "python -m benchmarks.training_throughput " + " ".join(sys.argv[1:]),
               "image_size": args.image_size, "batch_size": args.batch_size, "results": results}
     write_json(args.out / "throughput.json", report)

@@ -55,12 +55,13 @@ def main() -> None:
                                                      "calibration": paths.CALIBRATION_CURVE})
     with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:
         for split in scored[1:]:
-            write_plot_tables(split, folder / "predictions.csv", {name: folder / f"{name}.csv"
-                                                                  for name in ("roc", "precision_recall", "calibration")})
+            write_plot_tables(split, folder / "predictions.csv",
+                              {name: folder / f"{name}.csv" for name in ("roc", "precision_recall", "calibration")})
     write_json(paths.EXTERNAL_METRICS, scored[1].scores if len(scored) > 1 else {"evaluated": False})
     with atomic_path(paths.FIGURES, directory=True) as folder:
         figures = draw_figures(folder, read_history(paths.TRAIN_HISTORY), scored, last_feature_map(model).layer_name)
-        write_report(paths.EVALUATION_REPORT, scores=test.scores, external=scored[1].scores if len(scored) > 1 else None,
+        write_report(paths.EVALUATION_REPORT, scores=test.scores,
+                     external=scored[1].scores if len(scored) > 1 else None,
                      figures=figures, params=params.model_dump(), data=json.loads(paths.DATA_METRICS.read_text()),
                      training=json.loads(paths.TRAIN_METRICS.read_text()), model_summary=model_summary(model))
 

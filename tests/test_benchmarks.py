@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+
 from conftest import REPO, run
 
 BENCHMARKS = ["input_vs_compute", "tfrecords_vs_folders", "conversion_scaling", "incremental_dvc", "memory"]

@@ -8,6 +8,7 @@ import time
 import zipfile
 
 import pytest
+
 from conftest import tool_env
 
 # Saves the best model again and again, as ModelCheckpoint does each improving epoch: a model of

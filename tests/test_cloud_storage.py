@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import commit_all, copy_project, run, set_params
 
+from conftest import commit_all, copy_project, run, set_params
 from pneumonia import SPLITS
 from pneumonia.config import TFRecordsConfig, parse_params
 from pneumonia.data import dataset

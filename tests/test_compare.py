@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import commit_all, copy_project, run, set_params, tool_env
 from mlflow.tracking import MlflowClient
 
+from conftest import commit_all, copy_project, run, set_params, tool_env
 from pneumonia import cli
 from pneumonia.comparison import compare
 from pneumonia.errors import PipelineError

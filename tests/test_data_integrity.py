@@ -10,9 +10,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from archives import jpeg, kaggle_members, tree_hashes, write_zip
 from conftest import copy_project, run, set_params
-
 from pneumonia.config import DataConfig
 from pneumonia.data.audit import audit_splits, raise_if_leaked, read_image_table, write_image_table
 from pneumonia.data.download import download
@@ -91,7 +91,8 @@ def test_symlink_member_is_refused(tmp_path):
 
 def test_archive_expanding_past_the_free_space_is_refused_before_extraction(tmp_path, monkeypatch):
     members = kaggle_members()
-    archive = write_zip(tmp_path / "bomb.zip", {**members, "chest_xray/train/NORMAL/IM-0900-0001.jpeg": bytes(5_000_000)})
+    archive = write_zip(tmp_path / "bomb.zip",
+                        {**members, "chest_xray/train/NORMAL/IM-0900-0001.jpeg": bytes(5_000_000)})
     assert archive.stat().st_size < 100_000  # 5 MB of zeros deflate to a few KiB
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))

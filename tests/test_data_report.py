@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from archives import kaggle_members, write_zip
 from PIL import Image
 
+from archives import kaggle_members, write_zip
 from pneumonia.config import DataConfig
 from pneumonia.data.class_weights import class_weights
 from pneumonia.data.download import download
@@ -27,7 +27,8 @@ def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
     report = write_report(Path("reports/data"), source, prepared.images, prepared.summary, train,
                           json.loads(json.dumps(weights)), prepared.audit)  # as read back from its JSON file
 
-    assert report["images"]["as_shipped"] == {"train": {"NORMAL": 6, "PNEUMONIA": 6}, "val": {"NORMAL": 2, "PNEUMONIA": 2},
+    assert report["images"]["as_shipped"] == {"train": {"NORMAL": 6, "PNEUMONIA": 6},
+                                              "val": {"NORMAL": 2, "PNEUMONIA": 2},
                                               "test": {"NORMAL": 6, "PNEUMONIA": 7}}
     assert report["images"]["as_used"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}
     assert report["unreadable"] == [{"path": "data/raw/test/PNEUMONIA/person8_virus_1.jpeg",
@@ -57,5 +58,6 @@ def test_run_tags_carry_the_data_version(tmp_path):
                                          "data.archive_sha256": "ab" * 32, "data.archive_size_bytes": "10"}
     source.write_text(json.dumps({"source": "kaggle", "kaggle_dataset": "o/n", "version": None,
                                   "archive_sha256": "cd" * 32, "archive_size_bytes": 10}))
-    assert data_version_tags(source)["data.archive_sha256"] == "cd" * 32 and "data.version" not in data_version_tags(source)
+    assert (data_version_tags(source)["data.archive_sha256"] == "cd" * 32
+            and "data.version" not in data_version_tags(source))
     assert data_version_tags(tmp_path / "missing.json") == {}

@@ -11,9 +11,9 @@ import keras
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import REPO, free_port, tool_env
 from mlflow.tracking import MlflowClient
 
+from conftest import REPO, free_port, tool_env
 from pneumonia import distribute
 from pneumonia.errors import PipelineError
 
@@ -76,7 +76,8 @@ def test_the_cluster_comes_from_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
     assert distribute.cluster_workers() == 3
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}))
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
     assert distribute.cluster_workers() == 1  # one machine: no multi-worker strategy
     monkeypatch.delenv("TF_CONFIG")
     assert distribute.cluster_workers() == 0
@@ -118,7 +119,8 @@ def test_two_workers_train_one_epoch_and_only_the_chief_writes(synthetic_data, t
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     # Each worker in its own copy, as on two machines: what the other one writes shows.
     projects = [prepared_project(synthetic_data, tmp_path / f"worker{index}") for index in range(2)]
-    workers = [train_stage(project, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    workers = [train_stage(project,
+                           TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
                for index, project in enumerate(projects)]
     outputs = []
     for worker in workers:

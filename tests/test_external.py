@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from archives import jpeg, zip_bytes
 from conftest import run
-
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import inspect_file, write_image_table
 from pneumonia.data.external import SPLIT, has_external, locate_images, write_external

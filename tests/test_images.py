@@ -43,7 +43,8 @@ def test_16_bit_grey_is_scaled_by_its_bit_depth_not_clipped():
 
 def test_a_16_bit_xray_is_the_same_model_input_as_its_8_bit_version(sample_zip, tmp_path):
     with zipfile.ZipFile(sample_zip) as archive:
-        name = next(name for name in sorted(archive.namelist()) if "/test/PNEUMONIA/" in name and name.endswith(".jpeg"))
+        name = next(name for name in sorted(archive.namelist())
+                    if "/test/PNEUMONIA/" in name and name.endswith(".jpeg"))
         xray = np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("L"))
     eight, sixteen = encoded(Image.fromarray(xray, mode="L")), encoded(as_16_bit(xray))
     # The model sees identical pixels, so its prediction is identical.

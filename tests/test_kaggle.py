@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package
 from archives import kaggle_members, zip_bytes  # noqa: E402
 from conftest import copy_project, run, set_params, tool_env  # noqa: E402
 from kaggle_stub import KaggleStub  # noqa: E402
-
 from pneumonia.data import kaggle as kg  # noqa: E402
 from pneumonia.errors import PipelineError  # noqa: E402
 
@@ -89,7 +88,7 @@ def _use_credentials(method: str, stub: KaggleStub, home: Path, monkeypatch, tmp
         _write(tmp_path / "elsewhere" / "kaggle.json", _kaggle_json(stub))
         monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "elsewhere"))
     elif method == kg.OAUTH_FILE:
-        expiry = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        expiry = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
         _write(home / ".kaggle" / "credentials.json", json.dumps(
             {"refresh_token": "refresh-0123456789", "access_token": stub.token,
              "access_token_expiration": expiry, "username": stub.username}))

@@ -259,7 +259,8 @@ def test_sensitivity_rule_picks_best_specificity_meeting_target():
     y, p = [1] * 10 + [0] * 5, pos + neg
     # 9 of 10 positives must be caught: the 9th highest positive score is 0.55, the next lower 0.5.
     assert choose_threshold(y, p, "sensitivity@0.9") == pytest.approx(midway(0.5, 0.55))
-    assert classification_metrics(y, p, choose_threshold(y, p, "sensitivity@0.9"))["specificity"] == pytest.approx(3 / 5)
+    assert (classification_metrics(y, p, choose_threshold(y, p, "sensitivity@0.9"))["specificity"]
+            == pytest.approx(3 / 5))
     assert choose_threshold(y, p, "sensitivity@0.7") == pytest.approx(midway(0.62, 0.65))  # 7/10 exactly
     assert choose_threshold(y, p, "sensitivity@0.85") == pytest.approx(midway(0.5, 0.55))
     assert choose_threshold(y, p, "sensitivity@1") == pytest.approx(midway(0.1, 0.2))

@@ -45,7 +45,8 @@ def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, t
     if config.output == "softmax":
         labels = keras.utils.to_categorical(labels[:, 0], 2)
     # Eager: tracing (and XLA-compiling) a training step of the big backbones takes ten times longer.
-    model.compile(optimizer="adam", loss="categorical_crossentropy" if config.output == "softmax" else "binary_crossentropy",
+    model.compile(optimizer="adam",
+                  loss="categorical_crossentropy" if config.output == "softmax" else "binary_crossentropy",
                   run_eagerly=True)
     before = [w.copy() for w in model.get_weights()]
     model.train_on_batch(images, labels)
@@ -73,7 +74,8 @@ def test_images_below_a_models_minimum_are_refused_at_validation():
     ({"name": "custom_cnn"}, {"warmup_epochs": 2}, "custom_cnn has no pretrained backbone"),
     ({"name": "resnet50v2", "weights": "none"}, {"fine_tune": "partial"}, "trains resnet50v2 from scratch"),
     ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "frozen", "warmup_epochs": 1}, "use 'partial'"),
-    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "full", "warmup_epochs": 15}, "leaves no fine-tuning"),
+    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "full", "warmup_epochs": 15},
+     "leaves no fine-tuning"),
     ({"name": "resnet50v2"}, {"lr_schedule": "step"}, "train.lr_schedule = 'step'"),
     ({"name": "resnet50v2"}, {"augment": {"zoom": 1.5}}, "train.augment.zoom = 1.5"),
     ({"name": "resnet50v2", "output": "relu"}, {}, "model.output = 'relu'"),

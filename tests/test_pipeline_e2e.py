@@ -14,9 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
+
 from browser import FLAGS, assert_not_blank, chromium, open_in_chromium
 from conftest import commit_all, copy_project, run, set_params, shared_dataset, tool_env
-from mlflow.tracking import MlflowClient
 
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}

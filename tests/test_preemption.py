@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_distribute import prepared_project, run_store, train_stage
 
 from pneumonia.config import parse_params
 from pneumonia.errors import PipelineError
+from test_distribute import prepared_project, run_store, train_stage
 
 EPOCHS = 3
 
@@ -45,7 +45,8 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(synthetic_data,
     backed_up = finished_epochs(backup())
     assert backed_up == 1, output[-3000:]
     chief = backup()
-    assert {"fingerprint", "history.json", "best.keras", "mlflow_run_id", "stage-1"} <= {p.name for p in chief.iterdir()}
+    assert ({"fingerprint", "history.json", "best.keras", "mlflow_run_id", "stage-1"}
+            <= {p.name for p in chief.iterdir()})
     assert "sqlite" not in (chief / "fingerprint").read_text()  # the tracking URI is hashed in, never written
     if backup_uri:
         assert not (project / "backup").exists()  # nothing kept on the VM's disk

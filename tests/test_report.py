@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from browser import assert_not_blank, open_in_chromium
 from PIL import Image
 
+from browser import assert_not_blank, open_in_chromium
 from pneumonia.config import Params
 from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
@@ -50,7 +50,8 @@ def report(tmp_path_factory):
     def scored(name, split_scores, split_predictions):
         cases = gallery.pick_cases(split_predictions, scores["threshold"], params.evaluate.images_per_outcome, seed=0)
         return ScoredSplit(name, split_scores, split_predictions, summary.curves(split_predictions), cases,
-                           rng.integers(0, 255, (len(cases), 48, 48, 3), dtype=np.uint8), rng.random((len(cases), 48, 48)))
+                           rng.integers(0, 255, (len(cases), 48, 48, 3), dtype=np.uint8),
+                           rng.random((len(cases), 48, 48)))
 
     history_csv = root / "train_history.csv"
     history_csv.write_text("epoch,loss,val_loss,accuracy,val_accuracy,auc,val_auc\n"

@@ -37,7 +37,8 @@ def test_committed_sample_is_small_real_and_keeps_patients_whole(repo_sample):
 
 def test_draw_takes_whole_patients_per_class_and_is_deterministic():
     names = [f"chest_xray/{split}/PNEUMONIA/person{p}_bacteria_{i}.jpeg"
-             for split, patients in (("train", range(0, 40)), ("test", range(40, 60))) for p in patients for i in range(3)]
+             for split, patients in (("train", range(0, 40)), ("test", range(40, 60)))
+             for p in patients for i in range(3)]
     names += [f"chest_xray/{split}/NORMAL/IM-{p:04d}-0001.jpeg"
               for split, patients in (("train", range(0, 20)), ("test", range(20, 30))) for p in patients]
     fractions = {"train": 0.25, "val": 1.0, "test": 0.5}

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import requests
-from conftest import free_port, tool_env
 from mlflow import MlflowClient
 
+from conftest import free_port, tool_env
 from pneumonia.logs import redact
 
 PASSWORD = "s3cret-Pw"

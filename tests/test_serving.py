@@ -14,9 +14,9 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, tool_env
 from mlflow import MlflowClient
 
+from conftest import free_port, tool_env
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training import train

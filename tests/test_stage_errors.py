@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_project, run, set_params
 
+from conftest import copy_project, run, set_params
 from pneumonia.data.synthetic import synthetic_image
 
 

@@ -9,9 +9,9 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import REPO, prepare_synthetic, run
 from mlflow.tracking import MlflowClient
 
+from conftest import REPO, prepare_synthetic, run
 from pneumonia import training
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
@@ -56,7 +56,8 @@ def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synt
     assert {"random_flip", "random_zoom", "random_rotation", "random_translation", "random_contrast"} <= {
         layer.name for layer in model.layers}
     test = predict_split(model, synthetic_data / "data/tfrecords", "test", 8)
-    assert test.probabilities.shape == test.labels.shape and ((0 <= test.probabilities) & (test.probabilities <= 1)).all()
+    assert (test.probabilities.shape == test.labels.shape
+            and ((0 <= test.probabilities) & (test.probabilities <= 1)).all())
     assert "predicting test: 100%" in capsys.readouterr().err  # evaluate's predictions show progress
     assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1]
 

@@ -83,8 +83,8 @@ def add_predict_parser(commands) -> None:
     predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
                                                     "models:/<name>@candidate, models:/<name>@champion")
     predict_parser.add_argument("--model", type=Path, default=paths.MODEL,
-                                help="a Keras model file (default models/model.keras; e.g. one `pneumonia adapt` wrote), "
-                                     "used at the run's threshold")
+                                help="a Keras model file (default models/model.keras; "
+                                     "e.g. one `pneumonia adapt` wrote), used at the run's threshold")
     predict_parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "build-sample", help="build the compact sample (data_sample/) from an archive in the Kaggle layout",
         description="Draw whole patients, the same share of each class per split, deterministically "
                     "(the same archive and options give a byte-identical zip). Images are copied, not re-encoded.")
-    sample.add_argument("archive", type=Path, help="zip in the Kaggle layout, e.g. ../shared/datasets/chest-xray-sample.zip")
+    sample.add_argument("archive", type=Path,
+                        help="zip in the Kaggle layout, e.g. ../shared/datasets/chest-xray-sample.zip")
     sample.add_argument("--out", type=Path, default=paths.SAMPLE, help=f"the zip written (default {paths.SAMPLE})")
     sample.add_argument("--train", type=float, default=DEFAULT_FRACTIONS["train"], help="share of train patients kept")
     sample.add_argument("--test", type=float, default=DEFAULT_FRACTIONS["test"], help="share of test patients kept")

@@ -38,10 +38,10 @@ from pneumonia.atomic import atomic_path
 from pneumonia.config import Params, flatten
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
-from pneumonia.paths import join
 from pneumonia.errors import PipelineError
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import set_trainable
+from pneumonia.paths import join
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,8 @@ def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None
         seconds = time.perf_counter() - started
     # No checkpoint, or an empty one: the monitored metric never became finite.
     if not tf.io.gfile.exists(checkpoint) or tf.io.gfile.stat(checkpoint).length == 0:
-        raise PipelineError(f"training never produced a finite {params.train.monitor}; check the data and learning rate")
+        raise PipelineError(f"training never produced a finite {params.train.monitor}; "
+                            "check the data and learning rate")
     if placement.is_chief:
         promote_checkpoint(checkpoint, model_path, backup)
 

@@ -48,7 +48,8 @@ def inspect_file(path: Path, kaggle_split: str, label: int) -> ImageFacts:
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         # (PIL's own text for an unknown format holds a memory address: not reproducible.)
         unknown = isinstance(exc, UnidentifiedImageError)
-        reason = "UnidentifiedImageError: not an image format PIL can read" if unknown else f"{type(exc).__name__}: {exc}"
+        reason = ("UnidentifiedImageError: not an image format PIL can read" if unknown
+                  else f"{type(exc).__name__}: {exc}")
         return ImageFacts(path.as_posix(), kaggle_split, label, digest, 0, 0, "", 0.0, 0.0, reason)
     return ImageFacts(path.as_posix(), kaggle_split, label, digest, width, height, mode,
                       round(float(pixels.mean()), 3), round(float(pixels.std()), 3), "")

@@ -95,7 +95,8 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
                 copied.append((target, label))
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise PipelineError(f"evaluate.external = {display!r} is not a readable zip archive ({exc}); it may be "
-                            "truncated or corrupt. Copy it again, or point evaluate.external at the unpacked folder.") from None
+                            "truncated or corrupt. Copy it again, or point evaluate.external at the unpacked "
+                            "folder.") from None
     return copied
 
 

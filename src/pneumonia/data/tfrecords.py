@@ -131,12 +131,13 @@ def write_split(records: list[Record], out: Path | str, split: str, encoded: Ite
     a local folder (Path) or a URI (str)."""
     names = shard_names(split, max(1, math.ceil(len(records) / images_per_shard)))
     pending = iter(records)
-    for index, name in enumerate(tqdm(names, desc=f"{split} shards", mininterval=2)):
+    for name in tqdm(names, desc=f"{split} shards", mininterval=2):
         with _shard_writer(out, name) as writer:
             for record in itertools.islice(pending, images_per_shard):
                 jpeg, error = next(encoded)
                 if jpeg is None:
-                    # prepare leaves out files it cannot decode, so this one changed since (or decodes differently here).
+                    # prepare leaves out files it cannot decode, so this one changed since
+                    # (or decodes differently here).
                     raise PipelineError(f"{record.path} is not a readable image ({error}), though prepare could read "
                                         "it: was data/raw changed by hand? Run `dvc repro -f -s download` and retry.")
                 writer.write(_example(record, jpeg))
@@ -186,7 +187,8 @@ def write_records(splits: dict[str, list[Record]], out: Path, image_size: int, c
     if location is not None:
         meta["location"] = location
     # spawn: workers need only PIL, not a fork of a process that may hold TensorFlow's threads.
-    executor = ProcessPoolExecutor(config.workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
+    executor = ProcessPoolExecutor(config.workers or os.cpu_count() or 1,
+                                   mp_context=multiprocessing.get_context("spawn"))
     with executor:
         for split, records in splits.items():
             encoded = encode_in_order(executor, [record.path for record in records], image_size,

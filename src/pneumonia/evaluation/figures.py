@@ -2,6 +2,7 @@
 
 import csv
 from pathlib import Path
+
 from pneumonia.evaluation import plots
 from pneumonia.evaluation.report import Figure
 from pneumonia.evaluation.scoring import ScoredSplit

@@ -10,8 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pneumonia import CLASS_NAMES  # noqa: E402
 from pneumonia.atomic import atomic_path  # noqa: E402

@@ -30,10 +30,10 @@ def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:
 
 
 def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: int) -> Predictions:
-    from pneumonia.data import dataset
-
     import keras
     from tqdm import tqdm
+
+    from pneumonia.data import dataset
 
     labels, names = dataset.labels_and_names(tfrecords, split)
 

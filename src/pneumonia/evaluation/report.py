@@ -112,7 +112,9 @@ collimation edges live there, not lungs.</p>
 <tbody>
 {% for key, label in metric_rows %}
 <tr><td>{{ label }}</td><td>{{ fmt(external[key]) }}</td>
-<td>{% if key in external.ci95 %}{{ fmt(external.ci95[key].low) }} &ndash; {{ fmt(external.ci95[key].high) }}{% endif %}</td>
+<td>
+{%- if key in external.ci95 %}{{ fmt(external.ci95[key].low) }} &ndash; {{ fmt(external.ci95[key].high) }}{% endif -%}
+</td>
 <td>{{ fmt(external[at_default][key]) }}</td><td>{{ fmt(scores[key]) }}</td></tr>
 {% endfor %}
 {% for key, label in count_rows %}

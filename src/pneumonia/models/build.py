@@ -1,7 +1,8 @@
 """Model construction from the params: augmentation, the named network, the output layer.
 
-Every model takes plain [0, 255] RGB images (cropped by model.crop before anything else) and outputs either the probability of pneumonia
-(model.output: sigmoid, shape [batch, 1]) or of [NORMAL, PNEUMONIA] (softmax, shape [batch, 2]);
+Every model takes plain [0, 255] RGB images (cropped by model.crop before anything else) and outputs either
+the probability of pneumonia (model.output: sigmoid, shape [batch, 1]) or of [NORMAL, PNEUMONIA] (softmax,
+shape [batch, 2]);
 `evaluation.predictions.pneumonia_probability` turns either into one probability per image.
 """
 
