@@ -19,6 +19,6 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The exact versions the project was last tested with (requirements.lock, made by `uv pip compile`;
-# README "Development" says how to refresh it); pip installs the project within them.
+# docs/decisions.md "Dependency versions" says how to refresh it); pip installs the project within them.
 .venv/bin/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 echo "set-up done: activate with  . .venv/bin/activate"

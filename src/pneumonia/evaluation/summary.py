@@ -92,7 +92,8 @@ def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, fl
     """The headline numbers of `scores` for MLflow: test_roc_auc, ..., test_ci95_roc_auc_low, ..."""
     flat = {f"{prefix}_{key}": float(scores[key]) for key in MLFLOW_KEYS if scores.get(key) is not None}
     for name, interval in scores.get("ci95", {}).items():
-        flat.update({f"{prefix}_ci95_{name}_{end}": float(value) for end, value in interval.items() if value is not None})
+        flat.update({f"{prefix}_ci95_{name}_{end}": float(value)
+                     for end, value in interval.items() if value is not None})
     return flat
 
 
