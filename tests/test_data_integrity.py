@@ -302,3 +302,12 @@ def test_download_and_prepare_twice_give_identical_bytes(tmp_path):
     names = {Path(name).relative_to(project).as_posix() for name in hashes[0]}
     assert {"data/raw/source.json", "data/manifests/train.csv", "data/manifests/val.csv", "data/manifests/test.csv",
             "data/images.csv", "metrics/data.json", "metrics/data_audit.json"} <= names
+
+
+def test_an_archive_extracts_into_a_folder_that_does_not_exist_yet(tmp_path):
+    """The free-space check looks at the disk the folder will be on (benchmarks extract into a new data/raw)."""
+    from pneumonia.data.download import extract_archive
+
+    archive = write_zip(tmp_path / "archive.zip", kaggle_members())
+    extract_archive(archive, tmp_path / "new" / "raw")
+    assert len(list((tmp_path / "new" / "raw" / "train" / "NORMAL").iterdir())) == 6

@@ -44,7 +44,8 @@ def _check_member(info: zipfile.ZipInfo) -> None:
 def check_free_space(needed: int, out: Path, what: str) -> None:
     """Refuse before writing when `needed` bytes (declared by the source) do not fit on out's disk:
     an archive whose members expand past the free space (a zip bomb) must not fill it."""
-    free = shutil.disk_usage(out).free
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())  # `out` may be new
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise PipelineError(
             f"{what} expands to {needed / 1e6:,.0f} MB but only {free / 1e6:,.0f} MB are free on the disk of "
