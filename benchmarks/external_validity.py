@@ -272,6 +272,10 @@ def main() -> None:
 
 def measure(report: dict, args: argparse.Namespace) -> dict:
     """`report` with the runs of args.profiles x args.seeds added (or replaced)."""
+    halvings, adapt_halvings = (4, 1) if args.smoke else (HALVINGS, ADAPT_HALVINGS)
+    report = {**report, "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
+              "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
+              "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "")}
     with tempfile.TemporaryDirectory(prefix="pneumonia-external-validity-") as temporary:
         project = conftest.copy_project(Path(temporary) / "project")
         conftest.commit_all(project)
@@ -282,11 +286,11 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
             synthetic.generate(Path(temporary) / "site", SyntheticConfig(patients_per_class=10, images_per_patient=1,
                                                                          image_size=64), seed=99)
             overrides = {**SMOKE_PARAMS, "evaluate.external": str(Path(temporary) / "site" / "train")}
-            halvings, adapt_halvings, seeds = 4, 1, args.seeds[:1]
+            seeds = args.seeds[:1]
         else:
             overrides = {"data.source": "local", "data.local_path": str(args.sample.resolve()),
                          "evaluate.external": str(args.external.resolve())}
-            halvings, adapt_halvings, seeds = HALVINGS, ADAPT_HALVINGS, args.seeds
+            seeds = args.seeds
         for profile in args.profiles:
             for seed in seeds:
                 run = run_one(project, profile, seed, overrides, halvings, adapt_halvings)
@@ -296,10 +300,7 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
                 if not args.smoke:  # kept run by run: hours of training are not lost to a later failure
                     args.out.mkdir(parents=True, exist_ok=True)
                     (args.out / "external_validity.json").write_text(json.dumps(report, indent=2) + "\n")
-    return {**report, "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
-            "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
-            "load_average": load_average(),
-            "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "")}
+    return {**report, "load_average": load_average()}
 
 
 if __name__ == "__main__":
