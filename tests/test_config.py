@@ -80,6 +80,14 @@ def test_image_size_below_a_backbones_minimum_is_refused():
         parse_params({"model": {"name": "xception"}, "data": {"image_size": 64}})
 
 
+def test_the_cropped_image_must_fit_the_model_too():
+    """xception needs 71 px: 72 px less a 0.08 crop on each side leaves 60 (its own error, not a traceback)."""
+    raw = {"model": {"name": "xception", "weights": "none", "crop": 0.08}, "data": {"image_size": 72}}
+    with pytest.raises(PipelineError, match=r"less model.crop = 0.08 on each side leaves 60 px, below the 71px"):
+        parse_params(raw)
+    assert parse_params({**raw, "data": {"image_size": 88}}).model.cropped_size(88) == 74
+
+
 def test_missing_local_path_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     params = parse_params({"data": {"source": "local", "local_path": "nowhere.zip"}})

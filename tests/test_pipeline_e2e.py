@@ -48,7 +48,7 @@ def artifact_paths(project: Path, run_id: str) -> set[str]:
 def synthetic_project(tmp_path_factory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("project"))
     set_params(project, **{
-        "data.source": "synthetic", "data.image_size": 72, "train.epochs": 1, "train.batch_size": 8,
+        "data.source": "synthetic", "data.image_size": 88, "train.epochs": 1, "train.batch_size": 8,
         "tfrecords.workers": 2, "tracking.register_model": "pneumonia",
     })
     commit_all(project)

@@ -154,6 +154,10 @@ class ModelConfig(Section):
     # variance per image: brightness and contrast of the acquisition removed)
     input_norm: Literal["scale", "per_image"] = "scale"
 
+    def cropped_size(self, image_size: int) -> int:
+        """Pixels a side the network sees of an `image_size` image, after model.crop."""
+        return image_size - 2 * round(image_size * self.crop)
+
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
@@ -288,10 +292,14 @@ class Params(Section):
     @model_validator(mode="after")
     def _image_fits_model(self) -> "Params":
         smallest = min_image_size(self.model.name)
-        if self.data.image_size < smallest:
+        seen = self.model.cropped_size(self.data.image_size)
+        if seen < smallest:
+            size = f"data.image_size = {self.data.image_size}"
             raise ValueError(
-                f"data.image_size = {self.data.image_size} is below the {smallest}px minimum of "
-                f"model {self.model.name!r}; raise data.image_size"
+                f"{size} is below the {smallest}px minimum of model {self.model.name!r}; raise data.image_size"
+                if seen == self.data.image_size else
+                f"{size} less model.crop = {self.model.crop} on each side leaves {seen} px, below the {smallest}px "
+                f"minimum of model {self.model.name!r}; raise data.image_size or lower model.crop"
             )
         return self
 

@@ -29,7 +29,7 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = inputs
     if config.crop:
-        kept = image_size - 2 * round(image_size * config.crop)
+        kept = config.cropped_size(image_size)
         x = layers.CenterCrop(kept, kept, name="border_crop")(x)
     x = augment(augmentation, x)
     if config.name == CUSTOM_CNN:
