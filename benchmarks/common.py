@@ -47,8 +47,10 @@ FULL = Scale()
 SMOKE = replace(
     FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, standins=12,
     standin_size=(360, 300), read_batches=4, folder_passes=1, conversion_copies=(1, 2), memory_copies=(1, 2),
+    # val_fraction 0.25: with 6 patients a class, 0.15 leaves no validation fold (prepare refuses it)
     dvc_params=("data.source=synthetic", "data.image_size=72", "data.synthetic.patients_per_class=6",
-                "data.synthetic.image_size=72", "train.epochs=1", "train.batch_size=8", "tfrecords.workers=2"),
+                "data.synthetic.image_size=72", "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=8",
+                "tfrecords.workers=2"),
     dvc_experiment=("model.dropout=0.2",),
 )
 

@@ -69,7 +69,7 @@ def test_dvc_plots_show_draws_every_figure_once(tmp_path):
 
 def test_committed_lock_records_the_committed_params():
     """The baseline (dvc.lock, metrics/, plots/) describes params.yaml as committed: refresh it with
-    `dvc repro` and commit when params.yaml changes (README "Quick start")."""
+    `dvc repro` and commit when params.yaml changes (README "The committed baseline")."""
     # Read as DVC reads them (YAML 1.2, ruamel): to PyYAML's YAML 1.1 the `1e-05` DVC writes is a string.
     dvc_yaml = YAML(typ="safe")
     params = dvc_yaml.load((REPO / "params.yaml").read_text())

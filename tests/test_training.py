@@ -164,7 +164,7 @@ def synthetic_data_160(tmp_path_factory) -> Path:
 @pytest.mark.e2e
 def test_same_seed_gives_the_same_model_and_another_seed_does_not(synthetic_data_160, tmp_path):
     """train.seed + train.deterministic: shuffling, augmentation, dropout and initialisation repeat exactly,
-    from one process to the next (on CPU; README "Reproducibility" says what holds on accelerators)."""
+    from one process to the next (on CPU; docs/results.md "Reproducibility" says what holds on accelerators)."""
     def trained(seed: int, name: str) -> dict:
         (tmp_path / name).mkdir()
         run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(synthetic_data_160), str(tmp_path / name), str(seed)], REPO)
