@@ -43,25 +43,25 @@ def main() -> None:
     test = score_split(model, paths.TFRECORDS, "test", test_predictions,
                        summary.evaluation_scores(val, test_predictions, config), config)
     threshold = test.scores["threshold"]  # chosen on validation: what the model is used with from here on
-    scored = [test]
+    external = None
     if has_external(paths.EXTERNAL):
         external_predictions = predict_split(model, paths.EXTERNAL, EXTERNAL, batch_size)
         audit = read_meta(paths.EXTERNAL)["audit"]
-        scored.append(score_split(model, paths.EXTERNAL, EXTERNAL, external_predictions,
-                                  summary.external_scores(external_predictions, threshold, config, audit), config))
+        external = score_split(model, paths.EXTERNAL, EXTERNAL, external_predictions,
+                               summary.external_scores(external_predictions, threshold, config, audit), config)
+    scored = [test, *([external] if external else [])]
 
     write_json(paths.TEST_METRICS, test.scores)
     write_plot_tables(test, paths.TEST_PREDICTIONS, {"roc": paths.ROC_CURVE, "precision_recall": paths.PR_CURVE,
                                                      "calibration": paths.CALIBRATION_CURVE})
-    with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:
-        for split in scored[1:]:
-            write_plot_tables(split, folder / "predictions.csv",
+    with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:  # empty without an external set
+        if external:
+            write_plot_tables(external, folder / "predictions.csv",
                               {name: folder / f"{name}.csv" for name in ("roc", "precision_recall", "calibration")})
-    write_json(paths.EXTERNAL_METRICS, scored[1].scores if len(scored) > 1 else {"evaluated": False})
+    write_json(paths.EXTERNAL_METRICS, external.scores if external else {"evaluated": False})
     with atomic_path(paths.FIGURES, directory=True) as folder:
         figures = draw_figures(folder, read_history(paths.TRAIN_HISTORY), scored, last_feature_map(model).layer_name)
-        write_report(paths.EVALUATION_REPORT, scores=test.scores,
-                     external=scored[1].scores if len(scored) > 1 else None,
+        write_report(paths.EVALUATION_REPORT, scores=test.scores, external=external.scores if external else None,
                      figures=figures, params=params.model_dump(), data=json.loads(paths.DATA_METRICS.read_text()),
                      training=json.loads(paths.TRAIN_METRICS.read_text()), model_summary=model_summary(model))
 
@@ -71,7 +71,7 @@ def main() -> None:
         # model's page shows them and mlflow.search_logged_models ranks models by them.
         logged = serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
         datasets = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"})
-        if len(scored) > 1:
+        if external:
             datasets[EXTERNAL] = tracking.manifest_dataset(paths.EXTERNAL / "manifest.csv", name=EXTERNAL)
             mlflow.log_input(datasets[EXTERNAL], context="external validation")
         for split in scored:

@@ -96,8 +96,8 @@ def select_strategy(accelerator: str) -> tuple[tf.distribute.Strategy, str, str]
         if accelerator == "tpu":
             raise PipelineError(
                 "train.accelerator = 'tpu' but no TPU is reachable: set TPU_NAME to your TPU's name "
-                "(or run on a Cloud TPU VM) with TensorFlow's TPU build installed (README: "
-                "'Accelerators, clusters and preemption'), or set train.accelerator to 'auto' or 'cpu'."
+                "(or run on a Cloud TPU VM) with TensorFlow's TPU build installed "
+                "(docs/accelerators.md), or set train.accelerator to 'auto' or 'cpu'."
             )
     if accelerator == "cpu":
         tf.config.set_visible_devices([], "GPU")

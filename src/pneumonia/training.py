@@ -402,7 +402,7 @@ def train(params: Params, tfrecords: Path, class_weight: dict[int, float] | None
         tf.config.experimental.enable_op_determinism()
         # Grappler's graph rewrites are not deterministic across processes (tensorflow#51716): with them
         # on, two trainings of custom_cnn with one seed parted after ten steps; off, they match bit for
-        # bit, at no measurable cost on a CPU (README "Reproducibility").
+        # bit, at no measurable cost on a CPU (docs/decisions.md, "Grappler and determinism").
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     global_batch = params.train.batch_size * placement.replicas
     train_images = dataset.split_size(tfrecords, "train")
