@@ -47,16 +47,15 @@ def held_out_scores(labels: np.ndarray, probabilities: np.ndarray, patients: lis
 
 def compare_rules(project: Path, repeats: int = 200) -> dict:
     """Held-out validation scores of every rule in RULES for the model trained in `project`."""
-    import keras
-
     from pneumonia import paths
     from pneumonia.config import load_params
     from pneumonia.data.prepare import patient_id
     from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.models.build import load_model
 
     with working_directory(project.resolve()):
         params = load_params()
-        val = predict_split(keras.models.load_model(paths.MODEL), paths.TFRECORDS, "val", params.train.batch_size)
+        val = predict_split(load_model(paths.MODEL), paths.TFRECORDS, "val", params.train.batch_size)
     patients = [patient_id(name) for name in val.file_names]
     return {"validation_images": len(val.labels), "validation_patients": len(set(patients)), "repeats": repeats,
             "model": params.model.name, "train_seed": params.train.seed,

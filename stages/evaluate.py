@@ -19,6 +19,7 @@ from pneumonia.evaluation.predictions import predict_split
 from pneumonia.evaluation.report import write_report
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
 from pneumonia.logs import run_stage
+from pneumonia.models.build import load_model
 
 
 def model_summary(model: keras.Model) -> str:
@@ -37,7 +38,7 @@ def main() -> None:
     params = load_params()
     config = params.evaluate
     batch_size = params.train.batch_size
-    model = keras.models.load_model(paths.MODEL)
+    model = load_model(paths.MODEL)
     val = predict_split(model, paths.TFRECORDS, "val", batch_size)
     test_predictions = predict_split(model, paths.TFRECORDS, "test", batch_size)
     test = score_split(model, paths.TFRECORDS, "test", test_predictions,

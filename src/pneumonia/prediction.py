@@ -20,6 +20,7 @@ from pneumonia import CLASS_NAMES, atomic
 from pneumonia.data.images import encode_jpeg, load_resized
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
+from pneumonia.models.build import load_model
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,8 @@ def load_classifier(model_path: Path, test_metrics: Path, jpeg_quality: int) -> 
     """The pipeline's last model (models/model.keras) with the threshold of its evaluation."""
     if not model_path.is_file():
         raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-    import keras
 
-    return Classifier(keras.models.load_model(model_path), run_threshold(test_metrics), jpeg_quality)
+    return Classifier(load_model(model_path), run_threshold(test_metrics), jpeg_quality)
 
 
 def table(results: Sequence[FilePrediction]) -> str:

@@ -34,6 +34,7 @@ from pneumonia.config import Params
 from pneumonia.data.images import ImageTooLarge
 from pneumonia.errors import PipelineError
 from pneumonia.logs import redact
+from pneumonia.models.build import load_model
 from pneumonia.prediction import Classifier
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,11 @@ REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow")
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        import keras
-
         if CONFIG in context.artifacts:
             config = json.loads(Path(context.artifacts[CONFIG]).read_text())
         else:  # models logged before the config became an artifact
             config = context.model_config
-        self.classifier = Classifier(keras.models.load_model(context.artifacts[KERAS_MODEL]),
+        self.classifier = Classifier(load_model(context.artifacts[KERAS_MODEL]),
                                      config["threshold"], config["jpeg_quality"])
 
     def predict(self, context, model_input, params=None):

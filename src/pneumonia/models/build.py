@@ -39,3 +39,8 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
         x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)
     return keras.Model(inputs, output_layer(config.output, x), name=config.name)
 
+
+
+def load_model(path) -> keras.Model:
+    """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it."""
+    return keras.models.load_model(path)

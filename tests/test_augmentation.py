@@ -1,0 +1,93 @@
+"""RandomAffine: zoom, rotation and translation in one resampling, each within its range."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from pneumonia.models.augmentation import RandomAffine
+
+
+def dot_image(size: int = 33, at: tuple[int, int] | None = None) -> np.ndarray:
+    image = np.zeros((1, size, size, 1), "float32")
+    row, column = at or (size // 2, size // 2)
+    image[0, row - 1:row + 2, column - 1:column + 2] = 255
+    return image
+
+
+def centre_of_mass(image: np.ndarray) -> np.ndarray:
+    weights = image[0, :, :, 0]
+    rows, columns = np.indices(weights.shape)
+    return np.array([(rows * weights).sum(), (columns * weights).sum()]) / weights.sum()
+
+
+def test_identity_outside_training_and_with_zero_ranges():
+    image = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(RandomAffine(0.3, 0.1, 0.1)(image, training=False)),
+                                  image)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(RandomAffine(0, 0, 0)(image, training=True)), image,
+                               atol=1e-3)
+
+
+def test_zoom_and_rotation_turn_about_the_centre_and_change_the_image():
+    layer = RandomAffine(zoom=0.25, rotation=0.25, seed=1)
+    centre = dot_image()
+    off_centre = dot_image(at=(8, 16))
+    for _ in range(5):
+        kept = keras.ops.convert_to_numpy(layer(centre, training=True))
+        np.testing.assert_allclose(centre_of_mass(kept), [16, 16], atol=0.05)
+    moved = [centre_of_mass(keras.ops.convert_to_numpy(layer(off_centre, training=True))) for _ in range(5)]
+    distances = [np.linalg.norm(point - [16, 16]) for point in moved]
+    assert max(distances) <= 8 * 1.25 + 0.5 and min(distances) >= 8 * 0.75 - 0.5  # zoom by at most 25%
+    assert np.ptp([point[1] for point in moved]) > 1  # turned by different angles
+
+
+def test_translation_stays_within_its_share_of_the_size():
+    layer = RandomAffine(translation=0.1, seed=2)
+    shifts = np.array([centre_of_mass(keras.ops.convert_to_numpy(layer(dot_image(), training=True))) - 16
+                       for _ in range(20)])
+    assert np.abs(shifts).max() <= 0.1 * 33 + 0.05
+    assert np.abs(shifts).max() > 1  # it does move
+
+
+def test_same_seed_same_transforms():
+    image = np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3)).astype("float32")
+    first, second = (keras.ops.convert_to_numpy(RandomAffine(0.2, 0.05, 0.1, seed=7)(image, training=True))
+                     for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert not np.allclose(first, image)
+
+
+def test_a_saved_model_reloads_where_only_the_prediction_code_is_imported(tmp_path):
+    inputs = keras.Input((24, 24, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(RandomAffine(0.2, 0.05, 0.1)(inputs)))
+    model.save(tmp_path / "model.keras")
+    # A new process that imports what `pneumonia predict` and the served model import, nothing of training.
+    code = ("import keras, sys; import pneumonia.prediction; "
+            f"m = keras.models.load_model({str(tmp_path / 'model.keras')!r}); "
+            "print(type(m.layers[1]).__name__, m.layers[1].get_config()['zoom'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["RandomAffine", "0.2"]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_works_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = RandomAffine(0.2, 0.05, 0.1, seed=3)
+        output = layer(np.full((2, 16, 16, 3), 100, "float32"), training=True)
+        assert output.shape == (2, 16, 16, 3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_keras_does_not_xla_compile_a_model_with_it():
+    """On a GPU Keras compiles with XLA when every layer allows it; the transform's op has no XLA kernel."""
+    from keras.src.trainers.trainer import model_supports_jit
+
+    inputs = keras.Input((24, 24, 3))
+    assert model_supports_jit(keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs)))
+    assert not model_supports_jit(keras.Model(inputs, keras.layers.Conv2D(2, 3)(RandomAffine(0.1)(inputs))))
