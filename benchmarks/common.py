@@ -29,6 +29,10 @@ class Scale:
     train_rounds: int = 6
     train_steps: int = 8  # batches an epoch; the first epoch of each fit is warm-up and not counted
     train_epochs: int = 3
+    # training_speed: rounds of every variant in turn, each a fit of speed_steps batches x train_epochs
+    speed_rounds: int = 3
+    speed_steps: int = 10
+    every_speed_variant: bool = True  # False: the previous and the default profile, and bfloat16
     # full-resolution stand-ins (tfrecords_vs_folders, conversion_scaling)
     standins: int = 400
     standin_size: tuple[int, int] = (1800, 1500)  # width, height: the Kaggle images' typical size
@@ -45,7 +49,8 @@ class Scale:
 
 FULL = Scale()
 SMOKE = replace(
-    FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, standins=12,
+    FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, speed_rounds=1, speed_steps=2,
+    every_speed_variant=False, standins=12,
     standin_size=(360, 300), read_batches=4, folder_passes=1, conversion_copies=(1, 2), memory_copies=(1, 2),
     # val_fraction 0.25: with 6 patients a class, 0.15 leaves no validation fold (prepare refuses it)
     dvc_params=("data.source=synthetic", "data.image_size=72", "data.synthetic.patients_per_class=6",
@@ -185,6 +190,15 @@ def working_directory(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+def replace_block(page: Path, start: str, end: str, text: str) -> None:
+    """Put `text` between the marker lines `start` and `end` of `page` (a README table made by a benchmark)."""
+    content = page.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{page} has no {start} ... {end} block to fill")
+    head, rest = content.split(start, 1)
+    page.write_text(head + start + "\n" + text.strip("\n") + "\n" + rest[rest.index(end):])
 
 
 # --- processes --------------------------------------------------------------------------------

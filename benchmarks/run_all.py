@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks.common import REPO, SAMPLE_ZIP, load_average
+from benchmarks.common import REPO, SAMPLE_ZIP, load_average, replace_block
 
 BENCHMARKS = {  # module: what it measures, in the issue's order
     "input_vs_compute": "1. Input pipeline vs compute limit",
@@ -26,7 +26,12 @@ BENCHMARKS = {  # module: what it measures, in the issue's order
     "conversion_scaling": "3. Conversion scales with cores",
     "incremental_dvc": "4. Incremental work",
     "memory": "5. Memory",
+    "training_speed": "6. Training speed",
 }
+# Where the report is copied: the table into docs/performance.md, the summary into README.md.
+TABLE_MARKERS = ("<!-- performance-table: made by python -m benchmarks.run_all -->", "<!-- /performance-table -->")
+SUMMARY_MARKERS = ("<!-- performance-summary: made by python -m benchmarks.run_all -->",
+                   "<!-- /performance-summary -->")
 PACKAGES = ("tensorflow", "keras", "dvc", "pillow", "numpy", "psutil")
 
 
@@ -57,6 +62,25 @@ def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         return {**json.loads(Path(output.name).read_text()), "benchmark_seconds": round(time.perf_counter() - started)}
 
 
+def table(results: dict) -> str:
+    lines = ["| target | measured | met | load average (before/after) |", "|---|---|---|---|"]
+    for name, title in BENCHMARKS.items():
+        if result := results.get(name):
+            load = result.get("load_average", {})
+            met = "yes" if result["met"] else "**no**"
+            lines.append(f"| {title}: {result.get('target', name)} | {result['measured']} | {met} | "
+                         f"{load.get('before', '?')} / {load.get('after', '?')} |")
+    return "\n".join(lines)
+
+
+def summary(report: dict) -> str:
+    """The README's lines: each target's figure, and where the rest is."""
+    lines = [f"- {title.split('. ', 1)[1]}: {result['measured']}" + ("" if result["met"] else " (target not met)")
+             for name, title in BENCHMARKS.items() if (result := report["results"].get(name))]
+    return "\n".join([*lines, "", f"Measured {report['finished'][:10]} on {report['machine']['cores']} CPU cores "
+                                 f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
+
+
 def markdown(report: dict) -> str:
     machine, results = report["machine"], report["results"]
     versions = ", ".join(f"{package} {number}" for package, number in machine["versions"].items())
@@ -66,14 +90,8 @@ def markdown(report: dict) -> str:
         (f"Measured {report['finished']} on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
          f"{machine['os']}, Python {machine['python']}, {versions}."), "",
         f"Reproduce from the repository root: `{report['command']}`{smoke}", "",
-        "| target | measured | met | load average (before/after) |", "|---|---|---|---|",
+        table(results),
     ]
-    for name, title in BENCHMARKS.items():
-        if result := results.get(name):
-            load = result.get("load_average", {})
-            met = "yes" if result["met"] else "**no**"
-            lines.append(f"| {title}: {result.get('target', name)} | {result['measured']} | {met} | "
-                         f"{load.get('before', '?')} / {load.get('after', '?')} |")
     standin_mb = results.get("tfrecords_vs_folders", {}).get("standin_mean_mb", "?")
     lines += [
         "",
@@ -86,6 +104,18 @@ def markdown(report: dict) -> str:
          f"grayscale JPEGs with film grain (mean {standin_mb} MB, like the Kaggle originals' ~0.15-0.2 MB), since "
          "the originals cannot be downloaded here."),
     ]
+    if speed := results.get("training_speed", {}).get("variants"):
+        peak = results["training_speed"]["peak_gflops_per_second"]
+        lines += ["", "Target 6 in detail: each variant fitted in turn, "
+                  f"{results['training_speed']['rounds']} rounds, median images/s; the machine's peak measured in the "
+                  f"same run: matmul {peak['float32']['matmul']} / {peak['bfloat16']['matmul']} GFLOP/s and 3x3 "
+                  f"convolution {peak['float32']['conv3x3']} / {peak['bfloat16']['conv3x3']} GFLOP/s "
+                  "(float32 / bfloat16).", "",
+                  "| variant | px | precision | images/s | GFLOP per training image | GFLOP/s | share of the "
+                  "convolution peak of its precision |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['image_size']} | {row['precision']} | {row['images_per_second']} | "
+                  f"{row['training_gflops_per_image']:.2f} | {row['gflops_per_second']} | "
+                  f"{row['share_of_conv_peak']:.0%} |" for name, row in speed.items()]
     for name, title in BENCHMARKS.items():
         if (result := results.get(name)) and not result["met"] and "profile" in result:
             lines += ["", f"Profile of {title} (not met): `{json.dumps(result['profile'])}`"]
@@ -116,6 +146,9 @@ def main() -> None:
     report["all_met"] = all(result["met"] for result in report["results"].values())
     write_json(args.out / "results.json", report)
     write_text(args.out / "results.md", markdown(report))
+    if not args.smoke and not args.only and args.out.resolve() == (REPO / "benchmarks").resolve():
+        replace_block(REPO / "docs" / "performance.md", *TABLE_MARKERS, table(report["results"]))
+        replace_block(REPO / "README.md", *SUMMARY_MARKERS, summary(report))
     print(f"wrote {args.out / 'results.md'}")
 
 
