@@ -1,7 +1,8 @@
 """Smoke test of the benchmarks: every one runs at tiny sizes and the report is written.
 
 Checks that they work, not the targets (speed is measured by `python -m benchmarks.run_all`, not
-asserted here). About two minutes, most of it the DVC benchmark's pipeline runs.
+asserted here). About two minutes, most of it the DVC benchmark's pipeline runs; the inference
+benchmark, which starts a model server, about one more (`-k inference`).
 """
 
 import json
@@ -14,12 +15,19 @@ from conftest import REPO, run
 BENCHMARKS = ["input_vs_compute", "tfrecords_vs_folders", "conversion_scaling", "incremental_dvc", "memory"]
 
 
+def smoke_report(out, sample_zip, benchmarks: list[str]) -> dict:
+    run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--only", *benchmarks, "--out", str(out),
+         "--sample", str(sample_zip)], REPO)
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.e2e
 def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
-    run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out", str(tmp_path), "--sample", str(sample_zip)],
-        REPO)
+    """All but inference, which has its own test below (it starts a model server)."""
+    from benchmarks.run_all import BENCHMARKS as ALL
 
-    report = json.loads((tmp_path / "results.json").read_text())
+    assert [*BENCHMARKS, "inference"] == list(ALL)
+    report = smoke_report(tmp_path, sample_zip, BENCHMARKS)
     assert sorted(report["results"]) == sorted(BENCHMARKS)
     for name, result in report["results"].items():
         assert "error" not in result, f"{name} failed:\n{result['error']}"
@@ -33,6 +41,20 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     table = (tmp_path / "results.md").read_text()
     assert "python -m benchmarks.run_all --smoke" in table
     assert sum(line.startswith(("| 1.", "| 2.", "| 3.", "| 4.", "| 5.")) for line in table.splitlines()) == 5
+
+
+@pytest.mark.e2e
+def test_inference_benchmark_times_predict_evaluate_and_the_served_model(tmp_path, sample_zip):
+    result = smoke_report(tmp_path, sample_zip, ["inference"])["results"]["inference"]
+    assert "error" not in result, result["error"]
+    assert isinstance(result["met"], bool) and result["measured"] and result["load_average"]["before"] >= 0
+    rates = result["images_per_second"]
+    assert set(rates) == {"training", "predict_before", "predict", "evaluate"} and min(rates.values()) > 0
+    assert set(result["ratios_to_training"]) == {"predict", "evaluate"}
+    for clients, level in result["served"]["clients"].items():  # every request answered 200, else it fails
+        assert level["requests"] >= int(clients) and 0 < level["p50_ms"] <= level["p99_ms"], clients
+        assert level["images_per_second"] > 0, clients
+    assert sum(line.startswith("| 6. Inference") for line in (tmp_path / "results.md").read_text().splitlines()) == 1
 
 
 @pytest.mark.e2e
