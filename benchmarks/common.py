@@ -39,6 +39,11 @@ class Scale:
     read_batches: int = 300  # batches read from the TFRecords per timing
     folder_passes: int = 2  # passes over the stand-in folder per timing
     conversion_copies: tuple[int, int] = (1, 6)  # manifests repeating the stand-ins: the difference is steady state
+    # inference: pneumonia predict on this many stand-ins; one-image requests to the served model, this many
+    # at each number of concurrent clients
+    predict_images: int = 1000
+    serve_clients: tuple[int, ...] = (1, 4, 8)
+    serve_requests: int = 200
     # memory
     memory_copies: tuple[int, int] = (1, 4)
     # incremental_dvc
@@ -50,8 +55,8 @@ class Scale:
 FULL = Scale()
 SMOKE = replace(
     FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, speed_rounds=1, speed_steps=2,
-    every_speed_variant=False, standins=12,
-    standin_size=(360, 300), read_batches=4, folder_passes=1, conversion_copies=(1, 2), memory_copies=(1, 2),
+    every_speed_variant=False, standins=12, standin_size=(360, 300), read_batches=4, folder_passes=1,
+    conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8, memory_copies=(1, 2),
     # val_fraction 0.25: with 6 patients a class, 0.15 leaves no validation fold (prepare refuses it)
     dvc_params=("data.source=synthetic", "data.image_size=72", "data.synthetic.patients_per_class=6",
                 "data.synthetic.image_size=72", "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=8",

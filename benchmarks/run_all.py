@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, and write benchmarks/results.json and results.md.
 
-    python -m benchmarks.run_all            # full: 8 to 15 minutes on 2 CPU cores, depending on load
+    python -m benchmarks.run_all            # full: 10 to 20 minutes on 2 CPU cores, depending on load
     python -m benchmarks.run_all --smoke    # tiny sizes: checks that every benchmark works
 
 Run from the repository root with the project's venv active.
@@ -27,6 +27,7 @@ BENCHMARKS = {  # module: what it measures, in the issue's order
     "incremental_dvc": "4. Incremental work",
     "memory": "5. Memory",
     "training_speed": "6. Training speed",
+    "inference": "7. Inference",
 }
 # Where the report is copied: the table into docs/performance.md, the summary into README.md.
 TABLE_MARKERS = ("<!-- performance-table: made by python -m benchmarks.run_all -->", "<!-- /performance-table -->")
@@ -100,7 +101,7 @@ def markdown(report: dict) -> str:
          "work: the load average shows how busy it was (2.0 = both cores busy). Target 1's ratio is the median "
          "of the per-round ratios, each round fitting both sides; the images/s beside it are each side's median."),
         "",
-        ("Full-resolution stand-ins (targets 2, 3): the sample's 224 px training images upscaled to 1800x1500 "
+        ("Full-resolution stand-ins (targets 2, 3, 6): the sample's 224 px training images upscaled to 1800x1500 "
          f"grayscale JPEGs with film grain (mean {standin_mb} MB, like the Kaggle originals' ~0.15-0.2 MB), since "
          "the originals cannot be downloaded here."),
     ]

@@ -1,7 +1,8 @@
 """Smoke test of the benchmarks: every one runs at tiny sizes and the report is written.
 
 Checks that they work, not the targets (speed is measured by `python -m benchmarks.run_all`, not
-asserted here). About two minutes, most of it the DVC benchmark's pipeline runs.
+asserted here). About two minutes, most of it the DVC benchmark's pipeline runs; the inference
+benchmark, which starts a model server, about one more (`-k inference`).
 """
 
 import json
@@ -12,14 +13,20 @@ import pytest
 from benchmarks.run_all import BENCHMARKS
 from conftest import REPO, run
 
+WITHOUT_SERVER = [name for name in BENCHMARKS if name != "inference"]
+
+
+def smoke_report(out, sample_zip, benchmarks: list[str]) -> dict:
+    run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--only", *benchmarks, "--out", str(out),
+         "--sample", str(sample_zip)], REPO)
+    return json.loads((out / "results.json").read_text())
+
 
 @pytest.mark.e2e
 def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
-    run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out", str(tmp_path), "--sample", str(sample_zip)],
-        REPO)
-
-    report = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(report["results"]) == sorted(BENCHMARKS)
+    """All but inference, which has its own test below (it starts a model server)."""
+    report = smoke_report(tmp_path, sample_zip, WITHOUT_SERVER)
+    assert sorted(report["results"]) == sorted(WITHOUT_SERVER)
     for name, result in report["results"].items():
         assert "error" not in result, f"{name} failed:\n{result['error']}"
         assert isinstance(result["met"], bool) and result["measured"], name
@@ -32,11 +39,25 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
     table = (tmp_path / "results.md").read_text()
     assert "python -m benchmarks.run_all --smoke" in table
     assert [line.split(":")[0] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
-        f"| {title}" for title in BENCHMARKS.values()]
+        f"| {BENCHMARKS[name]}" for name in WITHOUT_SERVER]
     speed = report["results"]["training_speed"]
     assert speed["variants"]["default"]["training_gflops_per_image"] > 0
     assert speed["peak_gflops_per_second"]["float32"]["conv3x3"] > 0
     assert "| default | " in table  # the speed variants' table
+
+
+@pytest.mark.e2e
+def test_inference_benchmark_times_predict_evaluate_and_the_served_model(tmp_path, sample_zip):
+    result = smoke_report(tmp_path, sample_zip, ["inference"])["results"]["inference"]
+    assert "error" not in result, result["error"]
+    assert isinstance(result["met"], bool) and result["measured"] and result["load_average"]["before"] >= 0
+    rates = result["images_per_second"]
+    assert set(rates) == {"training", "predict_before", "predict", "evaluate"} and min(rates.values()) > 0
+    assert set(result["ratios_to_training"]) == {"predict", "evaluate"}
+    for clients, level in result["served"]["clients"].items():  # every request answered 200, else it fails
+        assert level["requests"] >= int(clients) and 0 < level["p50_ms"] <= level["p99_ms"], clients
+        assert level["images_per_second"] > 0, clients
+    assert sum(line.startswith(f"| {BENCHMARKS['inference']}:") for line in (tmp_path / "results.md").read_text().splitlines()) == 1
 
 
 @pytest.mark.e2e

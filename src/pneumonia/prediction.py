@@ -9,9 +9,13 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +65,9 @@ class Classifier:
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if not images:
             return np.empty(0)
-        return pneumonia_probability(self.model.predict(np.stack(images), batch_size=BATCH_SIZE, verbose=0))
+        # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
+        batches = [np.stack(images[start:start + BATCH_SIZE]) for start in range(0, len(images), BATCH_SIZE)]
+        return pneumonia_probability(np.concatenate([self.model.predict_on_batch(batch) for batch in batches]))
 
     def label(self, probability: float) -> str:
         return CLASS_NAMES[int(probability >= self.threshold)]
@@ -92,30 +98,49 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def predict_files(classifier: Classifier, files: Sequence[Path]) -> list[FilePrediction]:
-    """One prediction per file, in order; a file that is not a readable image gets an error instead."""
+def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | None = None) -> list[FilePrediction]:
+    """One prediction per file, in order; a file that is not a readable image gets an error instead.
+
+    `workers` threads (default: one a core) decode and resize the files, up to two batches ahead
+    of the model, so that decoding runs in parallel and alongside the forward pass.
+    """
     from tqdm import tqdm
 
     results: list[FilePrediction] = []
+    inputs = _preprocessed(classifier, files, workers or os.cpu_count() or 1)
     progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, file=sys.stderr)
-    for start in range(0, len(files), BATCH_SIZE):
-        chunk = files[start:start + BATCH_SIZE]
-        images, errors = [], {}
-        for file in chunk:
-            try:
-                images.append(classifier.preprocess(file))
-            except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
-                errors[file] = f"not a readable image ({type(exc).__name__}: {exc})"
-        probabilities = iter(classifier.probabilities(images))
-        for file in chunk:
-            if file in errors:
-                results.append(FilePrediction(str(file), error=errors[file]))
+    while chunk := list(islice(inputs, BATCH_SIZE)):
+        probabilities = iter(classifier.probabilities([image for _, image, _ in chunk if image is not None]))
+        for file, image, error in chunk:
+            if image is None:
+                results.append(FilePrediction(str(file), error=error))
             else:
                 probability = float(next(probabilities))
                 results.append(FilePrediction(str(file), probability, classifier.label(probability)))
         progress.update(len(chunk))
     progress.close()
     return results
+
+
+def _preprocessed(classifier: Classifier, files: Sequence[Path],
+                  workers: int) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+    """(file, model input, None) or (file, None, why not) per file, in order, from a pool of threads
+    (PIL and TensorFlow release the GIL while decoding) kept at most 2 * BATCH_SIZE files ahead."""
+
+    def preprocess(file: Path) -> tuple[Path, np.ndarray | None, str | None]:
+        try:
+            return file, classifier.preprocess(file), None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
+            return file, None, f"not a readable image ({type(exc).__name__}: {exc})"
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        for file in files:
+            pending.append(pool.submit(preprocess, file))
+            if len(pending) > 2 * BATCH_SIZE:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_gradcam(classifier: Classifier, results: Sequence[FilePrediction], folder: Path) -> list[Path]:

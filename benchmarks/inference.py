@@ -1,0 +1,220 @@
+"""Target 6: inference keeps up with training, and the served model answers one image fast.
+
+- `pneumonia predict` (prediction.predict_files) on `predict_images` full-resolution stand-in JPEGs
+  (1000 at 1800x1500 in the full run, see common.standins), and the evaluate stage's prediction
+  (evaluation.predictions.predict_split) on the same images as TFRecords: images/s, against the
+  training input rate, the images/s the training tf.data pipeline (dataset.training_batches)
+  delivers to `fit` on the same machine and model. That is the rate to compare with: the pipeline's
+  own read rate with nothing consuming it (target 2, thousands of pre-resized images/s) is far
+  above what any forward pass on 2 cores reaches, while training runs at the compute limit (target 1).
+  Target: both >= 1 x the training input rate. A forward pass costs about a third of a training
+  step, so predicting slower than training would mean that decoding the files, not the model, is
+  the limit. `predict` is also timed as it was before (each batch of 32 files decoded in the calling
+  thread, then `model.predict`), alternately with the current code (a pool of threads decoding
+  two batches ahead of the model, `predict_on_batch`).
+- The served model: serving.log_model of the same model, served by the real `mlflow models serve`
+  (as docs/serving.md runs it) on 127.0.0.1; N concurrent clients (threads, one HTTP session each)
+  each post one full-resolution stand-in at a time. Per N: p50 and p99 latency of a request and
+  images/s. Target: p99 <= 500 ms with one client, the latency of a clinician's single upload.
+
+The model is the default profile's network (params.yaml), fitted for the few steps that time training:
+its weights do not change the speed. Reproduce: `python -m benchmarks.inference [--smoke]`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from benchmarks.common import (
+    REPO,
+    Scale,
+    epoch_timer,
+    load_during,
+    main,
+    median,
+    prepared_sample,
+    python,
+    standins,
+    timed,
+    write_manifests,
+)
+
+TARGET_RATIO = 1.0
+TARGET_P99_MS = 500.0
+SERVER_START_SECONDS = 300  # TensorFlow import and model load on a busy 2-core machine
+
+
+def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
+    import keras
+    import numpy as np
+
+    from pneumonia import prediction, training
+    from pneumonia.config import load_params
+    from pneumonia.data import dataset
+    from pneumonia.data.tfrecords import write_tfrecords
+    from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.models.build import build_model
+
+    params = load_params(REPO / "params.yaml")
+    size, batch_size = params.data.image_size, params.train.batch_size
+    _, records = standins(workdir, prepared_sample(workdir, sample_zip, scale.sample_every),
+                          scale.predict_images, scale.standin_size)
+    files = [Path(record.path) for record in records]
+    tfrecords = workdir / f"standin-tfrecords-{len(records)}-{size}"
+    if not tfrecords.exists():
+        write_tfrecords(write_manifests(workdir / "standin-manifests", {"train": records}), tfrecords, size,
+                        params.tfrecords)
+
+    keras.utils.set_random_seed(params.train.seed)
+    model = build_model(params.model, size, params.train.augment)
+    training.prepare_stage(model, params, training.stages(params)[0], scale.train_steps)
+    classifier = prediction.Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
+
+    def training_rate() -> float:
+        timer = epoch_timer()
+        model.fit(training.labelled_for(params, dataset.training_batches(tfrecords, batch_size, params.train.seed)),
+                  epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, callbacks=[timer], verbose=0)
+        return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
+
+    def before(chosen: list[Path]) -> None:  # predict_files before: each batch decoded in this thread, model.predict
+        step = prediction.BATCH_SIZE
+        for start in range(0, len(chosen), step):
+            model.predict(np.stack([classifier.preprocess(file) for file in chosen[start:start + step]]),
+                          batch_size=step, verbose=0)
+
+    def after(chosen: list[Path]) -> None:
+        prediction.predict_files(classifier, chosen)
+
+    for warm_up in (before, after):  # tracing the predict functions: for a full batch and a partial one
+        warm_up(files[:prediction.BATCH_SIZE + 1])
+    sides = {
+        "training": training_rate,
+        "predict_before": lambda: len(files) / timed(lambda: before(files)),
+        "predict": lambda: len(files) / timed(lambda: after(files)),
+        "evaluate": lambda: len(files) / timed(lambda: predict_split(model, tfrecords, "train", batch_size)),
+    }
+    result: dict = {"model": params.model.name, "image_size": size, "predict_images": len(files),
+                    "standin_size": list(scale.standin_size)}
+    with load_during(result):
+        rounds = [{side: measure() for side, measure in sides.items()} for _ in range(scale.repeats)]
+        model_path = workdir / "inference-model.keras"
+        model.save(model_path)
+        served = serve_and_load(workdir, model_path, params, files[0].read_bytes(), scale)
+    rates = {side: median([r[side] for r in rounds]) for side in sides}
+    ratios = {side: rates[side] / rates["training"] for side in ("predict", "evaluate")}
+    one_client = served["clients"][str(scale.serve_clients[0])]
+    busiest = served["clients"][str(scale.serve_clients[-1])]
+    return {
+        "target": (f"`pneumonia predict` (full-resolution JPEGs) and the evaluate stage's prediction images/s "
+                   f">= {TARGET_RATIO:g} x the training input rate; served p99 latency of one image "
+                   f"<= {TARGET_P99_MS:g} ms (1 client)"),
+        "measured": (f"predict {ratios['predict']:.2f} x ({rates['predict']:.0f} vs {rates['training']:.0f} images/s; "
+                     f"{rates['predict'] / rates['predict_before']:.2f} x before), evaluate "
+                     f"{ratios['evaluate']:.2f} x ({rates['evaluate']:.0f}); served p50 / p99 "
+                     f"{one_client['p50_ms']:.0f} / {one_client['p99_ms']:.0f} ms, {busiest['images_per_second']:.1f} "
+                     f"images/s at {scale.serve_clients[-1]} clients"),
+        "met": min(ratios.values()) >= TARGET_RATIO and one_client["p99_ms"] <= TARGET_P99_MS,
+        "images_per_second": {side: round(rate, 1) for side, rate in rates.items()},
+        "ratios_to_training": {side: round(ratio, 2) for side, ratio in ratios.items()},
+        "rounds": [{side: round(rate, 1) for side, rate in r.items()} for r in rounds],
+        "served": served,
+        **result,
+    }
+
+
+def serve_and_load(workdir: Path, model_path: Path, params, image: bytes, scale: Scale) -> dict:
+    """Log the model with serving.log_model into a store of its own, serve it, and time one-image
+    requests from each number of concurrent clients: latency percentiles (ms) and images/s."""
+    import mlflow
+    import requests
+
+    from pneumonia import serving
+
+    store = workdir / "inference-mlflow"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("inference", artifact_location=(store / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        serving.log_model(model_path, 0.5, params)
+    body = json.dumps({"dataframe_split": {"columns": [serving.IMAGE_COLUMN], "data": [[serving.encode_image(image)]]}})
+
+    def client(url: str, count: int) -> list[float]:
+        """Seconds of each of `count` requests, one after the other."""
+        latencies = []
+        with requests.Session() as session:
+            for _ in range(count):
+                started = time.perf_counter()
+                session.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
+                             timeout=120).raise_for_status()
+                latencies.append(time.perf_counter() - started)
+        return latencies
+
+    levels = {}
+    with served(f"runs:/{run.info.run_id}/model", uri, store / "server.log") as (url, start_seconds):
+        client(url, 3)  # warm-up: the first request traces the model's predict function
+        for clients in scale.serve_clients:
+            with ThreadPoolExecutor(clients) as pool:
+                started = time.perf_counter()
+                count = max(1, scale.serve_requests // clients)
+                latencies = [s for one in pool.map(client, [url] * clients, [count] * clients) for s in one]
+                wall = time.perf_counter() - started
+            p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
+            levels[str(clients)] = {"requests": len(latencies), "p50_ms": round(median(latencies) * 1000, 1),
+                                    "p99_ms": round(p99 * 1000, 1),
+                                    "images_per_second": round(len(latencies) / wall, 1)}
+    return {"server_start_seconds": round(start_seconds, 1), "image_bytes": len(image), "clients": levels}
+
+
+@contextmanager
+def served(model_uri: str, tracking_uri: str, log: Path) -> Iterator[tuple[str, float]]:
+    """`mlflow models serve` of `model_uri` in this environment on a free loopback port, as docs/serving.md
+    runs it (its output in `log`); yields its URL and the seconds it took to answer /ping. Stopped on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(python()).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    url, started = f"http://127.0.0.1:{port}", time.perf_counter()
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [python(), "-m", "mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+             "--env-manager", "local"],
+            env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: the uvicorn worker goes down with it
+    try:
+        while not _answers_ping(url):
+            if process.poll() is not None or time.perf_counter() - started > SERVER_START_SECONDS:
+                raise RuntimeError(f"mlflow models serve did not start ({process.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, time.perf_counter() - started
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _answers_ping(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/ping", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+if __name__ == "__main__":
+    main(run)
