@@ -57,7 +57,8 @@ def test_inference_benchmark_times_predict_evaluate_and_the_served_model(tmp_pat
     for clients, level in result["served"]["clients"].items():  # every request answered 200, else it fails
         assert level["requests"] >= int(clients) and 0 < level["p50_ms"] <= level["p99_ms"], clients
         assert level["images_per_second"] > 0, clients
-    assert sum(line.startswith(f"| {BENCHMARKS['inference']}:") for line in (tmp_path / "results.md").read_text().splitlines()) == 1
+    rows = (tmp_path / "results.md").read_text().splitlines()
+    assert sum(line.startswith(f"| {BENCHMARKS['inference']}:") for line in rows) == 1
 
 
 @pytest.mark.e2e
