@@ -4,9 +4,10 @@ import pytest
 import yaml
 
 from pneumonia import paths
+from pneumonia.architectures import MODEL_NAMES
 from pneumonia.config import flatten, load_params, parse_params
+from pneumonia.data.download import local_archive
 from pneumonia.errors import PipelineError
-from pneumonia.models.registry import MODEL_NAMES
 
 
 def test_repository_params_are_valid_and_complete():
@@ -92,7 +93,7 @@ def test_missing_local_path_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     params = parse_params({"data": {"source": "local", "local_path": "nowhere.zip"}})
     with pytest.raises(PipelineError, match=r"data.local_path = 'nowhere.zip' does not exist"):
-        params.data.local_archive()
+        local_archive(params.data)
 
 
 def test_relative_local_path_resolves_against_the_repository_root(tmp_path, monkeypatch):
@@ -101,7 +102,7 @@ def test_relative_local_path_resolves_against_the_repository_root(tmp_path, monk
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
     params = parse_params({"data": {"source": "local", "local_path": "archive.zip"}})
-    assert params.data.local_archive() == tmp_path / "archive.zip"
+    assert local_archive(params.data) == tmp_path / "archive.zip"
 
 
 def test_load_params_reports_missing_and_invalid_yaml(tmp_path):

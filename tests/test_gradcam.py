@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from keras import layers
 
+from pneumonia.architectures import BACKBONES, CUSTOM_CNN, MODEL_NAMES, min_image_size
 from pneumonia.config import ModelConfig
 from pneumonia.evaluation import gradcam
 from pneumonia.models.backbones import BACKBONE_LAYER
 from pneumonia.models.build import build_model
-from pneumonia.models.registry import BACKBONES, CUSTOM_CNN, MODEL_NAMES, min_image_size
 
 SQUARE = 6  # side of the planted bright square, pixels
 SIZE = 32

@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from conftest import REPO
+from pneumonia.architectures import BACKBONES, MODEL_NAMES, min_image_size
 from pneumonia.config import AugmentConfig, ModelConfig, Params, parse_params
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.models import backbones
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
-from pneumonia.models.registry import BACKBONES, MODEL_NAMES, min_image_size
 
 AUGMENT_ALL = AugmentConfig(flip="horizontal", zoom=0.1, rotation=0.05, translation=0.1, contrast=0.2)
 

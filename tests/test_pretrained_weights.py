@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import pytest
 
+from pneumonia.architectures import BACKBONES
 from pneumonia.config import ModelConfig
 from pneumonia.errors import PipelineError
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import backbone_of
-from pneumonia.models.registry import BACKBONES
 
 SIZE = 96  # MobileNetV2 has ImageNet weights for 96 px: the file name Keras asks for names that size
 

@@ -13,12 +13,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, prepare_synthetic, run
 from pneumonia import training
+from pneumonia.architectures import BACKBONES
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 from pneumonia.models import backbones
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
-from pneumonia.models.registry import BACKBONES
 
 
 @pytest.fixture(scope="module")

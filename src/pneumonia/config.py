@@ -2,6 +2,10 @@
 
 Every stage calls `load_params()` first, so a typo, a wrong type or an impossible combination
 stops the stage before any heavy work, with a message naming the key, the value and what is allowed.
+
+The ground floor: pure validation, no file is looked at. It imports only the bottom modules (paths for
+the default locations, errors, architectures and threshold_rule for the allowed values); the modules that
+use a section resolve the paths in it (data.download: data.local_path, models.build: model.weights).
 """
 
 import re
@@ -23,9 +27,9 @@ from pydantic import (
 )
 
 from pneumonia import paths
+from pneumonia.architectures import CUSTOM_CNN, MODEL_NAMES, min_image_size
 from pneumonia.errors import PipelineError
-from pneumonia.evaluation.threshold_rule import parse_threshold_rule
-from pneumonia.models.registry import CUSTOM_CNN, MODEL_NAMES, min_image_size
+from pneumonia.threshold_rule import parse_threshold_rule
 
 
 def _not_bool(value: Any) -> Any:
@@ -62,18 +66,6 @@ class DataConfig(Section):
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
     max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
     synthetic: SyntheticConfig = SyntheticConfig()
-
-    def local_archive(self) -> Path:
-        """The existing file or folder named by data.local_path, or a PipelineError saying what to do."""
-        path = paths.resolve_user_path(self.local_path)
-        if not path.exists():
-            raise PipelineError(
-                f"params.yaml: data.local_path = {self.local_path!r} does not exist (looked at {path}).\n"
-                "Point it to the Kaggle archive (a .zip, or the unpacked folder with train/ and test/), "
-                "e.g. `dvc exp run -S data.local_path=/path/to/chest-xray-pneumonia.zip`, "
-                "or use data.source: kaggle or synthetic."
-            )
-        return path
 
 
 def storage_uri(value: Any, key: str, example: str, local: str) -> Any:
@@ -177,18 +169,6 @@ class ModelConfig(Section):
                 "pretrained weights expect: set model.input_norm to 'scale'"
             )
         return self
-
-    def weights_file(self) -> Path | None:
-        """The weights file named by model.weights, when it names one."""
-        if self.weights in ("none", "imagenet"):
-            return None
-        path = paths.resolve_user_path(self.weights)
-        if not path.is_file():
-            raise PipelineError(
-                f"params.yaml: model.weights = {self.weights!r} is neither 'imagenet', 'none' nor an "
-                f"existing weights file (looked at {path})."
-            )
-        return path
 
 
 class AugmentConfig(Section):
