@@ -38,7 +38,7 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
 
     from pneumonia import distribute, training
     from pneumonia.config import parse_params
-    from pneumonia.models.build import build_model
+    from pneumonia.models.build import NO_AUGMENTATION, build_model
 
     if strategy_name == "mirrored" and not tf.config.list_physical_devices("GPU"):
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -54,8 +54,10 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
         strategy, device = tf.distribute.get_strategy(), "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     keras.mixed_precision.set_global_policy(distribute.select_precision(precision, device.split()[0]))
 
-    params = parse_params({"data": {"image_size": image_size}, "model": {"name": model_name, "weights": "none"},
-                           "train": {"batch_size": batch_size}})
+    # The network alone: no border crop, no augmentation (as these numbers were measured)
+    params = parse_params({"data": {"image_size": image_size},
+                           "model": {"name": model_name, "weights": "none", "crop": 0},
+                           "train": {"batch_size": batch_size, "augment": NO_AUGMENTATION.model_dump()}})
     global_batch = batch_size * strategy.num_replicas_in_sync
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (global_batch * 2, image_size, image_size, 3)).astype("float32")

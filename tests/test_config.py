@@ -30,6 +30,16 @@ def test_repository_params_are_valid_and_complete():
     assert dotted_keys(raw) == set(flat)
 
 
+def test_the_schema_defaults_are_the_committed_params():
+    """Defaults live in params.yaml; the schema's are the same values, so a key missing from a params file
+    means what the committed params.yaml says (its `auto` keys resolved as for its custom_cnn)."""
+    from conftest import REPO
+
+    committed = flatten(load_params(REPO / "params.yaml"))
+    defaults = flatten(parse_params({}))
+    assert {key: (defaults[key], value) for key, value in committed.items() if defaults[key] != value} == {}
+
+
 def dotted_keys(raw: dict, prefix: str = "") -> set[str]:
     """The leaf keys of a YAML mapping, dotted as `flatten` writes them."""
     keys = set()
@@ -78,7 +88,7 @@ def test_yaml_numbers_and_strings_still_parse():
 def test_image_size_below_a_backbones_minimum_is_refused():
     assert "xception" in MODEL_NAMES
     with pytest.raises(PipelineError, match=r"data.image_size = 64 is below the 71px minimum of model 'xception'"):
-        parse_params({"model": {"name": "xception"}, "data": {"image_size": 64}})
+        parse_params({"model": {"name": "xception", "crop": 0}, "data": {"image_size": 64}})
 
 
 def test_the_cropped_image_must_fit_the_model_too():

@@ -109,7 +109,7 @@ def project(tmp_path, monkeypatch) -> Path:
     """A project folder with a (untrained) 32 px model, params.yaml and the evaluate stage's threshold."""
     monkeypatch.chdir(tmp_path)
     Path("models").mkdir()
-    build_model(ModelConfig(), 32).save("models/model.keras")
+    build_model(ModelConfig(crop=0), 32).save("models/model.keras")
     Path("metrics").mkdir()
     Path("metrics/test.json").write_text(json.dumps({"threshold": 0.25, "roc_auc": 0.9}))
     Path("params.yaml").write_text("tfrecords:\n  jpeg_quality: 90\n")

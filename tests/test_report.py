@@ -103,7 +103,7 @@ def test_report_shows_metrics_intervals_data_params_and_model(report):
         assert f"{interval['low']:.3f} &ndash; {interval['high']:.3f}" in html, key
     assert f"{scores['sensitivity']:.3f}" in text and f"{scores[summary.AT_DEFAULT]['specificity']:.3f}" in text
     for phrase in ("Sensitivity", "Specificity", "ROC AUC", "Expected calibration error", "Brier",
-                   "threshold: youden", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
+                   "threshold: sensitivity@0.93", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
         assert phrase in text, phrase
     assert "&lt;layer&gt; conv2d (Conv2D)" in html  # the model summary, escaped
     assert "31.0% of the Grad-CAM evidence lies in the outer" in text

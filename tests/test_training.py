@@ -17,7 +17,7 @@ from pneumonia.architectures import BACKBONES
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 from pneumonia.models import backbones
-from pneumonia.models.build import build_model
+from pneumonia.models.build import NO_AUGMENTATION, build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
 
 
@@ -30,8 +30,8 @@ def tracking_store(tmp_path_factory) -> str:
 
 
 def params_for(tmp_path, model: dict, train: dict):
-    return parse_params({"data": {"image_size": 48}, "model": model,
-                         "train": {"epochs": 1, "batch_size": 8, **train}})
+    return parse_params({"data": {"image_size": 48}, "model": {"crop": 0, **model},
+                         "train": {"epochs": 1, "batch_size": 8, "augment": NO_AUGMENTATION.model_dump(), **train}})
 
 
 def fit(params, synthetic_data, tmp_path) -> tuple[training.TrainingResult, str]:
@@ -145,8 +145,9 @@ from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 
 data, out, seed = Path(sys.argv[1]) / "data/tfrecords", Path(sys.argv[2]), int(sys.argv[3])
-params = parse_params({"data": {"image_size": 160}, "model": {"name": "custom_cnn"}, "train": {
-    "epochs": 2, "batch_size": 32, "seed": seed, "augment": {"zoom": 0.1, "rotation": 0.05, "contrast": 0.2}}})
+params = parse_params({"data": {"image_size": 160}, "model": {"name": "custom_cnn", "crop": 0}, "train": {
+    "epochs": 2, "batch_size": 32, "seed": seed,
+    "augment": {"zoom": 0.1, "rotation": 0.05, "translation": 0, "contrast": 0.2}}})
 result = training.train(params, data, {0: 1.0, 1: 1.0}, out / "model.keras")
 probabilities = predict_split(keras.models.load_model(out / "model.keras"), data, "val", 8)
 json.dump({"history": result.history, "val": probabilities.probabilities.tolist()}, (out / "result.json").open("w"))

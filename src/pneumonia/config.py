@@ -45,7 +45,9 @@ NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length
 
 
 class Section(BaseModel):
-    # Unknown keys are errors: a misspelt param must not be silently ignored; inf and nan are never a setting.
+    # Every default is the committed params.yaml's value (tests/test_config.py checks it): a key left out of
+    # a params file means what params.yaml says. Unknown keys are errors: a misspelt param must not be silently
+    # ignored; inf and nan are never a setting.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -141,7 +143,7 @@ class ModelConfig(Section):
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
     # Share of the image cut off each side before the network sees it: burned-in markers and
     # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
-    crop: Float = Field(0, ge=0, lt=0.4)
+    crop: Float = Field(0.08, ge=0, lt=0.4)
     # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
     # variance per image: brightness and contrast of the acquisition removed)
     input_norm: Literal["scale", "per_image"] = "scale"
@@ -175,17 +177,17 @@ class AugmentConfig(Section):
     """Random augmentation while training; 0 (flip: none) disables each."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
-    zoom: Float = Field(0, ge=0, lt=1)  # up to this fraction in or out
-    rotation: Float = Field(0, ge=0, le=0.5)  # up to this fraction of a full turn either way
-    translation: Float = Field(0, ge=0, lt=1)  # up to this fraction of the image size, each axis
-    contrast: Float = Field(0, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
+    zoom: Float = Field(0.25, ge=0, lt=1)  # up to this fraction in or out
+    rotation: Float = Field(0.03, ge=0, le=0.5)  # up to this fraction of a full turn either way
+    translation: Float = Field(0.08, ge=0, lt=1)  # up to this fraction of the image size, each axis
+    contrast: Float = Field(0.2, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
 
 
 class TrainConfig(Section):
-    epochs: StrictInt = Field(15, ge=1)
+    epochs: StrictInt = Field(30, ge=1)
     batch_size: StrictInt = Field(32, ge=1)
     learning_rate: Float = Field(1e-3, gt=0)
-    lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"
+    lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"  # per stage (warm-up, the rest)
     lr_decay_rate: Float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
     lr_plateau_factor: Float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
     lr_plateau_patience: StrictInt = Field(2, ge=1)  # ... for this many epochs
@@ -196,7 +198,7 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
-    early_stopping_patience: StrictInt = Field(5, ge=1)
+    early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: StrictInt = 42
     deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
@@ -231,7 +233,7 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    threshold: float | str = "youden"  # chosen on validation: a number, "youden" or "sensitivity@X"
+    threshold: float | str = "sensitivity@0.93"  # chosen on validation: a number, "youden" or "sensitivity@X"
     bootstrap_samples: StrictInt = Field(1000, ge=100)  # resamples for the 95% confidence intervals
     images_per_outcome: StrictInt = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
     seed: StrictInt = 42  # bootstrap resampling and the choice of images shown

@@ -26,7 +26,7 @@ def output_layer(kind: str, features):
     return layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(features)
 
 
-NO_AUGMENTATION = AugmentConfig()
+NO_AUGMENTATION = AugmentConfig(flip="none", zoom=0, rotation=0, translation=0, contrast=0)
 
 
 def weights_file(config: ModelConfig) -> Path | None:
