@@ -69,7 +69,8 @@ def main() -> None:
         mlflow.set_tags({f"evaluate.{key}": value for key, value in config.model_dump().items()})
         # The model first, then each split's metrics linked to it and to that split's data: the logged
         # model's page shows them and mlflow.search_logged_models ranks models by them.
-        logged = serving.log_model(paths.MODEL, threshold, params)  # the run's servable model, deciding at `threshold`
+        logged = serving.log_model(paths.MODEL, threshold, params.tfrecords.jpeg_quality,  # the run's servable model
+                                   params.tracking.register_model)
         datasets = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"})
         if external:
             datasets[EXTERNAL] = tracking.manifest_dataset(paths.EXTERNAL / "manifest.csv", name=EXTERNAL)

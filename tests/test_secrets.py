@@ -38,7 +38,7 @@ STAGE = textwrap.dedent("""
             mlflow.log_metric("test_auc", 0.9)
         print("run", run.info.run_id)
         if sys.argv[1] == "pipeline-error":
-            serving.load_classifier("models:/no-such-model@candidate")
+            serving.logged_classifier("models:/no-such-model@candidate")
         else:
             raise RuntimeError("unexpected failure talking to " + tracking.tracking_uri())
 

@@ -328,8 +328,8 @@ def load_params(path: Path = paths.PARAMS) -> Params:
     return parse_params(raw, str(path))
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    """params as {'data.image_size': 160, ...}, e.g. for MLflow."""
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """params (or a section, its keys after `prefix`) as {'data.image_size': 160, ...}, e.g. for MLflow."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -339,5 +339,5 @@ def flatten(params: Params) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", params.model_dump())
+    walk(prefix, config.model_dump())
     return flat

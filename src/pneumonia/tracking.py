@@ -105,6 +105,39 @@ def log_epoch_metrics(metrics: dict[str, float], step: int) -> None:
     retry_locked(mlflow.log_metrics, metrics, step=step)
 
 
+def epoch_metrics_callback(history):
+    """A Keras callback logging per-epoch metrics into the active MLflow run, step = epoch number
+    (1-based), each epoch once. `history` is the training's pneumonia.training.backup.EpochHistory.
+
+    Runs after the epoch's backup and logs every recorded epoch the run does not hold yet: an epoch
+    backed up just before the process was killed is logged when training resumes, and an epoch
+    that will be trained again was never logged.
+    """
+    import keras  # only training needs it: MLflow's other users here need no TensorFlow
+
+    class MlflowEpochMetrics(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            run_id = mlflow.active_run().info.run_id
+            self.logged = {point.step for point in retry_locked(mlflow.MlflowClient().get_metric_history, run_id,
+                                                                "loss")}
+
+        def _log_new_epochs(self):
+            for record in history.epochs:
+                step = record["epoch"] + 1
+                if step not in self.logged:
+                    log_epoch_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step)
+                    self.logged.add(step)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._log_new_epochs()
+
+        def on_train_end(self, logs=None):
+            self._log_new_epochs()
+
+    return MlflowEpochMetrics()
+
+
 def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment:
