@@ -156,6 +156,7 @@ def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient
     from pneumonia import paths
     from pneumonia.config import SyntheticConfig, TFRecordsConfig
     from pneumonia.data import synthetic
+    from pneumonia.data.manifest import write_manifests
     from pneumonia.data.prepare import prepare
     from pneumonia.data.tfrecords import write_tfrecords
 
@@ -164,7 +165,7 @@ def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient
     try:
         synthetic.generate(paths.RAW, SyntheticConfig(patients_per_class=patients_per_class,
                                                       images_per_patient=images_per_patient, image_size=raw_size), 0)
-        prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.2, seed=0)
+        write_manifests(paths.MANIFESTS, prepare(paths.RAW, val_fraction=0.2, seed=0).splits)
         write_tfrecords(paths.MANIFESTS, paths.TFRECORDS, image_size,
                         TFRecordsConfig(images_per_shard=images_per_shard, workers=2))
     finally:

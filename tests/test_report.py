@@ -15,7 +15,7 @@ from pneumonia.config import Params
 from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.predictions import Predictions
-from pneumonia.evaluation.report import write_report
+from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit
 
 SPLIT_FIGURES = {"confusion_matrix.png", "roc.png", "precision_recall.png", "calibration.png", "gradcam.png"}
@@ -59,8 +59,8 @@ def report(tmp_path_factory):
     figures = draw_figures(root / "figures", read_history(history_csv),
                            [scored("test", scores, test), scored("external", external_scores, external)], "conv2d_7")
     page = root / "evaluation.html"
-    write_report(page, scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
-                 data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY)
+    page.write_text(render(scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
+                           data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY))
     return page, scores
 
 

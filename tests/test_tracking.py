@@ -48,7 +48,7 @@ def test_manifests_hash_changes_with_content(tmp_path):
     assert tracking.manifests_hash(tmp_path) != first
 
 
-# One queued experiment's training: its run, then per-epoch metrics as MlflowEpochMetrics logs them.
+# One queued experiment's training: its run, then per-epoch metrics as tracking.epoch_metrics_callback logs them.
 LOGGER = """
 import sys, time
 from pathlib import Path

@@ -194,8 +194,15 @@ def check_against_record(source: dict, record_path: Path) -> None:
     source["differs_from_recorded"] = {key: recorded.get(key) for key in ("version", "archive_sha256")}
 
 
+def archive_record(source: dict) -> dict:
+    """What data_archive.json keeps of a download's source.json: where the archive came from, its
+    version and sha256 (not the image counts)."""
+    return {key: value for key, value in source.items() if key not in ("images", "synthetic")}
+
+
 def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
-    """Fill `raw` atomically from the configured source; return what source.json records."""
+    """Fill `raw` atomically from the configured source (compared with the `record` of the previous
+    download, when there is one); return what source.json records."""
     try:
         with atomic_path(raw, directory=True) as out:
             if config.source == "kaggle":
@@ -217,7 +224,5 @@ def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
             "Free up space (the dataset needs about twice its archive's size while it is extracted) "
             "and run the stage again."
         ) from None
-    if record is not None:
-        write_json(record, {key: value for key, value in source.items() if key not in ("images", "synthetic")})
     log.info("images per split and class: %s", source["images"])
     return source
