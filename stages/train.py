@@ -11,7 +11,7 @@ import json
 
 from pneumonia import distribute, paths, tracking
 from pneumonia.atomic import write_csv, write_json
-from pneumonia.config import load_params
+from pneumonia.config import flatten, load_params
 from pneumonia.logs import run_stage
 from pneumonia.training.backup import TrainingBackup
 from pneumonia.training.fit import train
@@ -30,7 +30,8 @@ def main() -> None:
         backup.remove()
         return
 
-    with tracking.training_run(params, paths.MANIFESTS, backup.run_id() if resuming else None) as run:
+    resume_run_id = backup.run_id() if resuming else None
+    with tracking.training_run(params.tracking, flatten(params), paths.MANIFESTS, resume_run_id) as run:
         backup.keep_run_id(run.info.run_id)
         result = train(params.model, params.train, paths.TFRECORDS, class_weight, paths.MODEL, placement, backup)
         write_csv(paths.TRAIN_HISTORY, *result.history_table())
