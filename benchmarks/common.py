@@ -117,7 +117,7 @@ def prepared_sample(workdir: Path, sample_zip: Path, every: int) -> Path:
     data/manifests (manifest paths relative to it)."""
     from pneumonia import SPLITS, paths
     from pneumonia.data.download import extract_archive
-    from pneumonia.data.manifest import read_manifest, write_manifest
+    from pneumonia.data.manifest import read_manifest, write_manifest, write_manifests
     from pneumonia.data.prepare import prepare
 
     root = workdir / f"sample-every-{every}"
@@ -125,7 +125,7 @@ def prepared_sample(workdir: Path, sample_zip: Path, every: int) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         with working_directory(root):
             extract_archive(sample_zip, paths.RAW)
-            prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.15, seed=42)
+            write_manifests(paths.MANIFESTS, prepare(paths.RAW, val_fraction=0.15, seed=42).splits)
             for split in SPLITS:
                 manifest = paths.MANIFESTS / f"{split}.csv"
                 write_manifest(manifest, read_manifest(manifest)[::every])

@@ -1,6 +1,6 @@
 """Target 6: inference keeps up with training, and the served model answers one image fast.
 
-- `pneumonia predict` (prediction.predict_files) on `predict_images` full-resolution stand-in JPEGs
+- `pneumonia predict` (inference.predict_files) on `predict_images` full-resolution stand-in JPEGs
   (1000 at 1800x1500 in the full run, see common.standins), and the evaluate stage's prediction
   (evaluation.predictions.predict_split) on the same images as TFRecords: images/s, against the
   training input rate, the images/s the training tf.data pipeline (dataset.training_batches)
@@ -57,12 +57,13 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     import keras
     import numpy as np
 
-    from pneumonia import prediction, training
+    from pneumonia import inference
     from pneumonia.config import load_params
     from pneumonia.data import dataset
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.build import build_model
+    from pneumonia.training import fit
 
     params = load_params(REPO / "params.yaml")
     size, batch_size = params.data.image_size, params.train.batch_size
@@ -76,26 +77,27 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
 
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
-    training.prepare_stage(model, params, training.stages(params)[0], scale.train_steps)
-    classifier = prediction.Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
+    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
+    classifier = inference.Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
 
     def training_rate() -> float:
         timer = epoch_timer()
-        model.fit(training.labelled_for(params, dataset.training_batches(tfrecords, batch_size, params.train.seed)),
+        batches = dataset.training_batches(tfrecords, batch_size, params.train.seed)
+        model.fit(fit.labelled_for(params.model.output, batches),
                   epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, callbacks=[timer], verbose=0)
         return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
 
     def before(chosen: list[Path]) -> None:  # predict_files before: each batch decoded in this thread, model.predict
-        step = prediction.BATCH_SIZE
+        step = inference.BATCH_SIZE
         for start in range(0, len(chosen), step):
             model.predict(np.stack([classifier.preprocess(file) for file in chosen[start:start + step]]),
                           batch_size=step, verbose=0)
 
     def after(chosen: list[Path]) -> None:
-        prediction.predict_files(classifier, chosen)
+        inference.predict_files(classifier, chosen)
 
     for warm_up in (before, after):  # tracing the predict functions: for a full batch and a partial one
-        warm_up(files[:prediction.BATCH_SIZE + 1])
+        warm_up(files[:inference.BATCH_SIZE + 1])
     sides = {
         "training": training_rate,
         "predict_before": lambda: len(files) / timed(lambda: before(files)),

@@ -26,13 +26,14 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     import keras
     import tensorflow as tf
 
-    from pneumonia import paths, training
+    from pneumonia import paths
     from pneumonia.config import load_params
     from pneumonia.data import dataset
     from pneumonia.data.class_weights import class_weights
     from pneumonia.data.manifest import read_manifest
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.models.build import build_model
+    from pneumonia.training import fit
 
     params = load_params(REPO / "params.yaml")
     size, batch_size = params.data.image_size, params.train.batch_size
@@ -45,8 +46,9 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
 
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
-    training.prepare_stage(model, params, training.stages(params)[0], scale.train_steps)
-    from_records = training.labelled_for(params, dataset.training_batches(tfrecords, batch_size, params.train.seed))
+    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
+    batches = dataset.training_batches(tfrecords, batch_size, params.train.seed)
+    from_records = fit.labelled_for(params.model.output, batches)
     in_memory = from_records.take(scale.train_steps).cache().repeat()
     for _ in in_memory.take(scale.train_steps):  # fill the cache: these batches now live in memory
         pass

@@ -99,12 +99,13 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from pneumonia import distribute, training
+    from pneumonia import distribute
     from pneumonia.models.build import build_model
+    from pneumonia.training import fit
 
     overrides = VARIANTS[name]
     params = variant_params(overrides)
-    if params.train.deterministic:  # as training.train does
+    if params.train.deterministic:  # as training.fit.train does
         tf.config.experimental.enable_op_determinism()
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     keras.mixed_precision.set_global_policy(distribute.select_precision(params.train.precision, "cpu"))
@@ -112,7 +113,7 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
     size, batch = params.data.image_size, params.train.batch_size
     model = (keras_augmented_model(params) if overrides.get("augmentation") == "keras"
              else build_model(params.model, size, params.train.augment))
-    training.prepare_stage(model, params, training.stages(params)[-1], steps)
+    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[-1], steps)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch * 2, size, size, 3)).astype("float32")
     labels = rng.integers(0, 2, (batch * 2, 1)).astype("float32")

@@ -36,9 +36,10 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
     import numpy as np
     import tensorflow as tf
 
-    from pneumonia import distribute, training
+    from pneumonia import distribute
     from pneumonia.config import parse_params
-    from pneumonia.models.build import build_model
+    from pneumonia.models.build import NO_AUGMENTATION, build_model
+    from pneumonia.training import fit
 
     if strategy_name == "mirrored" and not tf.config.list_physical_devices("GPU"):
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -54,8 +55,10 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
         strategy, device = tf.distribute.get_strategy(), "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     keras.mixed_precision.set_global_policy(distribute.select_precision(precision, device.split()[0]))
 
-    params = parse_params({"data": {"image_size": image_size}, "model": {"name": model_name, "weights": "none"},
-                           "train": {"batch_size": batch_size}})
+    # The network alone: no border crop, no augmentation (as these numbers were measured)
+    params = parse_params({"data": {"image_size": image_size},
+                           "model": {"name": model_name, "weights": "none", "crop": 0},
+                           "train": {"batch_size": batch_size, "augment": NO_AUGMENTATION.model_dump()}})
     global_batch = batch_size * strategy.num_replicas_in_sync
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (global_batch * 2, image_size, image_size, 3)).astype("float32")
@@ -64,7 +67,7 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
 
     with strategy.scope():
         model = build_model(params.model, image_size, params.train.augment)
-        training.prepare_stage(model, params, training.stages(params)[0], steps)
+        fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], steps)
     times = epoch_timer()
     result = {"model": model_name, "precision": keras.mixed_precision.global_policy().name, "strategy": strategy_name,
               "device": device, "replicas": strategy.num_replicas_in_sync, "image_size": image_size,

@@ -4,15 +4,18 @@ images and leaks -> data/manifests, data/images.csv, metrics/data.json, metrics/
 from pneumonia import paths
 from pneumonia.atomic import write_json
 from pneumonia.config import load_params
-from pneumonia.data.audit import write_image_table
+from pneumonia.data.audit import raise_if_leaked, write_image_table
+from pneumonia.data.manifest import write_manifests
 from pneumonia.data.prepare import prepare
 from pneumonia.logs import run_stage
 
 
 def main() -> None:
     data = load_params().data
-    prepared = prepare(paths.RAW, paths.MANIFESTS, data.val_fraction, data.seed,
-                       max_unreadable_fraction=data.max_unreadable_fraction, audit_file=paths.DATA_AUDIT)
+    prepared = prepare(paths.RAW, data.val_fraction, data.seed, max_unreadable_fraction=data.max_unreadable_fraction)
+    write_json(paths.DATA_AUDIT, prepared.audit)  # also when the split leaked: the findings to report
+    raise_if_leaked(prepared.audit)
+    write_manifests(paths.MANIFESTS, prepared.splits)
     write_image_table(paths.IMAGE_TABLE, prepared.images)
     write_json(paths.DATA_METRICS, prepared.summary)
 

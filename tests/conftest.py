@@ -1,5 +1,7 @@
-"""Shared fixtures: a copy of the project to run DVC in, and a small synthetic dataset."""
+"""Shared fixtures: a copy of the project to run DVC in, and a small synthetic dataset; the package's import
+graph as read from its source (tests/test_stage_deps.py, tests/test_layers.py)."""
 
+import ast
 import inspect
 import os
 import shutil
@@ -12,6 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 SAMPLE_ZIP = SHARED_DATASETS / "chest-xray-sample.zip"
 # The compact sample committed in the repository (data_sample/README.md): on every clone.
@@ -22,6 +25,34 @@ VENV_BIN = Path(sys.executable).parent
 
 # Keep TensorFlow quiet and off any GPU a developer may have: tests are about behaviour, not speed.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of `pneumonia...` module `module`, or None when it is not a module of the package."""
+    base = SRC.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(file: Path) -> set[str]:
+    """The `pneumonia` modules `file` imports, anywhere in it (also inside functions: they run when called)."""
+    # the package a relative import starts from: pneumonia/a/b.py and pneumonia/a/__init__.py are both in pneumonia.a
+    package = list(file.relative_to(SRC).parts[:-1]) if file.is_relative_to(SRC) else []
+    modules = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: `.` is the package, each further dot one level up
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            modules.add(base)
+            # `from pneumonia.x import y` imports submodule pneumonia.x.y when y is one
+            modules.update(f"{base}.{alias.name}" for alias in node.names)
+    return {module for module in modules if module.split(".")[0] == "pneumonia" and module_file(module)}
 
 
 def tool_env(**extra: str) -> dict[str, str]:
@@ -125,6 +156,7 @@ def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient
     from pneumonia import paths
     from pneumonia.config import SyntheticConfig, TFRecordsConfig
     from pneumonia.data import synthetic
+    from pneumonia.data.manifest import write_manifests
     from pneumonia.data.prepare import prepare
     from pneumonia.data.tfrecords import write_tfrecords
 
@@ -133,7 +165,7 @@ def prepare_synthetic(root: Path, *, patients_per_class: int, images_per_patient
     try:
         synthetic.generate(paths.RAW, SyntheticConfig(patients_per_class=patients_per_class,
                                                       images_per_patient=images_per_patient, image_size=raw_size), 0)
-        prepare(paths.RAW, paths.MANIFESTS, val_fraction=0.2, seed=0)
+        write_manifests(paths.MANIFESTS, prepare(paths.RAW, val_fraction=0.2, seed=0).splits)
         write_tfrecords(paths.MANIFESTS, paths.TFRECORDS, image_size,
                         TFRecordsConfig(images_per_shard=images_per_shard, workers=2))
     finally:

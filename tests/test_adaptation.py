@@ -12,7 +12,7 @@ from pneumonia.models.build import build_model
 
 def test_adapted_batch_norm_holds_the_statistics_of_the_sites_images():
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(), 32)
+    model = build_model(ModelConfig(crop=0), 32)
     site = np.random.default_rng(1).uniform(100, 255, (20, 32, 32, 3)).astype(np.float32)  # a brighter site
     adapted = adaptation.adapt_batch_norm(model, site, batch_size=8)
 
@@ -29,7 +29,7 @@ def test_adapted_batch_norm_holds_the_statistics_of_the_sites_images():
 
 
 def test_a_nested_backbone_is_refused_with_a_reason():
-    model = build_model(ModelConfig(name="mobilenetv2", weights="none"), 32)
+    model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="none"), 32)
     with pytest.raises(ValueError, match="nests a backbone"):
         adaptation.adapt_batch_norm(model, np.zeros((2, 32, 32, 3), np.float32))
 
@@ -54,7 +54,7 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     keras.utils.set_random_seed(0)
     (tmp_path / "models").mkdir()
-    build_model(ModelConfig(), 32).save(tmp_path / "models" / "model.keras")
+    build_model(ModelConfig(crop=0), 32).save(tmp_path / "models" / "model.keras")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "test.json").write_text('{"threshold": 0.5}')
     (tmp_path / "params.yaml").write_text("{}")

@@ -65,7 +65,7 @@ def test_a_saved_model_reloads_where_only_the_prediction_code_is_imported(tmp_pa
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(RandomAffine(0.2, 0.05, 0.1)(inputs)))
     model.save(tmp_path / "model.keras")
     # A new process that imports what `pneumonia predict` and the served model import, nothing of training.
-    code = ("import keras, sys; import pneumonia.prediction; "
+    code = ("import keras, sys; import pneumonia.inference; "
             f"m = keras.models.load_model({str(tmp_path / 'model.keras')!r}); "
             "print(type(m.layers[1]).__name__, m.layers[1].get_config()['zoom'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

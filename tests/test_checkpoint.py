@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +17,11 @@ from conftest import tool_env
 SAVER = """
 import sys
 import keras
-from pneumonia import training
-from pneumonia.config import parse_params
+from pneumonia.config import TrainConfig
+from pneumonia.training.callbacks import make_callbacks
 checkpoint = sys.argv[1]
 model = keras.Sequential([keras.Input((4000,)), keras.layers.Dense(4000), keras.layers.Dense(1)])
-callback = training.make_callbacks(parse_params({}), checkpoint)[0]
+callback = make_callbacks(TrainConfig(), checkpoint)[0]
 callback.set_model(model)
 epoch = 0
 while True:
@@ -31,7 +32,7 @@ while True:
 
 
 def test_a_save_killed_midway_leaves_a_whole_checkpoint(tmp_path):
-    from pneumonia.training import complete_keras_file
+    from pneumonia.training.backup import complete_keras_file
 
     checkpoint = tmp_path / "backup" / "best.keras"
     for kill in range(4):
@@ -56,16 +57,18 @@ def test_a_truncated_best_checkpoint_is_refused_not_promoted(tmp_path):
     import keras
 
     from pneumonia.errors import PipelineError
-    from pneumonia.training import complete_keras_file, promote_checkpoint
+    from pneumonia.training.backup import TrainingBackup, complete_keras_file
 
-    whole = tmp_path / "best.keras"
-    keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]).save(whole)
-    truncated = tmp_path / "truncated.keras"
-    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    assert complete_keras_file(str(whole)) and not complete_keras_file(str(truncated))
+    whole, truncated = TrainingBackup(tmp_path / "whole"), TrainingBackup(tmp_path / "truncated")
+    Path(whole.folder).mkdir()
+    keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]).save(whole.checkpoint)
+    Path(truncated.folder).mkdir()
+    saved = Path(whole.checkpoint).read_bytes()
+    Path(truncated.checkpoint).write_bytes(saved[: len(saved) // 2])
+    assert complete_keras_file(whole.checkpoint) and not complete_keras_file(truncated.checkpoint)
     model = tmp_path / "models" / "model.keras"
-    with pytest.raises(PipelineError, match=r"truncated.keras is damaged .* nothing was promoted"):
-        promote_checkpoint(str(truncated), model, str(tmp_path))
+    with pytest.raises(PipelineError, match=r"truncated/best.keras is damaged .* nothing was promoted"):
+        truncated.promote(model)
     assert not model.exists()
-    promote_checkpoint(str(whole), model, str(tmp_path))
+    whole.promote(model)
     assert zipfile.ZipFile(model).testzip() is None

@@ -4,9 +4,10 @@ import pytest
 import yaml
 
 from pneumonia import paths
+from pneumonia.architectures import MODEL_NAMES
 from pneumonia.config import flatten, load_params, parse_params
+from pneumonia.data.download import local_archive
 from pneumonia.errors import PipelineError
-from pneumonia.models.registry import MODEL_NAMES
 
 
 def test_repository_params_are_valid_and_complete():
@@ -27,6 +28,16 @@ def test_repository_params_are_valid_and_complete():
     assert params.model.name == "custom_cnn"
     # Every key in params.yaml is one the config knows, and vice versa (no silent defaults-only keys).
     assert dotted_keys(raw) == set(flat)
+
+
+def test_the_schema_defaults_are_the_committed_params():
+    """Defaults live in params.yaml; the schema's are the same values, so a key missing from a params file
+    means what the committed params.yaml says (its `auto` keys resolved as for its custom_cnn)."""
+    from conftest import REPO
+
+    committed = flatten(load_params(REPO / "params.yaml"))
+    defaults = flatten(parse_params({}))
+    assert {key: (defaults[key], value) for key, value in committed.items() if defaults[key] != value} == {}
 
 
 def dotted_keys(raw: dict, prefix: str = "") -> set[str]:
@@ -77,7 +88,7 @@ def test_yaml_numbers_and_strings_still_parse():
 def test_image_size_below_a_backbones_minimum_is_refused():
     assert "xception" in MODEL_NAMES
     with pytest.raises(PipelineError, match=r"data.image_size = 64 is below the 71px minimum of model 'xception'"):
-        parse_params({"model": {"name": "xception"}, "data": {"image_size": 64}})
+        parse_params({"model": {"name": "xception", "crop": 0}, "data": {"image_size": 64}})
 
 
 def test_the_cropped_image_must_fit_the_model_too():
@@ -92,7 +103,7 @@ def test_missing_local_path_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     params = parse_params({"data": {"source": "local", "local_path": "nowhere.zip"}})
     with pytest.raises(PipelineError, match=r"data.local_path = 'nowhere.zip' does not exist"):
-        params.data.local_archive()
+        local_archive(params.data)
 
 
 def test_relative_local_path_resolves_against_the_repository_root(tmp_path, monkeypatch):
@@ -101,7 +112,7 @@ def test_relative_local_path_resolves_against_the_repository_root(tmp_path, monk
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
     params = parse_params({"data": {"source": "local", "local_path": "archive.zip"}})
-    assert params.data.local_archive() == tmp_path / "archive.zip"
+    assert local_archive(params.data) == tmp_path / "archive.zip"
 
 
 def test_load_params_reports_missing_and_invalid_yaml(tmp_path):

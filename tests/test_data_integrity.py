@@ -13,10 +13,11 @@ import pytest
 
 from archives import jpeg, kaggle_members, tree_hashes, write_zip
 from conftest import copy_project, run, set_params
+from pneumonia.atomic import write_json
 from pneumonia.config import DataConfig
 from pneumonia.data.audit import audit_splits, raise_if_leaked, read_image_table, write_image_table
 from pneumonia.data.download import download
-from pneumonia.data.manifest import Record, read_manifest
+from pneumonia.data.manifest import Record, read_manifest, write_manifests
 from pneumonia.data.prepare import prepare
 from pneumonia.errors import PipelineError
 
@@ -32,8 +33,13 @@ def _download(archive: Path) -> dict:
     return download(DataConfig(source="local", local_path=str(archive.resolve())), RAW)
 
 
-def _prepare(**kwargs):
-    return prepare(RAW, MANIFESTS, val_fraction=0.34, seed=0, audit_file=AUDIT, **kwargs)
+def _prepare(val_fraction: float = 0.34, **kwargs):
+    """As the prepare stage does: the audit findings written, then the manifests when it passed."""
+    prepared = prepare(RAW, val_fraction=val_fraction, seed=0, **kwargs)
+    write_json(AUDIT, prepared.audit)
+    raise_if_leaked(prepared.audit)
+    write_manifests(MANIFESTS, prepared.splits)
+    return prepared
 
 
 def _nothing_written():
@@ -197,7 +203,7 @@ def test_val_fraction_beyond_the_patients_of_a_class_is_a_message(tmp_path, val_
     _download(write_zip(tmp_path / "a.zip", kaggle_members()))  # 4 patients a class in train + val
     with pytest.raises(PipelineError, match=r"data.val_fraction = .* class NORMAL has only 4 patient\(s\) left for "
                                             r"train and val: raise data.val_fraction to at least 0.25"):
-        prepare(RAW, MANIFESTS, val_fraction=val_fraction, seed=0, audit_file=AUDIT)
+        _prepare(val_fraction=val_fraction)
     assert not MANIFESTS.exists()
 
 

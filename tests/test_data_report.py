@@ -9,9 +9,8 @@ from archives import kaggle_members, write_zip
 from pneumonia.config import DataConfig
 from pneumonia.data.class_weights import class_weights
 from pneumonia.data.download import download
-from pneumonia.data.manifest import read_manifest
 from pneumonia.data.prepare import prepare
-from pneumonia.data.report import write_report
+from pneumonia.data.report import class_distribution, draw_data_figures, summary
 
 
 def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
@@ -20,12 +19,12 @@ def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
     members["chest_xray/test/PNEUMONIA/person8_virus_1.jpeg"] = b"GIF89a broken"
     source = download(DataConfig(source="local", local_path=str(write_zip(tmp_path / "a.zip", members))),
                       Path("data/raw"))
-    prepared = prepare(Path("data/raw"), Path("data/manifests"), 0.34, 0, max_unreadable_fraction=0.1)
-    train = read_manifest(Path("data/manifests/train.csv"))
+    prepared = prepare(Path("data/raw"), 0.34, 0, max_unreadable_fraction=0.1)
+    train = prepared.splits["train"]
     weights = class_weights(train, "balanced")
 
-    report = write_report(Path("reports/data"), source, prepared.images, prepared.summary, train,
-                          json.loads(json.dumps(weights)), prepared.audit)  # as read back from its JSON file
+    report = summary(source, prepared.images, prepared.summary, json.loads(json.dumps(weights)),  # as read back
+                     prepared.audit)
 
     assert report["images"]["as_shipped"] == {"train": {"NORMAL": 6, "PNEUMONIA": 6},
                                               "val": {"NORMAL": 2, "PNEUMONIA": 2},
@@ -39,12 +38,11 @@ def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
     assert report["class_weights"] == {"NORMAL": weights[0], "PNEUMONIA": weights[1]}
     assert report["leakage_audit"]["passed"] and report["source"]["archive_sha256"] == source["archive_sha256"]
 
-    out = Path("reports/data")
-    assert json.loads((out / "summary.json").read_text()) == report
-    rows = (out / "class_distribution.csv").read_text().splitlines()
-    assert rows[0] == "split_class,images" and "test/PNEUMONIA,6" in rows
+    header, rows = class_distribution(report)
+    assert header == ["split_class", "images"] and ["test/PNEUMONIA", 6] in rows
+    draw_data_figures(tmp_path / "figures", report, prepared.images, train)
     for name in ("class_distribution", "sample_grid", "image_sizes", "intensity"):
-        with Image.open(out / "figures" / f"{name}.png") as figure:
+        with Image.open(tmp_path / "figures" / f"{name}.png") as figure:
             assert figure.format == "PNG" and figure.width > 200
 
 

@@ -65,7 +65,7 @@ def test_mixed_precision_keeps_the_output_layer_in_float32(no_cluster):
 
     distribute.place("cpu", "mixed_bfloat16")
     try:
-        model = build_model(ModelConfig(name="custom_cnn"), 32)
+        model = build_model(ModelConfig(crop=0, name="custom_cnn"), 32)
         assert any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model.layers)
         assert model.layers[-1].dtype_policy.name == "float32" and model.output.dtype == "float32"
     finally:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from keras import layers
 
+from pneumonia.architectures import BACKBONES, CUSTOM_CNN, MODEL_NAMES, min_image_size
 from pneumonia.config import ModelConfig
 from pneumonia.evaluation import gradcam
 from pneumonia.models.backbones import BACKBONE_LAYER
 from pneumonia.models.build import build_model
-from pneumonia.models.registry import BACKBONES, CUSTOM_CNN, MODEL_NAMES, min_image_size
 
 SQUARE = 6  # side of the planted bright square, pixels
 SIZE = 32
@@ -34,7 +34,7 @@ def one_per_family(names) -> list[str]:
 @pytest.mark.parametrize("name", one_per_family(MODEL_NAMES))
 def test_feature_map_found_and_heatmaps_shaped_for_every_model_family(name):
     size = max(32, min_image_size(name))
-    model = build_model(ModelConfig(name=name, weights="none", head_units=8), size)
+    model = build_model(ModelConfig(crop=0, name=name, weights="none", head_units=8), size)
     feature_map = gradcam.last_feature_map(model)
     assert len(feature_map.tensor.shape) == 4
     if name in BACKBONES:  # inside the nested keras.applications model: its last feature map
@@ -45,7 +45,7 @@ def test_feature_map_found_and_heatmaps_shaped_for_every_model_family(name):
 
 
 def test_custom_cnn_feature_map_is_its_last_convolutional_stage():
-    model = build_model(ModelConfig(name=CUSTOM_CNN), 64)
+    model = build_model(ModelConfig(crop=0, name=CUSTOM_CNN), 64)
     feature_map = gradcam.last_feature_map(model)
     assert "/" not in feature_map.layer_name  # a flat network: a layer of the model itself
     assert tuple(feature_map.tensor.shape[1:]) == (2, 2, 256)  # 64 px after five 2x poolings
@@ -53,7 +53,7 @@ def test_custom_cnn_feature_map_is_its_last_convolutional_stage():
 
 def test_nested_backbone_found_after_saving_and_loading(tmp_path):
     """The evaluate stage explains a model loaded from models/model.keras."""
-    model = build_model(ModelConfig(name="xception", weights="none", head_units=0), 71)
+    model = build_model(ModelConfig(crop=0, name="xception", weights="none", head_units=0), 71)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     feature_map = gradcam.last_feature_map(loaded)
@@ -63,7 +63,7 @@ def test_nested_backbone_found_after_saving_and_loading(tmp_path):
 
 
 def test_softmax_head_is_explained_per_class():
-    model = build_model(ModelConfig(name=CUSTOM_CNN, output="softmax"), 32)
+    model = build_model(ModelConfig(crop=0, name=CUSTOM_CNN, output="softmax"), 32)
     maps = gradcam.heatmaps(model, random_images(3, 32), target_class=[0, 1, 1])
     assert maps.shape == (3, 32, 32)
 

@@ -27,10 +27,10 @@ from pneumonia.evaluation.metrics import (
     choose_threshold,
     classification_metrics,
     confusion,
-    parse_threshold_rule,
     pr_points,
     roc_points,
 )
+from pneumonia.threshold_rule import parse_threshold_rule
 
 # Ten cases small enough to count by hand (no probability sits on a 0.1 bin edge).
 #            ---------- NORMAL (0) ----------   ---- PNEUMONIA (1) ----

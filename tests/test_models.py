@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from conftest import REPO
+from pneumonia.architectures import BACKBONES, MODEL_NAMES, min_image_size
 from pneumonia.config import AugmentConfig, ModelConfig, Params, parse_params
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.models import backbones
-from pneumonia.models.build import build_model
+from pneumonia.models.build import NO_AUGMENTATION, build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
-from pneumonia.models.registry import BACKBONES, MODEL_NAMES, min_image_size
 
 AUGMENT_ALL = AugmentConfig(flip="horizontal", zoom=0.1, rotation=0.05, translation=0.1, contrast=0.2)
 
@@ -39,8 +39,8 @@ def test_registry_names_the_nine_models_of_the_seed_projects():
 def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, tmp_path):
     size = min_image_size(name)
     # Two variants on the side, without adding builds: softmax on one backbone, augmentation on another.
-    config = ModelConfig(name=name, output="softmax" if name == "densenet121" else "sigmoid", head_units=8)
-    model = build_model(config, size, AUGMENT_ALL if name == "mobilenetv2" else AugmentConfig())
+    config = ModelConfig(crop=0, name=name, output="softmax" if name == "densenet121" else "sigmoid", head_units=8)
+    model = build_model(config, size, AUGMENT_ALL if name == "mobilenetv2" else NO_AUGMENTATION)
     images, labels = tiny_images(size)
     if config.output == "softmax":
         labels = keras.utils.to_categorical(labels[:, 0], 2)
@@ -65,8 +65,9 @@ def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, t
 
 def test_images_below_a_models_minimum_are_refused_at_validation():
     with pytest.raises(PipelineError, match=r"data.image_size = 64 is below the 75px minimum of model 'inceptionv3'"):
-        parse_params({"data": {"image_size": 64}, "model": {"name": "inceptionv3"}})
-    assert parse_params({"data": {"image_size": 75}, "model": {"name": "inceptionv3"}}).model.name == "inceptionv3"
+        parse_params({"data": {"image_size": 64}, "model": {"name": "inceptionv3", "crop": 0}})
+    uncropped = {"name": "inceptionv3", "crop": 0}
+    assert parse_params({"data": {"image_size": 75}, "model": uncropped}).model.name == "inceptionv3"
 
 
 @pytest.mark.parametrize("model, train, message", [
@@ -74,7 +75,7 @@ def test_images_below_a_models_minimum_are_refused_at_validation():
     ({"name": "custom_cnn"}, {"warmup_epochs": 2}, "custom_cnn has no pretrained backbone"),
     ({"name": "resnet50v2", "weights": "none"}, {"fine_tune": "partial"}, "trains resnet50v2 from scratch"),
     ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "frozen", "warmup_epochs": 1}, "use 'partial'"),
-    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "full", "warmup_epochs": 15},
+    ({"name": "resnet50v2", "weights": "imagenet"}, {"fine_tune": "full", "warmup_epochs": 15, "epochs": 15},
      "leaves no fine-tuning"),
     ({"name": "resnet50v2"}, {"lr_schedule": "step"}, "train.lr_schedule = 'step'"),
     ({"name": "resnet50v2"}, {"augment": {"zoom": 1.5}}, "train.augment.zoom = 1.5"),
@@ -96,7 +97,7 @@ def trainable_layers(layer_list) -> int:
 
 
 def test_each_strategy_leaves_exactly_the_expected_layers_trainable():
-    model = build_model(ModelConfig(name="mobilenetv2", head_units=8), 32)
+    model = build_model(ModelConfig(crop=0, name="mobilenetv2", head_units=8), 32)
     backbone = backbone_of(model)
     total = len(backbone.layers)
     batch_norm = [isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers]
@@ -126,7 +127,7 @@ def test_each_strategy_leaves_exactly_the_expected_layers_trainable():
 
 
 def test_custom_cnn_has_no_backbone_and_trains_whole():
-    model = build_model(ModelConfig(name="custom_cnn"), 32)
+    model = build_model(ModelConfig(crop=0, name="custom_cnn"), 32)
     assert backbone_of(model) is None
     set_trainable(model, "frozen", 10, pretrained=False)
     assert trainable_layers(model.layers) == len(model.layers)
@@ -142,14 +143,14 @@ def write_backbone_weights(path, name: str = "mobilenetv2", size: int = 32):
 
 def test_a_weights_file_loads_by_path(tmp_path):
     saved = write_backbone_weights(tmp_path / "backbone.weights.h5")
-    model = build_model(ModelConfig(name="mobilenetv2", weights=str(tmp_path / "backbone.weights.h5")), 32)
+    model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights=str(tmp_path / "backbone.weights.h5")), 32)
     loaded = backbone_of(model).get_weights()
     assert len(loaded) == len(saved.get_weights()) > 0
     for mine, theirs in zip(loaded, saved.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
 
     with pytest.raises(PipelineError, match="neither 'imagenet', 'none' nor an existing weights file"):
-        build_model(ModelConfig(name="mobilenetv2", weights=str(tmp_path / "missing.h5")), 32)
+        build_model(ModelConfig(crop=0, name="mobilenetv2", weights=str(tmp_path / "missing.h5")), 32)
 
 
 def moving_means(model) -> list[np.ndarray]:
@@ -161,7 +162,8 @@ def moving_means(model) -> list[np.ndarray]:
 def test_batch_norm_of_a_pretrained_backbone_stays_in_inference_mode_when_unfrozen(pretrained, tmp_path):
     if pretrained:
         write_backbone_weights(tmp_path / "backbone.weights.h5")
-    config = ModelConfig(name="mobilenetv2", weights=str(tmp_path / "backbone.weights.h5") if pretrained else "none")
+    config = ModelConfig(crop=0, name="mobilenetv2",
+                         weights=str(tmp_path / "backbone.weights.h5") if pretrained else "none")
     model = build_model(config, 32)
     set_trainable(model, "full", 10, pretrained=pretrained)
     model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
@@ -184,7 +186,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_say_which_file_goes_where(mo
     monkeypatch.setattr(file_utils, "get_file", offline)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     with pytest.raises(PipelineError) as error:
-        build_model(ModelConfig(name="densenet121", weights="imagenet"), 32)
+        build_model(ModelConfig(crop=0, name="densenet121", weights="imagenet"), 32)
     expected = tmp_path / "keras" / "models" / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert str(expected) in str(error.value)
     assert "model.weights" in str(error.value)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia import cli, prediction
+from pneumonia import cli, inference
 from pneumonia.config import ModelConfig
 from pneumonia.data import dataset
 from pneumonia.data.manifest import read_manifest
 from pneumonia.errors import PipelineError
+from pneumonia.inference import Classifier
 from pneumonia.models.build import build_model
-from pneumonia.prediction import Classifier
 
 
 class MeanBrightness:
@@ -64,7 +64,7 @@ def test_model_input_is_the_training_image(synthetic_data):
     for example in dataset.records(synthetic_data / "data/tfrecords", "val").take(4).as_numpy_iterator():
         path = synthetic_data / manifest[example["file_name"].decode()]
         expected = example["image"]
-        actual = prediction.model_input(path, meta["image_size"], jpeg_quality=95)
+        actual = inference.model_input(path, meta["image_size"], jpeg_quality=95)
         assert actual.dtype == np.uint8 and actual.shape == expected.shape == (48, 48, 3)
         np.testing.assert_array_equal(actual, expected)
         compared += 1
@@ -75,7 +75,7 @@ def test_every_readable_file_is_predicted_and_each_bad_one_gets_its_error(images
     classifier = Classifier(MeanBrightness(), threshold=0.5, jpeg_quality=95)
     files = [images["dark_jpeg_rgb"], images["not_an_image"], images["bright_png_grey"],
              images["truncated"], images["folder"] / "missing.png"]
-    results = prediction.predict_files(classifier, files)
+    results = inference.predict_files(classifier, files)
 
     assert [result.file for result in results] == [str(file) for file in files]
     dark, text, bright, truncated, missing = results
@@ -89,19 +89,19 @@ def test_every_readable_file_is_predicted_and_each_bad_one_gets_its_error(images
 
 def test_label_follows_the_threshold(images):
     bright = [images["bright_png_grey"]]
-    probability = prediction.predict_files(Classifier(MeanBrightness(), 0.5, 95), bright)[0].probability
-    assert prediction.predict_files(Classifier(MeanBrightness(), probability, 95), bright)[0].label == "PNEUMONIA"
-    assert prediction.predict_files(Classifier(MeanBrightness(), probability + 1e-6, 95), bright)[0].label == "NORMAL"
+    probability = inference.predict_files(Classifier(MeanBrightness(), 0.5, 95), bright)[0].probability
+    assert inference.predict_files(Classifier(MeanBrightness(), probability, 95), bright)[0].label == "PNEUMONIA"
+    assert inference.predict_files(Classifier(MeanBrightness(), probability + 1e-6, 95), bright)[0].label == "NORMAL"
 
 
 def test_folders_give_their_jpeg_and_png_files_recursively(images):
-    found = prediction.image_files([images["folder"]])
+    found = inference.image_files([images["folder"]])
     assert sorted(file.name for file in found) == ["bright.png", "bright_rgb.jpeg", "dark.JPG", "text.png",
                                                    "truncated.jpeg"]
-    assert prediction.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
+    assert inference.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
     (images["folder"] / "empty").mkdir()
     with pytest.raises(PipelineError, match="no JPEG or PNG files"):
-        prediction.image_files([images["folder"] / "empty"])
+        inference.image_files([images["folder"] / "empty"])
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def project(tmp_path, monkeypatch) -> Path:
     """A project folder with a (untrained) 32 px model, params.yaml and the evaluate stage's threshold."""
     monkeypatch.chdir(tmp_path)
     Path("models").mkdir()
-    build_model(ModelConfig(), 32).save("models/model.keras")
+    build_model(ModelConfig(crop=0), 32).save("models/model.keras")
     Path("metrics").mkdir()
     Path("metrics/test.json").write_text(json.dumps({"threshold": 0.25, "roc_auc": 0.9}))
     Path("params.yaml").write_text("tfrecords:\n  jpeg_quality: 90\n")
@@ -127,7 +127,7 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert "predicting: 100%" in err and "3/3" in err  # progress on stderr, the table alone on stdout
 
     model = keras.models.load_model("models/model.keras")
-    expected = model.predict(np.stack([prediction.model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
+    expected = model.predict(np.stack([inference.model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
     written = json.loads(Path("out.json").read_text())
     assert [row["file"] for row in written] == [str(file) for file in [*good, images["not_an_image"]]]
     np.testing.assert_allclose([row["probability"] for row in written[:2]], expected, rtol=1e-5)

@@ -76,33 +76,36 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(synthetic_data,
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["local", "file-uri"])
 def test_a_backup_of_other_params_or_data_is_discarded_not_resumed(tmp_path, as_uri):
-    from pneumonia.training import open_backup
+    from pneumonia.training.backup import TrainingBackup
 
     backup = tmp_path / "backup"
     folder = f"file://{backup}" if as_uri else backup
-    assert not open_backup(folder, "params A")  # nothing to resume
+    assert not TrainingBackup(folder, "params A").open()  # nothing to resume
     (backup / "history.json").write_text("[]")
-    assert open_backup(folder, "params A") and (backup / "history.json").exists()  # same: resume
-    assert not open_backup(folder, "params B") and not (backup / "history.json").exists()  # other: start afresh
+    assert TrainingBackup(folder, "params A").open() and (backup / "history.json").exists()  # same: resume
+    assert not TrainingBackup(folder, "params B").open() and not (backup / "history.json").exists()  # start afresh
 
 
 def test_experiments_sharing_a_backup_uri_keep_apart(synthetic_data):
     """Queued experiments or several machines may share train.backup_uri: each training's backup is
     under its own fingerprint (params, data, tracking URI), so none removes or resumes another's."""
-    from pneumonia.training import backup_fingerprint, backup_folder
+    from pneumonia.training.backup import TrainingBackup
 
     tfrecords = synthetic_data / "data/tfrecords"
     params = parse_params({"train": {"backup_uri": "gs://bucket/backups/"}})
-    fingerprint = backup_fingerprint(params, tfrecords, "http://user:secret@mlflow:5000")
-    others = [backup_fingerprint(params.model_copy(update={"train": params.train.model_copy(update={"epochs": 3})}),
-                                 tfrecords, "http://user:secret@mlflow:5000"),
-              backup_fingerprint(params, tfrecords, "http://mlflow.elsewhere:5000")]
+    fingerprint = TrainingBackup.fingerprint_of(params.model, params.train, tfrecords, "http://user:secret@mlflow:5000")
+    others = [TrainingBackup.fingerprint_of(params.model, params.train.model_copy(update={"epochs": 3}), tfrecords,
+                                            "http://user:secret@mlflow:5000"),
+              TrainingBackup.fingerprint_of(params.model, params.train, tfrecords, "http://mlflow.elsewhere:5000")]
     assert "secret" not in fingerprint and fingerprint not in others
-    folder = backup_folder(Path("backup/train"), params.train.backup_uri, "chief", fingerprint)
+
+    def folder_of(backup_uri: str, worker: str, fingerprint: str) -> str:
+        return TrainingBackup.of_worker(Path("backup/train"), backup_uri, worker, fingerprint).folder
+
+    folder = folder_of(params.train.backup_uri, "chief", fingerprint)
     assert folder == f"gs://bucket/backups/{fingerprint[:16]}/chief"  # not gs:/bucket/...
-    assert all(backup_folder(Path("backup/train"), params.train.backup_uri, "chief", other) != folder
-               for other in others)
-    assert backup_folder(Path("backup/train"), "", "worker-1", fingerprint) == "backup/train/worker-1"  # as always
+    assert all(folder_of(params.train.backup_uri, "chief", other) != folder for other in others)
+    assert folder_of("", "worker-1", fingerprint) == "backup/train/worker-1"  # as always
 
 
 @pytest.mark.parametrize("uri", ["/mnt/backups", "backups", "gs:/bucket/x", "gs://"])
@@ -112,7 +115,7 @@ def test_backup_uri_without_a_scheme_is_refused(uri):
 
 
 def test_a_backup_uri_tensorflow_cannot_write_to_is_a_clear_error(tmp_path):
-    from pneumonia.training import open_backup
+    from pneumonia.training.backup import TrainingBackup
 
     with pytest.raises(PipelineError, match=r"nosuchfs://bucket/x(.|\n)*train\.backup_uri"):
-        open_backup("nosuchfs://bucket/x", "params A")
+        TrainingBackup("nosuchfs://bucket/x", "params A").open()

@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import pytest
 
+from pneumonia.architectures import BACKBONES
 from pneumonia.config import ModelConfig
 from pneumonia.errors import PipelineError
 from pneumonia.models.build import build_model
 from pneumonia.models.fine_tuning import backbone_of
-from pneumonia.models.registry import BACKBONES
 
 SIZE = 96  # MobileNetV2 has ImageNet weights for 96 px: the file name Keras asks for names that size
 
@@ -80,7 +80,7 @@ def test_imagenet_weights_download_through_keras_from_a_local_server(tmp_path, k
     with WeightsServer(storage) as server:
         # Keras builds the URL as BASE_WEIGHT_PATH + file name (keras/src/applications/mobilenet_v2.py)
         monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", server.url)
-        model = build_model(ModelConfig(name="mobilenetv2", weights="imagenet", head_units=8), SIZE)
+        model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="imagenet", head_units=8), SIZE)
     assert server.requests == [f"/{file_name}"]
     assert (keras_home / "models" / file_name).is_file()  # cached where the error message says
     loaded = backbone_of(model).get_weights()
@@ -89,7 +89,7 @@ def test_imagenet_weights_download_through_keras_from_a_local_server(tmp_path, k
         np.testing.assert_array_equal(mine, theirs)
 
     # Cached: a second model loads them without asking the server (which is gone).
-    again = build_model(ModelConfig(name="mobilenetv2", weights="imagenet", head_units=8), SIZE)
+    again = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="imagenet", head_units=8), SIZE)
     np.testing.assert_array_equal(backbone_of(again).get_weights()[0], served[0])
 
 
@@ -101,7 +101,7 @@ def test_weights_that_cannot_be_fetched_say_what_to_do_and_a_file_path_works_off
     with WeightsServer(tmp_path) as server:  # up, but without the file: HTTP 404
         monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", server.url)
         with pytest.raises(PipelineError) as error:
-            build_model(ModelConfig(name="mobilenetv2", weights="imagenet"), SIZE)
+            build_model(ModelConfig(crop=0, name="mobilenetv2", weights="imagenet"), SIZE)
     message = str(error.value)
     assert str(keras_home / "models" / file_name) in message  # where to put the file
     assert "model.weights" in message and "path" in message  # or point model.weights at it
@@ -111,5 +111,5 @@ def test_weights_that_cannot_be_fetched_say_what_to_do_and_a_file_path_works_off
     # Offline, the file given by path: no request at all.
     monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", "http://127.0.0.1:9/unreachable/")
     served = write_imagenet_style_file(tmp_path / file_name)
-    model = build_model(ModelConfig(name="mobilenetv2", weights=str(tmp_path / file_name)), SIZE)
+    model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights=str(tmp_path / file_name)), SIZE)
     np.testing.assert_array_equal(backbone_of(model).get_weights()[0], served[0])

@@ -15,7 +15,7 @@ from pneumonia.config import Params
 from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.predictions import Predictions
-from pneumonia.evaluation.report import write_report
+from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit
 
 SPLIT_FIGURES = {"confusion_matrix.png", "roc.png", "precision_recall.png", "calibration.png", "gradcam.png"}
@@ -59,8 +59,8 @@ def report(tmp_path_factory):
     figures = draw_figures(root / "figures", read_history(history_csv),
                            [scored("test", scores, test), scored("external", external_scores, external)], "conv2d_7")
     page = root / "evaluation.html"
-    write_report(page, scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
-                 data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY)
+    page.write_text(render(scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
+                           data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY))
     return page, scores
 
 
@@ -103,7 +103,7 @@ def test_report_shows_metrics_intervals_data_params_and_model(report):
         assert f"{interval['low']:.3f} &ndash; {interval['high']:.3f}" in html, key
     assert f"{scores['sensitivity']:.3f}" in text and f"{scores[summary.AT_DEFAULT]['specificity']:.3f}" in text
     for phrase in ("Sensitivity", "Specificity", "ROC AUC", "Expected calibration error", "Brier",
-                   "threshold: youden", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
+                   "threshold: sensitivity@0.93", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
         assert phrase in text, phrase
     assert "&lt;layer&gt; conv2d (Conv2D)" in html  # the model summary, escaped
     assert "31.0% of the Grad-CAM evidence lies in the outer" in text

@@ -24,21 +24,22 @@ STAGE = textwrap.dedent("""
     from pathlib import Path
     import mlflow
     from pneumonia import serving, tracking
-    from pneumonia.config import parse_params
+    from pneumonia.config import flatten, parse_params
     from pneumonia.logs import run_stage
 
     def main():
         manifests = Path("manifests")
         manifests.mkdir(exist_ok=True)
         (manifests / "train.csv").write_text("path,label\\na.jpeg,0\\n")
-        with tracking.training_run(parse_params({}), manifests) as run:
+        params = parse_params({})
+        with tracking.training_run(params.tracking, flatten(params), manifests) as run:
             mlflow.log_metrics({"loss": 0.5}, step=1)
             tracking.write_run_info(run, Path("mlflow_run.json"))
         with tracking.resumed_run(Path("mlflow_run.json")):
             mlflow.log_metric("test_auc", 0.9)
         print("run", run.info.run_id)
         if sys.argv[1] == "pipeline-error":
-            serving.load_classifier("models:/no-such-model@candidate")
+            serving.logged_classifier("models:/no-such-model@candidate")
         else:
             raise RuntimeError("unexpected failure talking to " + tracking.tracking_uri())
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from conftest import free_port, tool_env
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
-from pneumonia.training import train
+from pneumonia.training.fit import train
 
 REGISTERED = "pneumonia-test"
 THRESHOLD = 0.37
@@ -42,8 +42,9 @@ def store(synthetic_data, tmp_path_factory) -> dict[str, str]:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment) as run:
-            train(params, synthetic_data / "data/tfrecords", None, root / "model.keras")
-            info = serving.log_model(root / "model.keras", THRESHOLD, params)
+            train(params.model, params.train, synthetic_data / "data/tfrecords", None, root / "model.keras")
+            info = serving.log_model(root / "model.keras", THRESHOLD, params.tfrecords.jpeg_quality,
+                                     params.tracking.register_model)
         yield {"uri": uri, "run_id": run.info.run_id, "model": str(root / "model.keras"),
                "version": info.registered_model_version}
 
@@ -122,7 +123,7 @@ def test_logged_model_is_registered_as_candidate_with_its_threshold(store):
     logged = client.get_logged_model(info.model_id)
     assert logged.params["threshold"] == str(THRESHOLD) and logged.params["jpeg_quality"] == str(JPEG_QUALITY)
     assert not {"threshold", "jpeg_quality"} & set(client.get_run(store["run_id"]).data.params)
-    classifier = serving.load_classifier(f"models:/{REGISTERED}@{serving.CANDIDATE}")
+    classifier = serving.logged_classifier(f"models:/{REGISTERED}@{serving.CANDIDATE}")
     assert (classifier.threshold, classifier.jpeg_quality) == (THRESHOLD, JPEG_QUALITY)
 
 

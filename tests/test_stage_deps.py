@@ -9,10 +9,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, SRC, imported_modules, module_file
 from pneumonia import paths
 
-SRC = REPO / "src"
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 # paths.* constants a stage script may use without declaring them, and why.
@@ -20,34 +19,6 @@ UNDECLARED_PATHS = {
     "PARAMS": "params.yaml is declared key by key, in the stage's `params`",
     "TRAIN_BACKUP": "an unfinished training's state; as an output DVC would delete it before the stage resumes from it",
 }
-
-
-def module_file(module: str) -> Path | None:
-    """The source file of `pneumonia...` module `module`, or None when it is not a module of the package."""
-    base = SRC.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(file: Path) -> set[str]:
-    """The `pneumonia` modules `file` imports, anywhere in it (also inside functions: they run when called)."""
-    # the package a relative import starts from: pneumonia/a/b.py and pneumonia/a/__init__.py are both in pneumonia.a
-    package = list(file.relative_to(SRC).parts[:-1]) if file.is_relative_to(SRC) else []
-    modules = set()
-    for node in ast.walk(ast.parse(file.read_text(), str(file))):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: `.` is the package, each further dot one level up
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                base = node.module
-            modules.add(base)
-            # `from pneumonia.x import y` imports submodule pneumonia.x.y when y is one
-            modules.update(f"{base}.{alias.name}" for alias in node.names)
-    return {module for module in modules if module.split(".")[0] == "pneumonia" and module_file(module)}
 
 
 def transitive_imports(script: Path) -> set[Path]:

@@ -4,7 +4,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pneumonia import tracking
-from pneumonia.config import parse_params
+from pneumonia.config import flatten, parse_params
 
 
 def test_store_is_at_the_dvc_root_unless_overridden(tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def test_training_run_logs_params_tags_and_hands_over_its_id(tmp_path, monkeypat
     (manifests / "train.csv").write_text("path,label\na.jpeg,0\n")
     params = parse_params({"train": {"epochs": 3}})
 
-    with tracking.training_run(params, manifests) as run:
+    with tracking.training_run(params.tracking, flatten(params), manifests) as run:
         tracking.write_run_info(run, tmp_path / "run.json")
     with tracking.resumed_run(tmp_path / "run.json") as resumed:
         mlflow.log_metric("test_auc", 0.9)
@@ -48,7 +48,7 @@ def test_manifests_hash_changes_with_content(tmp_path):
     assert tracking.manifests_hash(tmp_path) != first
 
 
-# One queued experiment's training: its run, then per-epoch metrics as MlflowEpochMetrics logs them.
+# One queued experiment's training: its run, then per-epoch metrics as tracking.epoch_metrics_callback logs them.
 LOGGER = """
 import sys, time
 from pathlib import Path
@@ -107,10 +107,9 @@ def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path
 def test_plain_repro_runs_are_named_after_model_and_commit(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # not a git repository: no commit to name
-    params = parse_params({"model": {"name": "mobilenetv2", "weights": "none"}})
-    assert tracking.run_name(params) == "repro-mobilenetv2"
+    assert tracking.run_name("mobilenetv2") == "repro-mobilenetv2"
     monkeypatch.setattr(tracking, "git_commit", lambda: "0123456789abcdef")
-    assert tracking.run_name(params) == "repro-mobilenetv2-0123456"
+    assert tracking.run_name("mobilenetv2") == "repro-mobilenetv2-0123456"
 
 
 def test_manifests_are_logged_as_datasets_with_content_digests(tmp_path, monkeypatch):
@@ -119,7 +118,7 @@ def test_manifests_are_logged_as_datasets_with_content_digests(tmp_path, monkeyp
     for split, rows in (("train", "a.jpeg,0\nb.jpeg,1\n"), ("val", "c.jpeg,1\n"), ("test", "d.jpeg,0\n")):
         (tmp_path / f"{split}.csv").write_text("path,label\n" + rows)
     params = parse_params({})
-    with tracking.training_run(params, tmp_path) as run:
+    with tracking.training_run(params.tracking, flatten(params), tmp_path) as run:
         logged = tracking.log_manifests(tmp_path, {"train": "training", "val": "validation", "test": "testing"})
     inputs = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).inputs.dataset_inputs
     found = {i.dataset.name: (i.dataset.digest, [t.value for t in i.tags if t.key == "mlflow.data.context"])

@@ -12,13 +12,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, prepare_synthetic, run
-from pneumonia import training
+from pneumonia.architectures import BACKBONES
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 from pneumonia.models import backbones
-from pneumonia.models.build import build_model
+from pneumonia.models.build import NO_AUGMENTATION, build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
-from pneumonia.models.registry import BACKBONES
+from pneumonia.training import fit
+from pneumonia.training.callbacks import make_callbacks
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,14 @@ def tracking_store(tmp_path_factory) -> str:
 
 
 def params_for(tmp_path, model: dict, train: dict):
-    return parse_params({"data": {"image_size": 48}, "model": model,
-                         "train": {"epochs": 1, "batch_size": 8, **train}})
+    return parse_params({"data": {"image_size": 48}, "model": {"crop": 0, **model},
+                         "train": {"epochs": 1, "batch_size": 8, "augment": NO_AUGMENTATION.model_dump(), **train}})
 
 
-def fit(params, synthetic_data, tmp_path) -> tuple[training.TrainingResult, str]:
+def fitted(params, synthetic_data, tmp_path) -> tuple[fit.TrainingResult, str]:
     with mlflow.start_run() as run:
-        result = training.train(params, synthetic_data / "data/tfrecords", {0: 1.0, 1: 1.0}, tmp_path / "model.keras")
+        result = fit.train(params.model, params.train, synthetic_data / "data/tfrecords", {0: 1.0, 1: 1.0},
+                                tmp_path / "model.keras")
     return result, run.info.run_id
 
 
@@ -44,7 +46,7 @@ def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synt
     params = params_for(tmp_path, {"name": "custom_cnn", "output": "softmax"}, {
         "lr_schedule": "cosine",
         "augment": {"flip": "horizontal", "zoom": 0.1, "rotation": 0.05, "translation": 0.1, "contrast": 0.2}})
-    result, run_id = fit(params, synthetic_data, tmp_path)
+    result, run_id = fitted(params, synthetic_data, tmp_path)
 
     assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc", "val_loss"} <= result.history.keys()
     summary = result.summary()
@@ -70,9 +72,9 @@ def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(
     params = params_for(tmp_path, {"name": "mobilenetv2", "weights": str(weights), "head_units": 8}, {
         "epochs": 2, "warmup_epochs": 1, "fine_tune": "partial", "fine_tune_layers": 6,
         "fine_tune_learning_rate": 1e-4, "lr_schedule": "plateau", "early_stopping_patience": 3})
-    assert [(s.name, s.epochs, s.learning_rate, s.fine_tune) for s in training.stages(params)] == [
+    assert [(s.name, s.epochs, s.learning_rate, s.fine_tune) for s in fit.stages(params.train)] == [
         ("warm-up", 1, 1e-3, "frozen"), ("fine-tune", 1, 1e-4, "partial")]
-    result, run_id = fit(params, synthetic_data, tmp_path)
+    result, run_id = fitted(params, synthetic_data, tmp_path)
 
     assert len(result.history["val_auc"]) == 2  # one epoch per stage, numbered on
     assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1, 2]
@@ -93,9 +95,9 @@ def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(
 def test_learning_rate_schedules_and_callbacks(tmp_path):
     def made(schedule: str):
         params = params_for(tmp_path, {"name": "custom_cnn"}, {"lr_schedule": schedule, "epochs": 4})
-        [stage] = training.stages(params)
-        rate = training.learning_rate(params, stage, steps_per_epoch=10)
-        callbacks = {type(c).__name__ for c in training.make_callbacks(params, tmp_path / "m.keras")}
+        [stage] = fit.stages(params.train)
+        rate = fit.learning_rate(params.train, stage, steps_per_epoch=10)
+        callbacks = {type(c).__name__ for c in make_callbacks(params.train, str(tmp_path / "m.keras"))}
         return rate, callbacks
 
     rate, callbacks = made("exponential")
@@ -112,7 +114,7 @@ def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
 
     def results(output: str, y_true, y_pred) -> dict[str, float]:
         found = {}
-        for metric in training.classification_metrics(output):
+        for metric in fit.keras_metrics(output):
             metric.update_state(y_true, y_pred)
             found[metric.name] = float(metric.result())
         return found
@@ -126,12 +128,13 @@ def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
 
 
 def test_summary_is_what_the_train_stage_writes(tmp_path):
-    result = training.TrainingResult(history={"val_auc": [0.5, 0.7], "loss": [0.9, 0.8]}, best_epoch=1,
+    result = fit.TrainingResult(history={"val_auc": [0.5, 0.7], "loss": [0.9, 0.8]}, best_epoch=1,
                                       seconds=12.34, total_params=100, trainable_params=40,
                                       peak_memory={"peak_memory_mb": 812.5})
     assert json.loads(json.dumps(result.summary())) == {
         "best_val_auc": 0.7, "best_loss": 0.8, "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3,
         "total_params": 100, "trainable_params": 40, "peak_memory_mb": 812.5}
+    assert result.history_table() == (["epoch", "loss", "val_auc"], [[1, 0.9, 0.5], [2, 0.8, 0.7]])
 
 
 # One training in a process of its own: what makes two processes part (thread scheduling, graph
@@ -140,14 +143,15 @@ TRAIN_IN_A_PROCESS = """
 import json, sys
 from pathlib import Path
 import keras
-from pneumonia import training
+from pneumonia.training import fit
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 
 data, out, seed = Path(sys.argv[1]) / "data/tfrecords", Path(sys.argv[2]), int(sys.argv[3])
-params = parse_params({"data": {"image_size": 160}, "model": {"name": "custom_cnn"}, "train": {
-    "epochs": 2, "batch_size": 32, "seed": seed, "augment": {"zoom": 0.1, "rotation": 0.05, "contrast": 0.2}}})
-result = training.train(params, data, {0: 1.0, 1: 1.0}, out / "model.keras")
+params = parse_params({"data": {"image_size": 160}, "model": {"name": "custom_cnn", "crop": 0}, "train": {
+    "epochs": 2, "batch_size": 32, "seed": seed,
+    "augment": {"zoom": 0.1, "rotation": 0.05, "translation": 0, "contrast": 0.2}}})
+result = fit.train(params.model, params.train, data, {0: 1.0, 1: 1.0}, out / "model.keras")
 probabilities = predict_split(keras.models.load_model(out / "model.keras"), data, "val", 8)
 json.dump({"history": result.history, "val": probabilities.probabilities.tolist()}, (out / "result.json").open("w"))
 """
@@ -156,7 +160,7 @@ json.dump({"history": result.history, "val": probabilities.probabilities.tolist(
 @pytest.fixture(scope="module")
 def synthetic_data_160(tmp_path_factory) -> Path:
     """Synthetic TFRecords at the default 160 px and batch 32: at 48 px two processes agreed even when
-    Grappler's rewrites made trainings on the real data part (see training.train)."""
+    Grappler's rewrites made trainings on the real data part (see pneumonia.training.fit.train)."""
     return prepare_synthetic(tmp_path_factory.mktemp("synthetic160"), patients_per_class=80, images_per_patient=2,
                              raw_size=160, image_size=160, images_per_shard=32)
 

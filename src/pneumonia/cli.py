@@ -31,25 +31,25 @@ def compare_runs(args: argparse.Namespace) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from pneumonia import prediction
+    from pneumonia import inference
 
     if args.model_uri:
         from pneumonia import serving
 
-        classifier = serving.load_classifier(args.model_uri)
+        classifier = serving.logged_classifier(args.model_uri)
     else:
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = prediction.load_classifier(args.model, paths.TEST_METRICS, jpeg_quality)
-    results = prediction.predict_files(classifier, prediction.image_files(args.paths))
-    print(prediction.table(results))
+        classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
+    results = inference.predict_files(classifier, inference.image_files(args.paths))
+    print(inference.table(results))
     if args.csv:
-        prediction.write_csv(results, args.csv)
+        inference.write_csv(results, args.csv)
     if args.json:
-        prediction.write_json(results, args.json)
+        inference.write_json(results, args.json)
     if args.gradcam:
-        written = prediction.write_gradcam(classifier, results, args.gradcam)
+        written = inference.write_gradcam(classifier, results, args.gradcam)
         print(f"{len(written)} Grad-CAM overlays in {args.gradcam}", file=sys.stderr)
     if failed := sum(result.error is not None for result in results):
         print(f"{failed} of {len(results)} files could not be predicted", file=sys.stderr)
@@ -96,13 +96,14 @@ def adapt(args: argparse.Namespace) -> None:
     import keras
     import numpy as np
 
-    from pneumonia import adaptation, atomic, prediction
+    from pneumonia import adaptation, atomic, inference
     from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
 
-    classifier = prediction.load_classifier(args.model, paths.TEST_METRICS, load_params().tfrecords.jpeg_quality)
+    classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
+                                           load_params().tfrecords.jpeg_quality)
     images, unreadable = [], []
-    for path in prediction.image_files(args.paths):
+    for path in inference.image_files(args.paths):
         try:
             images.append(classifier.preprocess(path))
         except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so

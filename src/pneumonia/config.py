@@ -2,6 +2,10 @@
 
 Every stage calls `load_params()` first, so a typo, a wrong type or an impossible combination
 stops the stage before any heavy work, with a message naming the key, the value and what is allowed.
+
+The ground floor: pure validation, no file is looked at. It imports only the bottom modules (paths for
+the default locations, errors, architectures and threshold_rule for the allowed values); the modules that
+use a section resolve the paths in it (data.download: data.local_path, models.build: model.weights).
 """
 
 import re
@@ -23,9 +27,9 @@ from pydantic import (
 )
 
 from pneumonia import paths
+from pneumonia.architectures import CUSTOM_CNN, MODEL_NAMES, min_image_size
 from pneumonia.errors import PipelineError
-from pneumonia.evaluation.threshold_rule import parse_threshold_rule
-from pneumonia.models.registry import CUSTOM_CNN, MODEL_NAMES, min_image_size
+from pneumonia.threshold_rule import parse_threshold_rule
 
 
 def _not_bool(value: Any) -> Any:
@@ -41,7 +45,9 @@ NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length
 
 
 class Section(BaseModel):
-    # Unknown keys are errors: a misspelt param must not be silently ignored; inf and nan are never a setting.
+    # Every default is the committed params.yaml's value (tests/test_config.py checks it): a key left out of
+    # a params file means what params.yaml says. Unknown keys are errors: a misspelt param must not be silently
+    # ignored; inf and nan are never a setting.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -62,18 +68,6 @@ class DataConfig(Section):
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
     max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
     synthetic: SyntheticConfig = SyntheticConfig()
-
-    def local_archive(self) -> Path:
-        """The existing file or folder named by data.local_path, or a PipelineError saying what to do."""
-        path = paths.resolve_user_path(self.local_path)
-        if not path.exists():
-            raise PipelineError(
-                f"params.yaml: data.local_path = {self.local_path!r} does not exist (looked at {path}).\n"
-                "Point it to the Kaggle archive (a .zip, or the unpacked folder with train/ and test/), "
-                "e.g. `dvc exp run -S data.local_path=/path/to/chest-xray-pneumonia.zip`, "
-                "or use data.source: kaggle or synthetic."
-            )
-        return path
 
 
 def storage_uri(value: Any, key: str, example: str, local: str) -> Any:
@@ -149,7 +143,7 @@ class ModelConfig(Section):
     output: Literal["sigmoid", "softmax"] = "sigmoid"  # one pneumonia unit, or two units [NORMAL, PNEUMONIA]
     # Share of the image cut off each side before the network sees it: burned-in markers and
     # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
-    crop: Float = Field(0, ge=0, lt=0.4)
+    crop: Float = Field(0.08, ge=0, lt=0.4)
     # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
     # variance per image: brightness and contrast of the acquisition removed)
     input_norm: Literal["scale", "per_image"] = "scale"
@@ -178,34 +172,22 @@ class ModelConfig(Section):
             )
         return self
 
-    def weights_file(self) -> Path | None:
-        """The weights file named by model.weights, when it names one."""
-        if self.weights in ("none", "imagenet"):
-            return None
-        path = paths.resolve_user_path(self.weights)
-        if not path.is_file():
-            raise PipelineError(
-                f"params.yaml: model.weights = {self.weights!r} is neither 'imagenet', 'none' nor an "
-                f"existing weights file (looked at {path})."
-            )
-        return path
-
 
 class AugmentConfig(Section):
     """Random augmentation while training; 0 (flip: none) disables each."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
-    zoom: Float = Field(0, ge=0, lt=1)  # up to this fraction in or out
-    rotation: Float = Field(0, ge=0, le=0.5)  # up to this fraction of a full turn either way
-    translation: Float = Field(0, ge=0, lt=1)  # up to this fraction of the image size, each axis
-    contrast: Float = Field(0, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
+    zoom: Float = Field(0.25, ge=0, lt=1)  # up to this fraction in or out
+    rotation: Float = Field(0.03, ge=0, le=0.5)  # up to this fraction of a full turn either way
+    translation: Float = Field(0.08, ge=0, lt=1)  # up to this fraction of the image size, each axis
+    contrast: Float = Field(0.2, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
 
 
 class TrainConfig(Section):
-    epochs: StrictInt = Field(15, ge=1)
+    epochs: StrictInt = Field(30, ge=1)
     batch_size: StrictInt = Field(32, ge=1)
     learning_rate: Float = Field(1e-3, gt=0)
-    lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"
+    lr_schedule: Literal["exponential", "cosine", "plateau"] = "exponential"  # per stage (warm-up, the rest)
     lr_decay_rate: Float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
     lr_plateau_factor: Float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
     lr_plateau_patience: StrictInt = Field(2, ge=1)  # ... for this many epochs
@@ -216,7 +198,7 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
-    early_stopping_patience: StrictInt = Field(5, ge=1)
+    early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: StrictInt = 42
     deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
@@ -251,7 +233,7 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    threshold: float | str = "youden"  # chosen on validation: a number, "youden" or "sensitivity@X"
+    threshold: float | str = "sensitivity@0.93"  # chosen on validation: a number, "youden" or "sensitivity@X"
     bootstrap_samples: StrictInt = Field(1000, ge=100)  # resamples for the 95% confidence intervals
     images_per_outcome: StrictInt = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
     seed: StrictInt = 42  # bootstrap resampling and the choice of images shown
@@ -346,8 +328,8 @@ def load_params(path: Path = paths.PARAMS) -> Params:
     return parse_params(raw, str(path))
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    """params as {'data.image_size': 160, ...}, e.g. for MLflow."""
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """params (or a section, its keys after `prefix`) as {'data.image_size': 160, ...}, e.g. for MLflow."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -357,5 +339,5 @@ def flatten(params: Params) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", params.model_dump())
+    walk(prefix, config.model_dump())
     return flat

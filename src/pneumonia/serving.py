@@ -2,7 +2,7 @@
 
 The evaluate stage logs it (it knows the decision threshold); it carries the Keras model, the
 threshold, the JPEG quality of the TFRecords and this package's code, and preprocesses like
-training (pneumonia.prediction). `mlflow models serve -m <uri>` serves it; a request is a
+training (pneumonia.inference). `mlflow models serve -m <uri>` serves it; a request is a
 DataFrame with a column "image" of base64 strings, e.g.
 
     {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
@@ -30,12 +30,10 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from pneumonia import tracking
-from pneumonia.config import Params
 from pneumonia.data.images import ImageTooLarge
 from pneumonia.errors import PipelineError
+from pneumonia.inference import Classifier, load_classifier
 from pneumonia.logs import redact
-from pneumonia.models.build import load_model
-from pneumonia.prediction import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +65,8 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
             config = json.loads(Path(context.artifacts[CONFIG]).read_text())
         else:  # models logged before the config became an artifact
             config = context.model_config
-        self.classifier = Classifier(load_model(context.artifacts[KERAS_MODEL]),
-                                     config["threshold"], config["jpeg_quality"])
+        self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]), config["threshold"],
+                                          config["jpeg_quality"])
 
     def predict(self, context, model_input, params=None):
         """model_input: a DataFrame with a column "image" of base64-encoded JPEG or PNG files."""
@@ -120,14 +118,14 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
 
 
-def log_model(model_path: Path, threshold: float, params: Params) -> ModelInfo:
-    """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold`.
+def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str | None = None) -> ModelInfo:
+    """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold` on
+    images encoded at `jpeg_quality` (tfrecords.jpeg_quality).
 
-    With tracking.register_model set, the model is also registered under that name and the new
+    With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
-    config = {"threshold": float(threshold), "jpeg_quality": params.tfrecords.jpeg_quality}
-    name = params.tracking.register_model
+    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality}
     with tempfile.TemporaryDirectory() as scratch:
         config_file = Path(scratch) / "config.json"
         config_file.write_text(json.dumps(config))
@@ -170,7 +168,7 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
     return chosen.version
 
 
-def load_classifier(model_uri: str) -> Classifier:
+def logged_classifier(model_uri: str) -> Classifier:
     """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
     tracking.use_tracking_uri(tracking.tracking_uri())
     try:

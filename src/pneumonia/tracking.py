@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 from pneumonia import paths
 from pneumonia.atomic import write_json
-from pneumonia.config import Params, flatten
+from pneumonia.config import TrackingConfig
 from pneumonia.errors import PipelineError
 from pneumonia.logs import redact
 
@@ -105,6 +106,39 @@ def log_epoch_metrics(metrics: dict[str, float], step: int) -> None:
     retry_locked(mlflow.log_metrics, metrics, step=step)
 
 
+def epoch_metrics_callback(history):
+    """A Keras callback logging per-epoch metrics into the active MLflow run, step = epoch number
+    (1-based), each epoch once. `history` is the training's pneumonia.training.backup.EpochHistory.
+
+    Runs after the epoch's backup and logs every recorded epoch the run does not hold yet: an epoch
+    backed up just before the process was killed is logged when training resumes, and an epoch
+    that will be trained again was never logged.
+    """
+    import keras  # only training needs it: MLflow's other users here need no TensorFlow
+
+    class MlflowEpochMetrics(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            run_id = mlflow.active_run().info.run_id
+            self.logged = {point.step for point in retry_locked(mlflow.MlflowClient().get_metric_history, run_id,
+                                                                "loss")}
+
+        def _log_new_epochs(self):
+            for record in history.epochs:
+                step = record["epoch"] + 1
+                if step not in self.logged:
+                    log_epoch_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step)
+                    self.logged.add(step)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._log_new_epochs()
+
+        def on_train_end(self, logs=None):
+            self._log_new_epochs()
+
+    return MlflowEpochMetrics()
+
+
 def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment:
@@ -138,13 +172,13 @@ def data_version_tags(source: Path) -> dict[str, str]:
     return {f"data.{key}": str(recorded[key]) for key in keys if recorded.get(key) is not None}
 
 
-def run_name(params: Params) -> str:
+def run_name(model_name: str) -> str:
     """The DVC experiment's name under `dvc exp run` (DVC_EXP_NAME, as `dvc exp show` lists it), else
     what a plain `dvc repro` trained: repro-<model>-<commit>."""
     if experiment := os.environ.get("DVC_EXP_NAME"):
         return experiment
     commit = git_commit()
-    return f"repro-{params.model.name}" + (f"-{commit[:7]}" if commit else "")
+    return f"repro-{model_name}" + (f"-{commit[:7]}" if commit else "")
 
 
 def run_tags(manifests: Path) -> dict[str, str]:
@@ -157,13 +191,15 @@ def run_tags(manifests: Path) -> dict[str, str]:
 
 
 @contextmanager
-def training_run(params: Params, manifests: Path, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open the run for this training, with all params (flattened) and the provenance tags; or
-    reopen `resume_run_id`, the run of an interrupted training that now resumes."""
+def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path,
+                 resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the run for this training in experiment tracking.experiment, with the params (flattened:
+    config.flatten) and the provenance tags; or reopen `resume_run_id`, the run of an interrupted
+    training that now resumes."""
     check_reachable(tracking_uri())
     create_store_once(tracking_uri())
     use_tracking_uri(tracking_uri())
-    experiment_id = _experiment_id(params.tracking.experiment)
+    experiment_id = _experiment_id(config.experiment)
     if resume_run_id is not None:
         try:
             mlflow.get_run(resume_run_id)
@@ -172,10 +208,10 @@ def training_run(params: Params, manifests: Path, resume_run_id: str | None = No
                         shown_uri())
             resume_run_id = None
     with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests),
-                          run_name=None if resume_run_id else run_name(params)) as run:
+                          run_name=None if resume_run_id else run_name(params["model.name"])) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
-        mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("evaluate.")})
-        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, shown_uri())
+        mlflow.log_params({k: v for k, v in params.items() if not k.startswith("evaluate.")})
+        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, config.experiment, shown_uri())
         yield run
 
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from pneumonia import CLASS_NAMES, SPLITS
+from pneumonia import CLASS_NAMES, SPLITS, paths
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import DataConfig
 from pneumonia.data import synthetic
@@ -144,8 +144,21 @@ def _from_kaggle(config: DataConfig, out: Path) -> dict:
             "archive_sha256": archive.sha256, "archive_size_bytes": archive.size_bytes}
 
 
+def local_archive(config: DataConfig) -> Path:
+    """The existing file or folder named by data.local_path, or a PipelineError saying what to do."""
+    path = paths.resolve_user_path(config.local_path)
+    if not path.exists():
+        raise PipelineError(
+            f"params.yaml: data.local_path = {config.local_path!r} does not exist (looked at {path}).\n"
+            "Point it to the Kaggle archive (a .zip, or the unpacked folder with train/ and test/), "
+            "e.g. `dvc exp run -S data.local_path=/path/to/chest-xray-pneumonia.zip`, "
+            "or use data.source: kaggle or synthetic."
+        )
+    return path
+
+
 def _from_local(config: DataConfig, out: Path) -> dict:
-    path = config.local_archive()
+    path = local_archive(config)
     if path.is_dir():
         copy_folder(path, out)
         return {"local_path": config.local_path}
@@ -181,8 +194,15 @@ def check_against_record(source: dict, record_path: Path) -> None:
     source["differs_from_recorded"] = {key: recorded.get(key) for key in ("version", "archive_sha256")}
 
 
+def archive_record(source: dict) -> dict:
+    """What data_archive.json keeps of a download's source.json: where the archive came from, its
+    version and sha256 (not the image counts)."""
+    return {key: value for key, value in source.items() if key not in ("images", "synthetic")}
+
+
 def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
-    """Fill `raw` atomically from the configured source; return what source.json records."""
+    """Fill `raw` atomically from the configured source (compared with the `record` of the previous
+    download, when there is one); return what source.json records."""
     try:
         with atomic_path(raw, directory=True) as out:
             if config.source == "kaggle":
@@ -204,7 +224,5 @@ def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
             "Free up space (the dataset needs about twice its archive's size while it is extracted) "
             "and run the stage again."
         ) from None
-    if record is not None:
-        write_json(record, {key: value for key, value in source.items() if key not in ("images", "synthetic")})
     log.info("images per split and class: %s", source["images"])
     return source

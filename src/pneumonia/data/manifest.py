@@ -5,7 +5,7 @@ import io
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from pneumonia.atomic import write_text
+from pneumonia.atomic import atomic_path, write_text
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,13 @@ def write_manifest(path: Path, records: list[Record]) -> None:
     writer.writerow(MANIFEST_COLUMNS)
     writer.writerows(astuple(record) for record in sorted(records, key=lambda r: r.path))
     write_text(path, buffer.getvalue())
+
+
+def write_manifests(folder: Path, splits: dict[str, list[Record]]) -> None:
+    """`folder`/<split>.csv for each split, the folder replaced whole."""
+    with atomic_path(folder, directory=True) as out:
+        for name, records in splits.items():
+            write_manifest(out / f"{name}.csv", records)
 
 
 def read_manifest(path: Path) -> list[Record]:

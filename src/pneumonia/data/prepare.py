@@ -4,7 +4,8 @@ Kaggle's val split has 16 images, too few to choose a model on, so validation is
 train + val, by patient and stratified by class. The test split stays exactly as shipped, and
 train/val images whose content also appears in test are dropped so that nothing seen in training
 is scored as unseen. Unreadable files are left out (up to data.max_unreadable_fraction), and the
-split is audited for leaks before any manifest is written.
+split is audited for leaks: the stage writes the findings, then writes the manifests only when the audit
+passed (`audit.raise_if_leaked`).
 """
 
 import logging
@@ -16,9 +17,8 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumonia import CLASS_NAMES
-from pneumonia.atomic import atomic_path, write_json
-from pneumonia.data.audit import ImageFacts, audit_splits, check_unreadable, inspect_raw, raise_if_leaked
-from pneumonia.data.manifest import Record, write_manifest
+from pneumonia.data.audit import ImageFacts, audit_splits, check_unreadable, inspect_raw
+from pneumonia.data.manifest import Record
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,15 @@ def check_both_classes(splits: dict[str, list[Record]], unreadable: int) -> None
 
 @dataclass(frozen=True)
 class Prepared:
+    splits: dict[str, list[Record]]  # the manifests: train, val, test
     summary: dict  # counts for metrics/data.json
-    audit: dict  # leakage findings
+    audit: dict  # leakage findings; the splits are not to be used unless audit["passed"]
     images: list[ImageFacts]  # every raw file, readable or not
 
 
-def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int, *,
-            max_unreadable_fraction: float = 0.01, audit_file: Path | None = None) -> Prepared:
-    """Write train/val/test manifests under `manifests`, unless too many images are unreadable or
-    the split leaked (PipelineError; the audit findings are still written to `audit_file`)."""
+def prepare(raw: Path, val_fraction: float, seed: int, *, max_unreadable_fraction: float = 0.01) -> Prepared:
+    """The train/val/test split of the images under `raw`, with its counts and leakage audit; a
+    PipelineError when too many images are unreadable or a split lacks a class."""
     images = inspect_raw(raw)
     unreadable = check_unreadable(images, max_unreadable_fraction)
     if unreadable:
@@ -114,16 +114,10 @@ def prepare(raw: Path, manifests: Path, val_fraction: float, seed: int, *,
     check_both_classes({"the train split": train, "the val split": val}, len(unreadable))
 
     audit = audit_splits(splits, readable)
-    if audit_file:
-        write_json(audit_file, audit)
-    raise_if_leaked(audit)
-    with atomic_path(manifests, directory=True) as out:
-        for name, records in splits.items():
-            write_manifest(out / f"{name}.csv", records)
     counts = {
         name: {class_name: sum(r.label == label for r in records) for label, class_name in enumerate(CLASS_NAMES)}
         for name, records in splits.items()
     }
     summary = {"images": counts, "dropped_as_in_test": len(pool) - len(kept), "unreadable_skipped": len(unreadable),
                "patients": {name: len({r.patient_id for r in records}) for name, records in splits.items()}}
-    return Prepared(summary, audit, images)
+    return Prepared(splits, summary, audit, images)

@@ -1,8 +1,8 @@
 """The data report: what a model was trained on, in numbers and pictures.
 
-Read from what the data stages wrote (data/raw/source.json, data/images.csv, metrics/data.json,
-the training manifest, the class weights, the leakage audit) into one folder: summary.json, class_distribution.csv (for
-`dvc plots`) and figures/*.png (for MLflow and `dvc plots`).
+From what the data stages wrote (data/raw/source.json, data/images.csv, metrics/data.json, the
+training manifest, the class weights, the leakage audit): the summary, the class distribution table
+(for `dvc plots`) and the figures (for MLflow and `dvc plots`), which the stage writes into one folder.
 """
 
 from collections import Counter
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pneumonia import CLASS_NAMES, SPLITS  # noqa: E402
-from pneumonia.atomic import atomic_path, write_csv, write_json  # noqa: E402
+from pneumonia.atomic import atomic_path  # noqa: E402
 from pneumonia.data.audit import ImageFacts  # noqa: E402
 from pneumonia.data.images import open_image, to_grey  # noqa: E402
 from pneumonia.data.manifest import Record  # noqa: E402
@@ -122,19 +122,16 @@ def sample_grid_png(train: list[Record], path: Path) -> None:
     _save(figure, path)
 
 
-def write_report(out_dir: Path, source: dict, images: list[ImageFacts], data_metrics: dict, train: list[Record],
-                 class_weights: dict, audit: dict) -> dict:
-    """Write the report folder atomically; return the summary."""
-    report = summary(source, images, data_metrics, class_weights, audit)
-    with atomic_path(out_dir, directory=True) as out:
-        write_json(out / "summary.json", report)
-        write_csv(out / "class_distribution.csv", ["split_class", "images"],
-                  [[f"{split}/{name}", count] for split, row in report["images"]["as_used"].items()
-                   for name, count in row.items()])
-        figures = out / "figures"
-        figures.mkdir()
-        class_distribution_png(report["images"], figures / "class_distribution.png")
-        image_sizes_png(images, figures / "image_sizes.png")
-        intensity_png(images, figures / "intensity.png")
-        sample_grid_png(train, figures / "sample_grid.png")
-    return report
+def class_distribution(report: dict) -> tuple[list[str], list[list]]:
+    """class_distribution.csv (drawn by `dvc plots`) as (header, rows): images per split and class as used."""
+    return ["split_class", "images"], [[f"{split}/{name}", count] for split, row in report["images"]["as_used"].items()
+                                       for name, count in row.items()]
+
+
+def draw_data_figures(folder: Path, report: dict, images: list[ImageFacts], train: list[Record]) -> None:
+    """The report's figures as PNG files in `folder`, created (the stage's temporary report folder)."""
+    folder.mkdir()
+    class_distribution_png(report["images"], folder / "class_distribution.png")
+    image_sizes_png(images, folder / "image_sizes.png")
+    intensity_png(images, folder / "intensity.png")
+    sample_grid_png(train, folder / "sample_grid.png")

@@ -34,12 +34,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-# Re-exported: config validation uses the rule parser without importing scikit-learn.
-from pneumonia.evaluation.threshold_rule import (  # noqa: F401
-    SENSITIVITY_PREFIX,
-    THRESHOLD_RULE_FORMS,
-    parse_threshold_rule,
-)
+from pneumonia.threshold_rule import SENSITIVITY_PREFIX, parse_threshold_rule
 
 # --------------------------------------------------------------------------- inputs
 

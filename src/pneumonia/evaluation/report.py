@@ -14,7 +14,6 @@ import jinja2
 import yaml
 
 from pneumonia import CLASS_NAMES, SPLITS
-from pneumonia.atomic import write_text
 from pneumonia.evaluation.summary import AT_DEFAULT
 
 # (key in metrics/test.json, what a reader calls it)
@@ -192,8 +191,3 @@ def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any]
         params_yaml=yaml.safe_dump(params, sort_keys=False), model_summary=model_summary,
         fmt=_fmt, pct=_pct,
     )
-
-
-def write_report(path: Path, **content: Any) -> None:
-    """render(**content) to `path`, atomically."""
-    write_text(path, render(**content))

@@ -23,6 +23,11 @@ class ScoredSplit:
     images: np.ndarray  # of the cases
     heatmaps: np.ndarray  # Grad-CAM of the cases
 
+    def tables(self) -> dict[str, dict[str, list]]:
+        """What `dvc plots` draws of the split, {name: {column: values}}: predictions (one row per image),
+        roc, precision_recall, calibration."""
+        return {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
+
 
 def score_split(model: keras.Model, tfrecords: Path, name: str, predictions: Predictions, scores: dict[str, Any],
                 config: EvaluateConfig) -> ScoredSplit:

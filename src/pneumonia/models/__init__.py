@@ -1,1 +1,1 @@
-"""Model definitions: `registry` names them (no TensorFlow import), `build` constructs them."""
+"""Model definitions: `build` constructs the networks that pneumonia.architectures names."""

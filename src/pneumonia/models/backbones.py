@@ -11,8 +11,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from pneumonia.architectures import Backbone
 from pneumonia.errors import PipelineError
-from pneumonia.models.registry import Backbone
 
 BACKBONE_LAYER = "backbone"  # the nested application model, found by this name for fine-tuning
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -6,13 +6,17 @@ shape [batch, 2]);
 `evaluation.predictions.pneumonia_probability` turns either into one probability per image.
 """
 
+from pathlib import Path
+
 import keras
 from keras import layers
 
+from pneumonia import paths
+from pneumonia.architectures import BACKBONES, CUSTOM_CNN
 from pneumonia.config import AugmentConfig, ModelConfig
+from pneumonia.errors import PipelineError
 from pneumonia.models import backbones, custom_cnn
 from pneumonia.models.augmentation import augment
-from pneumonia.models.registry import BACKBONES, CUSTOM_CNN
 
 
 def output_layer(kind: str, features):
@@ -22,7 +26,20 @@ def output_layer(kind: str, features):
     return layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(features)
 
 
-NO_AUGMENTATION = AugmentConfig()
+NO_AUGMENTATION = AugmentConfig(flip="none", zoom=0, rotation=0, translation=0, contrast=0)
+
+
+def weights_file(config: ModelConfig) -> Path | None:
+    """The weights file named by model.weights, when it names one; a PipelineError when it is missing."""
+    if config.weights in ("none", "imagenet"):
+        return None
+    path = paths.resolve_user_path(config.weights)
+    if not path.is_file():
+        raise PipelineError(
+            f"params.yaml: model.weights = {config.weights!r} is neither 'imagenet', 'none' nor an "
+            f"existing weights file (looked at {path})."
+        )
+    return path
 
 
 def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfig = NO_AUGMENTATION) -> keras.Model:
@@ -35,7 +52,7 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
     if config.name == CUSTOM_CNN:
         x = custom_cnn.features(x, config.dropout, config.input_norm)
     else:
-        weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or config.weights_file()
+        weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or weights_file(config)
         x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)
     return keras.Model(inputs, output_layer(config.output, x), name=config.name)
 

@@ -190,12 +190,12 @@ def run_threshold(test_metrics: Path) -> float:
         raise PipelineError(f"{test_metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
 
 
-def load_classifier(model_path: Path, test_metrics: Path, jpeg_quality: int) -> Classifier:
-    """The pipeline's last model (models/model.keras) with the threshold of its evaluation."""
+def load_classifier(model_path: Path, threshold: float, jpeg_quality: int) -> Classifier:
+    """A Keras model file (the pipeline's models/model.keras, one `pneumonia adapt` wrote, or the file inside a
+    logged MLflow model) deciding at `threshold`, its input encoded as the TFRecords were."""
     if not model_path.is_file():
         raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-
-    return Classifier(load_model(model_path), run_threshold(test_metrics), jpeg_quality)
+    return Classifier(load_model(model_path), threshold, jpeg_quality)
 
 
 def table(results: Sequence[FilePrediction]) -> str:

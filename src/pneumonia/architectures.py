@@ -1,6 +1,7 @@
-"""The one registry of models: adding a model is one entry here.
+"""The one registry of model architectures (model.name): adding a model is one entry here.
 
-Kept free of TensorFlow imports so that params can be validated before any heavy work.
+Bottom layer, like pneumonia.config which validates model.name against it: no TensorFlow and no
+other project import, so that params validate before any heavy work (pneumonia.models builds them).
 Minimum sizes and input scalings are those of the installed keras.applications (`min_size=` and
 `preprocess_input` in keras/src/applications/).
 """

@@ -1,4 +1,7 @@
-"""The `evaluate.threshold` rule: parsed here without numeric imports, so params validate fast."""
+"""The `evaluate.threshold` rule: parsed here without numeric imports, so params validate fast.
+
+Bottom layer, like pneumonia.config which validates the rule with it; pneumonia.evaluation.metrics applies it.
+"""
 
 import math
 import numbers

@@ -1,0 +1,57 @@
+"""The evaluate stage's work, returned, not written: the threshold chosen on the validation split,
+the test split (read here and nowhere else) and the external set, if the external stage holds one,
+scored at it, with what the figures and the report show of them. The stage writes metrics/,
+plots/, the report, and logs to MLflow.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from pneumonia.config import EvaluateConfig
+from pneumonia.data.external import SPLIT as EXTERNAL, has_external
+from pneumonia.data.tfrecords import read_meta
+from pneumonia.evaluation import summary
+from pneumonia.evaluation.gradcam import last_feature_map
+from pneumonia.evaluation.predictions import predict_split
+from pneumonia.evaluation.scoring import ScoredSplit, score_split
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    test: ScoredSplit  # metrics/test.json, its plot tables and figures
+    external: ScoredSplit | None  # the same of the external set; None without one
+    gradcam_layer: str  # the layer the Grad-CAM maps are taken on
+    model_summary: str  # the model's layers, for the report
+
+    @property
+    def threshold(self) -> float:
+        """Chosen on validation: what the model is used with from here on."""
+        return self.test.scores["threshold"]
+
+    @property
+    def scored(self) -> list[ScoredSplit]:
+        return [self.test, *([self.external] if self.external else [])]
+
+
+def model_summary(model: keras.Model) -> str:
+    lines = []
+    model.summary(print_fn=lines.append, line_length=110)
+    return "\n".join(lines)
+
+
+def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
+             batch_size: int) -> Evaluation:
+    """`model` on the splits in `tfrecords` and on the external stage's output `external`."""
+    val = predict_split(model, tfrecords, "val", batch_size)
+    test_predictions = predict_split(model, tfrecords, "test", batch_size)
+    test = score_split(model, tfrecords, "test", test_predictions,
+                       summary.evaluation_scores(val, test_predictions, config), config)
+    scored_external = None
+    if has_external(external):
+        external_predictions = predict_split(model, external, EXTERNAL, batch_size)
+        audit = read_meta(external)["audit"]
+        scores = summary.external_scores(external_predictions, test.scores["threshold"], config, audit)
+        scored_external = score_split(model, external, EXTERNAL, external_predictions, scores, config)
+    return Evaluation(test, scored_external, last_feature_map(model).layer_name, model_summary(model))

@@ -1,0 +1,55 @@
+"""The callbacks of every training stage: the checkpoint of the best epoch on validation (saved
+atomically), early stopping, and with train.lr_schedule: plateau, the learning-rate reduction.
+The backup's own callbacks (the epoch history, each stage's BackupAndRestore) are in `backup`.
+"""
+
+import uuid
+
+import keras
+import tensorflow as tf
+
+from pneumonia.config import TrainConfig
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose file is replaced whole: saved beside it, then renamed over it (also through
+    tf.io.gfile, for a backup under train.backup_uri). Keras saves in place, so a process killed
+    mid-save left a truncated best model, which became models/model.keras if no later epoch beat it.
+    """
+
+    _saving_to: str | None = None
+
+    def _get_file_path(self, epoch, batch, logs):
+        # Keras's one hook for where it saves; _save_model below sets the temporary name.
+        return self._saving_to or super()._get_file_path(epoch, batch, logs)
+
+    def _save_model(self, epoch, batch, logs):
+        target = super()._get_file_path(epoch, batch, logs)
+        folder, name = target.rsplit("/", 1) if "/" in target else (".", target)
+        self._saving_to = f"{folder}/.{uuid.uuid4().hex[:12]}.tmp-{name}"  # keeps the .keras suffix Keras needs
+        try:
+            super()._save_model(epoch, batch, logs)
+            if tf.io.gfile.exists(self._saving_to):
+                tf.io.gfile.rename(self._saving_to, target, overwrite=True)
+        finally:
+            if tf.io.gfile.exists(self._saving_to):
+                tf.io.gfile.remove(self._saving_to)
+            self._saving_to = None
+
+
+def make_callbacks(config: TrainConfig, checkpoint: str,
+                   best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
+    """One set for all stages: the checkpoint remembers the best epoch across them (and across a
+    resume: `best_so_far` is the best monitored value before it)."""
+    mode = "min" if config.monitor == "val_loss" else "max"
+    callbacks = [
+        AtomicModelCheckpoint(checkpoint, monitor=config.monitor, mode=mode, save_best_only=True,
+                              initial_value_threshold=best_so_far),
+        keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
+                                      restore_best_weights=True),
+    ]
+    if config.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=config.monitor, mode=mode,
+                                                           factor=config.lr_plateau_factor,
+                                                           patience=config.lr_plateau_patience))
+    return callbacks

@@ -1,0 +1,242 @@
+"""Fitting: the model of pneumonia.models trained on the TFRecords with class weights, a learning-rate
+schedule, a checkpoint of the best epoch on validation and early stopping (`callbacks`).
+
+A run has one stage, or two with a warm-up (train.warmup_epochs): the head on a frozen backbone
+at train.learning_rate, then the backbone unfrozen per train.fine_tune at
+train.fine_tune_learning_rate. Each stage sets which layers train and compiles the model afresh
+(`prepare_stage`); the checkpoint keeps the best epoch over both.
+
+Where it runs comes from pneumonia.distribute (one Keras `fit` path for every strategy). Training
+survives preemption: its backup (`backup.TrainingBackup`) holds the state after every epoch, and a
+new process with the same params and data resumes after the last finished epoch. Under a
+multi-worker cluster every worker runs the same callbacks in a backup of its own; only the chief
+writes the model and logs to MLflow.
+"""
+
+import logging
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import keras
+import mlflow
+import tensorflow as tf
+
+from pneumonia import distribute, tracking
+from pneumonia.config import ModelConfig, TrainConfig
+from pneumonia.data import dataset
+from pneumonia.data.tfrecords import read_meta
+from pneumonia.errors import PipelineError
+from pneumonia.models.build import build_model
+from pneumonia.models.fine_tuning import set_trainable
+from pneumonia.training.backup import TrainingBackup
+from pneumonia.training.callbacks import make_callbacks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    learning_rate: float
+    fine_tune: str  # the strategy for the backbone during this stage
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    history: dict[str, list[float]]  # per-epoch metrics over all stages, as keras reports them
+    best_epoch: int  # 0-based
+    seconds: float
+    total_params: int
+    trainable_params: int  # in the last stage
+    peak_memory: dict[str, float]  # "peak_memory_mb" (the process), "gpu_peak_memory_mb" with a GPU
+
+    def best_metrics(self) -> dict[str, float]:
+        return {name: values[self.best_epoch] for name, values in self.history.items()}
+
+    def summary(self) -> dict[str, float]:
+        """metrics/train.json and the run's MLflow metrics: the best epoch and what training cost."""
+        return {
+            **{f"best_{name}": value for name, value in self.best_metrics().items()},
+            "best_epoch": self.best_epoch + 1,
+            "epochs_trained": len(self.history[next(iter(self.history))]),
+            "train_seconds": round(self.seconds, 1),
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            **self.peak_memory,
+        }
+
+    def history_table(self) -> tuple[list[str], list[list]]:
+        """plots/train_history.csv as (header, rows): the epoch (1-based), then the metrics by name."""
+        names = sorted(self.history)
+        epochs = range(1, len(self.history[names[0]]) + 1)
+        return ["epoch", *names], [[epoch, *(self.history[name][epoch - 1] for name in names)] for epoch in epochs]
+
+
+def stages(config: TrainConfig) -> list[Stage]:
+    if not config.warmup_epochs:
+        return [Stage("train", config.epochs, config.learning_rate, config.fine_tune)]
+    return [
+        Stage("warm-up", config.warmup_epochs, config.learning_rate, "frozen"),
+        Stage("fine-tune", config.epochs - config.warmup_epochs, config.fine_tune_learning_rate, config.fine_tune),
+    ]
+
+
+def learning_rate(config: TrainConfig, stage: Stage, steps_per_epoch: int):
+    """The optimizer's learning rate: a schedule over the stage's steps, or a number that
+    ReduceLROnPlateau lowers (`callbacks.make_callbacks`)."""
+    if config.lr_schedule == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(
+            stage.learning_rate, decay_steps=steps_per_epoch, decay_rate=config.lr_decay_rate
+        )
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(stage.learning_rate, decay_steps=steps_per_epoch * stage.epochs)
+    return stage.learning_rate
+
+
+def keras_metrics(output: str) -> list[keras.metrics.Metric]:
+    """The Keras metric objects reported per epoch: accuracy, precision, recall and AUC of pneumonia, for
+    either output layer: with softmax the labels are one-hot (see `labelled_for`) and the metrics read the
+    PNEUMONIA column. (The evaluation's numbers are pneumonia.evaluation.metrics.)"""
+    if output == "softmax":
+        return [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision", class_id=1),
+            keras.metrics.Recall(name="recall", class_id=1),
+            # The mean of both columns' AUCs, which are equal: NORMAL's is PNEUMONIA's with both
+            # labels and scores flipped. (label_weights=[0, 1] would say so too, but does not
+            # survive saving: the model file could not be loaded.)
+            keras.metrics.AUC(name="auc", multi_label=True, num_labels=2),
+        ]
+    return [
+        keras.metrics.BinaryAccuracy(name="accuracy"),
+        keras.metrics.Precision(name="precision"),
+        keras.metrics.Recall(name="recall"),
+        keras.metrics.AUC(name="auc"),
+    ]
+
+
+def compile_model(model: keras.Model, output: str, config: TrainConfig, rate) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(rate),
+        loss=(keras.losses.CategoricalCrossentropy if output == "softmax"
+              else keras.losses.BinaryCrossentropy)(label_smoothing=config.label_smoothing),
+        metrics=keras_metrics(output),
+        steps_per_execution=config.steps_per_execution,
+    )
+
+
+def prepare_stage(model: keras.Model, model_config: ModelConfig, config: TrainConfig, stage: Stage,
+                  steps_per_epoch: int) -> None:
+    """Set which layers train in this stage, then compile (trainable flags take effect at compile)."""
+    set_trainable(model, stage.fine_tune, config.fine_tune_layers, pretrained=model_config.weights != "none")
+    compile_model(model, model_config.output, config, learning_rate(config, stage, steps_per_epoch))
+
+
+def labelled_for(output: str, batches: tf.data.Dataset) -> tf.data.Dataset:
+    """(image, label) batches as the output layer needs them: one-hot [NORMAL, PNEUMONIA] for softmax."""
+    if output != "softmax":
+        return batches
+    return batches.map(lambda images, labels: (images, tf.one_hot(tf.cast(labels[:, 0], tf.int32), 2)))
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process so far, and the peak on the GPUs when there are any."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    usage = {"peak_memory_mb": round(peak_bytes / 2**20, 1)}
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        gpu_peak = sum(tf.config.experimental.get_memory_info(gpu.name)["peak"] for gpu in gpus)
+        usage["gpu_peak_memory_mb"] = round(gpu_peak / 2**20, 1)
+    return usage
+
+
+def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class_weight: dict[int, float] | None,
+          model_path: Path, placement: distribute.Placement | None = None,
+          backup: TrainingBackup | None = None) -> TrainingResult:
+    """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only).
+
+    `backup` is this worker's (opened: `TrainingBackup.open`); its state is resumed when present.
+    Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
+    (the chief only). The caller removes the backup once it has written its outputs.
+    """
+    placement = placement or distribute.place(config.accelerator, config.precision)
+    if backup is None:
+        with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
+            return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch))
+    logging_run = placement.is_chief and mlflow.active_run()
+    if logging_run:
+        mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
+    keras.utils.set_random_seed(config.seed)  # Python, NumPy, TensorFlow and Keras layers
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        # Grappler's graph rewrites are not deterministic across processes (tensorflow#51716): with them
+        # on, two trainings of custom_cnn with one seed parted after ten steps; off, they match bit for
+        # bit, at no measurable cost on a CPU (docs/decisions.md, "Grappler and determinism").
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    global_batch = config.batch_size * placement.replicas
+    train_images = dataset.split_size(tfrecords, "train")
+    steps_per_epoch = train_images // global_batch
+    if steps_per_epoch == 0:
+        raise PipelineError(
+            f"train.batch_size = {config.batch_size} per replica x {placement.replicas} replica(s) is larger "
+            f"than the training set ({train_images} images); lower train.batch_size."
+        )
+    output = model_config.output
+    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed))
+    validation_batches = labelled_for(output, dataset.evaluation_batches(tfrecords, "val", global_batch))
+    rate_scale = placement.replicas if config.scale_learning_rate else 1
+
+    history = backup.history
+    monitored = [record[config.monitor] for record in history.epochs]
+    best_so_far = (min(monitored) if config.monitor == "val_loss" else max(monitored)) if monitored else None
+    if history.epochs:
+        log.info("resuming: %d epoch(s) recorded in %s", len(history.epochs), backup.folder)
+    with placement.strategy.scope():  # variables of the model, optimizer and metrics live on every replica
+        model = build_model(model_config, read_meta(tfrecords)["image_size"], config.augment)
+        callbacks = [*make_callbacks(config, backup.checkpoint, best_so_far), history]
+        progress = [tracking.epoch_metrics_callback(history)] if logging_run else []
+        started = time.perf_counter()
+        for number, stage in enumerate(stages(config), start=1):
+            stage = replace(stage, learning_rate=stage.learning_rate * rate_scale)
+            prepare_stage(model, model_config, config, stage, steps_per_epoch)
+            epochs_before = history.start_stage(stage.name)
+            log.info("stage %s: %d epochs at learning rate %g, backbone %s, global batch %d", stage.name,
+                     stage.epochs, stage.learning_rate, stage.fine_tune, global_batch)
+            model.fit(
+                training_batches,
+                validation_data=validation_batches,
+                initial_epoch=epochs_before,
+                epochs=epochs_before + stage.epochs,
+                steps_per_epoch=steps_per_epoch,
+                class_weight=class_weight,
+                # The backup comes after the history and the checkpoint, MLflow after the backup
+                # (see backup.EpochHistory, tracking.epoch_metrics_callback).
+                callbacks=[*callbacks, backup.stage(number, epochs_before + stage.epochs), *progress],
+                shuffle=False,  # the dataset shuffles itself, reproducibly
+                verbose=2 if placement.is_chief else 0,
+            )
+        seconds = time.perf_counter() - started
+    # No checkpoint, or an empty one: the monitored metric never became finite.
+    if not tf.io.gfile.exists(backup.checkpoint) or tf.io.gfile.stat(backup.checkpoint).length == 0:
+        raise PipelineError(f"training never produced a finite {config.monitor}; "
+                            "check the data and learning rate")
+    if placement.is_chief:
+        backup.promote(model_path)
+
+    result_history = history.as_lists()
+    values = result_history[config.monitor]
+    best_epoch = values.index(min(values) if config.monitor == "val_loss" else max(values))
+    return TrainingResult(
+        history=result_history,
+        best_epoch=best_epoch,
+        seconds=seconds,
+        total_params=model.count_params(),
+        trainable_params=sum(int(keras.ops.size(w)) for w in model.trainable_weights),
+        peak_memory=peak_memory_mb(),
+    )
