@@ -45,6 +45,12 @@ def test_asking_for_a_missing_accelerator_is_a_clear_error_not_a_cpu_run(no_clus
 
 def test_precision_follows_the_device(monkeypatch):
     assert distribute.select_precision("auto", "cpu") == "float32"
+    for native_bfloat16 in (True, False):  # on a CPU, bfloat16 for the backbones where the CPU has it
+        monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda native=native_bfloat16: native)
+        assert distribute.select_precision("auto", "cpu", backbone=True) == (
+            "mixed_bfloat16" if native_bfloat16 else "float32")
+        assert distribute.select_precision("auto", "cpu", backbone=False) == "float32"
+    assert distribute.select_precision("float32", "cpu", backbone=True) == "float32"
     assert distribute.select_precision("auto", "tpu") == "mixed_bfloat16"
     assert distribute.select_precision("mixed_float16", "cpu") == "mixed_float16"  # asked for: as asked
 

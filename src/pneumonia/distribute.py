@@ -4,6 +4,7 @@ numeric precision, chosen from `train.accelerator` and `train.precision`."""
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,19 @@ def _connect_tpu() -> tf.distribute.Strategy | None:
     return None
 
 
-def select_precision(requested: str, device: str) -> str:
+def cpu_has_bfloat16() -> bool:
+    """Native bfloat16 arithmetic (Intel AMX or AVX-512 BF16), which oneDNN uses for bfloat16 convolutions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return bool(cpuinfo.exists() and re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo.read_text()))
+
+
+def select_precision(requested: str, device: str, backbone: bool = False) -> str:
+    """train.precision: auto picks the fast path where the hardware has it. On a CPU that is bfloat16
+    for the pretrained backbones (compute-bound: 1.3x for resnet50v2 here), not for custom_cnn,
+    whose small layers are memory-bound and gained nothing at 128 px (benchmarks/results.md, target 6)."""
     if requested != "auto":
         return requested
-    if device == "tpu":
+    if device == "tpu" or (device == "cpu" and backbone and cpu_has_bfloat16()):
         return "mixed_bfloat16"
     if device == "gpu":
         capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
@@ -119,10 +129,11 @@ def select_strategy(accelerator: str) -> tuple[tf.distribute.Strategy, str, str]
     return tf.distribute.get_strategy(), "default", device
 
 
-def place(accelerator: str, precision: str) -> Placement:
-    """Choose and activate the strategy and the global Keras precision policy."""
+def place(accelerator: str, precision: str, backbone: bool = False) -> Placement:
+    """Choose and activate the strategy and the global Keras precision policy (`backbone`: the model is
+    a pretrained-family network, not custom_cnn)."""
     strategy, name, device = select_strategy(accelerator)
-    chosen = select_precision(precision, device)
+    chosen = select_precision(precision, device, backbone)
     keras.mixed_precision.set_global_policy(chosen)
     placement = Placement(strategy, name, device, chosen)
     log.info("training on %s with %s strategy, %d replica(s), %s", device, name, placement.replicas, chosen)
