@@ -113,14 +113,23 @@ def commit_all(project: Path, message: str = "test set-up") -> None:
     run(["git", "commit", "-qm", message], project)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items) -> None:
     """Mark `shared` every test that reads ../shared/datasets (the sample_zip fixture or shared_dataset),
-    so CI can run them where the folder exists and the rest in a clone with nothing beside it."""
+    so CI can run them where the folder exists and the rest in a clone with nothing beside it.
+
+    The tests run on every core (pytest-xdist, `--dist loadgroup` in pyproject.toml); the tests of a
+    module that share a module-scoped fixture (a trained project they only read) go to one worker, so
+    it is made once."""
     for item in items:
         function = getattr(item, "function", None)
         if "sample_zip" in getattr(item, "fixturenames", ()) or (
                 function is not None and "shared_dataset(" in inspect.getsource(function)):
             item.add_marker(pytest.mark.shared)
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures and any(definition.scope in ("module", "class") for definitions in
+                            fixtures.name2fixturedefs.values() for definition in definitions):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def shared_dataset(name: str) -> Path:
