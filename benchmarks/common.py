@@ -32,7 +32,7 @@ class Scale:
     # training_speed: rounds of every variant in turn, each a fit of speed_steps batches x train_epochs
     speed_rounds: int = 3
     speed_steps: int = 10
-    every_speed_variant: bool = True  # False: the previous and the default profile, and bfloat16
+    every_speed_variant: bool = True  # False: the previous and the default profile only
     # full-resolution stand-ins (tfrecords_vs_folders, conversion_scaling)
     standins: int = 400
     standin_size: tuple[int, int] = (1800, 1500)  # width, height: the Kaggle images' typical size

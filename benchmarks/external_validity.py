@@ -136,7 +136,10 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
 
 def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int) -> dict:
     started = time.perf_counter()
-    conftest.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project)
+    # The stages import the copy's library, not the working tree the editable install points at: edits made
+    # there during the hours of training must not reach these runs.
+    conftest.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project,
+                 PYTHONPATH=str(project / "src"))
     wall = time.perf_counter() - started
     test = json.loads((project / "metrics/test.json").read_text())
     external = json.loads((project / "metrics/external.json").read_text())
