@@ -126,6 +126,8 @@ def pytest_collection_modifyitems(items) -> None:
         if "sample_zip" in getattr(item, "fixturenames", ()) or (
                 function is not None and "shared_dataset(" in inspect.getsource(function)):
             item.add_marker(pytest.mark.shared)
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
         fixtures = getattr(item, "_fixtureinfo", None)
         if fixtures and any(definition.scope in ("module", "class") for definitions in
                             fixtures.name2fixturedefs.values() for definition in definitions):

@@ -46,6 +46,7 @@ def test_em_recovers_the_share_of_pneumonia_at_a_site():
     assert np.all(adaptation.adjust_to_prior(probabilities, 0.5, 0.8) >= probabilities - 1e-12)
 
 
+@pytest.mark.slow
 def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monkeypatch, capsys):
     from PIL import Image
 

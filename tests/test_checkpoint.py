@@ -31,6 +31,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_a_whole_checkpoint(tmp_path):
     from pneumonia.training.backup import complete_keras_file
 

@@ -29,6 +29,7 @@ def log_run(client: MlflowClient, experiment_id: str, model: str, fine_tune: str
     client.set_terminated(run_id)
 
 
+@pytest.mark.slow
 def test_compare_tables_and_plots_the_runs_best_auc_first(tmp_path, monkeypatch):
     # The store `pneumonia compare` finds through MLFLOW_TRACKING_URI, as a user's tracking server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

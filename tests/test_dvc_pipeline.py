@@ -44,6 +44,7 @@ def test_stage_params_are_the_settings_that_change_results(stage, sections):
     assert not missing, f"{stage}: params.yaml keys that change results but are not stage params: {missing}"
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_draws_every_figure_once(tmp_path):
     """Each PNG of plots/figures and reports/data/figures appears once in `dvc plots show`'s page
     (declared both as a stage plot and at top level, each was drawn twice)."""

@@ -125,6 +125,7 @@ def test_without_a_source_only_meta_says_so(tmp_path, known_images):
     assert [path.name for path in (tmp_path / "external").iterdir()] == ["meta.json"]
 
 
+@pytest.mark.slow
 def test_the_stage_refuses_a_bad_external_set_with_a_message(tmp_path, known_images):
     """Through the stage script: exit code 2, a message, no traceback, no output."""
     project = tmp_path / "project"

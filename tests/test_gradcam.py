@@ -31,6 +31,7 @@ def one_per_family(names) -> list[str]:
     return list(families.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", one_per_family(MODEL_NAMES))
 def test_feature_map_found_and_heatmaps_shaped_for_every_model_family(name):
     size = max(32, min_image_size(name))
@@ -51,6 +52,7 @@ def test_custom_cnn_feature_map_is_its_last_convolutional_stage():
     assert tuple(feature_map.tensor.shape[1:]) == (2, 2, 256)  # 64 px after five 2x poolings
 
 
+@pytest.mark.slow
 def test_nested_backbone_found_after_saving_and_loading(tmp_path):
     """The evaluate stage explains a model loaded from models/model.keras."""
     model = build_model(ModelConfig(crop=0, name="xception", weights="none", head_units=0), 71)

@@ -294,6 +294,7 @@ def test_download_stage_without_credentials_fails_cleanly(tmp_path):
     assert not (project / "data").exists() or list((project / "data").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_killed_download_resumes_and_leaves_no_scratch(tmp_path):
     """SIGKILL midway through the archive: the next run removes older runs' scratch folders, resumes
     the partial archive (an HTTP range request) instead of starting from zero, and leaves only data/raw."""

@@ -35,6 +35,7 @@ def test_registry_names_the_nine_models_of_the_seed_projects():
         "xception": 71, "inceptionv3": 75}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, tmp_path):
     size = min_image_size(name)

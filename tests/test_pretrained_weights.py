@@ -70,6 +70,7 @@ def keras_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.mark.slow
 def test_imagenet_weights_download_through_keras_from_a_local_server(tmp_path, keras_home, monkeypatch):
     from keras.src.applications import mobilenet_v2
 

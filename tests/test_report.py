@@ -118,6 +118,7 @@ def test_report_has_a_section_for_the_external_set(report):
     assert "Border share of Grad-CAM evidence 0.470" in section
 
 
+@pytest.mark.slow
 def test_report_opens_in_chromium_with_every_image_loaded(report, tmp_path):
     page, _ = report
     screenshot = tmp_path / "report.png"

@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from conftest import free_port, tool_env
 from pneumonia.logs import redact
 
+pytestmark = pytest.mark.slow  # each starts a tracking server or a stage
+
 PASSWORD = "s3cret-Pw"
 
 # What the train and evaluate stages do with the store, under run_stage, then a failure of each kind.

@@ -21,6 +21,8 @@ from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training.fit import train
 
+pytestmark = pytest.mark.slow  # each starts an MLflow model server or registry
+
 REGISTERED = "pneumonia-test"
 THRESHOLD = 0.37
 JPEG_QUALITY = 90  # not the default: the logged model must carry it

@@ -53,6 +53,7 @@ def test_missing_kaggle_credentials(project, tmp_path):
     assert not (project / "data" / "raw").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

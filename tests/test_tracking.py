@@ -1,6 +1,7 @@
 """Where runs go, and what identifies them."""
 
 import mlflow
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pneumonia import tracking
@@ -65,6 +66,7 @@ with mlflow.start_run(experiment_id=experiment) as run:
 """
 
 
+@pytest.mark.slow
 def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path, monkeypatch):
     """4 processes log each epoch into one SQLite store while another process holds its write lock
     longer than MLflow's 20 s busy timeout (a long write of another experiment, a backup, `mlflow gc`):

@@ -42,6 +42,7 @@ def fitted(params, synthetic_data, tmp_path) -> tuple[fit.TrainingResult, str]:
     return result, run.info.run_id
 
 
+@pytest.mark.slow
 def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synthetic_data, tmp_path, capsys):
     params = params_for(tmp_path, {"name": "custom_cnn", "output": "softmax"}, {
         "lr_schedule": "cosine",
@@ -64,6 +65,7 @@ def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synt
     assert [p.step for p in MlflowClient(tracking_store).get_metric_history(run_id, "val_auc")] == [1]
 
 
+@pytest.mark.slow
 def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(tracking_store, synthetic_data,
                                                                                  tmp_path):
     weights = tmp_path / "backbone.weights.h5"
