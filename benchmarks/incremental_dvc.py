@@ -2,7 +2,7 @@
 `dvc exp run -S model.name=...` runs no data stage (download, prepare, tfrecords).
 
 In a copy of the project (as the end-to-end tests make it) with the sample as data, one training
-epoch and 72 px images (the no-op repro does not depend on the image size; the trainings are short):
+epoch and 88 px images (the no-op repro does not depend on the image size; the trainings are short):
 a first full `dvc repro`, then `repeats` timed no-op repros, then an experiment
 on another model; which stages ran is read from DVC's own output.
 """
