@@ -62,7 +62,7 @@ class DataConfig(Section):
     # owner/name (the current version) or owner/name/N (version N, pinned)
     kaggle_dataset: str = Field("paultimothymooney/chest-xray-pneumonia", pattern=r"^[\w.-]+/[\w.-]+(/\d+)?$")
     local_path: NonEmptyStr = str(paths.SAMPLE)  # the sample committed in data_sample/
-    image_size: StrictInt = Field(160, ge=32, le=1024)
+    image_size: StrictInt = Field(128, ge=32, le=1024)
     val_fraction: Float = Field(0.15, gt=0, lt=0.5)
     seed: StrictInt = 42
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
