@@ -110,7 +110,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         rounds = [{side: measure() for side, measure in sides.items()} for _ in range(scale.repeats)]
         model_path = workdir / "inference-model.keras"
         model.save(model_path)
-        served = serve_and_load(workdir, model_path, params, files[0].read_bytes(), scale)
+        served = serve_and_load(workdir, model_path, params.tfrecords.jpeg_quality, files[0].read_bytes(), scale)
     rates = {side: median([r[side] for r in rounds]) for side in sides}
     ratios = {side: rates[side] / rates["training"] for side in ("predict", "evaluate")}
     one_client = served["clients"][str(scale.serve_clients[0])]
@@ -133,7 +133,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     }
 
 
-def serve_and_load(workdir: Path, model_path: Path, params, image: bytes, scale: Scale) -> dict:
+def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: bytes, scale: Scale) -> dict:
     """Log the model with serving.log_model into a store of its own, serve it, and time one-image
     requests from each number of concurrent clients: latency percentiles (ms) and images/s."""
     import mlflow
@@ -148,7 +148,7 @@ def serve_and_load(workdir: Path, model_path: Path, params, image: bytes, scale:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("inference", artifact_location=(store / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        serving.log_model(model_path, 0.5, params)
+        serving.log_model(model_path, 0.5, jpeg_quality)
     body = json.dumps({"dataframe_split": {"columns": [serving.IMAGE_COLUMN], "data": [[serving.encode_image(image)]]}})
 
     def client(url: str, count: int) -> list[float]:
