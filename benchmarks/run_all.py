@@ -79,8 +79,7 @@ IN_README = ("training_speed", "inference", "input_vs_compute", "incremental_dvc
 
 def summary(report: dict) -> str:
     """The README's lines: the figures a user asks about first, and where the rest is."""
-    lines = [f"- {BENCHMARKS[name].split('. ', 1)[1]}: {result['measured']}"
-             + ("" if result["met"] else " (target not met)")
+    lines = [f"- {result['target']}: {result['measured']}" + ("" if result["met"] else " (**not met**)")
              for name in IN_README if (result := report["results"].get(name))]
     return "\n".join([*lines, "", f"Measured {report['finished'][:10]} on {report['machine']['cores']} CPU cores "
                                  f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
@@ -105,7 +104,7 @@ def markdown(report: dict) -> str:
          "work: the load average shows how busy it was (2.0 = both cores busy). Target 1's ratio is the median "
          "of the per-round ratios, each round fitting both sides; the images/s beside it are each side's median."),
         "",
-        ("Full-resolution stand-ins (targets 2, 3, 6): the sample's 224 px training images upscaled to 1800x1500 "
+        ("Full-resolution stand-ins (targets 2, 3, 7): the sample's 224 px training images upscaled to 1800x1500 "
          f"grayscale JPEGs with film grain (mean {standin_mb} MB, like the Kaggle originals' ~0.15-0.2 MB), since "
          "the originals cannot be downloaded here."),
     ]

@@ -81,8 +81,9 @@ def cpu_has_bfloat16() -> bool:
 
 def select_precision(requested: str, device: str, backbone: bool = False) -> str:
     """train.precision: auto picks the fast path where the hardware has it. On a CPU that is bfloat16
-    for the pretrained backbones (compute-bound: 1.3x for resnet50v2 here), not for custom_cnn,
-    whose small layers are memory-bound and gained nothing at 128 px (benchmarks/results.md, target 6)."""
+    for the pretrained backbones (compute-bound: 1.3x for resnet50v2 here), not for custom_cnn, whose
+    small layers are memory-bound: 1.1x at most, not worth leaving the float32 profile that was validated
+    on the external set (benchmarks/results.md, target 6)."""
     if requested != "auto":
         return requested
     if device == "tpu" or (device == "cpu" and backbone and cpu_has_bfloat16()):
