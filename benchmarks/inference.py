@@ -1,4 +1,4 @@
-"""Target 6: inference keeps up with training, and the served model answers one image fast.
+"""Target 7: inference keeps up with training, and the served model answers one image fast.
 
 - `pneumonia predict` (inference.predict_files) on `predict_images` full-resolution stand-in JPEGs
   (1000 at 1800x1500 in the full run, see common.standins), and the evaluate stage's prediction
@@ -22,16 +22,11 @@ its weights do not change the speed. Reproduce: `python -m benchmarks.inference 
 """
 
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
+import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import (
@@ -42,11 +37,13 @@ from benchmarks.common import (
     main,
     median,
     prepared_sample,
-    python,
     standins,
     timed,
     write_manifests,
 )
+
+sys.path.insert(0, str(REPO / "tests"))
+import conftest  # the tests' model server (mlflow_model_server), in this venv
 
 TARGET_RATIO = 1.0
 TARGET_P99_MS = 500.0
@@ -163,7 +160,8 @@ def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: by
         return latencies
 
     levels = {}
-    with served(f"runs:/{run.info.run_id}/model", uri, store / "server.log") as (url, start_seconds):
+    with conftest.mlflow_model_server(f"runs:/{run.info.run_id}/model", uri, store / "server.log",
+                                      SERVER_START_SECONDS) as (url, _, start_seconds):
         client(url, 3)  # warm-up: the first request traces the model's predict function
         for clients in scale.serve_clients:
             with ThreadPoolExecutor(clients) as pool:
@@ -176,46 +174,6 @@ def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: by
                                     "p99_ms": round(p99 * 1000, 1),
                                     "images_per_second": round(len(latencies) / wall, 1)}
     return {"server_start_seconds": round(start_seconds, 1), "image_bytes": len(image), "clients": levels}
-
-
-@contextmanager
-def served(model_uri: str, tracking_uri: str, log: Path) -> Iterator[tuple[str, float]]:
-    """`mlflow models serve` of `model_uri` in this environment on a free loopback port, as docs/serving.md
-    runs it (its output in `log`); yields its URL and the seconds it took to answer /ping. Stopped on exit."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(python()).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    url, started = f"http://127.0.0.1:{port}", time.perf_counter()
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [python(), "-m", "mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
-             "--env-manager", "local"],
-            env=env, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: the uvicorn worker goes down with it
-    try:
-        while not _answers_ping(url):
-            if process.poll() is not None or time.perf_counter() - started > SERVER_START_SECONDS:
-                raise RuntimeError(f"mlflow models serve did not start ({process.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, time.perf_counter() - started
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _answers_ping(url: str) -> bool:
-    import requests
-
-    try:
-        return requests.get(f"{url}/ping", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ import ast
 import inspect
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,45 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path,
+                        start_seconds: float = 180) -> Iterator[tuple[str, int, float]]:
+    """The real `mlflow models serve` of `model_uri` in this venv on a free loopback port (one worker, its
+    output in `log`): yields its URL, its process group (the CLI and its uvicorn worker) and the seconds it
+    took to answer /ping; stopped on exit. Used by the serving tests and benchmarks/inference.py."""
+    import requests
+
+    url, started = f"http://127.0.0.1:{free_port()}", time.perf_counter()
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1],
+             "--env-manager", "local", "--workers", "1"],
+            env=tool_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the uvicorn worker goes down with it
+        )
+    try:
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"mlflow models serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - started > start_seconds:
+                raise AssertionError(f"mlflow models serve did not answer /ping within {start_seconds} s:\n"
+                                     f"{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield url, process.pid, time.perf_counter() - started
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 def set_params(project: Path, **dotted: object) -> None:

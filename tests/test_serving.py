@@ -3,8 +3,6 @@ on 127.0.0.1, answering real X-rays exactly as `pneumonia predict` does."""
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import time
 import zipfile
@@ -16,7 +14,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from conftest import free_port, tool_env
+from conftest import mlflow_model_server, tool_env
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training.fit import train
@@ -69,39 +67,12 @@ def server(served) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(store) -> tuple[str, int]:
-    """`mlflow models serve` of the registered candidate, in this environment, and its process group
-    (the CLI and its uvicorn worker); stopped at teardown."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", f"models:/{REGISTERED}@candidate", "-h", "127.0.0.1", "-p", str(port),
-         "--env-manager", "local", "--workers", "1"],
-        env=tool_env(MLFLOW_TRACKING_URI=store["uri"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the uvicorn worker goes down with it
-    )
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"mlflow models serve exited ({process.returncode}):\n{process.stderr.read().decode()}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError(f"mlflow models serve did not answer /ping within {SERVER_START_SECONDS} s")
-        yield url, process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+def served(store, tmp_path_factory) -> tuple[str, int]:
+    """`mlflow models serve` of the registered candidate and its process group; stopped at teardown."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with mlflow_model_server(f"models:/{REGISTERED}@candidate", store["uri"], log, SERVER_START_SECONDS) as (
+            url, group, _):
+        yield url, group
 
 
 def invoke(url: str, body: bytes | str, content_type: str = "application/json") -> requests.Response:
