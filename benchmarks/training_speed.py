@@ -106,12 +106,9 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
 
     overrides = VARIANTS[name]
     params = variant_params(overrides)
-    if params.train.deterministic:  # as training.fit.train does
-        tf.config.experimental.enable_op_determinism()
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    fit.seed_everything(params.train)
     keras.mixed_precision.set_global_policy(distribute.select_precision(params.train.precision, "cpu",
                                                                           params.model.name != CUSTOM_CNN))
-    keras.utils.set_random_seed(params.train.seed)
     size, batch = params.data.image_size, params.train.batch_size
     model = (keras_augmented_model(params) if overrides.get("augmentation") == "keras"
              else build_model(params.model, size, params.train.augment))

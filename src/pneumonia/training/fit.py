@@ -145,6 +145,17 @@ def labelled_for(output: str, batches: tf.data.Dataset) -> tf.data.Dataset:
     return batches.map(lambda images, labels: (images, tf.one_hot(tf.cast(labels[:, 0], tf.int32), 2)))
 
 
+def seed_everything(config: TrainConfig) -> None:
+    """train.seed for Python, NumPy, TensorFlow and Keras layers; with train.deterministic, TensorFlow's
+    deterministic ops and no Grappler, whose graph rewrites are not deterministic across processes
+    (tensorflow#51716): with them on, two trainings of custom_cnn with one seed parted after ten steps;
+    off, they match bit for bit, at 9% of the default's speed on a CPU (docs/decisions.md)."""
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
+
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process so far, and the peak on the GPUs when there are any."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -174,13 +185,7 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
     logging_run = placement.is_chief and mlflow.active_run()
     if logging_run:
         mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
-    keras.utils.set_random_seed(config.seed)  # Python, NumPy, TensorFlow and Keras layers
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-        # Grappler's graph rewrites are not deterministic across processes (tensorflow#51716): with them
-        # on, two trainings of custom_cnn with one seed parted after ten steps; off, they match bit for
-        # bit, at no measurable cost on a CPU (docs/decisions.md, "Grappler and determinism").
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    seed_everything(config)
     global_batch = config.batch_size * placement.replicas
     train_images = dataset.split_size(tfrecords, "train")
     steps_per_epoch = train_images // global_batch
