@@ -67,6 +67,8 @@ def tool_env(**extra: str) -> dict[str, str]:
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
         DVC_NO_ANALYTICS="1",
+        # `mlflow server` would also start its GenAI job runner, eight Python processes no test uses
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
     env.update(extra)
     return env
@@ -175,6 +177,22 @@ def pytest_collection_modifyitems(items) -> None:
         if fixtures and any(definition.scope in ("module", "class") for definitions in
                             fixtures.name2fixturedefs.values() for definition in definitions):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(autouse=True)
+def default_keras_state() -> Iterator[None]:
+    """Each test starts from Keras' and TensorFlow's process-wide defaults, whichever test ran before it
+    on its worker: an in-process training sets the precision policy and, with train.deterministic,
+    op determinism (which also turns off Keras' XLA) and Grappler."""
+    yield
+    if "keras" in sys.modules:
+        import keras
+        import tensorflow as tf
+        from tensorflow.python.framework import config as tf_config  # the undo of enable_op_determinism is not public
+
+        keras.mixed_precision.set_global_policy("float32")
+        tf_config.disable_op_determinism()
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
 
 
 def shared_dataset(name: str) -> Path:
