@@ -1,22 +1,14 @@
-"""`pneumonia compare`, and a queued sweep run two at a time into one MLflow store: what the README
-tells users to do to compare models."""
+"""`pneumonia compare` on runs in an MLflow store; tests/test_pipeline_e2e.py runs it on a queued sweep."""
 
 import csv
-import json
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import commit_all, copy_project, run, set_params, tool_env
 from pneumonia import cli
 from pneumonia.comparison import compare
 from pneumonia.errors import PipelineError
 
-SWEEP = ["mobilenetv2", "efficientnetb0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -55,114 +47,3 @@ def test_compare_tables_and_plots_the_runs_best_auc_first(tmp_path, monkeypatch)
 
     with pytest.raises(PipelineError, match="no MLflow experiment 'nope'.*sweep"):
         compare("nope", tmp_path / "out")
-
-
-# --- end to end: a queued sweep, two experiments at once ---------------------------------------
-
-def queue_status(project: Path) -> str:
-    """`dvc queue status`. While workers run it now and then fails on a status file a worker is
-    writing ("unexpected error - Expecting value: line 1 column 1", cf. treeverse/dvc#8014): that
-    error is tried again a few times; any other failure, or that one persisting, fails the test."""
-    for _ in range(5):
-        result = run(["dvc", "queue", "status"], project, check=False)
-        if result.returncode == 0:
-            return result.stdout
-        assert "Expecting value" in result.stderr, result.stdout + result.stderr
-        time.sleep(2)
-    raise AssertionError(f"dvc queue status kept failing:\n{result.stdout}\n{result.stderr}")
-
-
-def queue_command(project: Path, *args: str) -> None:
-    """`dvc queue start/stop`. Its worker daemons inherit the command's stdout and stderr: those go
-    to /dev/null, not to pipes that would keep this call waiting for as long as a worker lives."""
-    subprocess.run(["dvc", "queue", *args], cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True, timeout=300)
-
-
-def wait_for_queue(project: Path, timeout: float = 1200) -> str:
-    """`dvc queue start` returns at once; the queue is done when no task is queued or running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = queue_status(project)
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        time.sleep(5)
-    raise AssertionError(f"queue still busy after {timeout} s:\n{queue_status(project)}")
-
-
-def shown_experiments(project: Path) -> dict[str, dict]:
-    """{experiment name: its params and metrics} from `dvc exp show --json`."""
-    found = {}
-    for commit in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout):
-        for experiment in commit.get("experiments") or []:
-            for revision in experiment["revs"]:
-                data = revision.get("data") or {}
-                found[revision.get("name") or data.get("name")] = {
-                    "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
-                    "train": data.get("metrics", {}).get("metrics/train.json", {}).get("data", {}),
-                    "test": data.get("metrics", {}).get("metrics/test.json", {}).get("data", {}),
-                }
-    return found
-
-
-@pytest.fixture(scope="module")
-def swept_project(tmp_path_factory) -> Iterator[Path]:
-    """Data stages done and committed, then one queued experiment per model of SWEEP, run two at a
-    time. No training has run before: both experiments also create the MLflow store at once."""
-    project = copy_project(tmp_path_factory.mktemp("sweep"))
-    set_params(project, **{"data.source": "synthetic", "data.image_size": 48, "train.epochs": 1,
-                           "train.batch_size": 8, "tfrecords.workers": 2})
-    commit_all(project)
-    run(["dvc", "repro", "tfrecords", "class_weights", "data_report"], project)  # everything before train
-    commit_all(project, "data")
-    assert not (project / "mlflow.db").exists()
-    for model in SWEEP:
-        run(["dvc", "exp", "run", "--queue", "-n", f"sweep-{model}", "-S", f"model.name={model}",
-             "-S", "model.weights=none"], project)
-    queue_command(project, "start", "-j", "2")
-    try:
-        status = wait_for_queue(project)
-        for model in SWEEP:
-            logs = run(["dvc", "queue", "logs", f"sweep-{model}"], project, check=False)
-            assert f"sweep-{model}" in status and "Success" in status, f"{status}\n{logs.stdout}\n{logs.stderr}"
-        yield project
-    finally:
-        queue_command(project, "stop")  # idle workers would otherwise outlive the tests
-
-
-@pytest.mark.e2e
-def test_queued_sweep_lands_every_run_in_mlflow_and_dvc_exp_show(swept_project):
-    status = queue_status(swept_project)
-    assert status.count("Success") == len(SWEEP) and "Failed" not in status, status
-
-    client = MlflowClient(f"sqlite:///{swept_project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("pneumonia").experiment_id])
-    by_model = {r.data.params["model.name"]: r for r in runs}
-    assert sorted(by_model) == sorted(SWEEP) and len(runs) == len(SWEEP)
-    for model, mlflow_run in by_model.items():
-        assert mlflow_run.data.tags["dvc.exp_name"] == f"sweep-{model}"
-        assert {"train_seconds", "peak_memory_mb", "total_params", "trainable_params",
-                "test_accuracy", "test_roc_auc"} <= mlflow_run.data.metrics.keys()
-
-    shown = shown_experiments(swept_project)
-    for model in SWEEP:
-        experiment = shown[f"sweep-{model}"]
-        assert experiment["params"]["model"]["name"] == model
-        assert experiment["train"]["peak_memory_mb"] > 0 and experiment["train"]["total_params"] > 0
-        assert "roc_auc" in experiment["test"]
-    # Same parameter count in MLflow and in the experiment's metrics/train.json.
-    assert {m: by_model[m].data.metrics["total_params"] for m in SWEEP} == {
-        m: shown[f"sweep-{m}"]["train"]["total_params"] for m in SWEEP}
-
-
-@pytest.mark.e2e
-def test_compare_command_on_the_sweep(swept_project):
-    result = run(["pneumonia", "compare"], swept_project)
-    assert "2 runs of 'pneumonia' compared" in result.stdout
-    out = swept_project / "reports/comparison"
-    with (out / "runs.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert sorted(row["model.name"] for row in rows) == sorted(SWEEP)
-    assert all(float(row["test_roc_auc"]) >= 0 and float(row["peak_memory_mb"]) > 0 for row in rows)
-    assert all(f"sweep-{model}" in (out / "runs.md").read_text() for model in SWEEP)
-    assert (out / "runs.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,14 +1,15 @@
 """End to end: the real `dvc repro` / `dvc exp run` in a copy of the project, results read back
 from the files DVC tracks and from the MLflow store."""
 
+import csv
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -17,8 +18,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from browser import FLAGS, assert_not_blank, chromium, open_in_chromium
-from conftest import commit_all, copy_project, run, set_params, shared_dataset, tool_env
+from conftest import commit_all, copy_project, free_port, run, set_params, shared_dataset, tool_env
 
+SWEEP = ["mobilenetv2", "efficientnetb0"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
@@ -107,23 +110,124 @@ def test_second_repro_does_nothing(synthetic_project, baseline):
 
 def test_model_swap_reruns_only_train_and_evaluate(synthetic_project, baseline):
     before = len(mlflow_runs(synthetic_project))
-    result = run(["dvc", "exp", "run", "-S", "model.name=xception", "-S", "model.weights=none"], synthetic_project)
+    try:
+        result = run(["dvc", "exp", "run", "-S", "model.name=xception", "-S", "model.weights=none"],
+                     synthetic_project)
+    finally:  # the workspace back at the baseline, which the other tests build on
+        run(["git", "checkout", "--", "."], synthetic_project)
+        run(["dvc", "checkout", "--force"], synthetic_project)
     assert stages_run(result.stdout) == ["train", "evaluate"]
     [swapped] = mlflow_runs(synthetic_project)[before:]
     assert swapped.data.params["model.name"] == "xception"
     assert "test_roc_auc" in swapped.data.metrics
 
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], synthetic_project).stdout)
-    models, aucs = set(), []
-    for commit in shown:
-        for experiment in [commit, *[e for exp in commit.get("experiments") or [] for e in exp["revs"]]]:
-            data = (experiment.get("data") or {})
-            name = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("model", {}).get("name")
-            test = data.get("metrics", {}).get("metrics/test.json", {}).get("data", {})
-            if name and "roc_auc" in test:
-                models.add(name)
-                aucs.append(test["roc_auc"])
-    assert models == {"custom_cnn", "xception"}, shown
+    experiments = shown_experiments(synthetic_project)
+    assert {"custom_cnn", "xception"} <= {e["params"]["model"]["name"] for e in experiments.values()
+                                          if "roc_auc" in e["test"]}, experiments
+
+
+def shown_experiments(project: Path) -> dict[str, dict]:
+    """{name: params and metrics} of the workspace, each commit and each experiment (`dvc exp show --json`)."""
+    found = {}
+    for commit in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout):
+        for revision in [commit, *[r for experiment in commit.get("experiments") or [] for r in experiment["revs"]]]:
+            data = revision.get("data") or {}
+            found[revision.get("name") or data.get("name") or data.get("rev")] = {
+                "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                "train": data.get("metrics", {}).get("metrics/train.json", {}).get("data", {}),
+                "test": data.get("metrics", {}).get("metrics/test.json", {}).get("data", {}),
+            }
+    return found
+
+
+# --- a queued sweep on the baseline, two experiments at once (docs/models.md), compared ------------
+
+def queue_status(project: Path) -> str:
+    """`dvc queue status`. While workers run it now and then fails on a status file a worker is
+    writing ("unexpected error - Expecting value: line 1 column 1", cf. treeverse/dvc#8014): that
+    error is tried again a few times; any other failure, or that one persisting, fails the test."""
+    for _ in range(5):
+        result = run(["dvc", "queue", "status"], project, check=False)
+        if result.returncode == 0:
+            return result.stdout
+        assert "Expecting value" in result.stderr, result.stdout + result.stderr
+        time.sleep(2)
+    raise AssertionError(f"dvc queue status kept failing:\n{result.stdout}\n{result.stderr}")
+
+
+def queue_command(project: Path, *args: str) -> None:
+    """`dvc queue start/stop`. Its worker daemons inherit the command's stdout and stderr: those go
+    to /dev/null, not to pipes that would keep this call waiting for as long as a worker lives."""
+    subprocess.run(["dvc", "queue", *args], cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=300)
+
+
+def wait_for_queue(project: Path, timeout: float = 1200) -> str:
+    """`dvc queue start` returns at once; the queue is done when no task is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = queue_status(project)
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{queue_status(project)}")
+
+
+@pytest.fixture(scope="module")
+def sweep(synthetic_project, baseline) -> Iterator[list[mlflow.entities.Run]]:
+    """One queued experiment per model of SWEEP on the baseline, run two at a time, both logging to
+    and registering in the project's MLflow store at once; yields their MLflow runs."""
+    for model in SWEEP:
+        run(["dvc", "exp", "run", "--queue", "-n", f"sweep-{model}", "-S", f"model.name={model}",
+             "-S", "model.weights=none"], synthetic_project)
+    queue_command(synthetic_project, "start", "-j", "2")
+    try:
+        status = wait_for_queue(synthetic_project)
+        for model in SWEEP:
+            logs = run(["dvc", "queue", "logs", f"sweep-{model}"], synthetic_project, check=False)
+            [line] = [line for line in status.splitlines() if f"sweep-{model}" in line]
+            assert "Success" in line, f"{status}\n{logs.stdout}\n{logs.stderr}"
+            assert stages_run(logs.stdout) == ["train", "evaluate"], logs.stdout
+        yield [r for r in mlflow_runs(synthetic_project) if r.data.tags.get("dvc.exp_name", "").startswith("sweep-")]
+    finally:
+        queue_command(synthetic_project, "stop")  # idle workers would otherwise outlive the tests
+
+
+def test_queued_sweep_lands_every_run_in_mlflow_and_dvc_exp_show(synthetic_project, sweep):
+    by_model = {r.data.params["model.name"]: r for r in sweep}
+    assert sorted(by_model) == sorted(SWEEP) and len(sweep) == len(SWEEP)
+    for model, mlflow_run in by_model.items():
+        assert mlflow_run.data.tags["dvc.exp_name"] == f"sweep-{model}"
+        assert {"train_seconds", "peak_memory_mb", "total_params", "trainable_params",
+                "test_accuracy", "test_roc_auc"} <= mlflow_run.data.metrics.keys()
+    # both registered: two versions evaluated at once, each with its own number
+    client = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}")
+    versions = {v.run_id: v.version for v in client.search_model_versions("name = 'pneumonia'")}
+    assert {r.info.run_id for r in sweep} <= versions.keys() and len(set(versions.values())) == len(versions)
+
+    shown = shown_experiments(synthetic_project)
+    for model in SWEEP:
+        experiment = shown[f"sweep-{model}"]
+        assert experiment["params"]["model"]["name"] == model
+        assert experiment["train"]["peak_memory_mb"] > 0 and experiment["train"]["total_params"] > 0
+        assert "roc_auc" in experiment["test"]
+    # Same parameter count in MLflow and in the experiment's metrics/train.json.
+    assert {m: by_model[m].data.metrics["total_params"] for m in SWEEP} == {
+        m: shown[f"sweep-{m}"]["train"]["total_params"] for m in SWEEP}
+
+
+def test_compare_command_on_the_sweep(synthetic_project, sweep):
+    result = run(["pneumonia", "compare"], synthetic_project)
+    trained = [r for r in mlflow_runs(synthetic_project) if "train_seconds" in r.data.metrics]
+    assert f"{len(trained)} runs of 'pneumonia' compared" in result.stdout
+    out = synthetic_project / "reports/comparison"
+    with (out / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["run_id"] for row in rows) == sorted(r.info.run_id for r in trained)
+    assert set(SWEEP) | {"custom_cnn"} <= {row["model.name"] for row in rows}
+    assert all(float(row["test_roc_auc"]) >= 0 and float(row["peak_memory_mb"]) > 0 for row in rows)
+    assert all(f"sweep-{model}" in (out / "runs.md").read_text() for model in SWEEP)
+    assert (out / "runs.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def wait_until_healthy(uri: str, seconds: float) -> None:
@@ -146,13 +250,28 @@ def page_text(url: str, profile: Path) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
+@pytest.fixture(scope="module")
+def temp_experiment(synthetic_project, baseline) -> tuple[str, mlflow.entities.Run]:
+    """`dvc exp run --temp` on the baseline (run in a copy of the workspace): its output and its one new MLflow run."""
+    before = {r.info.run_id for r in mlflow_runs(synthetic_project)}
+    result = run(["dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.002"], synthetic_project)
+    [exp_run] = [r for r in mlflow_runs(synthetic_project) if r.info.run_id not in before]
+    return result.stdout, exp_run
+
+
+def test_temp_experiment_lands_in_the_same_store(temp_experiment):
+    output, exp_run = temp_experiment
+    assert "train" in stages_run(output)
+    assert exp_run.data.params["train.learning_rate"] == "0.002"
+    assert "test_roc_auc" in exp_run.data.metrics
+    assert exp_run.data.tags.get("dvc.exp_name")
+
+
 def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_model_with_test_metrics(
-        synthetic_project, baseline, tmp_path):
+        synthetic_project, temp_experiment, tmp_path):
     """`mlflow ui` as a user opens it: the run of `dvc exp run` named as `dvc exp show` names the
     experiment, the train/val/test manifests in its Datasets, the model's page with its test metrics."""
-    before = {r.info.run_id for r in mlflow_runs(synthetic_project)}
-    run(["dvc", "exp", "run", "--temp", "-S", "train.seed=3"], synthetic_project)
-    [exp_run] = [r for r in mlflow_runs(synthetic_project) if r.info.run_id not in before]
+    _, exp_run = temp_experiment
     name = exp_run.data.tags["dvc.exp_name"]
     assert exp_run.info.run_name == name
     assert name in run(["dvc", "exp", "list", "--name-only"], synthetic_project).stdout.split()
@@ -194,17 +313,6 @@ def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_mod
     for key in ("test_roc_auc", "test_sensitivity", "test_specificity", "test_accuracy"):
         shown = re.search(rf"{key} test \(#{datasets['test']}\) {re.escape(name)} ([-\d.e]+)", model_page)
         assert shown and float(shown[1]) == pytest.approx(linked[key].value, abs=1e-9), (key, model_page[:3000])
-
-
-def test_temp_experiment_lands_in_the_same_store(synthetic_project, baseline):
-    before = len(mlflow_runs(synthetic_project))
-    result = run(["dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.002"], synthetic_project)
-    assert "train" in stages_run(result.stdout)
-    runs = mlflow_runs(synthetic_project)
-    assert len(runs) == before + 1
-    assert runs[-1].data.params["train.learning_rate"] == "0.002"
-    assert "test_roc_auc" in runs[-1].data.metrics
-    assert runs[-1].data.tags.get("dvc.exp_name")
 
 
 def test_sample_dataset_end_to_end(tmp_path, sample_zip):
@@ -283,12 +391,6 @@ def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external
                 "external_border_share"} <= mlflow_run.data.metrics.keys()
         shown = workspace["data"]["metrics"]["metrics/external.json"]["data"]
         assert isinstance(shown["roc_auc"], float) and isinstance(shown["border_share"], float)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

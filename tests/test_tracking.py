@@ -49,15 +49,16 @@ def test_manifests_hash_changes_with_content(tmp_path):
     assert tracking.manifests_hash(tmp_path) != first
 
 
-# One queued experiment's training: its run, then per-epoch metrics as tracking.epoch_metrics_callback logs them.
+# One queued experiment's training: its run opened as the train stage opens it (on a store that may not
+# exist yet), then per-epoch metrics as tracking.epoch_metrics_callback logs them.
 LOGGER = """
 import sys, time
 from pathlib import Path
-import mlflow
 from pneumonia import tracking
-folder, experiment = Path(sys.argv[1]), sys.argv[2]
-mlflow.set_tracking_uri(tracking.tracking_uri())
-with mlflow.start_run(experiment_id=experiment) as run:
+from pneumonia.config import parse_params
+folder = Path(sys.argv[1])
+config = parse_params({"tracking": {"experiment": "queue"}}).tracking
+with tracking.training_run(config, {"model.name": "custom_cnn"}, folder) as run:
     (folder / f"ready-{run.info.run_id}").touch()
     while not (folder / "locked").exists():
         time.sleep(0.1)
@@ -67,10 +68,11 @@ with mlflow.start_run(experiment_id=experiment) as run:
 
 
 @pytest.mark.slow
-def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path, monkeypatch):
-    """4 processes log each epoch into one SQLite store while another process holds its write lock
-    longer than MLflow's 20 s busy timeout (a long write of another experiment, a backup, `mlflow gc`):
-    before, each failed with "database is locked"; now every epoch of every run is logged."""
+def test_four_processes_start_on_a_new_store_and_log_per_epoch_metrics_while_it_is_locked(tmp_path):
+    """4 trainings start at once on a project with no MLflow store yet, as a queued sweep does (before,
+    MLflow's schema migrations broke when two ran at once); then each logs every epoch while another
+    process holds the store's write lock longer than MLflow's 20 s busy timeout (a long write of another
+    experiment, a backup, `mlflow gc`): before, each failed with "database is locked"."""
     import sqlite3
     import subprocess
     import sys
@@ -78,12 +80,9 @@ def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path
 
     from conftest import tool_env
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.create_store_once(uri)
-    experiment = MlflowClient(uri).create_experiment("queue", artifact_location=(tmp_path / "art").as_uri())
-    loggers = [subprocess.Popen([sys.executable, "-c", LOGGER, str(tmp_path), experiment], env=tool_env(
-        MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    assert not (tmp_path / "mlflow.db").exists()
+    loggers = [subprocess.Popen([sys.executable, "-c", LOGGER, str(tmp_path)], env=tool_env(DVC_ROOT=str(tmp_path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     try:
         deadline = time.monotonic() + 180
         while len(list(tmp_path.glob("ready-*"))) < 4:
@@ -100,7 +99,10 @@ def test_four_processes_log_per_epoch_metrics_while_the_store_is_locked(tmp_path
         for p in loggers:
             p.kill()
     assert [p.returncode for p in loggers] == [0] * 4, "\n".join(outputs)
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "queue"]
+    assert {r.info.run_id for r in client.search_runs([experiment.experiment_id])} == {
+        ready.name.removeprefix("ready-") for ready in tmp_path.glob("ready-*")}
     for ready in tmp_path.glob("ready-*"):
         history = client.get_metric_history(ready.name.removeprefix("ready-"), "val_auc")
         assert sorted(point.step for point in history) == [1, 2, 3, 4, 5]
