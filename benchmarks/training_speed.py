@@ -100,7 +100,6 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
     import tensorflow as tf
 
     from pneumonia import distribute
-    from pneumonia.architectures import CUSTOM_CNN
     from pneumonia.models.build import build_model
     from pneumonia.training import fit
 
@@ -108,7 +107,7 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
     params = variant_params(overrides)
     fit.seed_everything(params.train)
     keras.mixed_precision.set_global_policy(distribute.select_precision(params.train.precision, "cpu",
-                                                                          params.model.name != CUSTOM_CNN))
+                                                                          params.model.backbone))
     size, batch = params.data.image_size, params.train.batch_size
     model = (keras_augmented_model(params) if overrides.get("augmentation") == "keras"
              else build_model(params.model, size, params.train.augment))

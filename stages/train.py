@@ -10,7 +10,6 @@ the same MLflow run.
 import json
 
 from pneumonia import distribute, paths, tracking
-from pneumonia.architectures import CUSTOM_CNN
 from pneumonia.atomic import write_csv, write_json
 from pneumonia.config import flatten, load_params
 from pneumonia.logs import run_stage
@@ -21,8 +20,7 @@ from pneumonia.training.fit import train
 def main() -> None:
     params = load_params()
     # First: a multi-worker strategy must exist before TensorFlow does anything else.
-    placement = distribute.place(params.train.accelerator, params.train.precision,
-                                 backbone=params.model.name != CUSTOM_CNN)
+    placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
     class_weight = {int(label): weight for label, weight in json.loads(paths.CLASS_WEIGHTS.read_text()).items()}
     fingerprint = TrainingBackup.fingerprint_of(params.model, params.train, paths.TFRECORDS, tracking.tracking_uri())
     backup = TrainingBackup.of_worker(paths.TRAIN_BACKUP, params.train.backup_uri, placement.worker_name, fingerprint)

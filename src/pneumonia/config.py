@@ -148,6 +148,11 @@ class ModelConfig(Section):
     # variance per image: brightness and contrast of the acquisition removed)
     input_norm: Literal["scale", "per_image"] = "scale"
 
+    @property
+    def backbone(self) -> bool:
+        """A pretrained-family network (keras.applications), not custom_cnn."""
+        return self.name != CUSTOM_CNN
+
     def cropped_size(self, image_size: int) -> int:
         """Pixels a side the network sees of an `image_size` image, after model.crop."""
         return image_size - 2 * round(image_size * self.crop)

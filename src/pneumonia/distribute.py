@@ -131,8 +131,7 @@ def select_strategy(accelerator: str) -> tuple[tf.distribute.Strategy, str, str]
 
 
 def place(accelerator: str, precision: str, backbone: bool = False) -> Placement:
-    """Choose and activate the strategy and the global Keras precision policy (`backbone`: the model is
-    a pretrained-family network, not custom_cnn)."""
+    """Choose and activate the strategy and the global Keras precision policy (`backbone`: model.backbone)."""
     strategy, name, device = select_strategy(accelerator)
     chosen = select_precision(precision, device, backbone)
     keras.mixed_precision.set_global_policy(chosen)

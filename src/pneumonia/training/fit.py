@@ -26,7 +26,6 @@ import mlflow
 import tensorflow as tf
 
 from pneumonia import distribute, tracking
-from pneumonia.architectures import CUSTOM_CNN
 from pneumonia.config import ModelConfig, TrainConfig
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
@@ -177,8 +176,7 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
     Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
     (the chief only). The caller removes the backup once it has written its outputs.
     """
-    placement = placement or distribute.place(config.accelerator, config.precision,
-                                              backbone=model_config.name != CUSTOM_CNN)
+    placement = placement or distribute.place(config.accelerator, config.precision, model_config.backbone)
     if backup is None:
         with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
             return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch))
