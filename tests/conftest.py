@@ -26,6 +26,7 @@ REPO_SAMPLE = REPO / "data_sample" / "chest-xray-small.zip"
 # CI sets this (.ci/run): there ../shared exists, and a test that needs it must run, not be skipped.
 REQUIRE_SHARED = os.environ.get("PNEUMONIA_REQUIRE_SHARED") == "1"
 VENV_BIN = Path(sys.executable).parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # how every PNG file starts
 
 # Keep TensorFlow quiet and off any GPU a developer may have: tests are about behaviour, not speed.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -88,15 +89,42 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session=True and every process it started (uvicorn workers)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, what: str, log: Path | None, seconds: float) -> float:
+    """Seconds until `url` answered 200, while `process` (`what`, its output in `log`) runs."""
+    import requests
+
+    started = time.perf_counter()
+    while True:
+        output = log.read_text()[-3000:] if log else ""
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited ({process.returncode}):\n{output}")
+        if time.perf_counter() - started > seconds:
+            raise AssertionError(f"{what} did not answer {url} within {seconds} s:\n{output}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path,
                         start_seconds: float = 180) -> Iterator[tuple[str, int, float]]:
     """The real `mlflow models serve` of `model_uri` in this venv on a free loopback port (one worker, its
     output in `log`): yields its URL, its process group (the CLI and its uvicorn worker) and the seconds it
     took to answer /ping; stopped on exit. Used by the serving tests and benchmarks/inference.py."""
-    import requests
-
-    url, started = f"http://127.0.0.1:{free_port()}", time.perf_counter()
+    url = f"http://127.0.0.1:{free_port()}"
     with log.open("w") as output:
         process = subprocess.Popen(
             ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1],
@@ -105,26 +133,28 @@ def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path,
             start_new_session=True,  # its own process group: the uvicorn worker goes down with it
         )
     try:
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-            if time.perf_counter() - started > start_seconds:
-                raise AssertionError(f"mlflow models serve did not answer /ping within {start_seconds} s:\n"
-                                     f"{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        yield url, process.pid, time.perf_counter() - started
+        seconds = wait_until_answering(process, f"{url}/ping", "mlflow models serve", log, start_seconds)
+        yield url, process.pid, seconds
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        stop_group(process)
+
+
+@contextmanager
+def mlflow_tracking_server(store: Path, artifacts: Path | None = None, start_seconds: float = 120) -> Iterator[str]:
+    """The real `mlflow server` (what `mlflow ui` runs) over the SQLite store `store` on a free loopback
+    port, with its own artifact store at `artifacts` if given: yields its URL; stopped on exit."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = ["mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{store}"]
+    if artifacts:
+        command += ["--artifacts-destination", str(artifacts)]
+    process = subprocess.Popen(command, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its worker processes stop with it
+    try:
+        wait_until_answering(process, f"{url}/health", "mlflow server", None, start_seconds)
+        yield url
+    finally:
+        stop_group(process)
 
 
 def set_params(project: Path, **dotted: object) -> None:

@@ -5,11 +5,10 @@ import csv
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import PNG_MAGIC
 from pneumonia import cli
 from pneumonia.comparison import compare
 from pneumonia.errors import PipelineError
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def log_run(client: MlflowClient, experiment_id: str, model: str, fine_tune: str = "full", **metrics: float) -> None:

@@ -3,12 +3,9 @@ from the files DVC tracks and from the MLflow store."""
 
 import csv
 import json
-import os
 import re
-import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +15,21 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from browser import FLAGS, assert_not_blank, chromium, open_in_chromium
-from conftest import commit_all, copy_project, free_port, run, set_params, shared_dataset, tool_env
+from conftest import (
+    PNG_MAGIC,
+    commit_all,
+    copy_project,
+    free_port,
+    mlflow_tracking_server,
+    run,
+    set_params,
+    shared_dataset,
+    tool_env,
+)
 
 # A sweep of two models (docs/models.md); the custom CNN at another learning rate than the baseline's, as
 # an experiment identical to one run before would be restored from DVC's run cache and not train.
 SWEEP = {"custom_cnn": ["-S", "train.learning_rate=0.003"], "mobilenetv2": ["-S", "model.weights=none"]}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
 
@@ -178,20 +184,9 @@ def wait_for_queue(project: Path, timeout: float = 1200) -> str:
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with its own store; stopped at teardown."""
-    tmp_path, port = tmp_path_factory.mktemp("server"), free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(uri, seconds=60)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    root = tmp_path_factory.mktemp("server")
+    with mlflow_tracking_server(root / "server.db", root / "server-artifacts") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -253,18 +248,6 @@ def test_compare_command_on_the_sweep(synthetic_project, sweep, tracking_server)
     assert (out / "runs.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def wait_until_healthy(uri: str, seconds: float) -> None:
-    """Wait for an `mlflow server` at `uri` to answer its health check."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"mlflow server at {uri} did not start within {seconds} s")
-
-
 def page_text(url: str, profile: Path) -> str:
     """The text of an MLflow UI page once its scripts have run, as headless Chromium renders it."""
     dom = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
@@ -307,24 +290,10 @@ def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_mod
     assert set(datasets) == {"train", "val", "test"}
     assert not {"threshold", "jpeg_quality"} & set(exp_run.data.params)  # one clean name each
 
-    port = free_port()
-    server = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{synthetic_project / 'mlflow.db'}"],
-                              env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # its worker processes stop with it
-    ui = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(ui, seconds=120)  # a busy machine
+    with mlflow_tracking_server(synthetic_project / "mlflow.db") as ui:
         experiment = exp_run.info.experiment_id
         run_page = page_text(f"{ui}/#/experiments/{experiment}/runs/{exp_run.info.run_id}", tmp_path / "p1")
         model_page = page_text(f"{ui}/#/experiments/{experiment}/models/{model.model_id}", tmp_path / "p2")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # its job-runner processes may linger
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
     assert name in run_page
     # The run's Datasets panel lists the first dataset with its digest and context, the others as "+N".
     panel = re.search(r"Datasets (\w+) \((\w+)\) (\w+)(?: \+(\d+))?", run_page)

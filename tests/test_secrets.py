@@ -2,18 +2,15 @@
 logs, stdout, error messages, tracebacks, the MLflow run itself) with the password replaced by ***."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
+from collections.abc import Iterator
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
-from conftest import free_port, tool_env
+from conftest import mlflow_tracking_server, tool_env
 from pneumonia.logs import redact
 
 pytestmark = pytest.mark.slow  # each starts a tracking server or a stage
@@ -50,28 +47,11 @@ STAGE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (it ignores the basic-auth header the URI's password makes)."""
+def server(tmp_path_factory) -> Iterator[int]:
+    """A real `mlflow server` on 127.0.0.1 (it ignores the basic-auth header the URI's password makes): its port."""
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    process = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or still starting up
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start within 120 s")
-        yield port
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    with mlflow_tracking_server(root / "mlflow.db", root / "artifacts") as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_redact_hides_only_the_password():
