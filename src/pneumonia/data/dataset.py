@@ -1,5 +1,6 @@
 """tf.data input from the TFRecords: parallel interleaved reads, parallel decode, prefetch."""
 
+from functools import partial
 from pathlib import Path
 
 import tensorflow as tf
@@ -14,6 +15,7 @@ FEATURES = {
     "file_name": tf.io.FixedLenFeature([], tf.string),
 }
 SHUFFLE_BUFFER = 2048
+RECORDS_BATCH = 64  # images decoded together when reading image by image
 
 
 def _shard_by_element() -> tf.data.Options:
@@ -32,19 +34,23 @@ def shard_paths(tfrecords: Path, split: str) -> list[str]:
     return [join(folder, name) for name in shard_names(split, meta["splits"][split]["shards"])]
 
 
-def _decoder(image_size: int):
+def _batch_decoder(image_size: int):
+    """Parses a batch of serialized examples at once: one parse_example and one map_fn a batch cost a
+    third less CPU per image than a parse and a map per image (benchmarks/input_vs_compute.py), CPU
+    the two cores otherwise take from training."""
     def decode(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        example = tf.io.parse_single_example(serialized, FEATURES)
-        image = tf.io.decode_jpeg(example["image"], channels=3)  # grey -> 3 equal channels
-        image = tf.ensure_shape(image, (image_size, image_size, 3))  # static shapes, as TPUs need
-        label = tf.cast(example["label"], tf.float32)[tf.newaxis]
-        return {"image": image, "label": label, "file_name": example["file_name"]}
+        examples = tf.io.parse_example(serialized, FEATURES)
+        images = tf.map_fn(partial(tf.io.decode_jpeg, channels=3), examples["image"],  # grey -> 3 equal channels
+                           fn_output_signature=tf.uint8)
+        images = tf.ensure_shape(images, (None, image_size, image_size, 3))  # static shapes, as TPUs need
+        labels = tf.cast(examples["label"], tf.float32)[:, tf.newaxis]
+        return {"image": images, "label": labels, "file_name": examples["file_name"]}
 
     return decode
 
 
-def records(tfrecords: Path, split: str, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """One dict per image; shuffled (shards and records) when a seed is given."""
+def _serialized(tfrecords: Path, split: str, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """The split's serialized examples; shuffled (shards and records) when a seed is given."""
     paths = shard_paths(tfrecords, split)
     files = tf.data.Dataset.from_tensor_slices(paths)
     if shuffle_seed is not None:
@@ -55,7 +61,21 @@ def records(tfrecords: Path, split: str, shuffle_seed: int | None = None) -> tf.
     )
     if shuffle_seed is not None:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.map(_decoder(read_meta(tfrecords)["image_size"]), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset
+
+
+def _decoded(serialized_batches: tf.data.Dataset, tfrecords: Path) -> tf.data.Dataset:
+    return serialized_batches.map(_batch_decoder(read_meta(tfrecords)["image_size"]),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _images_and_labels(batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    return batch["image"], batch["label"]
+
+
+def records(tfrecords: Path, split: str) -> tf.data.Dataset:
+    """One dict per image ("image", "label", "file_name"), in file order."""
+    return _decoded(_serialized(tfrecords, split).batch(RECORDS_BATCH), tfrecords).unbatch()
 
 
 def split_size(tfrecords: Path, split: str) -> int:
@@ -65,11 +85,10 @@ def split_size(tfrecords: Path, split: str) -> int:
 def training_batches(tfrecords: Path, batch_size: int, seed: int) -> tf.data.Dataset:
     """Endless (image, label) batches for fitting: reshuffled each pass, full batches only (static
     shapes); fit takes `split_size // batch_size` steps an epoch. `batch_size` is the global batch."""
+    serialized = _serialized(tfrecords, "train", shuffle_seed=seed).repeat().batch(batch_size, drop_remainder=True)
     return (
-        records(tfrecords, "train", shuffle_seed=seed)
-        .map(lambda example: (example["image"], example["label"]), num_parallel_calls=tf.data.AUTOTUNE)
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
+        _decoded(serialized, tfrecords)
+        .map(_images_and_labels)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(_shard_by_element())
     )
@@ -77,11 +96,12 @@ def training_batches(tfrecords: Path, batch_size: int, seed: int) -> tf.data.Dat
 
 def evaluation_batches(tfrecords: Path, split: str, batch_size: int) -> tf.data.Dataset:
     """(image, label) batches in file order, every image once; decoded once and cached."""
+    serialized = (_serialized(tfrecords, split)
+                  .apply(tf.data.experimental.assert_cardinality(split_size(tfrecords, split)))
+                  .batch(batch_size))
     return (
-        records(tfrecords, split)
-        .apply(tf.data.experimental.assert_cardinality(split_size(tfrecords, split)))
-        .map(lambda example: (example["image"], example["label"]), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size)
+        _decoded(serialized, tfrecords)
+        .map(_images_and_labels)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
         .with_options(_shard_by_element())
