@@ -139,8 +139,9 @@ def test_summary_is_what_the_train_stage_writes(tmp_path):
     assert result.history_table() == (["epoch", "loss", "val_auc"], [[1, 0.9, 0.5], [2, 0.8, 0.7]])
 
 
-# One training in a process of its own: what makes two processes part (thread scheduling, graph
-# rewrites) does not show within one process.
+# Trainings, each of its seeds in turn, in a process of its own: what makes two processes part (thread
+# scheduling, graph rewrites) does not show within one process, so the runs compared for equality are each
+# the first of their process.
 TRAIN_IN_A_PROCESS = """
 import json, sys
 from pathlib import Path
@@ -149,12 +150,14 @@ from pneumonia.training import fit
 from pneumonia.config import parse_params
 from pneumonia.evaluation.predictions import predict_split
 
-data, out, seed = Path(sys.argv[1]) / "data/tfrecords", Path(sys.argv[2]), int(sys.argv[3])
-params = parse_params({"model": {"name": "custom_cnn", "crop": 0},
-                       "train": {"epochs": 2, "batch_size": 32, "seed": seed}})
-result = fit.train(params.model, params.train, data, {0: 1.0, 1: 1.0}, out / "model.keras")
-probabilities = predict_split(keras.models.load_model(out / "model.keras"), data, "val", 8)
-json.dump({"history": result.history, "val": probabilities.probabilities.tolist()}, (out / "result.json").open("w"))
+data, out = Path(sys.argv[1]) / "data/tfrecords", Path(sys.argv[2])
+for seed in map(int, sys.argv[3:]):
+    params = parse_params({"model": {"name": "custom_cnn", "crop": 0},
+                           "train": {"epochs": 2, "batch_size": 32, "seed": seed}})
+    result = fit.train(params.model, params.train, data, {0: 1.0, 1: 1.0}, out / f"{seed}.keras")
+    probabilities = predict_split(keras.models.load_model(out / f"{seed}.keras"), data, "val", 8)
+    json.dump({"history": result.history, "val": probabilities.probabilities.tolist()},
+              (out / f"{seed}.json").open("w"))
 """
 
 
@@ -172,13 +175,13 @@ def synthetic_data_default_size(tmp_path_factory) -> Path:
 def test_same_seed_gives_the_same_model_and_another_seed_does_not(synthetic_data_default_size, tmp_path):
     """train.seed + train.deterministic: shuffling, augmentation, dropout and initialisation repeat exactly,
     from one process to the next (on CPU; docs/results.md "Reproducibility" says what holds on accelerators)."""
-    def trained(seed: int, name: str) -> dict:
+    def trained(name: str, *seeds: int) -> list[dict]:
         (tmp_path / name).mkdir()
         run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(synthetic_data_default_size), str(tmp_path / name),
-             str(seed)], REPO)
-        return json.loads((tmp_path / name / "result.json").read_text())
+             *map(str, seeds)], REPO)
+        return [json.loads((tmp_path / name / f"{seed}.json").read_text()) for seed in seeds]
 
-    first, again, other = trained(7, "first"), trained(7, "again"), trained(8, "other")
+    [first], [again, other] = trained("first", 7), trained("again", 7, 8)
     assert again["history"] == first["history"]
     assert again["val"] == first["val"]  # bit for bit: JSON keeps every float exactly
     assert other["val"] != first["val"]
