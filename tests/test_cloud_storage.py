@@ -3,10 +3,10 @@ read back by every reader through meta.json's "location".
 
 No gs:// bucket is reachable from the test machines, so the remote filesystems here are
 TensorFlow's in-memory ram:// (in-process, reached only through tf.io.gfile) and file:// URIs
-(across the processes of the real DVC stages).
+(across the processes of the real DVC stages: the end-to-end project of tests/test_pipeline_e2e.py keeps its
+shards under one, so its experiments, queued and --temp, read them from there).
 """
 
-import json
 import uuid
 from pathlib import Path
 
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import commit_all, copy_project, run, set_params
 from pneumonia import SPLITS
 from pneumonia.config import TFRecordsConfig, parse_params
 from pneumonia.data import dataset
@@ -110,27 +109,3 @@ def test_uri_without_a_scheme_is_refused(uri):
 ])
 def test_uri_is_normalised(uri, expected):
     assert parse_params({"tfrecords": {"uri": uri}}).tfrecords.uri == expected
-
-
-@pytest.mark.e2e
-def test_dvc_pipeline_with_shards_under_a_file_uri(tmp_path):
-    """The real stages, each its own process: tfrecords writes under the URI, train and evaluate
-    read from it, and DVC tracks only meta.json."""
-    project = copy_project(tmp_path / "project")
-    remote = tmp_path / "remote"
-    set_params(project, **{
-        "data.source": "synthetic", "data.image_size": 48, "train.epochs": 1, "train.batch_size": 8,
-        "tfrecords.workers": 2,
-        "tfrecords.uri": f"file://{remote}", "evaluate.bootstrap_samples": 100,
-    })
-    commit_all(project)
-    run(["dvc", "repro"], project)
-
-    assert [entry.name for entry in (project / "data/tfrecords").iterdir()] == ["meta.json"]
-    meta = read_meta(project / "data/tfrecords")
-    [key_folder] = remote.iterdir()
-    assert meta["location"] == f"file://{key_folder}"
-    expected = {Path(path).name for split in SPLITS for path in dataset.shard_paths(project / "data/tfrecords", split)}
-    assert {entry.name for entry in key_folder.iterdir()} == expected
-    assert json.loads((project / "metrics/train.json").read_text())["epochs_trained"] == 1
-    assert json.loads((project / "metrics/test.json").read_text())["n"] == meta["splits"]["test"]["images"]
