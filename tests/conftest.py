@@ -195,8 +195,7 @@ def pytest_collection_modifyitems(items) -> None:
 
     The tests run on every core (pytest-xdist, `--dist loadgroup` in pyproject.toml); the tests of a
     module that share a module-scoped fixture (a trained project they only read) go to one worker, so
-    it is made once. The slow tests are sent first (pytest-xdist sends the groups, largest first, then the
-    other tests in this order), so that no long test starts last while the other worker idles."""
+    it is made once."""
     for item in items:
         function = getattr(item, "function", None)
         if "sample_zip" in getattr(item, "fixturenames", ()) or (
@@ -208,7 +207,6 @@ def pytest_collection_modifyitems(items) -> None:
         if fixtures and any(definition.scope in ("module", "class") for definitions in
                             fixtures.name2fixturedefs.values() for definition in definitions):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
