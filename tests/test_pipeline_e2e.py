@@ -218,7 +218,7 @@ def sweep(synthetic_project, baseline, tracking_server) -> Iterator[list[mlflow.
 
 
 def test_queued_sweep_swaps_the_model_and_lands_every_run_in_the_tracking_server(synthetic_project, sweep,
-                                                                              tracking_server):
+                                                                                 tracking_server):
     by_model = {r.data.params["model.name"]: r for r in sweep}
     assert sorted(by_model) == sorted(SWEEP) and len(sweep) == len(SWEEP)
     client = MlflowClient(tracking_server)
