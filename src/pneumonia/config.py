@@ -3,9 +3,10 @@
 Every stage calls `load_params()` first, so a typo, a wrong type or an impossible combination
 stops the stage before any heavy work, with a message naming the key, the value and what is allowed.
 
-The ground floor: pure validation, no file is looked at. It imports only the bottom modules (paths for
-the default locations, errors, architectures and threshold_rule for the allowed values); the modules that
-use a section resolve the paths in it (data.download: data.local_path, models.build: model.weights).
+The ground floor: `load_params` reads params.yaml, and nothing else is read: no path named in it is
+looked at here. It imports only the bottom modules (paths for the default locations, errors,
+architectures and threshold_rule for the allowed values); the modules that use a section resolve the
+paths in it (data.download: data.local_path, models.build: model.weights).
 """
 
 import re
