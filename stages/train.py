@@ -4,10 +4,13 @@ and what the run cost (seconds, peak memory, parameter counts) for comparing mod
 Where it trains follows train.accelerator (pneumonia.distribute); in a TF_CONFIG cluster every
 worker runs this script and only the chief writes outputs and logs to MLflow. A killed training
 started again resumes from its backup (paths.TRAIN_BACKUP, or under train.backup_uri) and logs into
-the same MLflow run.
+the same MLflow run. In a SageMaker training job (pneumonia.training.sagemaker) it trains on the job's
+channel with its hyperparameters, writes the model and outputs where SageMaker uploads them and prints
+the metrics for its metric_definitions; no MLflow run.
 """
 
 import json
+import os
 
 from pneumonia import distribute, paths, tracking
 from pneumonia.atomic import write_csv, write_json
@@ -15,9 +18,26 @@ from pneumonia.config import flatten, load_params
 from pneumonia.logs import run_stage
 from pneumonia.training.backup import TrainingBackup
 from pneumonia.training.fit import train
+from pneumonia.training.sagemaker import MetricLines, TrainingJob, metric_line
+
+
+def train_in_job(job: TrainingJob) -> None:
+    params = load_params(overrides=job.params_overrides())
+    placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
+    result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
+                   placement, reporters=[MetricLines()])
+    if placement.is_chief:
+        summary = result.summary()
+        write_csv(job.output_data_dir / paths.TRAIN_HISTORY.name, *result.history_table())
+        write_json(job.output_data_dir / paths.TRAIN_METRICS.name, summary)
+        print(metric_line(summary), flush=True)
 
 
 def main() -> None:
+    job = TrainingJob.from_environ(os.environ)
+    if job:
+        train_in_job(job)
+        return
     params = load_params()
     # First: a multi-worker strategy must exist before TensorFlow does anything else.
     placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)

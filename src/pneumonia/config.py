@@ -9,7 +9,9 @@ architectures and threshold_rule for the allowed values); the modules that use a
 paths in it (data.download: data.local_path, models.build: model.weights).
 """
 
+import copy
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -324,14 +326,38 @@ def parse_params(raw: dict[str, Any], source: str = str(paths.PARAMS)) -> Params
         raise PipelineError(f"{source} has invalid params:\n{problems}") from None
 
 
-def load_params(path: Path = paths.PARAMS) -> Params:
+def with_overrides(raw: Any, overrides: Mapping[str, Any]) -> Any:
+    """`raw` params with each dotted key of `overrides` (`train.epochs`, as `dvc exp run -S` names them)
+    set to its value; a string value is read as YAML, as DVC reads an -S value (`1e-4`, `true`)."""
+    result = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        node = result
+        for depth, section in enumerate(sections):
+            if not isinstance(node, dict) or not isinstance(node.setdefault(section, {}), dict):
+                raise PipelineError(f"{key} = {value!r}: {'.'.join(sections[:depth + 1])} is not a section of "
+                                    "params.yaml; name a key as params.yaml nests it, e.g. train.epochs")
+            node = node[section]
+        node[name] = _yaml_value(value) if isinstance(value, str) else value
+    return result
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML: the string itself, for the validation to judge
+
+
+def load_params(path: Path = paths.PARAMS, overrides: Mapping[str, Any] | None = None) -> Params:
+    """params.yaml, validated; with `overrides` (dotted keys, see `with_overrides`) applied first."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {exc}") from None
-    return parse_params(raw, str(path))
+    return parse_params(with_overrides(raw, overrides or {}), str(path))
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
