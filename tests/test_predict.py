@@ -100,7 +100,7 @@ def test_folders_give_their_jpeg_and_png_files_recursively(images):
                                                    "truncated.jpeg"]
     assert inference.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
     (images["folder"] / "empty").mkdir()
-    with pytest.raises(PipelineError, match="no JPEG or PNG files"):
+    with pytest.raises(PipelineError, match="no JPEG, PNG or DICOM files"):
         inference.image_files([images["folder"] / "empty"])
 
 

@@ -106,6 +106,8 @@ def adapt(args: argparse.Namespace) -> None:
     for path in inference.image_files(args.paths):
         try:
             images.append(classifier.preprocess(path))
+        except PipelineError as exc:  # a DICOM file that is not an X-ray it can read: the message says why
+            unreadable.append(f"{path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so
             unreadable.append(f"{path}: {type(exc).__name__}")
     if unreadable:
