@@ -67,7 +67,7 @@ def _check(dataset) -> None:
     """A single-frame greyscale CR/DX image with integer pixel data, else a DicomError saying what it is."""
     if "PixelData" not in dataset:
         raise DicomError("the DICOM file holds no (integer) Pixel Data: not an image (a report, a structured "
-                         "document or a presentation state?); send the image itself")
+                         "document or a presentation state?), or a file cut short; send the whole image file")
     modality = str(dataset.get("Modality", "") or "none")
     if modality not in X_RAY_MODALITIES:
         raise DicomError(f"the DICOM file's modality is {modality!r}, not an X-ray ({' or '.join(X_RAY_MODALITIES)}):"

@@ -175,7 +175,8 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
     folder are not followed: an external set is files, not pointers elsewhere)."""
     def copy(images: list[tuple[str, int]], open_member: Callable[[str], BinaryIO]) -> list[tuple[Path, int]]:
         copied = []
-        for name, label in images:
+        # By class, then file name: the same images give the same records in any layout.
+        for name, label in sorted(images, key=lambda image: (image[1], PurePosixPath(image[0]).name)):
             target = out / CLASS_NAMES[label] / PurePosixPath(name).name
             if target.exists():
                 raise PipelineError(f"evaluate.external = {display!r} has two images named {target.name!r}: "
