@@ -22,9 +22,11 @@ FORMS = {
     "mono2_8bit": ("1.2.840.10008.1.2.1", True),
     "mono1_12bit_rescaled": ("1.2.840.10008.1.2.1", True),
     "window_16bit": ("1.2.840.10008.1.2.1", True),
+    "deflated": ("1.2.840.10008.1.2.1.99", True),  # pydicom's own
     "rle": ("1.2.840.10008.1.2.5", True),  # pydicom's own RLE
     "jpeg2000_lossless": ("1.2.840.10008.1.2.4.90", True),  # pylibjpeg-openjpeg
     "jpeg_lossless": ("1.2.840.10008.1.2.4.70", True),  # python-gdcm
+    "jpeg_lossless_p14": ("1.2.840.10008.1.2.4.57", True),  # python-gdcm
     "jpegls_lossless": ("1.2.840.10008.1.2.4.80", True),  # python-gdcm
     "jpeg_baseline": ("1.2.840.10008.1.2.4.50", False),  # a JPEG: compared with its own decoded pixels
 }
@@ -82,6 +84,7 @@ def _gdcm_compressed(ds, syntax: str) -> bytes:
     import gdcm
 
     syntaxes = {"1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+                "1.2.840.10008.1.2.4.57": gdcm.TransferSyntax.JPEGLosslessProcess14,
                 "1.2.840.10008.1.2.4.80": gdcm.TransferSyntax.JPEGLSLossless}
     with tempfile.TemporaryDirectory() as scratch:
         source, target = Path(scratch) / "in.dcm", Path(scratch) / "out.dcm"
@@ -115,13 +118,16 @@ def dicom_file(grey: np.ndarray, form: str) -> tuple[bytes, np.ndarray]:
         return file_bytes(mono1), grey
     if form == "window_16bit":
         return file_bytes(windowed), grey
+    if form == "deflated":
+        mono1.file_meta.TransferSyntaxUID = FORMS[form][0]  # pydicom deflates the dataset as it writes it
+        return file_bytes(mono1), grey
     if form == "rle":
         windowed.compress(RLELossless)
         return file_bytes(windowed), grey
     if form == "jpeg2000_lossless":
         mono1.compress(JPEG2000Lossless)
         return file_bytes(mono1), grey
-    if form in ("jpeg_lossless", "jpegls_lossless"):
+    if form in ("jpeg_lossless", "jpeg_lossless_p14", "jpegls_lossless"):
         return _gdcm_compressed(windowed, FORMS[form][0]), grey
     if form == "jpeg_baseline":
         buffer = io.BytesIO()

@@ -1,12 +1,14 @@
 """DICOM X-rays (pneumonia.data.dicom) through the one image path: each form the same 8-bit image as its PNG,
 known by content, in data.local_path, and each bad file refused with its reason (no patient data in it)."""
 
+import io
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from conftest import tool_env
@@ -28,7 +30,7 @@ def xray() -> np.ndarray:
 @pytest.mark.parametrize("form", FORMS)
 def test_each_form_is_the_same_8_bit_image_as_its_png(xray, form):
     data, grey = dicom_file(xray, form)
-    assert dicom.is_dicom(data)
+    assert dicom.is_dicom(data) and pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == FORMS[form][0]
     assert np.array_equal(np.asarray(open_image(data)), grey)
     assert np.array_equal(np.asarray(load_resized(data, 48)), np.asarray(load_resized(png_bytes(grey), 48)))
     if FORMS[form][1]:
