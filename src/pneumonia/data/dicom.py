@@ -41,8 +41,11 @@ def is_dicom(source: bytes | str | Path | BinaryIO) -> bool:
     if isinstance(source, bytes):
         head = source[:MAGIC_OFFSET + len(MAGIC)]
     elif isinstance(source, str | Path):
-        with open(source, "rb") as file:
-            head = file.read(MAGIC_OFFSET + len(MAGIC))
+        try:
+            with open(source, "rb") as file:
+                head = file.read(MAGIC_OFFSET + len(MAGIC))
+        except OSError:  # not a file this process can read: not taken as DICOM (opening it will say why)
+            return False
     else:
         head = source.read(MAGIC_OFFSET + len(MAGIC))
     return head[MAGIC_OFFSET:] == MAGIC
@@ -139,5 +142,5 @@ def grey_pixels(dataset) -> np.ndarray:
     if stored.ndim != 2:
         raise DicomError(f"the DICOM pixel data decodes to shape {stored.shape}, not one greyscale image")
     table, low = _grey_table(dataset, bool(dataset.get("PixelRepresentation", 0)), int(dataset.BitsStored))
-    index = np.clip(stored.astype(np.int64) - low, 0, len(table) - 1)  # a value past the stored bits saturates
+    index = np.clip(stored.astype(np.int32) - low, 0, len(table) - 1)  # a value past the stored bits saturates
     return table[index]
