@@ -11,7 +11,8 @@ from archives import jpeg, zip_bytes
 from conftest import run
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import inspect_file, write_image_table
-from pneumonia.data.external import SPLIT, has_external, locate_images, write_external
+from pneumonia.data.external import SPLIT, has_external, labelled_images, write_external
+from pneumonia.data.layout import has_image_suffix
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import gradcam
 
@@ -43,15 +44,18 @@ def write(source: Path, target: Path, known: Path, max_unreadable: float = 0.0) 
 
 
 def test_layout_is_one_root_with_both_classes():
+    def located(names: list[str]) -> list[tuple[str, int]]:
+        return labelled_images(names, has_image_suffix, lambda name: "", "x")
+
     names = ["site/NORMAL/a.jpeg", "site/PNEUMONIA/b.png", "site/PNEUMONIA/._b.png", "__MACOSX/site/NORMAL/a.jpeg",
-             "site/readme.txt"]
-    assert locate_images(names, "x") == [("site/NORMAL/a.jpeg", 0), ("site/PNEUMONIA/b.png", 1)]
+             "site/readme.txt", "site/NORMAL/c.dcm"]
+    assert located(names) == [("site/NORMAL/a.jpeg", 0), ("site/NORMAL/c.dcm", 0), ("site/PNEUMONIA/b.png", 1)]
     with pytest.raises(PipelineError, match="no NORMAL/ or PNEUMONIA/ folder"):
-        locate_images(["site/a.jpeg", "site/normal_b.jpeg"], "x")
+        located(["site/a.jpeg", "site/normal_b.jpeg"])
     with pytest.raises(PipelineError, match="has no PNEUMONIA images"):
-        locate_images(["site/NORMAL/a.jpeg"], "x")
+        located(["site/NORMAL/a.jpeg"])
     with pytest.raises(PipelineError, match="several roots .*'a', 'b'"):
-        locate_images(["a/NORMAL/1.jpeg", "a/PNEUMONIA/2.jpeg", "b/NORMAL/3.jpeg", "b/PNEUMONIA/4.jpeg"], "x")
+        located(["a/NORMAL/1.jpeg", "a/PNEUMONIA/2.jpeg", "b/NORMAL/3.jpeg", "b/PNEUMONIA/4.jpeg"])
 
 
 def test_folder_and_zip_give_the_same_tfrecords(tmp_path, known_images):

@@ -63,14 +63,8 @@ def class_images(names: list[str]) -> dict[str, list[tuple[str, int]]]:
     return roots
 
 
-def locate_images(names: list[str], source: str) -> list[tuple[str, int]]:
-    """The (name, label) pairs of the one root holding NORMAL/ and PNEUMONIA/ image folders (`names`:
-    all files; images are those named as JPEG, PNG or DICOM)."""
-    return _class_folder_images([name for name in names if not is_macos_litter(name) and has_image_suffix(name)],
-                                source)
-
-
-def _class_folder_images(images: list[str], source: str) -> list[tuple[str, int]]:
+def locate_images(images: list[str], source: str) -> list[tuple[str, int]]:
+    """The (name, label) pairs of the one root holding NORMAL/ and PNEUMONIA/ folders of `images`."""
     roots = class_images(images)
     if not roots:
         raise PipelineError(f"evaluate.external = {source!r} has no NORMAL/ or PNEUMONIA/ folder of images "
@@ -129,10 +123,10 @@ def csv_labelled_images(names: list[str], images: list[str], read_text: Callable
     folder = PurePosixPath(csv_name).parent
     id_column, label_column = header.index(_column(header, ID_COLUMNS)), header.index(_column(header, LABEL_COLUMNS))
     by_path = header[id_column].strip().lower() == "path"
-    under = [name for name in images if folder == PurePosixPath(".") or PurePosixPath(name).is_relative_to(folder)]
+    under = [name for name in images if PurePosixPath(name).is_relative_to(folder)]  # any name, for folder "."
     if by_path:
-        known = {PurePosixPath(name).as_posix(): name for name in under}
-        key = lambda text: (folder / text.strip()).as_posix() if folder != PurePosixPath(".") else text.strip()  # noqa: E731
+        known = {name: name for name in under}
+        key = lambda text: (folder / text.strip()).as_posix()  # noqa: E731 - PurePosixPath(".") / "a" is "a"
     else:
         known = {}
         for name in under:
@@ -166,7 +160,7 @@ def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text
     images = [name for name in names if not is_macos_litter(name) and not name.lower().endswith(".csv")
               and is_image(name)]
     if class_images(images):
-        return _class_folder_images(images, source)
+        return locate_images(images, source)
     return csv_labelled_images(names, images, read_text, source)
 
 
