@@ -9,7 +9,9 @@ Requests it understands (all POST with a JSON body, like the real API):
   security.OAuthService/IntrospectToken   {"token"} -> {"active", "username"}  (access-token login)
   datasets.DatasetApiService/DownloadDataset {"ownerSlug", "datasetSlug"} -> 302 to the zip
   datasets.DatasetApiService/GetDataset   {"ownerSlug", "datasetSlug"} -> {"currentVersionNumber"}
-and GET /stub-storage/<owner>/<name>.zip, the redirect target (real Kaggle: a signed storage URL),
+  competitions.CompetitionApiService/DownloadDataFiles {"competitionName"} -> 302 to the competition's zip
+and GET /stub-storage/<owner>/<name>.zip (a competition's: /stub-storage/competitions/<name>.zip),
+the redirect target (real Kaggle: a signed storage URL),
 with an ETag and byte ranges as Google Cloud Storage serves it, optionally slowly (`throttle`).
 """
 
@@ -38,11 +40,14 @@ class Recorded:
 
 
 class KaggleStub:
-    """Serves `datasets` ({"owner/name": zip bytes}); use as a context manager."""
+    """Serves `datasets` ({"owner/name": zip bytes}) and `competitions` ({"name": zip bytes}); use as a
+    context manager."""
 
-    def __init__(self, datasets: dict[str, bytes], *, username="stub-user", key="stub-key-0123456789",
-                 token="KGAT_stub_token_0123456789", version=7, leak_secrets_in_errors=False):
+    def __init__(self, datasets: dict[str, bytes], *, competitions: dict[str, bytes] | None = None,
+                 username="stub-user", key="stub-key-0123456789", token="KGAT_stub_token_0123456789", version=7,
+                 leak_secrets_in_errors=False):
         self.datasets = datasets
+        self.competitions = competitions or {}
         self.username, self.key, self.token, self.version = username, key, token, version
         self.leak_secrets_in_errors = leak_secrets_in_errors  # echo credentials in error bodies
         self.requests: list[Recorded] = []
@@ -101,7 +106,8 @@ class KaggleStub:
                 return self._error(self._fail_status, "injected failure", header)
 
         if method == "GET" and path.startswith(STORAGE) and path.endswith(".zip"):
-            data = self.datasets.get(path[len(STORAGE):-len(".zip")])
+            stored = {**self.datasets, **{f"competitions/{name}": data for name, data in self.competitions.items()}}
+            data = stored.get(path[len(STORAGE):-len(".zip")])
             if data is None:
                 return 404, {"Content-Type": "text/plain"}, b"no such object"
             headers = {"Content-Type": "application/zip", "Last-Modified": self.last_modified,
@@ -119,10 +125,16 @@ class KaggleStub:
             active = body.get("token") == self.token
             return 200, {"Content-Type": "application/json"}, json.dumps(
                 {"active": active, "username": self.username if active else ""}).encode()
-        if rpc not in ("datasets.DatasetApiService/DownloadDataset", "datasets.DatasetApiService/GetDataset"):
+        if rpc not in ("datasets.DatasetApiService/DownloadDataset", "datasets.DatasetApiService/GetDataset",
+                       "competitions.CompetitionApiService/DownloadDataFiles"):
             return 404, {"Content-Type": "text/plain"}, b"unknown endpoint"
         if not self._authorized(header):
             return self._error(401, "Unauthenticated", header)
+        if rpc.startswith("competitions."):
+            name = body.get("competitionName")
+            if name not in self.competitions:  # real Kaggle: also when the rules were not accepted
+                return self._error(403, f"Competition {name} not found or rules not accepted", header)
+            return 302, {"Location": f"http://localhost{STORAGE}competitions/{name}.zip", "Content-Length": "0"}, b""
         slug = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
         if slug not in self.datasets:
             return self._error(404, f"Dataset {slug} not found", header)

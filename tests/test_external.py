@@ -11,7 +11,8 @@ from archives import jpeg, zip_bytes
 from conftest import run
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import inspect_file, write_image_table
-from pneumonia.data.external import SPLIT, has_external, locate_images, write_external
+from pneumonia.data.external import SPLIT, has_external, labelled_images, write_external
+from pneumonia.data.layout import has_image_suffix
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import gradcam
 
@@ -43,15 +44,18 @@ def write(source: Path, target: Path, known: Path, max_unreadable: float = 0.0) 
 
 
 def test_layout_is_one_root_with_both_classes():
+    def located(names: list[str]) -> list[tuple[str, int]]:
+        return labelled_images(names, has_image_suffix, lambda name: "", "x")
+
     names = ["site/NORMAL/a.jpeg", "site/PNEUMONIA/b.png", "site/PNEUMONIA/._b.png", "__MACOSX/site/NORMAL/a.jpeg",
-             "site/readme.txt"]
-    assert locate_images(names, "x") == [("site/NORMAL/a.jpeg", 0), ("site/PNEUMONIA/b.png", 1)]
+             "site/readme.txt", "site/NORMAL/c.dcm"]
+    assert located(names) == [("site/NORMAL/a.jpeg", 0), ("site/NORMAL/c.dcm", 0), ("site/PNEUMONIA/b.png", 1)]
     with pytest.raises(PipelineError, match="no NORMAL/ or PNEUMONIA/ folder"):
-        locate_images(["site/a.jpeg", "site/normal_b.jpeg"], "x")
+        located(["site/a.jpeg", "site/normal_b.jpeg"])
     with pytest.raises(PipelineError, match="has no PNEUMONIA images"):
-        locate_images(["site/NORMAL/a.jpeg"], "x")
+        located(["site/NORMAL/a.jpeg"])
     with pytest.raises(PipelineError, match="several roots .*'a', 'b'"):
-        locate_images(["a/NORMAL/1.jpeg", "a/PNEUMONIA/2.jpeg", "b/NORMAL/3.jpeg", "b/PNEUMONIA/4.jpeg"], "x")
+        located(["a/NORMAL/1.jpeg", "a/PNEUMONIA/2.jpeg", "b/NORMAL/3.jpeg", "b/PNEUMONIA/4.jpeg"])
 
 
 def test_folder_and_zip_give_the_same_tfrecords(tmp_path, known_images):
@@ -160,3 +164,89 @@ def test_gradcam_puts_no_heat_on_a_cropped_border():
     maps = gradcam.heatmaps(model, images)
     assert maps.shape == (2, 40, 40)
     assert maps[:, :4].max() == maps[:, -4:].max() == maps[:, :, :4].max() == maps[:, :, -4:].max() == 0
+
+
+def dicom_sites(root: Path) -> dict[str, Path]:
+    """Four DICOM X-rays of the sample (2 NORMAL, 2 PNEUMONIA, in several forms) as an external set in three
+    layouts: NORMAL/ and PNEUMONIA/ folders; the RSNA challenge's zip (one labels row per box, unlabelled test
+    images, other CSVs beside it); images in subfolders with a path,label CSV."""
+    from dicoms import dicom_file, sample_xrays
+
+    forms = ["mono1_12bit_rescaled", "jpeg2000_lossless", "window_16bit", "rle"]
+    images = {f"0004cfab-14fd-4e49-80ba-63a80b6bdd{index:02d}": (dicom_file(grey, form)[0], int(index >= 2))
+              for index, ((_, grey), form) in enumerate(zip(sample_xrays(4, width=64), forms))}
+    folders = root / "folders"
+    for name, (data, label) in images.items():
+        (folders / ("NORMAL", "PNEUMONIA")[label]).mkdir(parents=True, exist_ok=True)
+        (folders / ("NORMAL", "PNEUMONIA")[label] / f"{name}.dcm").write_bytes(data)
+
+    boxes = "".join(f"{name},,,,,0\n" if not label else f"{name},264,152,213,379,1\n{name},562,152,256,453,1\n"
+                    for name, (_, label) in images.items())
+    unlabelled = next(iter(images.values()))[0][:-10] + b"\0" * 10  # not in the labels: never read as an image
+    rsna = {"stage_2_train_labels.csv": b"patientId,x,y,width,height,Target\n" + boxes.encode(),
+            "stage_2_detailed_class_info.csv": b"patientId,class\n" + b"".join(
+                f"{name},{'Lung Opacity' if label else 'Normal'}\n".encode() for name, (_, label) in images.items()),
+            "stage_2_sample_submission.csv": b"patientId,PredictionString\nffff,0.5 0 0 100 100\n",
+            "stage_2_test_images/ffff.dcm": unlabelled,
+            **{f"stage_2_train_images/{name}.dcm": data for name, (data, _) in images.items()}}
+    (root / "rsna-pneumonia-detection-challenge.zip").write_bytes(zip_bytes(rsna))
+
+    labelled = root / "labelled"
+    rows = ["path,label"]
+    for index, (name, (data, label)) in enumerate(images.items()):
+        (labelled / f"series{index % 2}").mkdir(parents=True, exist_ok=True)
+        (labelled / f"series{index % 2}" / f"{name}.dcm").write_bytes(data)
+        rows.append(f"series{index % 2}/{name}.dcm,{('NORMAL', 'PNEUMONIA')[label]}")
+    (labelled / "labels.csv").write_text("\n".join(rows) + "\n")
+    return {"folders": folders, "rsna": root / "rsna-pneumonia-detection-challenge.zip", "labels-csv": labelled}
+
+
+@pytest.mark.slow  # a model and three external sets: 15 s
+def test_rsna_and_labels_csv_layouts_score_as_the_same_images_in_class_folders(tmp_path, known_images, caplog):
+    """The same DICOMs in the three layouts: the same records, and the same metrics/external.json (but its source)
+    from the functions the external and evaluate stages use; no patient data in anything written or logged."""
+    import logging
+
+    from dicoms import SECRETS
+    from pneumonia.config import EvaluateConfig, ModelConfig
+    from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.evaluation.summary import external_scores
+    from pneumonia.models.build import build_model
+
+    caplog.set_level(logging.DEBUG)
+    model = build_model(ModelConfig(crop=0), 32)
+    scores, written = {}, {}
+    for layout, source in dicom_sites(tmp_path / "sites").items():
+        target = tmp_path / layout
+        audit = write(source, target, known_images)
+        assert audit["images"] == {"NORMAL": 2, "PNEUMONIA": 2} and audit["patients"] == 4
+        written[layout] = {name: (target / name).read_bytes()
+                           for name in ("manifest.csv", f"{SPLIT}-00000-of-00001.tfrecord")}
+        config = EvaluateConfig(external=str(source), bootstrap_samples=100)
+        scores[layout] = external_scores(predict_split(model, target, SPLIT, 4), 0.5, config, audit)
+        assert scores[layout].pop("source") == str(source)
+        everything = b"".join(path.read_bytes() for path in target.rglob("*") if path.is_file())
+        assert not [secret for secret in SECRETS if secret.encode() in everything + json.dumps(scores).encode()]
+    assert written["rsna"] == written["folders"] == written["labels-csv"]
+    assert scores["rsna"] == scores["folders"] == scores["labels-csv"]
+    assert not [secret for secret in SECRETS if secret in caplog.text]
+
+
+def test_a_labels_csv_that_is_missing_ambiguous_or_wrong_says_so(tmp_path, known_images):
+    site = dicom_sites(tmp_path / "sites")["labels-csv"]
+    labels = (site / "labels.csv").read_text()
+    (site / "labels.csv").write_text(labels.replace("PNEUMONIA", "maybe", 1))
+    with pytest.raises(PipelineError, match=r"labels.csv, row 4: the label 'maybe' is neither pneumonia"):
+        write(site, tmp_path / "external", known_images)
+    (site / "labels.csv").write_text(labels.replace("PNEUMONIA", "NORMAL"))
+    with pytest.raises(PipelineError, match="has no PNEUMONIA images labelled in labels.csv"):
+        write(site, tmp_path / "external", known_images)
+    (site / "labels.csv").write_text(labels)
+    (site / "more.csv").write_text(labels)
+    with pytest.raises(PipelineError, match=r"several labels CSVs \(labels.csv, more.csv\)"):
+        write(site, tmp_path / "external", known_images)
+    (site / "more.csv").unlink()
+    (site / "labels.csv").unlink()
+    with pytest.raises(PipelineError, match="no NORMAL/ or PNEUMONIA/ folder of images and no labels CSV"):
+        write(site, tmp_path / "external", known_images)
+    assert not (tmp_path / "external").exists()

@@ -365,3 +365,30 @@ def test_a_pinned_version_is_asked_for_and_recorded_and_a_changed_archive_is_rep
     assert source["version"] == 4
     assert source["differs_from_recorded"] == {"version": 3, "archive_sha256": hashlib.sha256(first).hexdigest()}
     assert json.loads((project / "data_archive.json").read_text())["version"] == 4  # the record follows
+
+
+COMPETITION = "rsna-pneumonia-detection-challenge"
+
+
+def test_a_competitions_files_are_fetched_through_the_real_client(stub, monkeypatch, tmp_path, capsys):
+    """`pneumonia download-competition`: the competition's zip (the RSNA challenge's, for evaluate.external)
+    through the client's competition download; a competition not served (or its rules not accepted) says so."""
+    from pneumonia import cli
+
+    archive = zip_bytes({"stage_2_train_labels.csv": b"patientId,x,y,width,height,Target\nab,,,,,0\n",
+                         "stage_2_train_images/ab.dcm": os.urandom(2000)})
+    stub.competitions[COMPETITION] = archive
+    monkeypatch.setenv("KAGGLE_USERNAME", stub.username)
+    monkeypatch.setenv("KAGGLE_KEY", stub.key)
+
+    cli.main(["download-competition", COMPETITION, "--out", str(tmp_path / "external")])
+    assert (tmp_path / "external" / f"{COMPETITION}.zip").read_bytes() == archive
+    assert sorted(p.name for p in (tmp_path / "external").iterdir()) == [f"{COMPETITION}.zip"]
+    [download] = stub.api_calls("DownloadDataFiles")
+    assert download.body == {"competitionName": COMPETITION} and download.authorization == BASIC
+    assert "evaluate.external=" in capsys.readouterr().out
+
+    with pytest.raises(PipelineError, match=r"competition 'no-such-challenge' not found.*HTTP 403.*accepted its rules"):
+        kg.download_competition("no-such-challenge", tmp_path / "other", backoff_s=FAST)
+    with pytest.raises(PipelineError, match="must be the name in the competition's address"):
+        kg.download_competition("a/b", tmp_path / "other")

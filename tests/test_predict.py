@@ -100,7 +100,7 @@ def test_folders_give_their_jpeg_and_png_files_recursively(images):
                                                    "truncated.jpeg"]
     assert inference.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
     (images["folder"] / "empty").mkdir()
-    with pytest.raises(PipelineError, match="no JPEG or PNG files"):
+    with pytest.raises(PipelineError, match="no JPEG, PNG or DICOM files"):
         inference.image_files([images["folder"] / "empty"])
 
 
@@ -164,3 +164,32 @@ def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, caps
         cli.main(["predict", str(images["bright_png_grey"])])
     assert exit_info.value.code == 2
     assert "models/model.keras not found: train a model first" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # adapting a model: 20 s
+def test_predict_and_adapt_read_a_folder_of_dicoms_and_write_no_patient_data(project, capsys):
+    """`pneumonia predict` and `pneumonia adapt` on a site's DICOMs (header with made-up patient data): the
+    probability of each one's PNG, an adapted model, and none of the header's values in output or files."""
+    from dicoms import FORMS, SECRETS, dicom_file, png_bytes, sample_xrays
+
+    site, pngs = Path("site"), Path("pngs")
+    site.mkdir()
+    pngs.mkdir()
+    xrays = sample_xrays(2, width=96)
+    for index, form in enumerate(FORMS):
+        data, pixels = dicom_file(xrays[index % 2][1], form)
+        (site / f"{index:02d}-{form}").write_bytes(data)
+        (pngs / f"{index:02d}-{form}.png").write_bytes(png_bytes(pixels))
+
+    cli.main(["predict", "site", "pngs", "--json", "out.json", "--csv", "out.csv", "--gradcam", "cams"])
+    rows = json.loads(Path("out.json").read_text())
+    assert len(rows) == 2 * len(FORMS) and not any(row["error"] for row in rows)
+    np.testing.assert_allclose([row["probability"] for row in rows[:len(FORMS)]],
+                               [row["probability"] for row in rows[len(FORMS):]], atol=1e-3)
+
+    cli.main(["adapt", "site", "--out", "adapted.keras", "--min-images", str(len(FORMS))])
+    out, err = capsys.readouterr()
+    assert f"adapted to {len(FORMS)} images" in out
+    written = "".join(path.read_bytes().decode("latin-1") for path in Path(".").rglob("*")
+                      if path.is_file() and path.parent.name not in ("site", "pngs"))
+    assert not [secret for secret in SECRETS if secret in out + err + written]

@@ -15,6 +15,7 @@ import requests
 from mlflow import MlflowClient
 
 from conftest import mlflow_model_server, tool_env
+from dicoms import FORMS, SECRETS, dataset, dicom_file, file_bytes, png_bytes, sample_xrays
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training.fit import train
@@ -67,12 +68,27 @@ def server(served) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(store, tmp_path_factory) -> tuple[str, int]:
-    """`mlflow models serve` of the registered candidate and its process group; stopped at teardown."""
+def served(store, tmp_path_factory) -> tuple[str, int, Path]:
+    """`mlflow models serve` of the registered candidate, its process group and its output; stopped at teardown."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     with mlflow_model_server(f"models:/{REGISTERED}@candidate", store["uri"], log, SERVER_START_SECONDS) as (
             url, group, _):
-        yield url, group
+        yield url, group, log
+
+
+@pytest.fixture(scope="module")
+def dicom_xrays(tmp_path_factory) -> list[tuple[Path, Path]]:
+    """(DICOM, PNG of the same 8-bit image) of two X-rays of the sample (NORMAL, PNEUMONIA), the DICOM in each
+    form, with made-up patient data in its header; in one folder, the DICOMs named without a suffix."""
+    folder = tmp_path_factory.mktemp("dicom")
+    pairs = []
+    for index, (_, grey) in enumerate(sample_xrays(2, width=320)):
+        for form in FORMS:
+            data, pixels = dicom_file(grey, form)
+            (folder / f"{index}-{form}").write_bytes(data)
+            (folder / f"{index}-{form}.png").write_bytes(png_bytes(pixels))
+            pairs.append((folder / f"{index}-{form}", folder / f"{index}-{form}.png"))
+    return pairs
 
 
 def invoke(url: str, body: bytes | str, content_type: str = "application/json") -> requests.Response:
@@ -215,7 +231,7 @@ def test_concurrent_good_and_hostile_requests_memory_stays_bounded(served, xrays
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    url, group = served
+    url, group, _ = served
     good = request_for(xrays[:2])
     expected = invoke(url, good).json()
     hostile = list(hostile_requests().values())
@@ -257,3 +273,41 @@ def test_concurrent_good_and_hostile_requests_memory_stays_bounded(served, xrays
             assert status == 400 and content is True, status
     assert peak[0] < MEMORY_CEILING_MB, f"server memory peaked at {peak[0]:.0f} MiB (at rest {baseline:.0f} MiB)"
     print(f"load: {len(results)} requests in {seconds:.1f} s, server memory {baseline:.0f} -> peak {peak[0]:.0f} MiB")
+
+
+def test_dicom_in_each_form_predicts_as_its_png_served_and_by_the_cli_and_no_patient_data_leaves(
+        served, store, dicom_xrays, tmp_path):
+    """The same X-ray as PNG and as DICOM in each form: probabilities within 0.001 from the served model and
+    from `pneumonia predict` on the folder (DICOM known by content); a DICOM that is not an X-ray gets a 400
+    naming why. No header value of the DICOMs in any answer, output, file written, log or the MLflow store."""
+    url, _, log = served
+    answer = invoke(url, request_for([file for pair in dicom_xrays for file in pair]))
+    assert answer.status_code == 200, answer.text
+    served_probabilities = np.array([row["probability"] for row in answer.json()["predictions"]]).reshape(-1, 2)
+    np.testing.assert_allclose(served_probabilities[:, 0], served_probabilities[:, 1], atol=1e-3)  # DICOM, PNG
+
+    folder = dicom_xrays[0][0].parent
+    result = subprocess.run(["pneumonia", "predict", str(folder), "--model-uri", f"models:/{REGISTERED}@candidate",
+                             "--json", str(tmp_path / "predictions.json"), "--csv", str(tmp_path / "predictions.csv"),
+                             "--gradcam", str(tmp_path / "cams")],
+                            env=tool_env(MLFLOW_TRACKING_URI=store["uri"]), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    by_file = {row["file"]: row["probability"] for row in json.loads((tmp_path / "predictions.json").read_text())}
+    assert len(by_file) == 2 * len(dicom_xrays)
+    predicted = np.array([[by_file[str(file)] for file in pair] for pair in dicom_xrays])
+    np.testing.assert_allclose(predicted, served_probabilities, atol=1e-3)
+
+    not_an_x_ray = serving.encode_image(file_bytes(dataset(np.zeros((64, 64), np.uint8), 8, modality="CT")))
+    refused = invoke(url, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[not_an_x_ray]]}}))
+    assert refused.status_code == 400 and "modality is 'CT', not an X-ray" in refused.json()["message"]
+    huge = dataset(np.zeros((1, 1), np.uint8), 8)
+    huge.Rows = huge.Columns = 10_000  # 100 megapixels by its header: refused before decoding, as a PNG is
+    too_large = invoke(url, json.dumps({"dataframe_split": {"columns": ["image"],
+                                                            "data": [[serving.encode_image(file_bytes(huge))]]}}))
+    assert too_large.status_code == 400 and "more than the 36 megapixel limit" in too_large.json()["message"]
+
+    store_root = Path(store["model"]).parent
+    seen = [answer.text, refused.text, too_large.text, result.stdout, result.stderr, log.read_text(errors="replace")]
+    seen += [path.read_bytes().decode("latin-1") for root in (tmp_path, store_root) for path in root.rglob("*")
+             if path.is_file()]
+    assert not [secret for secret in SECRETS if any(secret in text for text in seen)]

@@ -73,9 +73,17 @@ def build_sample(args: argparse.Namespace) -> None:
     print(f"{args.out}: {summary.size_bytes} bytes, sha256 {summary.sha256}")
 
 
+def download_competition(args: argparse.Namespace) -> None:
+    from pneumonia.data import kaggle
+
+    info = kaggle.download_competition(args.name, args.out)
+    print(f"{info.path}: {info.size_bytes} bytes, sha256 {info.sha256}. Score the model on it: "
+          f"`dvc exp run -S evaluate.external={info.path}`")
+
+
 def add_predict_parser(commands) -> None:
     predict_parser = commands.add_parser(
-        "predict", help="probability of pneumonia and label for image files (JPEG, PNG) or folders of them",
+        "predict", help="probability of pneumonia and label for image files (JPEG, PNG, DICOM) or folders of them",
         description="Probability of pneumonia and label at the run's decision threshold for each image. "
                     "Default model: models/model.keras with the threshold in metrics/test.json. "
                     "Exit code 1 when some file could not be predicted.")
@@ -106,6 +114,8 @@ def adapt(args: argparse.Namespace) -> None:
     for path in inference.image_files(args.paths):
         try:
             images.append(classifier.preprocess(path))
+        except PipelineError as exc:  # a DICOM file that is not an X-ray it can read: the message says why
+            unreadable.append(f"{path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so
             unreadable.append(f"{path}: {type(exc).__name__}")
     if unreadable:
@@ -147,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(commands)
     add_adapt_parser(commands)
+
+    competition = commands.add_parser(
+        "download-competition", help="download a Kaggle competition's files (e.g. the RSNA pneumonia challenge's "
+                                     "DICOMs) with the official kaggle client, for evaluate.external",
+        description="Download every file of a Kaggle competition as <name>.zip, with the Kaggle credentials the "
+                    "download stage uses; Kaggle serves them only once you accepted the competition's rules. "
+                    "evaluate.external reads the RSNA challenge's zip as it is (docs/data.md).")
+    competition.add_argument("name", help="the competition's name, e.g. rsna-pneumonia-detection-challenge")
+    competition.add_argument("--out", type=Path, required=True, help="the folder the zip is written to")
+    competition.set_defaults(handler=download_competition)
 
     promoted = commands.add_parser(
         "promote", help="move a registered model's alias (default: champion to the version aliased candidate)",

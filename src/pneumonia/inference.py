@@ -22,13 +22,13 @@ import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
 from pneumonia.data.images import encode_jpeg, load_resized
+from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.models.build import load_model
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_THRESHOLD = 0.5
 BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
 
@@ -85,16 +85,19 @@ FIELDS = [field.name for field in fields(FilePrediction)]
 
 
 def image_files(paths: Sequence[Path]) -> list[Path]:
-    """Files as given (whatever their name); folders searched recursively for JPEG and PNG files."""
+    """Files as given (whatever their name); folders searched recursively for JPEG, PNG and DICOM files
+    (DICOM by name or by content)."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
+            is_image = in_folder(path)
             found += sorted(file for file in path.rglob("*")
-                            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES)
+                            if file.is_file() and is_image(file.relative_to(path).as_posix()))
         else:
             found.append(path)
     if not found:
-        raise PipelineError(f"no JPEG or PNG files in {', '.join(map(str, paths))}: name image files or folders")
+        raise PipelineError(f"no JPEG, PNG or DICOM files in {', '.join(map(str, paths))}: "
+                            "name image files or folders")
     return found
 
 

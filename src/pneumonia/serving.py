@@ -1,4 +1,4 @@
-"""The MLflow model of a run: base64-encoded JPEG/PNG images in, probability of pneumonia and label out.
+"""The MLflow model of a run: base64-encoded JPEG/PNG/DICOM images in, probability of pneumonia and label out.
 
 The evaluate stage logs it (it knows the decision threshold); it carries the Keras model, the
 threshold, the JPEG quality of the TFRecords and this package's code, and preprocesses like
@@ -56,7 +56,8 @@ MAX_IMAGE_BYTES = 16 * 2**20
 MAX_ENCODED_CHARS = MAX_IMAGE_BYTES * 4 // 3 * 77 // 76 + 4  # with GNU base64's line breaks
 DECODING = threading.BoundedSemaphore(2)
 # Needed to load and run the model where it is served; mlflow adds itself.
-REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow")
+REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg",
+                "python-gdcm")
 
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
@@ -69,7 +70,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                                           config["jpeg_quality"])
 
     def predict(self, context, model_input, params=None):
-        """model_input: a DataFrame with a column "image" of base64-encoded JPEG or PNG files."""
+        """model_input: a DataFrame with a column "image" of base64-encoded JPEG, PNG or DICOM files."""
         if len(model_input) > MAX_ROWS:
             raise MlflowException.invalid_parameter_value(
                 f"the request has {len(model_input)} rows, more than the limit of {MAX_ROWS} images a request: "
@@ -101,7 +102,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is not a readable image ({type(exc).__name__}: {exc}): "
-                "send JPEG or PNG files"
+                "send JPEG, PNG or DICOM files"
             ) from None
 
 

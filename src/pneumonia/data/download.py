@@ -19,7 +19,7 @@ from pneumonia import CLASS_NAMES, SPLITS, paths
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import DataConfig
 from pneumonia.data import synthetic
-from pneumonia.data.layout import locate_splits
+from pneumonia.data.layout import in_folder, in_zip, locate_splits
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def extract_archive(archive: Path, out: Path) -> None:
             for info in infos:
                 _check_member(info)
             by_name = {info.filename: info for info in infos}
-            files = locate_splits(list(by_name))
+            files = locate_splits(list(by_name), in_zip(zf))
             total = sum(len(names) for names in files.values())
             # zipfile stops at a member's declared size (its CRC then fails), so this bounds what is written.
             check_free_space(sum(by_name[name].file_size for names in files.values() for name in names), out,
@@ -103,7 +103,7 @@ def regular_files(folder: Path) -> list[str]:
 
 
 def copy_folder(folder: Path, out: Path) -> None:
-    files = locate_splits(regular_files(folder))
+    files = locate_splits(regular_files(folder), in_folder(folder))
     check_free_space(sum((folder / name).stat().st_size for names in files.values() for name in names), out,
                      f"the folder {folder}")
     for (split, class_name), members in tqdm(files.items(), desc="copying", mininterval=2):

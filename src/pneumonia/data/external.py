@@ -1,5 +1,6 @@
-"""An external validation set: X-rays of another site, `{NORMAL,PNEUMONIA}/` image folders in a zip
-or a folder (evaluate.external), made into model input exactly as the training images are.
+"""An external validation set: X-rays of another site (JPEG, PNG or DICOM) in a zip or a folder
+(evaluate.external), labelled by `{NORMAL,PNEUMONIA}/` folders or by a labels CSV (the RSNA
+challenge's layout among them), made into model input exactly as the training images are.
 
 It stands for "another hospital": the model is scored on it, never trained, early-stopped or
 checkpointed on it. Every file is read, hashed and decoded like the pipeline's own images
@@ -8,19 +9,23 @@ the set would no longer be external. The readable images become TFRecords throug
 as the splits (`tfrecords.write_records`), so decoding and resizing are one code path.
 """
 
+import csv
+import io
 import logging
 import shutil
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from pneumonia import CLASS_NAMES
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
-from pneumonia.data.layout import IMAGE_SUFFIXES, is_macos_litter
+from pneumonia.data.layout import has_image_suffix, in_folder, in_zip, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
 from pneumonia.data.prepare import patient_id
 from pneumonia.data.tfrecords import META, read_meta, write_records
@@ -29,8 +34,13 @@ from pneumonia.errors import PipelineError
 log = logging.getLogger(__name__)
 
 SPLIT = "external"  # the split name in the TFRecords and metadata
-LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (.jpeg, .jpg, .png), "
-               "e.g. external/NORMAL/a.jpeg, external/PNEUMONIA/b.jpeg.")
+LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (JPEG, PNG or DICOM), "
+               "e.g. external/NORMAL/a.jpeg, external/PNEUMONIA/b.dcm; or images with a labels CSV of columns "
+               "path (relative to the CSV) or id (file name without suffix) and label (NORMAL/PNEUMONIA or 0/1), "
+               "e.g. the RSNA challenge's stage_2_train_images/ with stage_2_train_labels.csv (Target).")
+ID_COLUMNS = ("path", "id", "patientid")  # lower case; patientId: the RSNA challenge's
+LABEL_COLUMNS = ("label", "target")  # Target: the RSNA challenge's, 1 = pneumonia
+POSITIVE, NEGATIVE = ("PNEUMONIA", "1", "TRUE"), ("NORMAL", "0", "FALSE")
 
 
 @dataclass(frozen=True)
@@ -40,11 +50,12 @@ class ExternalSet:
 
 
 def class_images(names: list[str]) -> dict[str, list[tuple[str, int]]]:
-    """{root: [(name, label), ...]} of the images directly inside a NORMAL/ or PNEUMONIA/ folder."""
+    """{root: [(name, label), ...]} of the images (`names`: image files) directly inside a NORMAL/ or
+    PNEUMONIA/ folder."""
     roots: dict[str, list[tuple[str, int]]] = {}
     for name in names:
         parts = PurePosixPath(name).parts
-        if is_macos_litter(name) or len(parts) < 2 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+        if len(parts) < 2:
             continue
         class_name = parts[-2].upper()
         if class_name in CLASS_NAMES:
@@ -52,52 +63,139 @@ def class_images(names: list[str]) -> dict[str, list[tuple[str, int]]]:
     return roots
 
 
-def locate_images(names: list[str], source: str) -> list[tuple[str, int]]:
-    """The (name, label) pairs of the one root holding NORMAL/ and PNEUMONIA/ image folders."""
-    roots = class_images(names)
+def locate_images(images: list[str], source: str) -> list[tuple[str, int]]:
+    """The (name, label) pairs of the one root holding NORMAL/ and PNEUMONIA/ folders of `images`."""
+    roots = class_images(images)
     if not roots:
-        raise PipelineError(f"evaluate.external = {source!r} has no NORMAL/ or PNEUMONIA/ folder of images. "
-                            + LAYOUT_HINT)
+        raise PipelineError(f"evaluate.external = {source!r} has no NORMAL/ or PNEUMONIA/ folder of images "
+                            "and no labels CSV. " + LAYOUT_HINT)
     if len(roots) > 1:
         listed = ", ".join(f"'{root or '.'}'" for root in sorted(roots))
         raise PipelineError(f"evaluate.external = {source!r} has NORMAL/PNEUMONIA folders under several roots "
                             f"({listed}): which one is the external set is ambiguous. Point evaluate.external "
                             "at a zip or folder with a single such pair.")
     (root, images), = roots.items()
+    return _with_both_classes(sorted(images), source, f"under '{root or '.'}'")
+
+
+def _with_both_classes(images: list[tuple[str, int]], source: str, where: str) -> list[tuple[str, int]]:
     missing = [name for label, name in enumerate(CLASS_NAMES) if not any(lab == label for _, lab in images)]
     if missing:
-        raise PipelineError(f"evaluate.external = {source!r} has no {' or '.join(missing)} images under "
-                            f"'{root or '.'}': ROC AUC, sensitivity and specificity need both classes. " + LAYOUT_HINT)
-    return sorted(images)
+        raise PipelineError(f"evaluate.external = {source!r} has no {' or '.join(missing)} images {where}: "
+                            "ROC AUC, sensitivity and specificity need both classes. " + LAYOUT_HINT)
+    return images
+
+
+def _label(value: str, csv_name: str, row: int) -> int:
+    text = value.strip().upper()
+    if text in POSITIVE:
+        return 1
+    if text in NEGATIVE:
+        return 0
+    raise PipelineError(f"{csv_name}, row {row}: the label {value!r} is neither pneumonia ({', '.join(POSITIVE)}) "
+                        f"nor normal ({', '.join(NEGATIVE)}). Fix the labels CSV.")
+
+
+def _column(header: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((column for column in header if column.strip().lower() in candidates), None)
+
+
+def csv_labelled_images(names: list[str], images: list[str], read_text: Callable[[str], str],
+                        source: str) -> list[tuple[str, int]]:
+    """(name, label) of the images a labels CSV names: the one CSV among `names` with an id column
+    (path, id or patientId) and a label column (label or Target). A path is relative to the CSV's
+    folder; an id is an image's file name without its suffix, anywhere under that folder. An image
+    with several rows (RSNA: one row per box) is pneumonia if any row says so; images without a row
+    are left out."""
+    tables = {}
+    for name in names:
+        if name.lower().endswith(".csv") and not is_macos_litter(name):
+            rows = list(csv.reader(io.StringIO(read_text(name))))
+            if rows and _column(rows[0], ID_COLUMNS) and _column(rows[0], LABEL_COLUMNS):
+                tables[name] = rows
+    if not tables:
+        raise PipelineError(f"evaluate.external = {source!r} has no NORMAL/ or PNEUMONIA/ folder of images and no "
+                            "labels CSV. " + LAYOUT_HINT)
+    if len(tables) > 1:
+        raise PipelineError(f"evaluate.external = {source!r} has several labels CSVs ({', '.join(sorted(tables))}): "
+                            "which one labels the set is ambiguous. Keep one.")
+    (csv_name, (header, *rows)), = tables.items()
+    folder = PurePosixPath(csv_name).parent
+    id_column, label_column = header.index(_column(header, ID_COLUMNS)), header.index(_column(header, LABEL_COLUMNS))
+    by_path = header[id_column].strip().lower() == "path"
+    under = [name for name in images if PurePosixPath(name).is_relative_to(folder)]  # any name, for folder "."
+    if by_path:
+        known = {name: name for name in under}
+        key = lambda text: (folder / text.strip()).as_posix()  # noqa: E731 - PurePosixPath(".") / "a" is "a"
+    else:
+        known = {}
+        for name in under:
+            stem = PurePosixPath(name).name
+            stem = stem[:-len(PurePosixPath(stem).suffix)] if has_image_suffix(stem) else stem
+            if stem in known:
+                raise PipelineError(f"evaluate.external = {source!r}: {known[stem]} and {name} have the same id "
+                                    f"{stem!r}, so {csv_name}'s rows cannot tell them apart. Use a path column.")
+            known[stem] = name
+        key = str.strip
+    labels: dict[str, int] = {}
+    unmatched = 0
+    for number, row in enumerate(rows, start=2):
+        if len(row) <= max(id_column, label_column):
+            continue  # a blank line
+        image = known.get(key(row[id_column]))
+        if image is None:
+            unmatched += 1
+            continue
+        labels[image] = max(labels.get(image, 0), _label(row[label_column], csv_name, number))
+    if unmatched:
+        log.warning("%s: %d row(s) name no image of the set (left out)", csv_name, unmatched)
+    if unlabelled := len(under) - len(labels):
+        log.info("%s: %d image(s) under %s have no row (left out)", csv_name, unlabelled, folder.as_posix())
+    return _with_both_classes(sorted(labels.items()), source, f"labelled in {csv_name}")
+
+
+def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text: Callable[[str], str],
+                    source: str) -> list[tuple[str, int]]:
+    """(name, label) of the external set's images: NORMAL/ and PNEUMONIA/ folders, else a labels CSV."""
+    images = [name for name in names if not is_macos_litter(name) and not name.lower().endswith(".csv")
+              and is_image(name)]
+    if class_images(images):
+        return locate_images(images, source)
+    return csv_labelled_images(names, images, read_text, source)
 
 
 def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]]:
-    """The class images of a zip or folder, copied to `out`/<CLASS>/<name> (symbolic links in a
+    """The labelled images of a zip or folder, copied to `out`/<CLASS>/<name> (symbolic links in a
     folder are not followed: an external set is files, not pointers elsewhere)."""
-    copied = []
+    def copy(images: list[tuple[str, int]], open_member: Callable[[str], BinaryIO]) -> list[tuple[Path, int]]:
+        copied = []
+        # By class, then file name: the same images give the same records in any layout.
+        for name, label in sorted(images, key=lambda image: (image[1], PurePosixPath(image[0]).name)):
+            target = out / CLASS_NAMES[label] / PurePosixPath(name).name
+            if target.exists():
+                raise PipelineError(f"evaluate.external = {display!r} has two images named {target.name!r}: "
+                                    "rename one (images are kept by file name).")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            copied.append((target, label))
+        return copied
+
     if source.is_dir():
         names = [path.relative_to(source).as_posix() for path in source.rglob("*")
                  if path.is_file() and not path.is_symlink()]
-        for name, label in locate_images(names, display):
-            target = out / CLASS_NAMES[label] / PurePosixPath(name).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / name, target)
-            copied.append((target, label))
-        return copied
+        return copy(labelled_images(names, in_folder(source), lambda name: (source / name).read_text(errors="replace"),
+                                    display), lambda name: open(source / name, "rb"))
     try:
         with zipfile.ZipFile(source) as archive:
-            infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
-            for name, label in locate_images(list(infos), display):
-                target = out / CLASS_NAMES[label] / PurePosixPath(name).name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(infos[name]) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                copied.append((target, label))
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+            images = labelled_images(names, in_zip(archive), lambda name: archive.read(name).decode(errors="replace"),
+                                     display)
+            return copy(images, archive.open)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise PipelineError(f"evaluate.external = {display!r} is not a readable zip archive ({exc}); it may be "
                             "truncated or corrupt. Copy it again, or point evaluate.external at the unpacked "
                             "folder.") from None
-    return copied
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,

@@ -1,10 +1,13 @@
 """Image decoding and resizing shared by the TFRecords writer and prediction, so a model sees
-new images exactly as it saw its training images."""
+new images exactly as it saw its training images. JPEG and PNG through PIL; DICOM, known by its
+content, through pneumonia.data.dicom, to the same 8-bit greyscale."""
 
 import io
 
 import numpy as np
 from PIL import Image
+
+from pneumonia.data import dicom
 
 # Refused before decoding: 6000 x 6000, over 4x the largest chest radiographs (a 43 cm detector at
 # 100 um is 4300 px). PIL alone only warns up to 179 MP, and a 10000 x 10000 PNG of 380 KiB
@@ -16,14 +19,28 @@ class ImageTooLarge(ValueError):
     pass
 
 
-def open_image(source: bytes | str) -> Image.Image:
-    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    width, height = image.size
+def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
-        image.close()
         raise ImageTooLarge(f"{width} x {height} = {width * height / 1e6:.0f} megapixels, more than the "
                             f"{MAX_PIXELS / 1e6:.0f} megapixel limit: downscale the image first")
+
+
+def open_image(source: bytes | str) -> Image.Image:
+    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header.
+
+    A DICOM file is refused the same way, then decoded to 8-bit greyscale ("L") at once
+    (dicom.DicomError when it is not a single greyscale X-ray it can decode).
+    """
+    if dicom.is_dicom(source):
+        dataset, width, height = dicom.dimensions(source)
+        _check_size(width, height)
+        return Image.fromarray(dicom.grey_pixels(dataset))  # uint8 (h, w): mode "L"
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    try:
+        _check_size(*image.size)
+    except ImageTooLarge:
+        image.close()
+        raise
     return image
 
 
@@ -42,8 +59,8 @@ def to_grey(image: Image.Image) -> Image.Image:
 
 
 def load_resized(source: bytes | str, size: int) -> Image.Image:
-    """Decode a JPEG/PNG (grayscale or colour, 8 or 16 bit, up to MAX_PIXELS) to a `size` x `size`
-    grayscale image.
+    """Decode a JPEG/PNG (grayscale or colour, 8 or 16 bit, up to MAX_PIXELS) or a DICOM X-ray to a
+    `size` x `size` grayscale image.
 
     Chest X-rays carry no colour information; the few RGB files in the Kaggle set are grey too.
     """

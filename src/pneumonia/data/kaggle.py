@@ -1,4 +1,4 @@
-"""Download the Kaggle dataset archive with the official `kaggle` client.
+"""Download a Kaggle dataset's archive, or a competition's files, with the official `kaggle` client.
 
 `import kaggle` authenticates at import time and prints help / calls exit() when it finds no
 credentials, so we look for credentials ourselves first (mirroring the client's search order)
@@ -12,8 +12,10 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +116,13 @@ def _scrub(text: str, secrets: list[str]) -> str:
     return text
 
 
-def _classify(exc: BaseException, slug: str) -> tuple[bool, str]:
-    """(worth retrying, actionable message) for a failed attempt."""
+DATASET_NOT_FOUND = "check data.kaggle_dataset (owner/name) and that you accepted the dataset's terms on kaggle.com."
+
+
+def _classify(exc: BaseException, slug: str, kind: str = "dataset",
+              not_found: str = DATASET_NOT_FOUND) -> tuple[bool, str]:
+    """(worth retrying, actionable message) for a failed attempt at the `kind` (dataset, competition)
+    `slug`; `not_found` says what to check on a 403 or 404."""
     import requests  # installed with kaggle; only needed once kaggle is in use
 
     if isinstance(exc, SystemExit):  # KaggleApi.authenticate() exits when every credential is refused
@@ -125,10 +132,7 @@ def _classify(exc: BaseException, slug: str) -> tuple[bool, str]:
         if status == 401:
             return False, "Kaggle rejected the credentials (HTTP 401): check the username/key or token."
         if status in (403, 404):
-            return False, (
-                f"Kaggle dataset {slug!r} not found or not accessible (HTTP {status}): check "
-                "data.kaggle_dataset (owner/name) and that you accepted the dataset's terms on kaggle.com."
-            )
+            return False, f"Kaggle {kind} {slug!r} not found or not accessible (HTTP {status}): {not_found}"
         transient = status == 429 or status >= 500
         return transient, f"Kaggle API returned HTTP error {status} for {slug!r}: {exc}"
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
@@ -188,25 +192,50 @@ def download_archive(slug: str, dest_dir: Path, retries: int = 3, *, backoff_s: 
     parts = slug.split("/")
     if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and not parts[2].isdigit()):
         raise PipelineError(f"Kaggle dataset {slug!r} must have the form owner/name or owner/name/N (version N).")
+
+    def fetch(api) -> int | None:
+        # force=False: the client resumes a partial archive of the same remote file (checked by its
+        # .kaggle-partial marker: ETag or Last-Modified, and size), else downloads it again whole.
+        # A complete archive is only ever returned after the client's size check passed.
+        api.dataset_download_files(slug, path=str(dest_dir), force=False, quiet=False, unzip=False)
+        return int(parts[2]) if len(parts) == 3 else _dataset_version(api, slug)
+
+    return _download(slug, "dataset", Path(dest_dir) / f"{parts[1]}.zip", fetch, DATASET_NOT_FOUND, retries,
+                     backoff_s)
+
+
+def download_competition(name: str, dest_dir: Path, retries: int = 3, *, backoff_s: float = 2.0) -> ArchiveInfo:
+    """Download every file of the Kaggle competition `name` (e.g. rsna-pneumonia-detection-challenge) into
+    dest_dir as `<name>.zip`, as download_archive does a dataset's. Kaggle serves them only to an account
+    that accepted the competition's rules."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise PipelineError(f"Kaggle competition {name!r} must be the name in the competition's address "
+                            "(kaggle.com/competitions/<name>), e.g. rsna-pneumonia-detection-challenge.")
+
+    def fetch(api) -> None:
+        api.competition_download_files(name, path=str(dest_dir), force=False, quiet=False)  # resumed like a dataset
+
+    return _download(name, "competition", Path(dest_dir) / f"{name}.zip", fetch,
+                     "check the competition's name and that you accepted its rules on its Data page on kaggle.com.",
+                     retries, backoff_s)
+
+
+def _download(slug: str, kind: str, target: Path, fetch: Callable, not_found: str, retries: int,
+              backoff_s: float) -> ArchiveInfo:
+    """fetch(api) writes the `kind` `slug`'s `target` (retried on transient errors) and returns its
+    version, if known."""
     method, secrets = _credentials()  # before importing kaggle, which would exit() without credentials
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / f"{parts[1]}.zip"
-    log.info("Downloading Kaggle dataset %s to %s (credentials: %s)", slug, target, method)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Downloading Kaggle %s %s to %s (credentials: %s)", kind, slug, target, method)
 
     retries = max(retries, 0)
     for attempt in range(retries + 1):
-        # force=False: the client resumes a partial `target` of the same remote file (checked by its
-        # .kaggle-partial marker: ETag or Last-Modified, and size), else downloads it again whole.
-        # A complete target is only ever returned after the client's size check passed.
         try:
             with _client_prints_to_log(secrets):
-                api = _authenticated_api()
-                api.dataset_download_files(slug, path=str(dest_dir), force=False, quiet=False, unzip=False)
-                version = int(parts[2]) if len(parts) == 3 else _dataset_version(api, slug)
+                version = fetch(_authenticated_api())
             break
         except (Exception, SystemExit) as exc:
-            transient, message = _classify(exc, slug)
+            transient, message = _classify(exc, slug, kind, not_found)
             message = _scrub(message, secrets)
             if not transient or attempt == retries:
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""

@@ -1,0 +1,141 @@
+"""DICOM files made with pydicom (and python-gdcm's encoder) from an 8-bit greyscale X-ray of the committed
+sample, in each form the reader must turn back into that X-ray; nothing downloaded."""
+
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO_SAMPLE
+
+# Made-up patient data: none of it may appear anywhere the project writes or prints.
+PATIENT = {"PatientName": "Quixote^Zebulon^Aurelio", "PatientID": "PID-7Q3X9-31415", "PatientBirthDate": "19230517",
+           "InstitutionName": "Saint Nowhere Infirmary of Elsewhere", "AccessionNumber": "ACC-8675309-ZZ",
+           "StudyDate": "20191231", "ReferringPhysicianName": "Hypothetical^Hortensia"}
+SECRETS = ["Quixote", "Zebulon", "PID-7Q3X9-31415", "19230517", "Saint Nowhere", "ACC-8675309", "Hortensia"]
+
+# form: (transfer syntax, whether decoding gives back the stored values exactly)
+FORMS = {
+    "mono2_8bit": ("1.2.840.10008.1.2.1", True),
+    "mono1_12bit_rescaled": ("1.2.840.10008.1.2.1", True),
+    "window_16bit": ("1.2.840.10008.1.2.1", True),
+    "deflated": ("1.2.840.10008.1.2.1.99", True),  # pydicom's own
+    "rle": ("1.2.840.10008.1.2.5", True),  # pydicom's own RLE
+    "jpeg2000_lossless": ("1.2.840.10008.1.2.4.90", True),  # pylibjpeg-openjpeg
+    "jpeg_lossless": ("1.2.840.10008.1.2.4.70", True),  # python-gdcm
+    "jpeg_lossless_p14": ("1.2.840.10008.1.2.4.57", True),  # python-gdcm
+    "jpegls_lossless": ("1.2.840.10008.1.2.4.80", True),  # python-gdcm
+    "jpeg_baseline": ("1.2.840.10008.1.2.4.50", False),  # a JPEG: compared with its own decoded pixels
+}
+WINDOW = {"WindowCenter": 13750.5, "WindowWidth": 25501}  # maps 1000 + 100 * v back to v (v: 0..255)
+
+
+def sample_xrays(count: int, width: int = 256) -> list[tuple[str, np.ndarray]]:
+    """(name, 8-bit grey pixels) of the first `count` test X-rays of the committed sample, `width` px wide."""
+    with zipfile.ZipFile(REPO_SAMPLE) as archive:
+        names = sorted(name for name in archive.namelist() if "/test/" in name and name.endswith(".jpeg"))
+        normal, pneumonia = ([name for name in names if f"/{label}/" in name] for label in ("NORMAL", "PNEUMONIA"))
+        xrays = []
+        for name in normal[:count // 2] + pneumonia[:count - count // 2]:
+            image = Image.open(io.BytesIO(archive.read(name))).convert("L")
+            image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.BILINEAR)
+            xrays.append((Path(name).stem, np.asarray(image)))
+    return xrays
+
+
+def png_bytes(grey: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dataset(stored: np.ndarray, bits: int, photometric: str = "MONOCHROME2", modality: str = "DX", **attributes):
+    """An uncompressed single-frame DICOM dataset of `stored` values."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.update(PATIENT)
+    ds.Rows, ds.Columns = stored.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8 if bits == 8 else 16), bits, bits - 1, 0
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    ds.PixelData = stored.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    return ds
+
+
+def file_bytes(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _gdcm_compressed(ds, syntax: str) -> bytes:
+    """`ds` re-encoded by python-gdcm (pydicom has no JPEG lossless or JPEG-LS encoder of its own)."""
+    import gdcm
+
+    syntaxes = {"1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+                "1.2.840.10008.1.2.4.57": gdcm.TransferSyntax.JPEGLosslessProcess14,
+                "1.2.840.10008.1.2.4.80": gdcm.TransferSyntax.JPEGLSLossless}
+    with tempfile.TemporaryDirectory() as scratch:
+        source, target = Path(scratch) / "in.dcm", Path(scratch) / "out.dcm"
+        source.write_bytes(file_bytes(ds))
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(syntaxes[syntax]))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(target))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+        return target.read_bytes()
+
+
+def dicom_file(grey: np.ndarray, form: str) -> tuple[bytes, np.ndarray]:
+    """(DICOM file, the 8-bit grey image it holds): `grey` itself, except for a lossy JPEG's decoded pixels."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    value = grey.astype(np.float64)
+    mono1 = dataset(np.rint((255 - value) * 4095 / 255), 12, "MONOCHROME1", RescaleSlope=0.5, RescaleIntercept=-1024)
+    windowed = dataset(1000 + 100 * value, 16, **WINDOW)
+    if form == "mono2_8bit":
+        return file_bytes(dataset(grey, 8)), grey
+    if form == "mono1_12bit_rescaled":
+        return file_bytes(mono1), grey
+    if form == "window_16bit":
+        return file_bytes(windowed), grey
+    if form == "deflated":
+        mono1.file_meta.TransferSyntaxUID = FORMS[form][0]  # pydicom deflates the dataset as it writes it
+        return file_bytes(mono1), grey
+    if form == "rle":
+        windowed.compress(RLELossless)
+        return file_bytes(windowed), grey
+    if form == "jpeg2000_lossless":
+        mono1.compress(JPEG2000Lossless)
+        return file_bytes(mono1), grey
+    if form in ("jpeg_lossless", "jpeg_lossless_p14", "jpegls_lossless"):
+        return _gdcm_compressed(windowed, FORMS[form][0]), grey
+    if form == "jpeg_baseline":
+        buffer = io.BytesIO()
+        Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
+        ds = dataset(grey, 8)
+        ds.file_meta.TransferSyntaxUID = FORMS[form][0]
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression = "01"
+        return file_bytes(ds), np.asarray(Image.open(buffer).convert("L"))
+    raise ValueError(form)
