@@ -18,6 +18,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -172,17 +173,20 @@ def peak_memory_mb() -> dict[str, float]:
 
 def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class_weight: dict[int, float] | None,
           model_path: Path, placement: distribute.Placement | None = None,
-          backup: TrainingBackup | None = None) -> TrainingResult:
+          backup: TrainingBackup | None = None,
+          extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
     """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only).
 
     `backup` is this worker's (opened: `TrainingBackup.open`); its state is resumed when present.
     Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
-    (the chief only). The caller removes the backup once it has written its outputs.
+    (the chief only). The caller removes the backup once it has written its outputs. `extra_callbacks`
+    run after the pipeline's own (benchmarks.gpu_check keeps the trained model through one).
     """
     placement = placement or distribute.place(config.accelerator, config.precision, model_config.backbone)
     if backup is None:
         with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
-            return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch))
+            return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch),
+                         extra_callbacks)
     logging_run = placement.is_chief and mlflow.active_run()
     if logging_run:
         mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
@@ -225,7 +229,8 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
                 class_weight=class_weight,
                 # The backup comes after the history and the checkpoint, MLflow after the backup
                 # (see backup.EpochHistory, tracking.epoch_metrics_callback).
-                callbacks=[*callbacks, backup.stage(number, epochs_before + stage.epochs), *progress],
+                callbacks=[*callbacks, backup.stage(number, epochs_before + stage.epochs), *progress,
+                           *extra_callbacks],
                 shuffle=False,  # the dataset shuffles itself, reproducibly
                 verbose=2 if placement.is_chief else 0,
             )
