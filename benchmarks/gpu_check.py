@@ -195,6 +195,8 @@ def devices(settings: Settings) -> dict:
         details = tf.config.experimental.get_device_details(gpu)
         gpus.append({"name": details.get("device_name", gpu.name),
                      "compute_capability": ".".join(map(str, details.get("compute_capability", ())))})
+    # This process only prepares data: eager ops on a GPU would take its memory from the models' processes
+    tf.config.set_visible_devices([], "GPU")
     build = tf.sysconfig.get_build_info()
     auto = {model: distribute.select_precision("auto", settings.accelerator,
                                                pipeline_params(model, settings, "auto", "auto", True).model.backbone)
@@ -232,7 +234,7 @@ def run_model(spec: dict, deadline: float) -> list[dict]:
     except subprocess.TimeoutExpired as exc:
         output = exc.stdout or ""
         stdout = output.decode() if isinstance(output, bytes) else output
-        error, failed = f"stopped at its time limit ({seconds} s left of the check's budget)", True
+        error, failed = f"stopped after {seconds} s: its time limit within the check's budget", True
     rows = [json.loads(line[len(ROW):]) for line in stdout.splitlines() if line.startswith(ROW)]
     missing = [precision for precision in spec["precisions"] if precision not in {row["precision"] for row in rows}]
     if failed and missing and spec["deterministic"] and "determinis" in error.lower():
