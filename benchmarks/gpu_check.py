@@ -16,7 +16,8 @@ time limit still leaves what it measured):
   in memory (benchmarks.input_vs_compute's measurement: the step time splits into compute and waiting
   for input), the input pipeline's own rate (batches read, no model) and the peak GPU memory;
 * custom_cnn float32 once more on the CPU (`train.accelerator: cpu`, same seed and epochs): the GPU
-  runs' validation AUC after the same epochs must be within AUC_TOLERANCE of it.
+  runs' validation AUC after the same epochs (the best epoch's, which the train stage keeps) must be
+  within AUC_TOLERANCE of it.
 
 Why the library and not `dvc exp run` in a copy of the project (as benchmarks.external_validity
 does): each experiment would rerun the evaluate stage (bootstrap, Grad-CAM, the HTML report) and
@@ -32,7 +33,10 @@ Determinism: the default `train.deterministic: true` makes TensorFlow refuse ops
 deterministic GPU kernel. A model whose run fails so is run again with `train.deterministic: false`,
 and the report says which op it was. Even deterministic, GPU and CPU do not compute alike (cuDNN's
 and oneDNN's kernels sum in other orders, float16 rounds), so the two trainings part after the
-first steps: hence a tolerance, not equality.
+first steps: hence a tolerance, not equality. How far apart such trainings end, measured on 2 CPU
+cores (custom_cnn float32 against mixed_bfloat16, and seed 42 against 1, 10 epochs): the last epoch's
+validation AUC 0.07 and 0.11 apart (it swings by 0.1 from one epoch to the next on 118 images), the
+best epoch's 0.011 and 0.015: so the best epoch's is compared, within 0.03.
 
 Time: each model's process stops at 4 minutes, and all of them together get 7.5 (budget_seconds),
 so the check ends within 8 minutes of its start, the sample's preparation included; a model cut off
@@ -60,7 +64,7 @@ from benchmarks.common import REPO, median, prepared_sample, quiet_tensorflow, t
 from benchmarks.input_vs_compute import tfrecords_and_in_memory_rates
 
 SAMPLE = REPO / "data_sample" / "chest-xray-small.zip"  # params.yaml's data.local_path
-AUC_TOLERANCE = 0.03  # |GPU - CPU| validation AUC of custom_cnn after the same epochs (docs/performance.md)
+AUC_TOLERANCE = 0.03  # |GPU - CPU| best validation AUC of custom_cnn over the same epochs (docs/performance.md)
 # Overrides of params.yaml per model, as `dvc exp run -S` would set them
 MODELS = {"custom_cnn": {}, "resnet50v2": {"model.name": "resnet50v2", "model.weights": "none"},
           "mobilenetv2": {"model.name": "mobilenetv2", "model.weights": "none"}}
@@ -88,7 +92,7 @@ class Settings:
 MODES = {
     # 128 px and 32 images a batch: params.yaml's
     "gpu": Settings("gpu", ("float32", "mixed_float16"), "resnet50v2", ("float32", "mixed_float16"), image_size=128,
-                    batch_size=32, sample_every=1, epochs=5, speed_rounds=3, speed_steps=100, speed_epochs=3,
+                    batch_size=32, sample_every=1, epochs=10, speed_rounds=3, speed_steps=100, speed_epochs=3,
                     input_batches=300, model_seconds=240, budget_seconds=450),
     # mobilenetv2 for resnet50v2 (the same path, a fifteenth of the arithmetic), float32 only
     "cpu": Settings("cpu", ("float32", "mixed_bfloat16"), "mobilenetv2", ("float32",), image_size=48, batch_size=8,
@@ -246,16 +250,16 @@ def run_model(spec: dict, deadline: float) -> list[dict]:
 
 
 def auc_check(runs: list[dict]) -> dict | None:
-    """custom_cnn's validation AUC after the same epochs: each accelerator run against the CPU reference."""
+    """custom_cnn's best validation AUC over the same epochs: each accelerator run against the CPU reference."""
     reference = next((run for run in runs if run["reference"] and "error" not in run), None)
     compared = [run for run in runs if run["model"] == "custom_cnn" and not run["reference"] and "error" not in run]
     if reference is None or not compared:
         return None
     rows = []
     for run in compared:
-        difference = run["val_auc"][-1] - reference["val_auc"][-1]
+        difference = max(run["val_auc"]) - max(reference["val_auc"])
         rows.append({"precision": run["precision"], "device": run["device"], "deterministic": run["deterministic"],
-                     "val_auc": run["val_auc"][-1], "reference_val_auc": reference["val_auc"][-1],
+                     "val_auc": max(run["val_auc"]), "reference_val_auc": max(reference["val_auc"]),
                      "difference": round(difference, 4), "within_tolerance": abs(difference) <= AUC_TOLERANCE})
     return {"tolerance": AUC_TOLERANCE, "epochs": reference["epochs"], "runs": rows,
             "all_within": all(row["within_tolerance"] for row in rows)}
@@ -295,7 +299,7 @@ def markdown(report: dict) -> str:
     if check is None:
         lines.append("Validation AUC against the CPU: not compared (a run failed).")
     else:
-        lines.append(f"Validation AUC of custom_cnn after {check['epochs']} epochs against the CPU's (float32, "
+        lines.append(f"Best validation AUC of custom_cnn over {check['epochs']} epochs against the CPU's (float32, "
                      f"same seed), tolerance {check['tolerance']}:")
         lines += [f"- {row['device']} {row['precision']}: {row['val_auc']} vs {row['reference_val_auc']} "
                   f"({row['difference']:+}): {'within' if row['within_tolerance'] else 'OUTSIDE'}"
