@@ -22,6 +22,25 @@ from benchmarks.common import (
 TARGET = 0.95
 
 
+def tfrecords_and_in_memory_rates(model, from_records, batch_size: int, class_weight: dict | None, rounds: int,
+                                  steps: int, epochs: int) -> list[dict[str, float]]:
+    """Training images/s of the compiled `model` on `from_records` (the input pipeline's batches) and on
+    its first `steps` batches cached in memory, fitted alternately `rounds` times; per fit the median
+    of the epochs after the first (warm-up)."""
+    in_memory = from_records.take(steps).cache().repeat()
+    for _ in in_memory.take(steps):  # fill the cache: these batches now live in memory
+        pass
+
+    def images_per_second(batches) -> float:
+        timer = epoch_timer()
+        model.fit(batches, epochs=epochs, steps_per_epoch=steps, class_weight=class_weight, callbacks=[timer],
+                  shuffle=False, verbose=0)
+        return median([steps * batch_size / seconds for seconds in timer.seconds[1:]])
+
+    return [{"tfrecords": images_per_second(from_records), "in_memory": images_per_second(in_memory)}
+            for _ in range(rounds)]
+
+
 def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     import keras
     import tensorflow as tf
@@ -49,22 +68,12 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
     batches = dataset.training_batches(tfrecords, batch_size, params.train.seed)
     from_records = fit.labelled_for(params.model.output, batches)
-    in_memory = from_records.take(scale.train_steps).cache().repeat()
-    for _ in in_memory.take(scale.train_steps):  # fill the cache: these batches now live in memory
-        pass
-
-    def images_per_second(batches) -> float:
-        timer = epoch_timer()
-        model.fit(batches, epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, class_weight=weights,
-                  callbacks=[timer], shuffle=False, verbose=0)
-        return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
 
     result: dict = {"model": params.model.name, "image_size": size, "batch_size": batch_size,
                     "devices": [device.device_type for device in tf.config.list_logical_devices()]}
-    rounds = []
     with load_during(result):
-        for _ in range(scale.train_rounds):
-            rounds.append({"tfrecords": images_per_second(from_records), "in_memory": images_per_second(in_memory)})
+        rounds = tfrecords_and_in_memory_rates(model, from_records, batch_size, weights, scale.train_rounds,
+                                               scale.train_steps, scale.train_epochs)
     tfrecords_rate, memory_rate = median([r["tfrecords"] for r in rounds]), median([r["in_memory"] for r in rounds])
     ratio = median([r["tfrecords"] / r["in_memory"] for r in rounds])
     return {

@@ -25,7 +25,7 @@ def train_in_job(job: TrainingJob) -> None:
     params = load_params(overrides=job.params_overrides())
     placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
     result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
-                   placement, reporters=[MetricLines()])
+                   placement, extra_callbacks=[MetricLines()])
     if placement.is_chief:
         summary = result.summary()
         write_csv(job.output_data_dir / paths.TRAIN_HISTORY.name, *result.history_table())

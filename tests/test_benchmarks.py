@@ -6,6 +6,7 @@ benchmark, which starts a model server, about one more (`-k inference`).
 """
 
 import json
+import os
 import sys
 
 import pytest
@@ -109,3 +110,49 @@ def test_readme_performance_summary_is_the_benchmark_report():
     block = readme[readme.index(SUMMARY_MARKERS[0]) + len(SUMMARY_MARKERS[0]):readme.index(SUMMARY_MARKERS[1])]
     assert block.strip() == summary(report).strip()
     assert all(f"- {report['results'][name]['target']}: " in block for name in IN_README)
+
+
+@pytest.mark.e2e
+def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
+    """benchmarks/gpu_check.py --cpu: the GPU check's runs at tiny sizes on the CPU (not yet run on a GPU)."""
+    run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(tmp_path)], REPO)
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["mode"] == "cpu" and report["devices"]["tensorflow"] and report["machine"]["cores"] >= 1
+    assert set(report["devices"]["auto_precision"]) == {"custom_cnn", "mobilenetv2"}
+    runs = report["runs"]
+    assert [(r["model"], r["precision"], r["reference"]) for r in runs] == [
+        ("custom_cnn", "float32", False), ("custom_cnn", "mixed_bfloat16", False), ("custom_cnn", "float32", True),
+        ("mobilenetv2", "float32", False)]
+    for row in runs:
+        assert "error" not in row, row["error"]
+        assert row["device"] == "cpu" and row["epochs"] == report["settings"]["epochs"] == len(row["val_auc"])
+        assert all(0 <= auc <= 1 for auc in row["val_auc"]) and row["train_seconds"] > 0 and row["peak_memory_mb"] > 0
+        if not row["reference"]:
+            assert min(row["images_per_second"].values()) > 0
+            assert row["step_ms"]["training"] > 0 and row["step_ms"]["compute"] > 0
+            assert row["step_ms"]["waiting_for_input"] >= 0
+    # The CPU reference is the first run again in a process of its own: deterministic ops, the same training
+    assert runs[2]["val_loss"] == runs[0]["val_loss"]
+    check = report["auc_check"]
+    assert [row["precision"] for row in check["runs"]] == ["float32", "mixed_bfloat16"]
+    assert check["runs"][0]["difference"] == 0 and check["runs"][0]["within_tolerance"]
+
+    page = (tmp_path / "gpu_check.md").read_text()
+    assert "python -m benchmarks.gpu_check --cpu" in page
+    assert sum(line.startswith("| custom_cnn | cpu | ") for line in page.splitlines()) == 3
+    assert "- cpu mixed_bfloat16: " in page and "failed" not in page
+
+
+@pytest.mark.slow
+def test_gpu_check_wrapper_says_what_to_do_when_it_cannot_install(tmp_path):
+    """No package index and no usable wheels: a clear message, exit 1, and no report."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    result = run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "--wheels", str(wheels)], REPO,
+                 check=False, VENV=str(tmp_path / "venv"), PYTHON=sys.executable, PIP_CONFIG_FILE=os.devnull,
+                 PIP_FIND_LINKS=str(wheels))
+    assert result.returncode == 1, result.stderr
+    assert f"could not install the project with tensorflow[and-cuda] from the wheels in {wheels}" in result.stderr
+    assert "pip download -d DIR -c requirements.lock '.[gpu]' setuptools" in result.stderr
+    assert not (tmp_path / "out" / "gpu_check.json").exists()

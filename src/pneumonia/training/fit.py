@@ -173,19 +173,20 @@ def peak_memory_mb() -> dict[str, float]:
 
 def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class_weight: dict[int, float] | None,
           model_path: Path, placement: distribute.Placement | None = None,
-          backup: TrainingBackup | None = None, reporters: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
+          backup: TrainingBackup | None = None,
+          extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
     """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only).
 
     `backup` is this worker's (opened: `TrainingBackup.open`); its state is resumed when present.
     Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
-    (the chief only), as to `reporters` (callbacks, e.g. SageMaker's metric lines). The caller removes
-    the backup once it has written its outputs.
+    (the chief only). The caller removes the backup once it has written its outputs. `extra_callbacks`
+    run on the chief after the pipeline's own: SageMaker's metric lines, the model benchmarks.gpu_check keeps.
     """
     placement = placement or distribute.place(config.accelerator, config.precision, model_config.backbone)
     if backup is None:
         with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
             return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch),
-                         reporters)
+                         extra_callbacks)
     logging_run = placement.is_chief and mlflow.active_run()
     if logging_run:
         mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
@@ -212,7 +213,7 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
         model = build_model(model_config, read_meta(tfrecords)["image_size"], config.augment)
         callbacks = [*make_callbacks(config, backup.checkpoint, best_so_far), history]
         progress = [tracking.epoch_metrics_callback(history)] if logging_run else []
-        progress += list(reporters) if placement.is_chief else []
+        progress += list(extra_callbacks) if placement.is_chief else []
         started = time.perf_counter()
         for number, stage in enumerate(stages(config), start=1):
             stage = replace(stage, learning_rate=stage.learning_rate * rate_scale)
