@@ -203,6 +203,10 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     class_weight: Literal["balanced", "none"] = "balanced"
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
+    # ema: validation, the checkpoint and early stopping see an exponential moving average of the weights
+    # (Polyak averaging, the optimizer's own), updated each step with this momentum
+    weight_averaging: Literal["none", "ema"] = "none"
+    ema_momentum: Float = Field(0.99, gt=0, lt=1)
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: StrictInt = 42

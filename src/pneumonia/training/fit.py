@@ -122,7 +122,8 @@ def keras_metrics(output: str) -> list[keras.metrics.Metric]:
 
 def compile_model(model: keras.Model, output: str, config: TrainConfig, rate) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(rate),
+        optimizer=keras.optimizers.Adam(rate, use_ema=config.weight_averaging == "ema",
+                                        ema_momentum=config.ema_momentum),
         loss=(keras.losses.CategoricalCrossentropy if output == "softmax"
               else keras.losses.BinaryCrossentropy)(label_smoothing=config.label_smoothing),
         metrics=keras_metrics(output),
