@@ -214,3 +214,30 @@ def test_weight_averaging_validates_checkpoints_and_stops_on_the_averaged_weight
     saved_loss = averaged_model.evaluate(validation, verbose=0, return_dict=True)["loss"]
     assert saved_loss == pytest.approx(averaged.history["val_loss"][averaged.best_epoch], rel=1e-4)
     assert averaged.history["val_loss"] != plain.history["val_loss"]
+
+
+def test_oversampling_draws_both_classes_alike_from_an_imbalanced_training_split(synthetic_data, tmp_path,
+                                                                                 monkeypatch):
+    """train.class_balance: oversample. A training split with one NORMAL image in four: its batches hold
+    both classes about alike, each NORMAL image comes round more often, and the same seed repeats them."""
+    from pneumonia.config import TFRecordsConfig
+    from pneumonia.data import dataset
+    from pneumonia.data.manifest import read_manifest
+    from pneumonia.data.tfrecords import write_records
+
+    monkeypatch.chdir(synthetic_data)  # manifest paths are relative to the project
+    records = read_manifest(synthetic_data / "data/manifests/train.csv")
+    normal = [record for record in records if record.label == 0]
+    pneumonia = [record for record in records if record.label == 1]
+    kept = normal[: len(pneumonia) // 3] + pneumonia
+    write_records({"train": kept}, tmp_path, 48, TFRecordsConfig(images_per_shard=8, workers=1))
+
+    def labels(oversample: bool, seed: int = 3) -> np.ndarray:
+        batches = dataset.training_batches(tmp_path, 8, seed, oversample).take(60)
+        return np.concatenate([batch_labels.ravel() for _, batch_labels in batches.as_numpy_iterator()])
+
+    plain, balanced = labels(False), labels(True)
+    assert abs(plain.mean() - len(pneumonia) / len(kept)) < 0.05  # as in the data: 3 of 4 pneumonia
+    assert abs(balanced.mean() - 0.5) < 0.07  # 480 draws at 1 in 2: sd 0.023
+    np.testing.assert_array_equal(labels(True), balanced)
+    assert not np.array_equal(labels(True, seed=4), balanced)

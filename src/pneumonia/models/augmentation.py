@@ -34,22 +34,14 @@ class RandomAffine(layers.Layer):
         if not training:
             return images
         batch = ops.shape(images)[0]
-        height, width = ops.cast(ops.shape(images)[1], "float32"), ops.cast(ops.shape(images)[2], "float32")
 
         def uniform(limit):
             return keras.random.uniform((batch,), -limit, limit, seed=self.seed_generator)
 
-        scale = 1.0 + uniform(self.zoom)  # > 1 samples a larger area: zooms out
-        angle = uniform(self.rotation * 2 * math.pi)
-        shift_x, shift_y = uniform(self.translation) * width, uniform(self.translation) * height
-        # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and scale about
-        # the centre, then shift.
-        cos, sin = scale * ops.cos(angle), scale * ops.sin(angle)
-        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
-        zeros = ops.zeros_like(cos)
-        transform = ops.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y - shift_x,
-                               sin, cos, centre_y - sin * centre_x - cos * centre_y - shift_y, zeros, zeros], axis=1)
-        return ops.image.affine_transform(images, transform, fill_mode="constant")
+        # Drawn in this order (scale, angle, x, y): the same seed gives the same augmentation as before.
+        scale, angle = 1.0 + uniform(self.zoom), uniform(self.rotation * 2 * math.pi)
+        shift = ops.stack([uniform(self.translation), uniform(self.translation)], axis=1)
+        return affine(images, scale, angle, shift)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -57,6 +49,22 @@ class RandomAffine(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "zoom": self.zoom, "rotation": self.rotation,
                 "translation": self.translation, "seed": self.seed}
+
+
+def affine(images, scale, angle, shift):
+    """`images` (batch, height, width, channels) each scaled by `scale` (> 1 samples a larger area: zooms
+    out), rotated by `angle` (radians) about the centre, then shifted by `shift` (batch, 2: x and y, in
+    fractions of the size); the corners that come from outside the image are 0."""
+    height, width = ops.cast(ops.shape(images)[1], "float32"), ops.cast(ops.shape(images)[2], "float32")
+    shift_x, shift_y = shift[:, 0] * width, shift[:, 1] * height
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and scale about
+    # the centre, then shift.
+    cos, sin = scale * ops.cos(angle), scale * ops.sin(angle)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    zeros = ops.zeros_like(cos)
+    transform = ops.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y - shift_x,
+                           sin, cos, centre_y - sin * centre_x - cos * centre_y - shift_y, zeros, zeros], axis=1)
+    return ops.image.affine_transform(images, transform, fill_mode="constant")
 
 
 def augment(config: AugmentConfig, inputs):

@@ -197,7 +197,8 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
             f"than the training set ({train_images} images); lower train.batch_size."
         )
     output = model_config.output
-    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed))
+    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed,
+                                                                            config.class_balance == "oversample"))
     validation_batches = labelled_for(output, dataset.evaluation_batches(tfrecords, "val", global_batch))
     rate_scale = placement.replicas if config.scale_learning_rate else 1
 
