@@ -12,7 +12,6 @@ set chooses nothing. Results go to <out>/prediction_levers.json and .md.
 import argparse
 import itertools
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -20,36 +19,17 @@ import numpy as np
 
 from benchmarks.common import REPO
 
-# (scale, rotation in fractions of a turn, shift x, shift y): the identity and small moves inside the
-# training augmentation's range (zoom 0.25, rotation 0.03, translation 0.08).
-VIEWS = {
-    "none": [(1.0, 0.0, 0.0, 0.0)],
-    "zoom": [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0)],
-    "zoom_shift_rotate": [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0),
-                          (1.0, 0.0, 0.04, 0.0), (1.0, 0.0, -0.04, 0.0), (1.0, 0.0, 0.0, 0.04),
-                          (1.0, 0.0, 0.0, -0.04), (1.0, 0.015, 0.0, 0.0), (1.0, -0.015, 0.0, 0.0)],
-}
 METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
 
 
-def view_probabilities(model, images: np.ndarray, views: list[tuple], batch_size: int = 64) -> np.ndarray:
-    """The mean probability of pneumonia over `views` of each image."""
-    import keras
-
+def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
+    """The mean probability of pneumonia over the views of each image (evaluate.tta_views)."""
     from pneumonia.evaluation.predictions import pneumonia_probability
-    from pneumonia.models.augmentation import affine
+    from pneumonia.models.augmentation import with_test_time_augmentation
 
-    total = np.zeros(len(images))
-    for scale, turn, shift_x, shift_y in views:
-        probabilities = []
-        for start in range(0, len(images), batch_size):
-            batch = keras.ops.convert_to_tensor(images[start:start + batch_size].astype("float32"))
-            n = batch.shape[0]
-            moved = affine(batch, keras.ops.full((n,), scale), keras.ops.full((n,), turn * 2 * math.pi),
-                           keras.ops.tile(keras.ops.convert_to_tensor([[shift_x, shift_y]], "float32"), (n, 1)))
-            probabilities.append(pneumonia_probability(model.predict_on_batch(moved)))
-        total += np.concatenate(probabilities)
-    return total / len(views)
+    predictor = with_test_time_augmentation(model, views)
+    return pneumonia_probability(np.concatenate([predictor.predict_on_batch(images[start:start + batch_size])
+                                                 for start in range(0, len(images), batch_size)]))
 
 
 def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
@@ -72,6 +52,7 @@ def main() -> None:
     from pneumonia.data import dataset
     from pneumonia.data.external import SPLIT
     from pneumonia.evaluation.gallery import images_at
+    from pneumonia.models.augmentation import TEST_TIME_VIEWS
     from pneumonia.models.build import load_model
 
     rule = args.rule or load_params(REPO / "params.yaml").evaluate.threshold
@@ -84,30 +65,30 @@ def main() -> None:
     probabilities = {}  # (seed, views) -> {split: probabilities}
     for seed in seeds:
         model = load_model(args.models / f"{args.profile}-{seed}.keras")
-        for views in VIEWS:
-            probabilities[seed, views] = {split: view_probabilities(model, images, VIEWS[views])
+        for views in TEST_TIME_VIEWS:
+            probabilities[seed, views] = {split: view_probabilities(model, images, views)
                                           for split, (_, images) in splits.items()}
     rows = []
     for size in sorted({1, 2, len(seeds)}):
         for members in itertools.combinations(seeds, size):
-            for views in VIEWS:
+            for views in TEST_TIME_VIEWS:
                 mean = {split: np.mean([probabilities[seed, views][split] for seed in members], axis=0)
                         for split in splits}
                 rows.append({"members": list(members), "views": views,
                              **scores(splits["val"][0], mean["val"], splits["external"][0], mean["external"], rule)})
-    report = {"profile": args.profile, "rule": str(rule), "views": VIEWS, "rows": rows}
+    report = {"profile": args.profile, "rule": str(rule), "views": TEST_TIME_VIEWS, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"prediction_levers-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Profile {args.profile}, rule {rule}; external set, each way's threshold chosen on validation "
              "(mean ± sd over the combinations of seeds of that size).", "",
              "| members | views | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for size in sorted({len(row["members"]) for row in rows}):
-        for views in VIEWS:
+        for views in TEST_TIME_VIEWS:
             group = [row for row in rows if len(row["members"]) == size and row["views"] == views]
             cells = [f"{statistics.fmean(r[m] for r in group):.3f}"
                      + (f" ± {statistics.stdev(r[m] for r in group):.3f}" if len(group) > 1 else "")
                      for m in METRICS]
-            lines.append(f"| {size} | {views} ({len(VIEWS[views])}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {size} | {views} | " + " | ".join(cells) + " |")
     (args.out / f"prediction_levers-{args.profile}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

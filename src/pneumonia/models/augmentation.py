@@ -67,6 +67,50 @@ def affine(images, scale, angle, shift):
     return ops.image.affine_transform(images, transform, fill_mode="constant")
 
 
+# Test-time augmentation (evaluate.tta_views): the mean probability over fixed views of each image, each
+# (scale, rotation in fractions of a turn, shift x, shift y); small moves inside the training augmentation's
+# range. Measured on the external set: docs/results.md.
+TEST_TIME_VIEWS = {
+    1: [(1.0, 0.0, 0.0, 0.0)],
+    3: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0)],
+    9: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0),
+        (1.0, 0.0, 0.04, 0.0), (1.0, 0.0, -0.04, 0.0), (1.0, 0.0, 0.0, 0.04), (1.0, 0.0, 0.0, -0.04),
+        (1.0, 0.015, 0.0, 0.0), (1.0, -0.015, 0.0, 0.0)],
+}
+
+
+@keras.saving.register_keras_serializable(package="pneumonia")
+class FixedAffine(layers.Layer):
+    """One view of test-time augmentation: every image scaled, rotated and shifted alike (see `affine`)."""
+
+    def __init__(self, scale: float = 1.0, turn: float = 0.0, shift_x: float = 0.0, shift_y: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.turn, self.shift_x, self.shift_y = scale, turn, shift_x, shift_y
+
+    def call(self, images):
+        if (self.scale, self.turn, self.shift_x, self.shift_y) == (1.0, 0.0, 0.0, 0.0):
+            return images
+        batch = ops.shape(images)[0]
+        shift = ops.tile(ops.convert_to_tensor([[self.shift_x, self.shift_y]], "float32"), (batch, 1))
+        return affine(ops.cast(images, "float32"), ops.full((batch,), self.scale),
+                      ops.full((batch,), self.turn * 2 * math.pi), shift)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "turn": self.turn, "shift_x": self.shift_x,
+                "shift_y": self.shift_y}
+
+
+def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
+    """`model` predicting the mean of its outputs over TEST_TIME_VIEWS[views] of each image (the model
+    itself for 1 view). Only for predicting: its weights are the model's."""
+    if views == 1:
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = [model(FixedAffine(*view, name=f"view_{number}")(inputs))
+               for number, view in enumerate(TEST_TIME_VIEWS[views])]
+    return keras.Model(inputs, layers.Average(name="mean_over_views")(outputs), name=f"{model.name}_tta{views}")
+
+
 def augment(config: AugmentConfig, inputs):
     x = inputs
     if config.flip != "none":
