@@ -69,6 +69,9 @@ PROFILES = {
     "default_160px": {"data.image_size": 160},
     "previous": PREVIOUS,  # the default until this benchmark: no augmentation, 15 epochs, youden
     "light_aug": LIGHT_AUG,  # light augmentation, 30 epochs, no crop
+    # Levers of issue 25, each alone on the default (docs/results.md)
+    "per_image": {"model.input_norm": "per_image"},  # intensity standardised per image
+    "ema": {"train.weight_averaging": "ema"},  # the weights' moving average validated and kept
 }
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
@@ -134,13 +137,28 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
             "batch_norm_adapted": mean(adapted_rows), "prior_adjusted": mean(prior_rows)}
 
 
-def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int) -> dict:
+def keep(project: Path, profile: str, seed: int, folder: Path) -> None:
+    """The run's model as <folder>/<profile>-<seed>.keras and its validation and external TFRecords under
+    <folder>/<profile>/data/ (once a profile: its seeds share them), for benchmarks.prediction_levers."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(project / "models/model.keras", folder / f"{profile}-{seed}.keras")
+    for name in ("data/tfrecords", "data/external"):
+        if not (folder / profile / name).exists():
+            shutil.copytree(project / name, folder / profile / name)
+
+
+def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int,
+            keep_models: Path | None = None) -> dict:
     started = time.perf_counter()
     # The stages import the copy's library, not the working tree the editable install points at: edits made
     # there during the hours of training must not reach these runs.
     conftest.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project,
                  PYTHONPATH=str(project / "src"))
     wall = time.perf_counter() - started
+    if keep_models:
+        keep(project, profile, seed, keep_models)
     test = json.loads((project / "metrics/test.json").read_text())
     external = json.loads((project / "metrics/external.json").read_text())
     train = json.loads((project / "metrics/train.json").read_text())
@@ -251,6 +269,8 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
     parser.add_argument("--external", type=Path, default=EXTERNAL_ZIP, help="the external set (zip or folder)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for external_validity.json/.md")
+    parser.add_argument("--keep-models", type=Path, help="keep each run's model and data here "
+                        "(for python -m benchmarks.prediction_levers)")
     parser.add_argument("--tables-only", action="store_true", help="no runs: the tables from the existing .json")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -291,7 +311,7 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
             seeds = args.seeds
         for profile in args.profiles:
             for seed in seeds:
-                run = run_one(project, profile, seed, overrides, halvings, adapt_halvings)
+                run = run_one(project, profile, seed, overrides, halvings, adapt_halvings, args.keep_models)
                 report["runs"] = [old for old in report["runs"]
                                   if (old["profile"], old["seed"]) != (profile, seed)] + [run]
                 print(json.dumps({key: run[key] for key in ("profile", "seed", "external", "test")}), flush=True)

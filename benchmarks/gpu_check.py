@@ -222,7 +222,7 @@ def sample_tfrecords(workdir: Path, settings: Settings) -> tuple[Path, dict[int,
     tfrecords = workdir / "tfrecords"
     with working_directory(sample):
         write_tfrecords(paths.MANIFESTS, tfrecords, settings.image_size, params.tfrecords)
-    return tfrecords, class_weights(read_manifest(sample / paths.MANIFESTS / "train.csv"), params.train.class_weight)
+    return tfrecords, class_weights(read_manifest(sample / paths.MANIFESTS / "train.csv"), params.train.class_balance)
 
 
 def run_model(spec: dict, deadline: float) -> list[dict]:

@@ -61,7 +61,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     if not tfrecords.exists():
         with working_directory(sample):
             write_tfrecords(paths.MANIFESTS, tfrecords, size, params.tfrecords)
-    weights = class_weights(read_manifest(sample / paths.MANIFESTS / "train.csv"), params.train.class_weight)
+    weights = class_weights(read_manifest(sample / paths.MANIFESTS / "train.csv"), params.train.class_balance)
 
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)

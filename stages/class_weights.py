@@ -10,7 +10,7 @@ from pneumonia.logs import run_stage
 
 def main() -> None:
     params = load_params()
-    weights = class_weights(read_manifest(paths.MANIFESTS / "train.csv"), params.train.class_weight)
+    weights = class_weights(read_manifest(paths.MANIFESTS / "train.csv"), params.train.class_balance)
     write_json(paths.CLASS_WEIGHTS, weights)
 
 

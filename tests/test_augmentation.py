@@ -91,3 +91,24 @@ def test_keras_does_not_xla_compile_a_model_with_it():
     inputs = keras.Input((24, 24, 3))
     assert model_supports_jit(keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs)))
     assert not model_supports_jit(keras.Model(inputs, keras.layers.Conv2D(2, 3)(RandomAffine(0.1)(inputs))))
+
+
+def test_test_time_augmentation_averages_fixed_views_and_is_the_model_for_one_view():
+    """evaluate.tta_views: the mean of the model's outputs over fixed views of each image, the same at every
+    call; one view is the model itself."""
+    from pneumonia.models.augmentation import TEST_TIME_VIEWS, FixedAffine, with_test_time_augmentation
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs / 255)))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    assert with_test_time_augmentation(model, 1) is model
+    for views in (3, 9):
+        predictor = with_test_time_augmentation(model, views)
+        found = predictor.predict_on_batch(images)
+        assert found.shape == (5, 1)
+        np.testing.assert_array_equal(predictor.predict_on_batch(images), found)
+        expected = np.mean([model.predict_on_batch(FixedAffine(*view)(images.astype("float32")))
+                            for view in TEST_TIME_VIEWS[views]], axis=0)
+        np.testing.assert_allclose(found, expected, rtol=1e-6)
+        assert not np.allclose(found, model.predict_on_batch(images))  # the views are not the image
+    np.testing.assert_array_equal(np.asarray(FixedAffine()(images.astype("float32"))), images)  # the identity

@@ -336,4 +336,4 @@ def test_the_params_walk_follows_sections_properties_records_and_dumps(tmp_path)
     assert read("params.model.backbone") == {"model.name"}
     assert read("tracking.training_run(params.tracking, flatten(params), None)") == {"tracking.experiment"}
     assert read("params.evaluate.model_dump()") == leaf_keys("evaluate")
-    assert params_read(REPO / "stages" / "class_weights.py") == {"train.class_weight"}
+    assert params_read(REPO / "stages" / "class_weights.py") == {"train.class_balance"}

@@ -185,3 +185,59 @@ def test_same_seed_gives_the_same_model_and_another_seed_does_not(synthetic_data
     assert again["history"] == first["history"]
     assert again["val"] == first["val"]  # bit for bit: JSON keeps every float exactly
     assert other["val"] != first["val"]
+
+
+@pytest.mark.slow
+def test_weight_averaging_validates_checkpoints_and_stops_on_the_averaged_weights(synthetic_data, tmp_path):
+    """train.weight_averaging: ema. The averaged weights are what validation scores, the checkpoint saves and
+    the model file holds; with a momentum of 0 the average is the live weights, and the run is the plain one."""
+    def trained(name: str, **train) -> tuple[fit.TrainingResult, keras.Model]:
+        momentum = train.pop("ema_momentum", None)
+        params = params_for(tmp_path, {"name": "custom_cnn"}, {"epochs": 3, "monitor": "val_loss", **train})
+        config = params.train if momentum is None else params.train.model_copy(update={"ema_momentum": momentum})
+        result = fit.train(params.model, config, synthetic_data / "data/tfrecords", {0: 1.0, 1: 1.0},
+                           tmp_path / f"{name}.keras")
+        return result, keras.models.load_model(tmp_path / f"{name}.keras")
+
+    plain, plain_model = trained("plain")
+    averaged, averaged_model = trained("ema", weight_averaging="ema", ema_momentum=0.9)
+    _, unaveraged_model = trained("ema-0", weight_averaging="ema", ema_momentum=0.0)
+
+    assert averaged_model.optimizer.use_ema
+    for found, expected in zip(unaveraged_model.get_weights(), plain_model.get_weights()):
+        np.testing.assert_array_equal(found, expected)  # the swaps change nothing but which weights are seen
+    assert any(not np.array_equal(found, expected)
+               for found, expected in zip(averaged_model.get_weights(), plain_model.get_weights()))
+    # The recorded validation loss of the best epoch is the saved (averaged) model's on the validation split.
+    validation = fit.labelled_for("sigmoid", fit.dataset.evaluation_batches(synthetic_data / "data/tfrecords",
+                                                                           "val", 8))
+    saved_loss = averaged_model.evaluate(validation, verbose=0, return_dict=True)["loss"]
+    assert saved_loss == pytest.approx(averaged.history["val_loss"][averaged.best_epoch], rel=1e-4)
+    assert averaged.history["val_loss"] != plain.history["val_loss"]
+
+
+def test_oversampling_draws_both_classes_alike_from_an_imbalanced_training_split(synthetic_data, tmp_path,
+                                                                                 monkeypatch):
+    """train.class_balance: oversample. A training split with one NORMAL image in four: its batches hold
+    both classes about alike, each NORMAL image comes round more often, and the same seed repeats them."""
+    from pneumonia.config import TFRecordsConfig
+    from pneumonia.data import dataset
+    from pneumonia.data.manifest import read_manifest
+    from pneumonia.data.tfrecords import write_records
+
+    monkeypatch.chdir(synthetic_data)  # manifest paths are relative to the project
+    records = read_manifest(synthetic_data / "data/manifests/train.csv")
+    normal = [record for record in records if record.label == 0]
+    pneumonia = [record for record in records if record.label == 1]
+    kept = normal[: len(pneumonia) // 3] + pneumonia
+    write_records({"train": kept}, tmp_path, 48, TFRecordsConfig(images_per_shard=8, workers=1))
+
+    def labels(oversample: bool, seed: int = 3) -> np.ndarray:
+        batches = dataset.training_batches(tmp_path, 8, seed, oversample).take(60)
+        return np.concatenate([batch_labels.ravel() for _, batch_labels in batches.as_numpy_iterator()])
+
+    plain, balanced = labels(False), labels(True)
+    assert abs(plain.mean() - len(pneumonia) / len(kept)) < 0.05  # as in the data: 3 of 4 pneumonia
+    assert abs(balanced.mean() - 0.5) < 0.07  # 480 draws at 1 in 2: sd 0.023
+    np.testing.assert_array_equal(labels(True), balanced)
+    assert not np.array_equal(labels(True, seed=4), balanced)

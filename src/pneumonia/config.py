@@ -204,8 +204,14 @@ class TrainConfig(Section):
     warmup_epochs: StrictInt = Field(0, ge=0)  # first train the head alone this many epochs (0: no warm-up)
     fine_tune_learning_rate: Float = Field(1e-5, gt=0)  # after the warm-up
     augment: AugmentConfig = AugmentConfig()
-    class_weight: Literal["balanced", "none"] = "balanced"
+    # weights: balanced class weights in the loss; oversample: batches drawn from both classes alike (the rarer
+    # class seen more often, each time augmented anew), loss unweighted; none: neither
+    class_balance: Literal["weights", "oversample", "none"] = "weights"
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
+    # ema: validation, the checkpoint and early stopping see an exponential moving average of the weights
+    # (Polyak averaging, the optimizer's own), updated each step with this momentum
+    weight_averaging: Literal["none", "ema"] = "none"
+    ema_momentum: Float = Field(0.99, gt=0, lt=1)
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: StrictInt = 42

@@ -82,10 +82,22 @@ def split_size(tfrecords: Path, split: str) -> int:
     return read_meta(tfrecords)["splits"][split]["images"]
 
 
-def training_batches(tfrecords: Path, batch_size: int, seed: int) -> tf.data.Dataset:
+def _label(serialized: tf.Tensor) -> tf.Tensor:
+    return tf.io.parse_single_example(serialized, {"label": FEATURES["label"]})["label"]
+
+
+def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bool = False) -> tf.data.Dataset:
     """Endless (image, label) batches for fitting: reshuffled each pass, full batches only (static
-    shapes); fit takes `split_size // batch_size` steps an epoch. `batch_size` is the global batch."""
-    serialized = _serialized(tfrecords, "train", shuffle_seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    shapes); fit takes `split_size // batch_size` steps an epoch. `batch_size` is the global batch.
+    `oversample` (train.class_balance): each image drawn from either class with equal chance, so the
+    rarer class comes round more often than once a pass (and the model's augmentation makes each
+    repeat another image)."""
+    serialized = _serialized(tfrecords, "train", shuffle_seed=seed).repeat()
+    if oversample:
+        by_class = [serialized.filter(lambda example, label=label: tf.equal(_label(example), label))
+                    for label in (0, 1)]
+        serialized = tf.data.Dataset.sample_from_datasets(by_class, weights=[0.5, 0.5], seed=seed)
+    serialized = serialized.batch(batch_size, drop_remainder=True)
     return (
         _decoded(serialized, tfrecords)
         .map(_images_and_labels)

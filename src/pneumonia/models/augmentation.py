@@ -34,22 +34,14 @@ class RandomAffine(layers.Layer):
         if not training:
             return images
         batch = ops.shape(images)[0]
-        height, width = ops.cast(ops.shape(images)[1], "float32"), ops.cast(ops.shape(images)[2], "float32")
 
         def uniform(limit):
             return keras.random.uniform((batch,), -limit, limit, seed=self.seed_generator)
 
-        scale = 1.0 + uniform(self.zoom)  # > 1 samples a larger area: zooms out
-        angle = uniform(self.rotation * 2 * math.pi)
-        shift_x, shift_y = uniform(self.translation) * width, uniform(self.translation) * height
-        # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and scale about
-        # the centre, then shift.
-        cos, sin = scale * ops.cos(angle), scale * ops.sin(angle)
-        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
-        zeros = ops.zeros_like(cos)
-        transform = ops.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y - shift_x,
-                               sin, cos, centre_y - sin * centre_x - cos * centre_y - shift_y, zeros, zeros], axis=1)
-        return ops.image.affine_transform(images, transform, fill_mode="constant")
+        # Drawn in this order (scale, angle, x, y): the same seed gives the same augmentation as before.
+        scale, angle = 1.0 + uniform(self.zoom), uniform(self.rotation * 2 * math.pi)
+        shift = ops.stack([uniform(self.translation), uniform(self.translation)], axis=1)
+        return affine(images, scale, angle, shift)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -57,6 +49,66 @@ class RandomAffine(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "zoom": self.zoom, "rotation": self.rotation,
                 "translation": self.translation, "seed": self.seed}
+
+
+def affine(images, scale, angle, shift):
+    """`images` (batch, height, width, channels) each scaled by `scale` (> 1 samples a larger area: zooms
+    out), rotated by `angle` (radians) about the centre, then shifted by `shift` (batch, 2: x and y, in
+    fractions of the size); the corners that come from outside the image are 0."""
+    height, width = ops.cast(ops.shape(images)[1], "float32"), ops.cast(ops.shape(images)[2], "float32")
+    shift_x, shift_y = shift[:, 0] * width, shift[:, 1] * height
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and scale about
+    # the centre, then shift.
+    cos, sin = scale * ops.cos(angle), scale * ops.sin(angle)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    zeros = ops.zeros_like(cos)
+    transform = ops.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y - shift_x,
+                           sin, cos, centre_y - sin * centre_x - cos * centre_y - shift_y, zeros, zeros], axis=1)
+    return ops.image.affine_transform(images, transform, fill_mode="constant")
+
+
+# Test-time augmentation (evaluate.tta_views): the mean probability over fixed views of each image, each
+# (scale, rotation in fractions of a turn, shift x, shift y); small moves inside the training augmentation's
+# range. Measured on the external set: docs/results.md.
+TEST_TIME_VIEWS = {
+    1: [(1.0, 0.0, 0.0, 0.0)],
+    3: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0)],
+    9: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0),
+        (1.0, 0.0, 0.04, 0.0), (1.0, 0.0, -0.04, 0.0), (1.0, 0.0, 0.0, 0.04), (1.0, 0.0, 0.0, -0.04),
+        (1.0, 0.015, 0.0, 0.0), (1.0, -0.015, 0.0, 0.0)],
+}
+
+
+@keras.saving.register_keras_serializable(package="pneumonia")
+class FixedAffine(layers.Layer):
+    """One view of test-time augmentation: every image scaled, rotated and shifted alike (see `affine`)."""
+
+    def __init__(self, scale: float = 1.0, turn: float = 0.0, shift_x: float = 0.0, shift_y: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.turn, self.shift_x, self.shift_y = scale, turn, shift_x, shift_y
+
+    def call(self, images):
+        if (self.scale, self.turn, self.shift_x, self.shift_y) == (1.0, 0.0, 0.0, 0.0):
+            return images
+        batch = ops.shape(images)[0]
+        shift = ops.tile(ops.convert_to_tensor([[self.shift_x, self.shift_y]], "float32"), (batch, 1))
+        return affine(ops.cast(images, "float32"), ops.full((batch,), self.scale),
+                      ops.full((batch,), self.turn * 2 * math.pi), shift)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "turn": self.turn, "shift_x": self.shift_x,
+                "shift_y": self.shift_y}
+
+
+def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
+    """`model` predicting the mean of its outputs over TEST_TIME_VIEWS[views] of each image (the model
+    itself for 1 view). Only for predicting: its weights are the model's."""
+    if views == 1:
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = [model(FixedAffine(*view, name=f"view_{number}")(inputs))
+               for number, view in enumerate(TEST_TIME_VIEWS[views])]
+    return keras.Model(inputs, layers.Average(name="mean_over_views")(outputs), name=f"{model.name}_tta{views}")
 
 
 def augment(config: AugmentConfig, inputs):

@@ -1,6 +1,7 @@
 """The callbacks of every training stage: the checkpoint of the best epoch on validation (saved
-atomically), early stopping, and with train.lr_schedule: plateau, the learning-rate reduction.
-The backup's own callbacks (the epoch history, each stage's BackupAndRestore) are in `backup`.
+atomically), early stopping, with train.lr_schedule: plateau, the learning-rate reduction, and with
+train.weight_averaging: ema, the swaps that make validation, the checkpoint and early stopping see the
+averaged weights. The backup's own callbacks (the epoch history, each stage's BackupAndRestore) are in `backup`.
 """
 
 import uuid
@@ -37,6 +38,33 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             self._saving_to = None
 
 
+class SwapAveragedWeightsAtEpochEnd(keras.callbacks.SwapEMAWeights):
+    """At the end of each epoch, swaps the optimizer's moving average of the weights with the model's weights.
+
+    One of these before the checkpoint and early stopping and one after them: they see (and save) the
+    averaged weights, and training goes on from the live ones, which is also what the backup after them
+    holds, so a resumed training continues as an uninterrupted one would. (Keras' own
+    `SwapEMAWeights(swap_on_epoch=True)` leaves the averaged weights in the model until the next epoch
+    begins, so the backup would hold them in the live weights' place.) Validation is swapped by a plain
+    `SwapEMAWeights` (on_test_begin / on_test_end).
+    """
+
+    def on_test_begin(self, logs=None):
+        pass
+
+    def on_test_end(self, logs=None):
+        pass
+
+    def on_predict_begin(self, logs=None):
+        pass
+
+    def on_predict_end(self, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._swap_variables()
+
+
 def make_callbacks(config: TrainConfig, checkpoint: str,
                    best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
     """One set for all stages: the checkpoint remembers the best epoch across them (and across a
@@ -48,6 +76,9 @@ def make_callbacks(config: TrainConfig, checkpoint: str,
         keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
                                       restore_best_weights=True),
     ]
+    if config.weight_averaging == "ema":
+        callbacks = [keras.callbacks.SwapEMAWeights(), SwapAveragedWeightsAtEpochEnd(), *callbacks,
+                     SwapAveragedWeightsAtEpochEnd()]
     if config.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=config.monitor, mode=mode,
                                                            factor=config.lr_plateau_factor,

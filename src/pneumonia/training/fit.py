@@ -123,7 +123,8 @@ def keras_metrics(output: str) -> list[keras.metrics.Metric]:
 
 def compile_model(model: keras.Model, output: str, config: TrainConfig, rate) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(rate),
+        optimizer=keras.optimizers.Adam(rate, use_ema=config.weight_averaging == "ema",
+                                        ema_momentum=config.ema_momentum),
         loss=(keras.losses.CategoricalCrossentropy if output == "softmax"
               else keras.losses.BinaryCrossentropy)(label_smoothing=config.label_smoothing),
         metrics=keras_metrics(output),
@@ -200,7 +201,8 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
             f"than the training set ({train_images} images); lower train.batch_size."
         )
     output = model_config.output
-    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed))
+    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed,
+                                                                            config.class_balance == "oversample"))
     validation_batches = labelled_for(output, dataset.evaluation_batches(tfrecords, "val", global_batch))
     rate_scale = placement.replicas if config.scale_learning_rate else 1
 

@@ -1,0 +1,97 @@
+"""Levers that need no training, measured on the models external_validity kept (`--keep-models DIR`):
+test-time augmentation (the mean probability over fixed views of each image) and ensembles of the
+seeds' models (the mean of their probabilities), alone and together.
+
+    python -m benchmarks.prediction_levers --models DIR --profile default
+
+Each way of predicting chooses its own threshold on validation with the pipeline's rule
+(evaluate.threshold) and is scored on the external set at it, like the evaluate stage; the external
+set chooses nothing. Results go to <out>/prediction_levers.json and .md.
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO
+
+METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+
+
+def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
+    """The mean probability of pneumonia over the views of each image (evaluate.tta_views)."""
+    from pneumonia.evaluation.predictions import pneumonia_probability
+    from pneumonia.models.augmentation import with_test_time_augmentation
+
+    predictor = with_test_time_augmentation(model, views)
+    return pneumonia_probability(np.concatenate([predictor.predict_on_batch(images[start:start + batch_size])
+                                                 for start in range(0, len(images), batch_size)]))
+
+
+def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
+    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
+
+    threshold = choose_threshold(val_labels, val_probabilities, rule)
+    found = classification_metrics(labels, probabilities, threshold)
+    return {"threshold": threshold, **{name: found[name] for name in METRICS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, required=True, help="external_validity's --keep-models folder")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--rule", default=None, help="threshold rule (default: params.yaml's evaluate.threshold)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+
+    from pneumonia.config import load_params
+    from pneumonia.data import dataset
+    from pneumonia.data.external import SPLIT
+    from pneumonia.evaluation.gallery import images_at
+    from pneumonia.models.augmentation import TEST_TIME_VIEWS
+    from pneumonia.models.build import load_model
+
+    rule = args.rule or load_params(REPO / "params.yaml").evaluate.threshold
+    data = args.models / args.profile / "data"
+    splits = {}
+    for name, tfrecords, split in (("val", data / "tfrecords", "val"), ("external", data / "external", SPLIT)):
+        labels, _ = dataset.labels_and_names(tfrecords, split)
+        splits[name] = (np.array(labels), images_at(tfrecords, split, list(range(len(labels)))))
+    seeds = sorted(int(path.stem.rsplit("-", 1)[1]) for path in args.models.glob(f"{args.profile}-*.keras"))
+    probabilities = {}  # (seed, views) -> {split: probabilities}
+    for seed in seeds:
+        model = load_model(args.models / f"{args.profile}-{seed}.keras")
+        for views in TEST_TIME_VIEWS:
+            probabilities[seed, views] = {split: view_probabilities(model, images, views)
+                                          for split, (_, images) in splits.items()}
+    rows = []
+    for size in sorted({1, 2, len(seeds)}):
+        for members in itertools.combinations(seeds, size):
+            for views in TEST_TIME_VIEWS:
+                mean = {split: np.mean([probabilities[seed, views][split] for seed in members], axis=0)
+                        for split in splits}
+                rows.append({"members": list(members), "views": views,
+                             **scores(splits["val"][0], mean["val"], splits["external"][0], mean["external"], rule)})
+    report = {"profile": args.profile, "rule": str(rule), "views": TEST_TIME_VIEWS, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"prediction_levers-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"Profile {args.profile}, rule {rule}; external set, each way's threshold chosen on validation "
+             "(mean ± sd over the combinations of seeds of that size).", "",
+             "| members | views | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for size in sorted({len(row["members"]) for row in rows}):
+        for views in TEST_TIME_VIEWS:
+            group = [row for row in rows if len(row["members"]) == size and row["views"] == views]
+            cells = [f"{statistics.fmean(r[m] for r in group):.3f}"
+                     + (f" ± {statistics.stdev(r[m] for r in group):.3f}" if len(group) > 1 else "")
+                     for m in METRICS]
+            lines.append(f"| {size} | {views} | " + " | ".join(cells) + " |")
+    (args.out / f"prediction_levers-{args.profile}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
