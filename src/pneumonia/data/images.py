@@ -2,6 +2,8 @@
 new images exactly as it saw its training images."""
 
 import io
+import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -10,6 +12,9 @@ from PIL import Image
 # 100 um is 4300 px). PIL alone only warns up to 179 MP, and a 10000 x 10000 PNG of 380 KiB
 # decodes to ~0.5 GB.
 MAX_PIXELS = 36_000_000
+# PIL's own check (a warning from 89 MP, its DecompressionBombError from 179 MP) is off: open_image, the
+# path every image takes, refuses from MAX_PIXELS with the size and what to do, whatever the size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageTooLarge(ValueError):
@@ -17,7 +22,10 @@ class ImageTooLarge(ValueError):
 
 
 def open_image(source: bytes | str) -> Image.Image:
-    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header."""
+    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header, a path that is
+    not a regular file (a FIFO would block the reader until something writes to it) before it is opened."""
+    if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+        raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     width, height = image.size
     if width * height > MAX_PIXELS:
