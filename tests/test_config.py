@@ -5,7 +5,7 @@ import yaml
 
 from pneumonia import paths
 from pneumonia.architectures import MODEL_NAMES
-from pneumonia.config import flatten, load_params, parse_params
+from pneumonia.config import flatten, load_params, parse_params, read_params_file
 from pneumonia.data.download import local_archive
 from pneumonia.errors import PipelineError
 
@@ -217,3 +217,6 @@ def test_duplicate_keys_are_refused_as_dvc_refuses_them(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["check-params", "--params", str(params)])
     assert exit_info.value.code == 2 and "has the key 'epochs' twice" in capsys.readouterr().err
+    # A key overriding one merged in (`<<: *anchor`) is not a duplicate, for DVC either.
+    params.write_text("x-base: &base\n  epochs: 3\n  batch_size: 8\ntrain:\n  <<: *base\n  epochs: 5\n")
+    assert read_params_file(params)["train"] == {"epochs": 5, "batch_size": 8}

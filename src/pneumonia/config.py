@@ -357,6 +357,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise _DuplicateKey(key, key_node.start_mark.line + 1)
@@ -367,7 +369,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_params_file(path: Path) -> Any:
     """The YAML of a params file, as DVC reads it: UTF-8, no key twice in a mapping."""
     try:
-        return yaml.load(path.read_bytes().decode("utf-8"), _UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        return yaml.load(path.read_bytes().decode("utf-8"), _UniqueKeyLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
     except UnicodeDecodeError as exc:
