@@ -80,3 +80,13 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
 
     cli.main(["predict", str(site / "0.png"), "--model", "adapted.keras"])
     assert "0.png" in capsys.readouterr().out
+
+
+def test_min_images_below_one_is_refused(tmp_path, capsys):
+    """issue 27: `--min-images 0` with no readable image ended in NumPy's "need at least one array to stack"."""
+    from pneumonia import cli
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["adapt", str(tmp_path), "--out", str(tmp_path / "adapted.keras"), "--min-images", "0"])
+    assert refused.value.code == 2
+    assert "argument --min-images: 0 is below 1" in capsys.readouterr().err

@@ -46,3 +46,13 @@ def test_outputs_get_ordinary_permissions(tmp_path):
         pass
     assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044  # readable by group and others
     assert (tmp_path / "folder").stat().st_mode & 0o055 == 0o055
+
+
+def test_a_folder_where_a_file_goes_is_refused_and_leaves_nothing(tmp_path):
+    """issue 27: writing a file over a folder failed in os.replace and left the .tmp-* file beside it."""
+    from pneumonia.errors import PipelineError
+
+    (tmp_path / "out.csv").mkdir()
+    with pytest.raises(PipelineError, match=r"out.csv is a folder: name a file"):
+        write_csv(tmp_path / "out.csv", ["a"], [[1]])
+    assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]

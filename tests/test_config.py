@@ -5,7 +5,7 @@ import yaml
 
 from pneumonia import paths
 from pneumonia.architectures import MODEL_NAMES
-from pneumonia.config import flatten, load_params, parse_params
+from pneumonia.config import flatten, load_params, parse_params, read_params_file
 from pneumonia.data.download import local_archive
 from pneumonia.errors import PipelineError
 
@@ -156,3 +156,67 @@ def test_documented_gpu_profile_is_a_valid_set_of_params():
 
 def test_a_kaggle_dataset_version_can_be_pinned():
     assert parse_params({"data": {"kaggle_dataset": "owner/name/12"}}).data.kaggle_dataset == "owner/name/12"
+
+
+@pytest.mark.parametrize("key", ["tfrecords.uri", "train.backup_uri"])
+@pytest.mark.parametrize("uri", ["file://data/shards", "file://./shards", "file://localhost/tmp/shards"])
+def test_a_file_uri_must_be_absolute(key, uri):
+    """issue 27: TensorFlow reads `file://data/shards` as host `data`, path /shards: it wrote under /."""
+    section, name = key.split(".")
+    with pytest.raises(PipelineError, match=rf"{key} = '{uri}': a file:// URI must be absolute, file:///"):
+        parse_params({section: {name: uri}})
+    assert getattr(getattr(parse_params({section: {name: "file:///tmp/shards"}}), section), name) == "file:///tmp/shards"
+
+
+@pytest.mark.parametrize("key", ["data.seed", "train.seed", "evaluate.seed"])
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_a_seed_outside_what_numpy_accepts_is_refused_up_front(key, seed):
+    """issue 27: data.seed -1 or train.seed 2**70 passed, then the stage died with a traceback (evaluate's, after
+    training). NumPy's legacy seeding (np.random.seed, keras.utils.set_random_seed, scikit-learn) takes 0..2**32-1."""
+    section, name = key.split(".")
+    with pytest.raises(PipelineError, match=rf"{key} = {seed}: a seed is an integer from 0 to 4294967295"):
+        parse_params({section: {name: seed}})
+    assert getattr(parse_params({section: {name: 2**32 - 1}}), section).seed == 2**32 - 1
+
+
+def test_tracking_names_longer_than_mlflow_stores_are_refused():
+    """issue 27: a 600-character tracking.experiment was a traceback from MLflow (its stores keep 256)."""
+    for key in ("experiment", "register_model"):
+        with pytest.raises(PipelineError, match=rf"tracking.{key} = 'xxx.*at most 256 characters"):
+            parse_params({"tracking": {key: "x" * 600}})
+        assert parse_params({"tracking": {key: "x" * 256}})
+
+
+def test_an_empty_section_says_so_and_nothing_else(tmp_path):
+    """issue 27: an empty `train:` also gave a spurious `model.weights = 'auto'` error."""
+    from conftest import REPO
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\nunused_train:\n"))
+    with pytest.raises(PipelineError) as error:
+        load_params(params)
+    message = str(error.value)
+    assert "train: the section is empty" in message and "model.weights" not in message
+
+
+def test_a_params_file_that_is_not_utf8_is_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes("tracking:\n  experiment: pneumonie \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"params.yaml is not UTF-8 text .*byte 0xe9.*save it as UTF-8"):
+        load_params(params)
+
+
+def test_duplicate_keys_are_refused_as_dvc_refuses_them(tmp_path, capsys):
+    """issue 27: PyYAML keeps the last of two equal keys; DVC refuses the file. So do the stages and check-params."""
+    from pneumonia import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 3\n  batch_size: 8\n  epochs: 5\n")
+    with pytest.raises(PipelineError, match=r"params.yaml has the key 'epochs' twice .*line 4.*keep one"):
+        load_params(params)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["check-params", "--params", str(params)])
+    assert exit_info.value.code == 2 and "has the key 'epochs' twice" in capsys.readouterr().err
+    # A key overriding one merged in (`<<: *anchor`) is not a duplicate, for DVC either.
+    params.write_text("x-base: &base\n  epochs: 3\n  batch_size: 8\ntrain:\n  <<: *base\n  epochs: 5\n")
+    assert read_params_file(params)["train"] == {"epochs": 5, "batch_size": 8}

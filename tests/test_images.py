@@ -88,7 +88,6 @@ def huge_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Image.open still gives PIL's
 def test_a_90_megapixel_image_is_refused_before_decoding(tmp_path):
     data = huge_png(9500, 9500)  # between PIL's warning (89 MP) and its error (179 MP)
     assert len(data) < 200_000
@@ -105,3 +104,15 @@ def test_a_90_megapixel_image_is_refused_before_decoding(tmp_path):
 def test_an_image_at_the_limit_is_decoded():
     side = int(MAX_PIXELS ** 0.5)
     assert np.asarray(load_resized(huge_png(side, side), 64)).max() == 0
+
+
+@pytest.mark.parametrize("side", [9500, 15000, 60000])
+def test_every_image_over_the_limit_gets_the_projects_message(side):
+    """issue 27: above ~179 MP PIL refused first, with its own DecompressionBombError; a header alone tells."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                   + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    with pytest.raises(ImageTooLarge, match=rf"{side} x {side} = \d+ megapixels, more than the 36 megapixel limit"):
+        load_resized(header_only, 64)

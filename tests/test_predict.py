@@ -193,3 +193,62 @@ def test_predict_and_adapt_read_a_folder_of_dicoms_and_write_no_patient_data(pro
     written = "".join(path.read_bytes().decode("latin-1") for path in Path(".").rglob("*")
                       if path.is_file() and path.parent.name not in ("site", "pngs"))
     assert not [secret for secret in SECRETS if secret in out + err + written]
+
+
+def test_a_truncated_model_file_is_called_damaged(project, images, capsys):
+    """issue 27: a truncated .keras file said `ValueError: File not found` (the file exists)."""
+    model = Path("models/model.keras")
+    model.write_bytes(model.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(images["bright_png_grey"]), "--model", str(model)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "models/model.keras is damaged or not a Keras model file" in err and "dvc checkout" in err
+    assert "File not found" not in err
+
+
+def test_an_output_file_option_naming_a_folder_is_refused_before_predicting(project, images, capsys):
+    """issue 27: `--csv <folder>` failed after predicting, with a traceback, and left a .tmp-* file beside it."""
+    Path("out").mkdir()
+    for option in ("--csv", "--json"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", str(images["bright_png_grey"]), option, "out"])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert f"{option} out is a folder: name a file" in err and out == ""  # nothing predicted
+    assert sorted(path.name for path in project.iterdir()) == ["metrics", "models", "out", "params.yaml", "xrays"]
+
+
+def test_a_fifo_is_refused_not_waited_on(images):
+    """issue 27: a FIFO given to predict hung (waiting for a writer); a non-regular file is not an image."""
+    import threading
+    import time
+
+    fifo = images["folder"] / "pipe.png"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # so that a reader stuck on the FIFO returns and the test fails instead of hanging
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    watchdog = threading.Timer(10, unblock)
+    watchdog.start()
+    started = time.monotonic()
+    try:
+        results = inference.predict_files(Classifier(MeanBrightness(), 0.5, 95), [fifo, images["bright_png_grey"]])
+    finally:
+        watchdog.cancel()
+    assert time.monotonic() - started < 5
+    assert "is not a regular file" in results[0].error and results[1].label == "PNEUMONIA"
+
+
+@pytest.mark.parametrize("threshold", ["NaN", "Infinity", "1.5", "-0.1"])
+def test_a_threshold_that_is_not_a_probability_is_refused(project, images, capsys, threshold):
+    """issue 27: a NaN threshold in metrics/test.json labelled every image NORMAL, silently."""
+    Path("metrics/test.json").write_text(f'{{"threshold": {threshold}}}')
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(images["bright_png_grey"])])
+    assert exit_info.value.code == 2
+    assert "metrics/test.json has threshold" in capsys.readouterr().err

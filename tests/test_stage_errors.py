@@ -66,3 +66,47 @@ def test_invalid_params_stop_the_train_stage_before_any_work(project, key, value
     result = run(["python", "stages/train.py"], project, check=False)
     assert_refused(result, "params.yaml has invalid params", message)
     assert not (project / "models").exists()
+
+
+# Every stage with outputs outside DVC's cache (cache: false: committed in git, the baseline)
+UNCACHED_OUTPUT_STAGES = ["prepare", "data_report", "train", "evaluate"]
+
+
+@pytest.mark.slow
+def test_a_failed_stage_leaves_the_previous_results_in_place(project, tmp_path):
+    """issue 27: `dvc exp run -S model.name=xception` failed in train (no network for the weights), and DVC had
+    already deleted metrics/train.json and plots/train_history.csv (cache: false), which `dvc checkout` cannot
+    bring back. persist: true keeps them until the stage writes them anew (atomically)."""
+    import os
+
+    import yaml
+
+    from conftest import VENV_BIN, commit_all
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    uncached = {}
+    for name in UNCACHED_OUTPUT_STAGES:
+        for entry in stages[name].get("outs", []) + stages[name].get("metrics", []):
+            if isinstance(entry, dict):
+                [(path, flags)] = entry.items()
+                if flags.get("cache") is False and (project / path).is_file():  # committed: the baseline
+                    uncached[path] = (project / path).read_bytes()
+        # Stand-ins for the deps DVC checks exist; they differ from dvc.lock's, so the stage runs.
+        for dep in stages[name]["deps"]:
+            if not (project / dep).exists():
+                (project / dep).parent.mkdir(parents=True, exist_ok=True)
+                (project / dep).mkdir() if not Path(dep).suffix else (project / dep).write_text("{}")
+    assert {"metrics/train.json", "plots/train_history.csv", "metrics/test.json", "plots/roc.csv",
+            "metrics/data.json", "reports/data/summary.json"} <= uncached.keys()
+    commit_all(project)
+    # Each stage fails as soon as it starts: a `python` that exits 2 (what fails does not matter to DVC).
+    failing = tmp_path / "bin"
+    failing.mkdir()
+    (failing / "python").write_text("#!/bin/sh\necho 'error: the stage failed' >&2\nexit 2\n")
+    (failing / "python").chmod(0o755)
+
+    for name in reversed(UNCACHED_OUTPUT_STAGES):  # downstream first: each keeps the deps of the next
+        result = run(["dvc", "repro", "--single-item", name], project, check=False,
+                     PATH=os.pathsep.join([str(failing), str(VENV_BIN), os.environ["PATH"]]))
+        assert result.returncode != 0 and "error: the stage failed" in result.stderr, result.stderr
+    assert {path: (project / path).read_bytes() if (project / path).exists() else None for path in uncached} == uncached

@@ -1,5 +1,7 @@
 """Where runs go, and what identifies them."""
 
+import time
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -130,3 +132,21 @@ def test_manifests_are_logged_as_datasets_with_content_digests(tmp_path, monkeyp
     assert found == {name: (dataset.digest, [context]) for (name, dataset), context in
                      zip(logged.items(), ("training", "validation", "testing"))}
     assert len({digest for digest, _ in found.values()}) == 3  # the content decides the digest
+
+
+@pytest.mark.parametrize("command", [["promote", "pneumonia-model"], ["compare", "--experiment", "pneumonia"],
+                                     ["predict", "--model-uri", "models:/pneumonia-model@champion", "x.png"]])
+def test_commands_fail_fast_on_a_dead_tracking_server(monkeypatch, capsys, command):
+    """issue 27: promote, compare and predict --model-uri retried a closed port for minutes (promote 268 s, then
+    reported a missing alias); they stop at once with the train stage's message."""
+    from conftest import free_port
+    from pneumonia import cli, comparison, serving  # noqa: F401 - imported before the clock starts
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(command)
+    assert time.monotonic() - started < 10
+    assert exit_info.value.code == 2
+    assert f"the MLflow tracking server {dead} (MLFLOW_TRACKING_URI) cannot be reached" in capsys.readouterr().err

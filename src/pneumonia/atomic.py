@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pneumonia.errors import PipelineError
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -27,10 +29,18 @@ def _remove_stale_temporaries(target: Path) -> None:
         _remove(stale)
 
 
+def refuse_folder(target: Path, what: str = "") -> None:
+    """A file output named by a user (`what`: how, e.g. "--csv") must not be an existing folder."""
+    if Path(target).is_dir():
+        raise PipelineError(f"{what + ' ' if what else ''}{target} is a folder: name a file")
+
+
 @contextmanager
 def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
+    if not directory:
+        refuse_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     if directory:
@@ -45,12 +55,12 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
     temporary.chmod((0o777 if directory else 0o666) & ~umask)
     try:
         yield temporary
-    except BaseException:
+        if directory and target.exists():
+            _remove(target)  # os.replace cannot replace a non-empty folder
+        os.replace(temporary, target)
+    except BaseException:  # the body failed, or the rename did
         _remove(temporary)
         raise
-    if directory and target.exists():
-        _remove(target)  # os.replace cannot replace a non-empty folder
-    os.replace(temporary, target)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -10,14 +10,12 @@ from pneumonia.logs import run_stage
 
 
 def check_params(args: argparse.Namespace) -> None:
-    import yaml
-
-    from pneumonia.config import auto_keys, flatten, load_params
+    from pneumonia.config import auto_keys, flatten, load_params, read_params_file
 
     params = load_params(args.params)
     print(json.dumps(params.model_dump(), indent=2))
     resolved = flatten(params)
-    for key in auto_keys(yaml.safe_load(args.params.read_text())):
+    for key in auto_keys(read_params_file(args.params)):
         print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
 
 
@@ -31,8 +29,11 @@ def compare_runs(args: argparse.Namespace) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from pneumonia import inference
+    from pneumonia import atomic, inference
 
+    for option, path in (("--csv", args.csv), ("--json", args.json)):
+        if path:  # before predicting, not after
+            atomic.refuse_folder(path, option)
     if args.model_uri:
         from pneumonia import serving
 
@@ -134,6 +135,13 @@ def adapt(args: argparse.Namespace) -> None:
           f"(use it with `pneumonia predict --model {args.out} ...`)")
 
 
+def at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is below 1: batch-norm statistics need images")
+    return number
+
+
 def add_adapt_parser(commands) -> None:
     adapt_parser = commands.add_parser(
         "adapt", help="adapt the model to a new site from its unlabelled X-rays (batch-norm statistics)",
@@ -143,7 +151,8 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="the site's image files or folders")
     adapt_parser.add_argument("--model", type=Path, default=paths.MODEL, help="default: models/model.keras")
     adapt_parser.add_argument("--out", type=Path, required=True, help="where to write the adapted .keras model")
-    adapt_parser.add_argument("--min-images", type=int, default=50, help="refuse fewer images than this (default 50)")
+    adapt_parser.add_argument("--min-images", type=at_least_one, default=50,
+                              help="refuse fewer images than this (default 50)")
     adapt_parser.set_defaults(handler=adapt)
 
 

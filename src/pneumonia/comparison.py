@@ -132,6 +132,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def compare(experiment: str, out: Path) -> list[dict[str, Any]]:
     """Write runs.md, runs.csv and runs.png for `experiment` into `out`; returns the rows."""
+    tracking.check_reachable(tracking.tracking_uri(), "Nothing was compared.")
     client = MlflowClient(tracking.tracking_uri())
     rows = table_rows(experiment_runs(client, experiment))
     if not rows:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -45,6 +46,18 @@ def _not_bool(value: Any) -> Any:
 # floats stay lax for strings because YAML 1.1 reads `1e-4` as one.
 Float = Annotated[float, BeforeValidator(_not_bool)]
 NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding (np.random.seed, keras.utils.set_random_seed, scikit-learn) takes no more
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"a seed is an integer from 0 to {MAX_SEED} (2**32 - 1), the range NumPy's seeding takes")
+    return seed
+
+
+Seed = Annotated[StrictInt, AfterValidator(_seed_in_range)]
+# MLflow's database stores keep experiment and registered-model names of up to 256 characters
+MLFLOW_NAME_LENGTH = 256
 
 
 class Section(BaseModel):
@@ -67,7 +80,7 @@ class DataConfig(Section):
     local_path: NonEmptyStr = str(paths.SAMPLE)  # the sample committed in data_sample/
     image_size: StrictInt = Field(128, ge=32, le=1024)
     val_fraction: Float = Field(0.15, gt=0, lt=0.5)
-    seed: StrictInt = 42
+    seed: Seed = 42
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
     max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -86,6 +99,12 @@ def storage_uri(value: Any, key: str, example: str, local: str) -> Any:
     if uri and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.+", uri):
         raise ValueError(f"{key} must be a URI with a scheme and a path, e.g. {example} or file:///abs/path; "
                          f"{local} leave {key} empty")
+    if uri.lower().startswith("file://") and not uri.lower().startswith("file:///"):
+        # Relative file URIs are refused, not resolved: TensorFlow reads file://data/shards as host `data`,
+        # path /shards, and a folder relative to the project is what the empty default already gives.
+        raise ValueError(f"a file:// URI must be absolute, file:///abs/path (three slashes; TensorFlow takes what "
+                         f"follows file:// up to the next slash for a host and would write under /); {local} leave "
+                         f"{key} empty")
     return uri
 
 
@@ -116,10 +135,10 @@ def resolve_auto(raw: Any) -> Any:
     """params with every `auto` replaced: model.weights imagenet for a backbone (none for custom_cnn);
     train.warmup_epochs and train.fine_tune per PRETRAINED_RECIPE when the resolved weights are
     pretrained (not none), per FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict) \
-            or not isinstance(raw.get("train", {}), dict):
-        return raw  # pydantic reports the wrong types
-    model, train = dict(raw.get("model") or {}), dict(raw.get("train") or {})
+    if not isinstance(raw, dict):
+        return raw  # pydantic reports the wrong type
+    # A section of another type (an empty `train:` is None) is pydantic's to report; the other one is still resolved.
+    model, train = (dict(raw[key]) if isinstance(raw.get(key), dict) else {} for key in ("model", "train"))
     if model.get("weights") == AUTO:
         model["weights"] = (FROM_SCRATCH_RECIPE if model.get("name", CUSTOM_CNN) == CUSTOM_CNN
                             else PRETRAINED_RECIPE)["weights"]
@@ -128,7 +147,8 @@ def resolve_auto(raw: Any) -> Any:
         train["fine_tune"] = recipe["fine_tune"]
     if train.get("warmup_epochs") == AUTO:  # a frozen backbone has nothing to warm up for
         train["warmup_epochs"] = 0 if train.get("fine_tune") == "frozen" else recipe["warmup_epochs"]
-    return {**raw, **({"model": model} if "model" in raw else {}), **({"train": train} if "train" in raw else {})}
+    return {**raw, **{key: section for key, section in (("model", model), ("train", train))
+                      if isinstance(raw.get(key), dict)}}
 
 
 def auto_keys(raw: Any) -> list[str]:
@@ -214,7 +234,7 @@ class TrainConfig(Section):
     ema_momentum: Float = Field(0.99, gt=0, lt=1)
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
-    seed: StrictInt = 42
+    seed: Seed = 42
     deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
@@ -250,7 +270,7 @@ class EvaluateConfig(Section):
     threshold: float | str = "sensitivity@0.93"  # chosen on validation: a number, "youden" or "sensitivity@X"
     bootstrap_samples: StrictInt = Field(1000, ge=100)  # resamples for the 95% confidence intervals
     images_per_outcome: StrictInt = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
-    seed: StrictInt = 42  # bootstrap resampling and the choice of images shown
+    seed: Seed = 42  # bootstrap resampling and the choice of images shown
     # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
     # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
     external: str = ""
@@ -262,9 +282,9 @@ class EvaluateConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = Field("pneumonia", min_length=1)
+    experiment: str = Field("pneumonia", min_length=1, max_length=MLFLOW_NAME_LENGTH)
     # Registered-model name for each evaluated model (alias "candidate"); None: not registered.
-    register_model: str | None = None
+    register_model: str | None = Field(None, max_length=MLFLOW_NAME_LENGTH)
 
     @field_validator("register_model")
     @classmethod
@@ -319,6 +339,9 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling against params.yaml in the repository)"
+    if error["input"] is None and error["type"] == "model_type":
+        return (f"{key}: the section is empty (its name with nothing under it): give its keys as in params.yaml in "
+                "the repository, or delete the line for its defaults")
     if not error["loc"] or isinstance(error["input"], dict):
         return message  # a check across keys: its message names them
     return f"{key} = {error['input']!r}: {message}"
@@ -355,15 +378,44 @@ def _yaml_value(text: str) -> Any:
         return text  # not YAML: the string itself, for the validation to judge
 
 
-def load_params(path: Path = paths.PARAMS, overrides: Mapping[str, Any] | None = None) -> Params:
-    """params.yaml, validated; with `overrides` (dotted keys, see `with_overrides`) applied first."""
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"the key {key!r} twice (the second on line {line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in a mapping (PyYAML keeps the last; DVC refuses the file)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_params_file(path: Path) -> Any:
+    """The YAML of a params file, as DVC reads it: UTF-8, no key twice in a mapping."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_bytes().decode("utf-8"), _UniqueKeyLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                            "save it as UTF-8") from None
+    except _DuplicateKey as exc:
+        raise PipelineError(f"{path} has {exc}: keep one (DVC refuses such a file too)") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {exc}") from None
-    return parse_params(with_overrides(raw, overrides or {}), str(path))
+
+
+def load_params(path: Path = paths.PARAMS, overrides: Mapping[str, Any] | None = None) -> Params:
+    """params.yaml, validated; with `overrides` (dotted keys, see `with_overrides`) applied first."""
+    return parse_params(with_overrides(read_params_file(path) or {}, overrides or {}), str(path))
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:

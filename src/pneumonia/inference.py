@@ -185,12 +185,16 @@ def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Pat
 def run_threshold(test_metrics: Path) -> float:
     """The decision threshold the evaluate stage chose (key "threshold"), or 0.5 with a warning."""
     try:
-        return float(json.loads(test_metrics.read_text())["threshold"])
+        threshold = float(json.loads(test_metrics.read_text())["threshold"])
     except (FileNotFoundError, KeyError):
         log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", test_metrics, DEFAULT_THRESHOLD)
         return DEFAULT_THRESHOLD
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise PipelineError(f"{test_metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
+    if not 0 <= threshold <= 1:  # NaN too: every image would be NORMAL
+        raise PipelineError(f"{test_metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
+                            "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
+    return threshold
 
 
 def load_classifier(model_path: Path, threshold: float, jpeg_quality: int) -> Classifier:

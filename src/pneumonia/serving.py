@@ -154,6 +154,7 @@ CHAMPION = "champion"
 def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version: str | None = None) -> str:
     """Point the registered model `name`'s alias `target` at the version aliased `source` (or at
     `version`); return that version. MlflowClient.set_registered_model_alias, with clear errors."""
+    tracking.check_reachable(tracking.tracking_uri(), "Nothing was promoted.")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     try:
@@ -171,6 +172,8 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
 
 def logged_classifier(model_uri: str) -> Classifier:
     """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
+    if model_uri.startswith(("runs:", "models:")):  # found through the tracking store
+        tracking.check_reachable(tracking.tracking_uri(), "Nothing was predicted.")
     tracking.use_tracking_uri(tracking.tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)

@@ -50,8 +50,9 @@ def use_tracking_uri(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
-def check_reachable(uri: str) -> None:
-    """Fail before training, not after an hour of it, when a tracking server is down."""
+def check_reachable(uri: str, nothing_done: str = "Nothing was trained.") -> None:
+    """Fail before training, not after an hour of it (nor after MLflow's minutes of retries), when a tracking
+    server is down; `nothing_done` ends the message."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -62,7 +63,7 @@ def check_reachable(uri: str) -> None:
     except requests.RequestException as exc:
         raise PipelineError(
             f"the MLflow tracking server {shown} (MLFLOW_TRACKING_URI) cannot be reached: {type(exc).__name__}. "
-            "Start it or fix MLFLOW_TRACKING_URI, or unset it to use the local store mlflow.db. Nothing was trained."
+            f"Start it or fix MLFLOW_TRACKING_URI, or unset it to use the local store mlflow.db. {nothing_done}"
         ) from None
 
 

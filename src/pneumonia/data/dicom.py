@@ -41,6 +41,8 @@ def is_dicom(source: bytes | str | Path | BinaryIO) -> bool:
     if isinstance(source, bytes):
         head = source[:MAGIC_OFFSET + len(MAGIC)]
     elif isinstance(source, str | Path):
+        if not Path(source).is_file():  # a FIFO would block the read until something writes to it
+            return False
         try:
             with open(source, "rb") as file:
                 head = file.read(MAGIC_OFFSET + len(MAGIC))

@@ -3,6 +3,8 @@ new images exactly as it saw its training images. JPEG and PNG through PIL; DICO
 content, through pneumonia.data.dicom, to the same 8-bit greyscale."""
 
 import io
+import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -13,6 +15,9 @@ from pneumonia.data import dicom
 # 100 um is 4300 px). PIL alone only warns up to 179 MP, and a 10000 x 10000 PNG of 380 KiB
 # decodes to ~0.5 GB.
 MAX_PIXELS = 36_000_000
+# PIL's own check (a warning from 89 MP, its DecompressionBombError from 179 MP) is off: open_image, the
+# path every image takes, refuses from MAX_PIXELS with the size and what to do, whatever the size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageTooLarge(ValueError):
@@ -26,11 +31,14 @@ def _check_size(width: int, height: int) -> None:
 
 
 def open_image(source: bytes | str) -> Image.Image:
-    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header.
+    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header, a path that is
+    not a regular file (a FIFO would block the reader until something writes to it) before it is opened.
 
     A DICOM file is refused the same way, then decoded to 8-bit greyscale ("L") at once
     (dicom.DicomError when it is not a single greyscale X-ray it can decode).
     """
+    if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+        raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
     if dicom.is_dicom(source):
         dataset, width, height = dicom.dimensions(source)
         _check_size(width, height)

@@ -6,6 +6,7 @@ shape [batch, 2]);
 `evaluation.predictions.pneumonia_probability` turns either into one probability per image.
 """
 
+import zipfile
 from pathlib import Path
 
 import keras
@@ -59,5 +60,12 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
 
 
 def load_model(path) -> keras.Model:
-    """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it."""
-    return keras.models.load_model(path)
+    """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it.
+    A truncated or corrupt file is a PipelineError (Keras says "File not found" of a truncated zip)."""
+    try:
+        return keras.models.load_model(path)
+    except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        why = f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path) else "not a whole zip archive, as .keras are"
+        raise PipelineError(
+            f"{path} is damaged or not a Keras model file ({why}): copy it again, restore the pipeline's model "
+            f"with `dvc checkout {paths.MODEL}` or train it again with `dvc repro`") from None
