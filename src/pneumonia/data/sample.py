@@ -57,6 +57,9 @@ def build_sample(archive: Path, out: Path, fractions: dict[str, float] | None = 
     if not archive.is_file():
         raise PipelineError(f"{archive} not found: give the Kaggle archive (or a zip in its layout), "
                             "e.g. ../shared/datasets/chest-xray-sample.zip")
+    if out.resolve() == archive.resolve() or (out.exists() and out.samefile(archive)):
+        raise PipelineError(f"the sample {out} would write over its input {archive}, whose images it is drawn "
+                            "from: give --out another path (it defaults to the committed sample, data_sample/).")
     images: dict[str, dict[str, int]] = defaultdict(dict)
     patients: dict[str, dict[str, int]] = defaultdict(dict)
     try:
