@@ -10,14 +10,12 @@ from pneumonia.logs import run_stage
 
 
 def check_params(args: argparse.Namespace) -> None:
-    import yaml
-
-    from pneumonia.config import auto_keys, flatten, load_params
+    from pneumonia.config import auto_keys, flatten, load_params, read_params_file
 
     params = load_params(args.params)
     print(json.dumps(params.model_dump(), indent=2))
     resolved = flatten(params)
-    for key in auto_keys(yaml.safe_load(args.params.read_text())):
+    for key in auto_keys(read_params_file(args.params)):
         print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
 
 
