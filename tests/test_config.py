@@ -172,7 +172,6 @@ BILLION_LAUGHS = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" 
 def test_an_oversized_params_file_is_refused_in_seconds(tmp_path, text, expected):
     """Before, a billion-laughs `model.name` ran `pneumonia check-params` for minutes and GBs, printing the value."""
     import subprocess
-    import sys
 
     from conftest import VENV_BIN, tool_env
 

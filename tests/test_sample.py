@@ -84,3 +84,19 @@ def test_build_sample_refuses_to_write_over_its_input(tmp_path, monkeypatch, cap
             build_sample(archive, out)
     assert archive.read_bytes() == before
     assert sorted(p.name for p in archive.parent.iterdir()) == ["chest-xray-small.zip"]  # no temporary left
+
+
+def test_build_sample_refuses_an_archive_expanding_past_the_free_space(tmp_path, monkeypatch):
+    """The sample stores its images as they are: their declared sizes must fit (one extraction path)."""
+    import shutil
+
+    from archives import kaggle_members, write_zip
+    from pneumonia.errors import PipelineError
+
+    members = kaggle_members(patients=6)
+    archive = write_zip(tmp_path / "bomb.zip", {**members, "chest_xray/val/NORMAL/IM-0900-0001.jpeg": bytes(5_000_000)})
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    with pytest.raises(PipelineError, match=r"bomb.zip expands to 5 MB but only 1 MB are free .* free up space"):
+        build_sample(archive, tmp_path / "sample.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]

@@ -12,13 +12,13 @@ import logging
 import shutil
 import tempfile
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pneumonia import CLASS_NAMES
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
+from pneumonia.data.archive import check_free_space, extract, open_zip
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
 from pneumonia.data.layout import IMAGE_SUFFIXES, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
@@ -78,26 +78,21 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
     if source.is_dir():
         names = [path.relative_to(source).as_posix() for path in source.rglob("*")
                  if path.is_file() and not path.is_symlink()]
-        for name, label in locate_images(names, display):
+        images = locate_images(names, display)
+        check_free_space(sum((source / name).stat().st_size for name, _ in images), out, f"the folder {source}")
+        for name, label in images:
             target = out / CLASS_NAMES[label] / PurePosixPath(name).name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, target)
             copied.append((target, label))
         return copied
-    try:
-        with zipfile.ZipFile(source) as archive:
-            infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
-            for name, label in locate_images(list(infos), display):
-                target = out / CLASS_NAMES[label] / PurePosixPath(name).name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(infos[name]) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                copied.append((target, label))
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise PipelineError(f"evaluate.external = {display!r} is not a readable zip archive ({exc}); it may be "
-                            "truncated or corrupt. Copy it again, or point evaluate.external at the unpacked "
-                            "folder.") from None
-    return copied
+    with open_zip(source, f"evaluate.external = {display!r}",
+                  "Copy it again, or point evaluate.external at the unpacked folder.") as archive:
+        infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+        members = [(infos[name], out / CLASS_NAMES[label] / PurePosixPath(name).name, label)
+                   for name, label in locate_images(list(infos), display)]
+        extract(archive, [(info, target) for info, target, _ in members], out, f"the archive {source}")
+    return [(target, label) for _, target, label in members]
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,
