@@ -50,7 +50,9 @@ def main() -> None:
             training=json.loads(paths.TRAIN_METRICS.read_text()), model_summary=result.model_summary))
 
     with tracking.resumed_run(paths.RUN_INFO):
-        mlflow.set_tags({f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()})
+        # Each write retried while another process holds mlflow.db's lock (tracking.retry_locked).
+        tracking.retry_locked(mlflow.set_tags,
+                              {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()})
         # The model first, then each split's metrics linked to it and to that split's data: the logged
         # model's page shows them and mlflow.search_logged_models ranks models by them.
         logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
@@ -58,15 +60,15 @@ def main() -> None:
         datasets = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"})
         if external:
             datasets[EXTERNAL] = tracking.manifest_dataset(paths.EXTERNAL / "manifest.csv", name=EXTERNAL)
-            mlflow.log_input(datasets[EXTERNAL], context="external validation")
+            tracking.retry_locked(mlflow.log_input, datasets[EXTERNAL], context="external validation")
         for split in result.scored:
-            mlflow.log_metrics(summary.mlflow_metrics(split.scores, prefix=split.name), model_id=logged.model_id,
-                               dataset=datasets[split.name])
+            tracking.retry_locked(mlflow.log_metrics, summary.mlflow_metrics(split.scores, prefix=split.name),
+                                  model_id=logged.model_id, dataset=datasets[split.name])
         for path in (paths.TEST_METRICS, paths.EXTERNAL_METRICS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
                      *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))):
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+            tracking.retry_locked(mlflow.log_artifact, str(path), artifact_path="evaluation")
         # The data report belongs with the run; logged here so that report changes cost no retraining.
-        mlflow.log_artifacts(str(paths.DATA_REPORT), artifact_path="inputs/data")
+        tracking.retry_locked(mlflow.log_artifacts, str(paths.DATA_REPORT), artifact_path="inputs/data")
 
 
 if __name__ == "__main__":

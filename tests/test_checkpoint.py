@@ -73,3 +73,39 @@ def test_a_truncated_best_checkpoint_is_refused_not_promoted(tmp_path):
     assert not model.exists()
     whole.promote(model)
     assert zipfile.ZipFile(model).testzip() is None
+
+
+# The same model (seeded, with a layer used twice: a shared object in its config) saved as the best
+# checkpoint and promoted to the model file, as a training does; then its prediction on fixed input.
+PROMOTED = """
+import sys
+from pathlib import Path
+import keras
+import numpy as np
+from pneumonia.training.backup import TrainingBackup
+keras.utils.set_random_seed(0)
+inputs = keras.Input((4,))
+shared = keras.layers.Dense(4)
+model = keras.Model(inputs, keras.layers.Dense(1)(shared(shared(inputs))))
+backup = TrainingBackup(sys.argv[1])
+Path(sys.argv[1]).mkdir()
+model.save(backup.checkpoint)
+backup.promote(Path(sys.argv[2]))
+print(keras.saving.load_model(sys.argv[2]).predict(np.ones((1, 4)), verbose=0)[0, 0])
+"""
+
+
+@pytest.mark.slow
+def test_the_same_model_gives_the_same_model_file_in_another_process(tmp_path):
+    """models/model.keras is a DVC output: Keras writes the save time and memory addresses into it (metadata's
+    date_saved, the weights member's timestamp, config's shared_object_id), so the same trained model never
+    had the same hash; the promoted file keeps neither, and loads to the same model."""
+    from conftest import run
+
+    outputs = []
+    for name in ("first", "again"):
+        outputs.append(run([sys.executable, "-c", PROMOTED, str(tmp_path / f"backup-{name}"),
+                            str(tmp_path / f"{name}.keras")], tmp_path).stdout)
+        time.sleep(2.1)  # past the 2 s resolution of a zip's timestamps
+    assert (tmp_path / "first.keras").read_bytes() == (tmp_path / "again.keras").read_bytes()
+    assert outputs[0] == outputs[1] and outputs[0].strip()

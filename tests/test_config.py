@@ -1,5 +1,7 @@
 """Params validation: every mistake stops with the key, the value and what is allowed."""
 
+import re
+
 import pytest
 import yaml
 
@@ -220,3 +222,33 @@ def test_duplicate_keys_are_refused_as_dvc_refuses_them(tmp_path, capsys):
     # A key overriding one merged in (`<<: *anchor`) is not a duplicate, for DVC either.
     params.write_text("x-base: &base\n  epochs: 3\n  batch_size: 8\ntrain:\n  <<: *base\n  epochs: 5\n")
     assert read_params_file(params)["train"] == {"epochs": 5, "batch_size": 8}
+
+
+# Nine levels of aliases, each ten of the one before: 10**9 strings when expanded, 1 KB on disk.
+BILLION_LAUGHS = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 10)}]\n" for level in range(1, 9)) + "model:\n  name: *a8\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BILLION_LAUGHS, r"expands its aliases to more than 100,000 values"),
+    (f"model:\n  name: {'x' * 2_000_000}\n", r"is 2\.0 MB: more than the 1 MB a params file may have"),
+], ids=["aliases", "bytes"])
+def test_an_oversized_params_file_is_refused_in_seconds(tmp_path, text, expected):
+    """Before, a billion-laughs `model.name` ran `pneumonia check-params` for minutes and GBs, printing the value."""
+    import subprocess
+
+    from conftest import VENV_BIN, tool_env
+
+    (tmp_path / "params.yaml").write_text(text)
+    result = subprocess.run([VENV_BIN / "pneumonia", "check-params", "--params", "params.yaml"], cwd=tmp_path,
+                            env=tool_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(expected, result.stderr), result.stderr
+
+
+def test_a_long_value_is_quoted_shortened():
+    with pytest.raises(PipelineError) as error:
+        parse_params({"model": {"name": "x" * 100_000}, "train": {"epochs": [[1] * 1000] * 1000}})
+    message = str(error.value)
+    assert "model.name = 'xxxx" in message and "train.epochs = [[1, 1," in message and "..." in message
+    assert len(message) < 2000

@@ -286,28 +286,40 @@ def test_audit_catches_a_leaky_split():
 
 
 @pytest.mark.e2e
-def test_download_and_prepare_twice_give_identical_bytes(tmp_path):
-    """The stage scripts, run twice from scratch in a copy of the project: every output byte-identical."""
+def test_the_data_stages_twice_give_identical_bytes(tmp_path):
+    """The data stages' scripts, run twice from scratch in a copy of the project, each in a fresh process:
+    every output byte-identical, TFRecord shards (of the splits and of an external set) included."""
     archive = write_zip(tmp_path / "data.zip", {**kaggle_members(patients=4),
                                                 "chest_xray/train/NORMAL/IM-0999-0001.jpeg": b"not an image"})
+    external = write_zip(tmp_path / "site.zip", {f"site/{name}/{index}.jpeg": jpeg(500 + index, name == "PNEUMONIA")
+                                                 for name in ("NORMAL", "PNEUMONIA") for index in range(3)})
     project = copy_project(tmp_path / "project")
     set_params(project, **{"data.source": "local", "data.local_path": str(archive), "data.val_fraction": 0.25,
-                           "data.max_unreadable_fraction": 0.1})
-    outputs = [project / "data", project / "metrics"]
-    shutil.rmtree(project / "metrics")  # the committed baseline's: from scratch means without them
+                           "data.max_unreadable_fraction": 0.1, "data.image_size": 48,
+                           "tfrecords.images_per_shard": 4, "evaluate.external": str(external)})
+    outputs = [project / "data", project / "metrics", project / "reports" / "data"]
+    for output in outputs[1:]:
+        shutil.rmtree(output)  # the committed baseline's: from scratch means without them
 
     hashes = []
     for _ in range(2):
-        for stage in ("download", "prepare"):
+        for stage in ("download", "prepare", "tfrecords", "class_weights", "external", "data_report"):
             run(["python", f"stages/{stage}.py"], project)
         hashes.append(tree_hashes(*outputs))
         for output in outputs:
             shutil.rmtree(output)
 
-    assert hashes[0] == hashes[1]
+    differing = sorted(Path(name).relative_to(project).as_posix() for name in hashes[0]
+                       if hashes[0][name] != hashes[1].get(name))
+    assert differing == []
+    assert hashes[0].keys() == hashes[1].keys()
     names = {Path(name).relative_to(project).as_posix() for name in hashes[0]}
     assert {"data/raw/source.json", "data/manifests/train.csv", "data/manifests/val.csv", "data/manifests/test.csv",
-            "data/images.csv", "metrics/data.json", "metrics/data_audit.json"} <= names
+            "data/images.csv", "metrics/data.json", "metrics/data_audit.json", "data/tfrecords/meta.json",
+            "data/external/external-00000-of-00002.tfrecord", "data/class_weights.json",
+            "reports/data/summary.json"} <= names
+    for prefix in ("data/tfrecords/train-", "data/tfrecords/test-", "reports/data/figures/"):
+        assert any(name.startswith(prefix) for name in names), prefix
 
 
 def test_an_archive_extracts_into_a_folder_that_does_not_exist_yet(tmp_path):

@@ -250,3 +250,30 @@ def test_a_labels_csv_that_is_missing_ambiguous_or_wrong_says_so(tmp_path, known
     with pytest.raises(PipelineError, match="no NORMAL/ or PNEUMONIA/ folder of images and no labels CSV"):
         write(site, tmp_path / "external", known_images)
     assert not (tmp_path / "external").exists()
+
+
+def test_a_zip_expanding_past_the_free_space_is_refused_before_extraction(tmp_path, known_images, monkeypatch):
+    """The download stage's guards hold for evaluate.external too (one extraction path): before, a zip
+    declaring 129 GB on a 70 GB disk was extracted until the disk was full."""
+    import shutil
+
+    folder = external_folder(tmp_path / "site")
+    members = {f"site/{path.relative_to(folder).as_posix()}": path.read_bytes() for path in folder.rglob("*.jpeg")}
+    (tmp_path / "bomb.zip").write_bytes(zip_bytes({**members, "site/NORMAL/huge.jpeg": bytes(5_000_000)}))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    copied = []
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *args: copied.append(args))
+
+    with pytest.raises(PipelineError, match=r"bomb.zip expands to 5 MB but only 1 MB are free .* free up space"):
+        write(tmp_path / "bomb.zip", tmp_path / "external", known_images)
+    assert copied == []  # not a byte extracted
+    assert not (tmp_path / "external").exists() and not list(tmp_path.glob(".external*"))
+
+
+def test_a_symbolic_link_member_is_refused(tmp_path, known_images):
+    folder = external_folder(tmp_path / "site")
+    members = {f"site/{path.relative_to(folder).as_posix()}": path.read_bytes() for path in folder.rglob("*.jpeg")}
+    (tmp_path / "link.zip").write_bytes(zip_bytes(members, symlinks={"site/NORMAL/x.jpeg": "/etc/passwd"}))
+    with pytest.raises(PipelineError, match="member 'site/NORMAL/x.jpeg' is a symbolic link"):
+        write(tmp_path / "link.zip", tmp_path / "external", known_images)

@@ -7,6 +7,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import PurePosixPath
 
+import pytest
 from PIL import Image
 
 from conftest import REPO, REPO_SAMPLE, shared_dataset
@@ -60,3 +61,42 @@ def test_rebuilding_from_the_shared_archive_gives_the_committed_bytes(tmp_path):
         "data_sample/ no longer matches its build: rebuild it (data_sample/README.md) and commit"
     assert summary.images["test"] == {"NORMAL": 116, "PNEUMONIA": 293}
     assert re.search(r"\b1236 images\b", (REPO / "data_sample" / "README.md").read_text())
+
+
+def test_build_sample_refuses_to_write_over_its_input(tmp_path, monkeypatch, capsys):
+    """`pneumonia build-sample data_sample/chest-xray-small.zip`: --out defaults to that very file."""
+    from archives import kaggle_members, write_zip
+    from pneumonia import cli
+    from pneumonia.errors import PipelineError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data_sample").mkdir()
+    archive = write_zip(tmp_path / "data_sample" / "chest-xray-small.zip", kaggle_members(patients=6))
+    before = archive.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["build-sample", "data_sample/chest-xray-small.zip"])
+    assert exit_info.value.code == 2
+    assert "would write over its input" in capsys.readouterr().err
+    linked = tmp_path / "link.zip"
+    linked.symlink_to(archive)
+    for out in (tmp_path / "data_sample" / ".." / "data_sample" / "chest-xray-small.zip", linked):  # same file
+        with pytest.raises(PipelineError, match="give --out another path"):
+            build_sample(archive, out)
+    assert archive.read_bytes() == before
+    assert sorted(p.name for p in archive.parent.iterdir()) == ["chest-xray-small.zip"]  # no temporary left
+
+
+def test_build_sample_refuses_an_archive_expanding_past_the_free_space(tmp_path, monkeypatch):
+    """The sample stores its images as they are: their declared sizes must fit (one extraction path)."""
+    import shutil
+
+    from archives import kaggle_members, write_zip
+    from pneumonia.errors import PipelineError
+
+    members = kaggle_members(patients=6)
+    archive = write_zip(tmp_path / "bomb.zip", {**members, "chest_xray/val/NORMAL/IM-0900-0001.jpeg": bytes(5_000_000)})
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    with pytest.raises(PipelineError, match=r"bomb.zip expands to 5 MB but only 1 MB are free .* free up space"):
+        build_sample(archive, tmp_path / "sample.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]

@@ -15,7 +15,7 @@ from pneumonia.logs import redact
 
 pytestmark = pytest.mark.slow  # each starts a tracking server or a stage
 
-PASSWORD = "s3cret-Pw"
+PASSWORD = "s3cret@Pw:x"  # a raw "@" and ":" in it: redaction goes to the last "@"
 
 # What the train and evaluate stages do with the store, under run_stage, then a failure of each kind.
 STAGE = textwrap.dedent("""
@@ -58,6 +58,14 @@ def test_redact_hides_only_the_password():
     assert redact("postgresql://alice:pw@db:5432/mlflow") == "postgresql://alice:***@db:5432/mlflow"
     assert redact("see mysql+pymysql://root:x%40y@h/m and http://h:80/") == "see mysql+pymysql://root:***@h/m and http://h:80/"
     assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert redact("http://h:80/x?to=a@b") == "http://h:80/x?to=a@b"
+
+
+@pytest.mark.parametrize("password", ["p@ss", "p:ss", "p%40ss", "p/ss", "a@b:c/d%40e@f"])
+def test_redact_hides_a_password_whatever_its_characters(password):
+    """Up to the last "@" of the authority: a raw "@", ":" or "/" in a password leaves no part of it."""
+    assert redact(f"http://alice:{password}@h:5000/x") == "http://alice:***@h:5000/x"
+    assert redact(f"store http://alice:{password}@h, then more") == "store http://alice:***@h, then more"
 
 
 @pytest.mark.parametrize("failure", ["pipeline-error", "traceback"])
@@ -68,7 +76,7 @@ def test_a_password_in_the_tracking_uri_reaches_no_output(server, tmp_path, fail
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "run " in result.stdout, output  # it logged, then failed as asked
     assert "alice:***@127.0.0.1" in result.stderr  # the logs and the error name the store ...
-    assert PASSWORD not in output  # ... without its password
+    assert PASSWORD not in output and "@Pw" not in output  # ... without its password or a part of it
     assert ("cannot load the MLflow model" if failure == "pipeline-error" else "RuntimeError") in result.stderr
 
     handed_over = json.loads((tmp_path / "mlflow_run.json").read_text())

@@ -150,3 +150,96 @@ def test_commands_fail_fast_on_a_dead_tracking_server(monkeypatch, capsys, comma
     assert time.monotonic() - started < 10
     assert exit_info.value.code == 2
     assert f"the MLflow tracking server {dead} (MLFLOW_TRACKING_URI) cannot be reached" in capsys.readouterr().err
+
+
+# The evaluate stage's MLflow writes (stages/evaluate.py) and `pneumonia promote`, on a run the train stage
+# opened; before each write it waits until the test holds the store's write lock. MLflow's 20 s busy
+# timeout is cut to 0.2 s here, so that a lock held 3 s is one held past it.
+EVALUATE_WRITES = """
+import sys, time
+from pathlib import Path
+from mlflow.store.db import utils
+from sqlalchemy import sql
+utils.sql = type("sql", (), {"text": staticmethod(lambda text: sql.text(text.replace("= 20000", "= 200")))})
+
+import keras, mlflow
+from pneumonia import serving, tracking
+from pneumonia.config import parse_params
+
+folder = Path(sys.argv[1])
+step = 0
+
+def locked():
+    global step
+    step += 1
+    (folder / f"ready-{step}").touch()
+    while not (folder / f"locked-{step}").exists():
+        time.sleep(0.05)
+
+manifests = folder / "manifests"
+manifests.mkdir()
+(manifests / "test.csv").write_text("path,label\\na.jpeg,0\\n")
+keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")]).save(folder / "model.keras")
+config = parse_params({}).tracking
+with tracking.training_run(config, {"model.name": "custom_cnn"}, manifests) as run:
+    tracking.write_run_info(run, folder / "run.json")
+locked()
+with tracking.resumed_run(folder / "run.json"):
+    locked()
+    tracking.retry_locked(mlflow.set_tags, {"evaluate.seed": 1})
+    locked()
+    logged = serving.log_model(folder / "model.keras", 0.5, 90, "pneumonia-test")
+    locked()
+    datasets = tracking.log_manifests(manifests, {"test": "testing"})
+    locked()
+    tracking.retry_locked(mlflow.log_metrics, {"test_auc": 0.9}, model_id=logged.model_id, dataset=datasets["test"])
+    locked()
+    tracking.retry_locked(mlflow.log_artifact, str(folder / "run.json"), artifact_path="evaluation")
+    locked()
+locked()
+print("promoted to version", serving.promote("pneumonia-test"))
+"""
+
+
+@pytest.mark.slow
+def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
+    """Each write the evaluate stage and `pneumonia promote` make (reopening the run, tags, the logged and
+    registered model, datasets, metrics, artifacts, closing the run, moving an alias) meets a store whose
+    write lock another process holds past the busy timeout: each succeeds once it is released (before,
+    the evaluate stage failed after all its work with "database is locked")."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tool_env
+
+    writes, log = 8, tmp_path / "log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-c", EVALUATE_WRITES, str(tmp_path)],
+                                   env=tool_env(DVC_ROOT=str(tmp_path)), stdout=output, stderr=subprocess.STDOUT)
+    try:
+        for step in range(1, writes + 1):
+            deadline = time.monotonic() + 180
+            while not (tmp_path / f"ready-{step}").exists():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"write {step} not reached:\n{log.read_text()}"
+                time.sleep(0.05)
+            lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            (tmp_path / f"locked-{step}").touch()
+            time.sleep(3)
+            lock.execute("COMMIT")
+            lock.close()
+        process.wait(timeout=240)
+        output = log.read_text()
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "promoted to version 1" in output
+    assert output.count("the MLflow store is locked by another process") >= writes
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.metrics["test_auc"] == 0.9
+    assert run.data.tags["evaluate.seed"] == "1"
+    assert str(client.get_model_version_by_alias("pneumonia-test", "champion").version) == "1"

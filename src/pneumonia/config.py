@@ -11,6 +11,7 @@ paths in it (data.download: data.local_path, models.build: model.weights).
 
 import copy
 import re
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -334,6 +335,15 @@ class Params(Section):
         return self
 
 
+# What an error message quotes of a value: a few items and characters, however large the value.
+_QUOTED = reprlib.Repr()
+_QUOTED.maxlevel, _QUOTED.maxlist, _QUOTED.maxdict, _QUOTED.maxstring, _QUOTED.maxother = 3, 6, 6, 80, 80
+# params.yaml is a few KB; past these it is a mistake or an attack (a "billion laughs" of nested aliases:
+# 1 KB that expands to 10**9 values), refused before it is expanded.
+MAX_PARAMS_BYTES = 1_000_000
+MAX_PARAMS_VALUES = 100_000
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
@@ -344,7 +354,7 @@ def _describe(error: dict[str, Any]) -> str:
                 "the repository, or delete the line for its defaults")
     if not error["loc"] or isinstance(error["input"], dict):
         return message  # a check across keys: its message names them
-    return f"{key} = {error['input']!r}: {message}"
+    return f"{key} = {_QUOTED.repr(error['input'])}: {message}"
 
 
 def parse_params(raw: dict[str, Any], source: str = str(paths.PARAMS)) -> Params:
@@ -398,19 +408,50 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _expanded_values(node: yaml.Node) -> int:
+    """How many values the YAML document `node` holds once its aliases are expanded, without expanding
+    them (an alias is the node it names, counted once per use); a recursive alias counts as too many."""
+    counted: dict[int, int] = {}
+
+    def count(node: yaml.Node, open_nodes: frozenset[int]) -> int:
+        if id(node) in open_nodes:
+            return MAX_PARAMS_VALUES + 1
+        if id(node) not in counted:
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+            counted[id(node)] = 1 + sum(count(child, open_nodes | {id(node)}) for child in children)
+        return counted[id(node)]
+
+    return count(node, frozenset())
+
+
 def read_params_file(path: Path) -> Any:
-    """The YAML of a params file, as DVC reads it: UTF-8, no key twice in a mapping."""
+    """The YAML of a params file, as DVC reads it (UTF-8, no key twice in a mapping); refused when larger
+    than MAX_PARAMS_BYTES or when its aliases expand past MAX_PARAMS_VALUES values."""
     try:
-        return yaml.load(path.read_bytes().decode("utf-8"), _UniqueKeyLoader)  # a SafeLoader subclass
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise PipelineError(f"{path} is {size / 1e6:.1f} MB: more than the {MAX_PARAMS_BYTES / 1e6:.0f} MB a "
+                                "params file may have (params.yaml is a few KB). Check that it is the right file.")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
                             "save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)  # a SafeLoader subclass
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_values(node) > MAX_PARAMS_VALUES:
+            raise PipelineError(f"{path} expands its aliases to more than {MAX_PARAMS_VALUES:,} values (nested or "
+                                "recursive YAML aliases, `*name`): write the values out instead.")
+        return loader.construct_document(node) if node is not None else None
     except _DuplicateKey as exc:
         raise PipelineError(f"{path} has {exc}: keep one (DVC refuses such a file too)") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 def load_params(path: Path = paths.PARAMS, overrides: Mapping[str, Any] | None = None) -> Params:

@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 from pneumonia.errors import PipelineError
 
-# The password of `scheme://user:password@host` (MLflow tracking URIs: http, postgresql, mysql+pymysql, ...).
-_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
+# The password of `scheme://user:password@host` (MLflow tracking URIs: http, postgresql, mysql+pymysql, ...):
+# up to the last "@" before the query, so a raw "@", ":" or "/" in a password leaves no part of it shown
+# (HTTP clients split user info from host on the last "@" too); an "@" in a path is hidden with it.
+_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s?#]*@")
 _record_factory = logging.getLogRecordFactory()
 
 

@@ -130,7 +130,8 @@ def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str |
     with tempfile.TemporaryDirectory() as scratch:
         config_file = Path(scratch) / "config.json"
         config_file.write_text(json.dumps(config))
-        info = mlflow.pyfunc.log_model(
+        info = tracking.retry_locked(
+            mlflow.pyfunc.log_model,
             name=MODEL_NAME,
             python_model=PneumoniaModel(),
             artifacts={KERAS_MODEL: str(model_path), CONFIG: str(config_file)},
@@ -143,7 +144,8 @@ def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str |
             registered_model_name=name,
         )
     if name:
-        mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, info.registered_model_version)
+        tracking.retry_locked(mlflow.MlflowClient().set_registered_model_alias, name, CANDIDATE,
+                              info.registered_model_version)
         log.info("registered %s version %s as %s@%s", MODEL_NAME, info.registered_model_version, name, CANDIDATE)
     return info
 
@@ -158,7 +160,8 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     try:
-        chosen = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, source)
+        chosen = tracking.retry_locked(*((client.get_model_version, name, version) if version else
+                                         (client.get_model_version_by_alias, name, source)))
     except MlflowException as exc:
         what = f"version {version}" if version else f"version with alias {source!r}"
         raise PipelineError(
@@ -166,7 +169,7 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
             "Register models with tracking.register_model (each evaluated model becomes a version aliased "
             f"{CANDIDATE!r}); `mlflow ui` lists them."
         ) from None
-    client.set_registered_model_alias(name, target, chosen.version)
+    tracking.retry_locked(client.set_registered_model_alias, name, target, chosen.version)
     return chosen.version
 
 

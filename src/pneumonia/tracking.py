@@ -90,7 +90,7 @@ LOCKED_RETRY_SECONDS = 600
 def retry_locked(call, *args, **kwargs):
     """call(*args, **kwargs), tried again while the SQLite store stays locked past MLflow's 20 s busy
     timeout: queued experiments share mlflow.db, and a "database is locked" must not end a training
-    that has run for an hour."""
+    that has run for an hour. Every MLflow write of the stages and commands goes through it."""
     delay, deadline = 1.0, time.monotonic() + LOCKED_RETRY_SECONDS
     while True:
         try:
@@ -141,17 +141,17 @@ def epoch_metrics_callback(history):
 
 
 def _experiment_id(name: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
+    experiment = retry_locked(mlflow.get_experiment_by_name, name)
     if experiment:
         return experiment.experiment_id
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so compare URIs, not the variable.)
     default_store = tracking_uri() == default_store_uri()
     location = (paths.project_root() / ARTIFACTS_FOLDER).as_uri() if default_store else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return retry_locked(mlflow.create_experiment, name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
         # A parallel queued experiment created it first.
-        return mlflow.get_experiment_by_name(name).experiment_id
+        return retry_locked(mlflow.get_experiment_by_name, name).experiment_id
 
 
 def git_commit() -> str | None:
@@ -192,6 +192,21 @@ def run_tags(manifests: Path) -> dict[str, str]:
 
 
 @contextmanager
+def _open_run(**start_run_args) -> Iterator[mlflow.ActiveRun]:
+    """mlflow.start_run, its opening and its closing write (the run's status) retried like any other."""
+    with retry_locked(mlflow.start_run, **start_run_args) as run:
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        finally:
+            # mlflow.end_run takes the run off its stack before writing, so it cannot be retried itself:
+            # the status is written (and retried) first, then end_run's repeat of it is a no-op if it fails.
+            retry_locked(mlflow.MlflowClient().set_terminated, run.info.run_id, status)
+            retry_locked(mlflow.end_run, status)
+
+
+@contextmanager
 def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path,
                  resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the run for this training in experiment tracking.experiment, with the params (flattened:
@@ -203,15 +218,15 @@ def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path
     experiment_id = _experiment_id(config.experiment)
     if resume_run_id is not None:
         try:
-            mlflow.get_run(resume_run_id)
+            retry_locked(mlflow.get_run, resume_run_id)
         except mlflow.exceptions.MlflowException:
             log.warning("the interrupted training's MLflow run %s is not in %s: starting a new run", resume_run_id,
                         shown_uri())
             resume_run_id = None
-    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests),
-                          run_name=None if resume_run_id else run_name(params["model.name"])) as run:
+    with _open_run(run_id=resume_run_id, experiment_id=experiment_id, tags=run_tags(manifests),
+                   run_name=None if resume_run_id else run_name(params["model.name"])) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
-        mlflow.log_params({k: v for k, v in params.items() if not k.startswith("evaluate.")})
+        retry_locked(mlflow.log_params, {k: v for k, v in params.items() if not k.startswith("evaluate.")})
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, config.experiment, shown_uri())
         yield run
 
@@ -232,7 +247,7 @@ def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
             "MLFLOW_TRACKING_URI to that URI with its password, as for the train stage"
         )
     use_tracking_uri(uri)
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    with _open_run(run_id=info["run_id"]) as run:
         yield run
 
 
@@ -266,5 +281,5 @@ def log_manifests(manifests: Path, splits: dict[str, str]) -> dict:
     datasets = {}
     for split, context in splits.items():
         datasets[split] = manifest_dataset(manifests / f"{split}.csv")
-        mlflow.log_input(datasets[split], context=context)
+        retry_locked(mlflow.log_input, datasets[split], context=context)
     return datasets

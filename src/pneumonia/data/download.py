@@ -8,9 +8,6 @@ import json
 import logging
 import os
 import shutil
-import stat
-import zipfile
-import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -19,6 +16,7 @@ from pneumonia import CLASS_NAMES, SPLITS, paths
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import DataConfig
 from pneumonia.data import synthetic
+from pneumonia.data.archive import check_free_space, extract, open_zip
 from pneumonia.data.layout import in_folder, in_zip, locate_splits
 from pneumonia.errors import PipelineError
 
@@ -33,56 +31,17 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _check_member(info: zipfile.ZipInfo) -> None:
-    name = PurePosixPath(info.filename)
-    if name.is_absolute() or ".." in name.parts:
-        raise PipelineError(f"refusing the archive: member {info.filename!r} would be written outside the data folder")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise PipelineError(f"refusing the archive: member {info.filename!r} is a symbolic link")
-
-
-def check_free_space(needed: int, out: Path, what: str) -> None:
-    """Refuse before writing when `needed` bytes (declared by the source) do not fit on out's disk:
-    an archive whose members expand past the free space (a zip bomb) must not fill it."""
-    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())  # `out` may be new
-    free = shutil.disk_usage(existing).free
-    if needed > free:
-        raise PipelineError(
-            f"{what} expands to {needed / 1e6:,.0f} MB but only {free / 1e6:,.0f} MB are free on the disk of "
-            f"{out.parent}: free up space (or move the project to a larger disk) and run the stage again."
-        )
-
-
 def extract_archive(archive: Path, out: Path) -> None:
     """Extract only the split/class images of a Kaggle-layout zip into `out`/split/class/.
 
-    zipfile checks each member's CRC-32 as it is read, so a corrupt member stops the extraction;
     `out` is a temporary folder (see download), so nothing of a damaged archive is kept.
     """
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = [info for info in zf.infolist() if not info.is_dir()]
-            for info in infos:
-                _check_member(info)
-            by_name = {info.filename: info for info in infos}
-            files = locate_splits(list(by_name), in_zip(zf))
-            total = sum(len(names) for names in files.values())
-            # zipfile stops at a member's declared size (its CRC then fails), so this bounds what is written.
-            check_free_space(sum(by_name[name].file_size for names in files.values() for name in names), out,
-                             f"the archive {archive}")
-            with tqdm(total=total, desc="extracting", unit="img", mininterval=2) as progress:
-                for (split, class_name), names in files.items():
-                    folder = out / split / class_name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    for name in names:
-                        with zf.open(by_name[name]) as src, open(folder / PurePosixPath(name).name, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-                        progress.update()
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise PipelineError(
-            f"{archive} is not a readable zip archive ({exc}); it may be truncated or corrupt. "
-            "Download it again."
-        ) from None
+    with open_zip(archive, str(archive), "Download it again.") as opened:
+        by_name = {info.filename: info for info in opened.infolist() if not info.is_dir()}
+        extract(opened, [(by_name[name], out / split / class_name / PurePosixPath(name).name)
+                         for (split, class_name), names in locate_splits(list(by_name), in_zip(opened)).items()
+                         for name in names],
+                out, f"the archive {archive}")
 
 
 def regular_files(folder: Path) -> list[str]:

@@ -15,15 +15,14 @@ import logging
 import shutil
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 from pneumonia import CLASS_NAMES
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
+from pneumonia.data.archive import check_free_space, extract, open_zip
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
 from pneumonia.data.layout import has_image_suffix, in_folder, in_zip, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
@@ -165,37 +164,37 @@ def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text
 
 
 def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]]:
-    """The labelled images of a zip or folder, copied to `out`/<CLASS>/<name> (symbolic links in a
-    folder are not followed: an external set is files, not pointers elsewhere)."""
-    def copy(images: list[tuple[str, int]], open_member: Callable[[str], BinaryIO]) -> list[tuple[Path, int]]:
-        copied = []
+    """The labelled images of a zip or folder, copied to `out`/<CLASS>/<name> once their sizes are known to
+    fit (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
+    pointers elsewhere)."""
+    def planned(images: list[tuple[str, int]]) -> list[tuple[str, Path, int]]:
+        targets = []
         # By class, then file name: the same images give the same records in any layout.
         for name, label in sorted(images, key=lambda image: (image[1], PurePosixPath(image[0]).name)):
             target = out / CLASS_NAMES[label] / PurePosixPath(name).name
-            if target.exists():
+            if any(target == other for _, other, _ in targets):
                 raise PipelineError(f"evaluate.external = {display!r} has two images named {target.name!r}: "
                                     "rename one (images are kept by file name).")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open_member(name) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            copied.append((target, label))
-        return copied
+            targets.append((name, target, label))
+        return targets
 
     if source.is_dir():
         names = [path.relative_to(source).as_posix() for path in source.rglob("*")
                  if path.is_file() and not path.is_symlink()]
-        return copy(labelled_images(names, in_folder(source), lambda name: (source / name).read_text(errors="replace"),
-                                    display), lambda name: open(source / name, "rb"))
-    try:
-        with zipfile.ZipFile(source) as archive:
-            names = [info.filename for info in archive.infolist() if not info.is_dir()]
-            images = labelled_images(names, in_zip(archive), lambda name: archive.read(name).decode(errors="replace"),
-                                     display)
-            return copy(images, archive.open)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise PipelineError(f"evaluate.external = {display!r} is not a readable zip archive ({exc}); it may be "
-                            "truncated or corrupt. Copy it again, or point evaluate.external at the unpacked "
-                            "folder.") from None
+        images = planned(labelled_images(names, in_folder(source),
+                                         lambda name: (source / name).read_text(errors="replace"), display))
+        check_free_space(sum((source / name).stat().st_size for name, _, _ in images), out, f"the folder {source}")
+        for name, target, _ in images:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, target)
+    else:
+        with open_zip(source, f"evaluate.external = {display!r}",
+                      "Copy it again, or point evaluate.external at the unpacked folder.") as archive:
+            infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+            images = planned(labelled_images(list(infos), in_zip(archive),
+                                             lambda name: archive.read(name).decode(errors="replace"), display))
+            extract(archive, [(infos[name], target) for name, target, _ in images], out, f"the archive {source}")
+    return [(target, label) for _, target, label in images]
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,

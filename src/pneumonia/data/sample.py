@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pneumonia.atomic import atomic_path
+from pneumonia.data.archive import check_free_space, open_zip
 from pneumonia.data.layout import locate_splits
 from pneumonia.data.prepare import patient_id
 from pneumonia.errors import PipelineError
@@ -57,21 +58,24 @@ def build_sample(archive: Path, out: Path, fractions: dict[str, float] | None = 
     if not archive.is_file():
         raise PipelineError(f"{archive} not found: give the Kaggle archive (or a zip in its layout), "
                             "e.g. ../shared/datasets/chest-xray-sample.zip")
+    if out.resolve() == archive.resolve() or (out.exists() and out.samefile(archive)):
+        raise PipelineError(f"the sample {out} would write over its input {archive}, whose images it is drawn "
+                            "from: give --out another path (it defaults to the committed sample, data_sample/).")
     images: dict[str, dict[str, int]] = defaultdict(dict)
     patients: dict[str, dict[str, int]] = defaultdict(dict)
-    try:
-        with zipfile.ZipFile(archive) as source, atomic_path(out) as temporary:
-            kept = draw([info.filename for info in source.infolist() if not info.is_dir()], fractions, seed)
-            with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as sample:
-                for (split, class_name), members in sorted(kept.items()):
-                    images[split][class_name] = len(members)
-                    patients[split][class_name] = len({patient_id(PurePosixPath(m).name) for m in members})
-                    for member in members:
-                        info = zipfile.ZipInfo(f"chest_xray/{split}/{class_name}/{PurePosixPath(member).name}",
-                                               date_time=FIXED_TIME)
-                        info.external_attr = 0o644 << 16
-                        sample.writestr(info, source.read(member))  # JPEG bytes as they are: no re-encoding
-    except zipfile.BadZipFile as exc:
-        raise PipelineError(f"{archive} is not a readable zip archive ({exc})") from None
+    with open_zip(archive, str(archive), "Copy it again.") as source:
+        kept = draw([info.filename for info in source.infolist() if not info.is_dir()], fractions, seed)
+        # Stored as they are: the sample takes the kept members' declared sizes.
+        check_free_space(sum(source.getinfo(member).file_size for members in kept.values() for member in members),
+                         out, f"the archive {archive}")
+        with atomic_path(out) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as sample:
+            for (split, class_name), members in sorted(kept.items()):
+                images[split][class_name] = len(members)
+                patients[split][class_name] = len({patient_id(PurePosixPath(m).name) for m in members})
+                for member in members:
+                    info = zipfile.ZipInfo(f"chest_xray/{split}/{class_name}/{PurePosixPath(member).name}",
+                                           date_time=FIXED_TIME)
+                    info.external_attr = 0o644 << 16
+                    sample.writestr(info, source.read(member))  # JPEG bytes as they are: no re-encoding
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     return SampleSummary(dict(images), dict(patients), out.stat().st_size, digest)

@@ -56,7 +56,9 @@ def _example(record: Record, jpeg: bytes) -> bytes:
         "patient_id": _bytes(record.patient_id.encode()),
         "file_name": _bytes(Path(record.path).name.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: the feature map in key order; otherwise its order, hence the shards' bytes, differs
+    # between processes, and the same data would never give the same DVC hash.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def shard_names(split: str, count: int) -> list[str]:

@@ -9,6 +9,7 @@ file_utils, which hands URIs to tf.io.gfile too.
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -52,6 +53,33 @@ def complete_keras_file(path: str) -> bool:
             return archive.testzip() is None
     except (zipfile.BadZipFile, EOFError, OSError, tf.errors.OpError):
         return False
+
+
+def stable_keras_bytes(data: bytes) -> bytes:
+    """The .keras file `data` (a zip) with bytes that depend on the model alone: Keras writes the save
+    time (metadata.json's date_saved, the members' timestamps) and memory addresses (config.json's
+    shared_object_id), so the same trained model was a different models/model.keras, to DVC too, each
+    time. Shared-object ids are renumbered in order of appearance: loading matches them only to each other."""
+    renumbered: dict[int, int] = {}
+
+    def renumber(value):
+        if isinstance(value, dict):
+            return {key: renumbered.setdefault(inner, len(renumbered)) if key == "shared_object_id"
+                    else renumber(inner) for key, inner in value.items()}
+        return [renumber(inner) for inner in value] if isinstance(value, list) else value
+
+    stable = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as saved, zipfile.ZipFile(stable, "w") as written:
+        for info in saved.infolist():
+            content = saved.read(info)
+            if info.filename == "metadata.json":
+                content = json.dumps({k: v for k, v in json.loads(content).items() if k != "date_saved"}).encode()
+            elif info.filename == "config.json":
+                content = json.dumps(renumber(json.loads(content))).encode()
+            member = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))  # the earliest a zip records
+            member.compress_type, member.external_attr = info.compress_type, info.external_attr
+            written.writestr(member, content)
+    return stable.getvalue()
 
 
 class EpochHistory(keras.callbacks.Callback):
@@ -189,15 +217,18 @@ class TrainingBackup:
         write_file(self.path(self.RUN_ID), run_id)
 
     def promote(self, model_path: Path) -> None:
-        """Copy the best checkpoint to `model_path` (atomically), once it is known to be whole."""
+        """Copy the best checkpoint to `model_path` (atomically, its bytes made stable: stable_keras_bytes),
+        once it is known to be whole."""
         if not complete_keras_file(self.checkpoint):
             raise PipelineError(
                 f"the best model {self.checkpoint} is damaged (truncated: a process was killed while saving it, "
                 f"before saves were atomic); nothing was promoted to {model_path}. Remove the backup folder "
                 f"{self.folder} and train again."
             )
+        with tf.io.gfile.GFile(self.checkpoint, "rb") as checkpoint:
+            data = checkpoint.read()
         with atomic_path(model_path) as saved:
-            tf.io.gfile.copy(self.checkpoint, str(saved), overwrite=True)
+            saved.write_bytes(stable_keras_bytes(data))
 
     def remove(self) -> None:
         """Remove a finished training's backup; under train.backup_uri also its fingerprint's folder once
