@@ -38,10 +38,11 @@ def predict(args: argparse.Namespace) -> None:
 
         classifier = serving.logged_classifier(args.model_uri)
     else:
+        from pneumonia.classifier import load_classifier
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
+        classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
@@ -97,11 +98,12 @@ def adapt(args: argparse.Namespace) -> None:
     import numpy as np
 
     from pneumonia import adaptation, atomic, inference
+    from pneumonia.classifier import load_classifier
     from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
 
-    classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
-                                           load_params().tfrecords.jpeg_quality)
+    classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
+                                 load_params().tfrecords.jpeg_quality)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):
         try:

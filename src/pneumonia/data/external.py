@@ -16,19 +16,18 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT as SPLIT
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
 from pneumonia.data.layout import IMAGE_SUFFIXES, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
 from pneumonia.data.prepare import patient_id
-from pneumonia.data.tfrecords import META, read_meta, write_records
+from pneumonia.data.tfrecords import META, write_records
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SPLIT = "external"  # the split name in the TFRecords and metadata
 LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (.jpeg, .jpg, .png), "
                "e.g. external/NORMAL/a.jpeg, external/PNEUMONIA/b.jpeg.")
 
@@ -165,9 +164,4 @@ def write_external(source: Path | None, display: str, target: Path, known_images
                 Record(f"{CLASS_NAMES[r.label]}/{Path(r.path).name}", r.label, r.patient_id, r.sha256, SPLIT)
                 for r in external.records])
     return meta["audit"]
-
-
-def has_external(folder: Path) -> bool:
-    """Whether the external stage's output holds an external set (evaluate.external was set)."""
-    return SPLIT in read_meta(folder)["splits"]
 
