@@ -46,9 +46,9 @@ def predict(args: argparse.Namespace) -> None:
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
-        inference.write_csv(results, args.csv)
+        inference.write_predictions_csv(args.csv, results)
     if args.json:
-        inference.write_json(results, args.json)
+        inference.write_predictions_json(args.json, results)
     if args.gradcam:
         written = inference.write_gradcam(classifier, results, args.gradcam)
         print(f"{len(written)} Grad-CAM overlays in {args.gradcam}", file=sys.stderr)

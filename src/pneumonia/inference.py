@@ -20,12 +20,12 @@ import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
 from pneumonia.classifier import BATCH_SIZE, Classifier
+from pneumonia.data.layout import IMAGE_SUFFIXES
 from pneumonia.errors import PipelineError
+from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def table(results: Sequence[FilePrediction]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(results: Sequence[FilePrediction], path: Path) -> None:
+def write_predictions_csv(path: Path, results: Sequence[FilePrediction]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")  # quotes commas in file names and errors
     writer.writerow(FIELDS)
@@ -165,5 +165,5 @@ def write_csv(results: Sequence[FilePrediction], path: Path) -> None:
     atomic.write_text(path, buffer.getvalue())
 
 
-def write_json(results: Sequence[FilePrediction], path: Path) -> None:
+def write_predictions_json(path: Path, results: Sequence[FilePrediction]) -> None:
     atomic.write_text(path, json.dumps([asdict(result) for result in results], indent=2) + "\n")

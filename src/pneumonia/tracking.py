@@ -240,13 +240,13 @@ def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
                       "tracking_uri": shown_uri()})
 
 
-def log_training(summary: dict, inputs: list[Path]) -> None:
-    """Training summary metrics and the input files that describe the data.
+def log_training(metrics: dict, inputs: list[Path]) -> None:
+    """The training's metrics (TrainResult.metrics) and the input files that describe the data.
 
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
     """
-    retry_locked(mlflow.log_metrics, summary)
+    retry_locked(mlflow.log_metrics, metrics)
     for path in inputs:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")
 

@@ -27,7 +27,7 @@ class ScoredSplit:
         """What `dvc plots` draws of the split, {name: (header, rows)} for atomic.write_csv: predictions
         (one row per image), roc, precision_recall, calibration."""
         columns = {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
-        return {name: summary.table(table) for name, table in columns.items()}
+        return {name: summary.header_and_rows(table) for name, table in columns.items()}
 
 
 def score_split(model: keras.Model, tfrecords: Path, name: str, predictions: Predictions, scores: dict[str, Any],
