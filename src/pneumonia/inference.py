@@ -27,7 +27,6 @@ from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class FilePrediction:
     file: str

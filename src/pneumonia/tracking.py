@@ -241,7 +241,7 @@ def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
 
 
 def log_training(metrics: dict, inputs: list[Path]) -> None:
-    """The training's metrics (TrainResult.metrics) and the input files that describe the data.
+    """The training's metrics (TrainingResult.metrics) and the input files that describe the data.
 
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
