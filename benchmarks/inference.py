@@ -55,6 +55,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     import numpy as np
 
     from pneumonia import inference
+    from pneumonia.classifier import BATCH_SIZE, Classifier
     from pneumonia.config import load_params
     from pneumonia.data import dataset
     from pneumonia.data.tfrecords import write_tfrecords
@@ -75,7 +76,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
     fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
-    classifier = inference.Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
+    classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
 
     def training_rate() -> float:
         timer = epoch_timer()
@@ -85,7 +86,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
 
     def before(chosen: list[Path]) -> None:  # predict_files before: each batch decoded in this thread, model.predict
-        step = inference.BATCH_SIZE
+        step = BATCH_SIZE
         for start in range(0, len(chosen), step):
             model.predict(np.stack([classifier.preprocess(file) for file in chosen[start:start + step]]),
                           batch_size=step, verbose=0)
@@ -94,7 +95,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         inference.predict_files(classifier, chosen)
 
     for warm_up in (before, after):  # tracing the predict functions: for a full batch and a partial one
-        warm_up(files[:inference.BATCH_SIZE + 1])
+        warm_up(files[:BATCH_SIZE + 1])
     sides = {
         "training": training_rate,
         "predict_before": lambda: len(files) / timed(lambda: before(files)),

@@ -77,7 +77,7 @@ def table(results: dict) -> str:
 IN_README = ("training_speed", "inference", "input_vs_compute", "incremental_dvc")  # what a user asks first
 
 
-def summary(report: dict) -> str:
+def readme_summary(report: dict) -> str:
     """The README's lines: the figures a user asks about first, and where the rest is."""
     lines = [f"- {result['target']}: {result['measured']}" + ("" if result["met"] else " (**not met**)")
              for name in IN_README if (result := report["results"].get(name))]
@@ -152,7 +152,7 @@ def main() -> None:
     write_text(args.out / "results.md", markdown(report))
     if not args.smoke and not args.only and args.out.resolve() == (REPO / "benchmarks").resolve():
         replace_block(REPO / "docs" / "performance.md", *TABLE_MARKERS, table(report["results"]))
-        replace_block(REPO / "README.md", *SUMMARY_MARKERS, summary(report))
+        replace_block(REPO / "README.md", *SUMMARY_MARKERS, readme_summary(report))
     print(f"wrote {args.out / 'results.md'}")
 
 

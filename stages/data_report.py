@@ -10,7 +10,7 @@ from pneumonia.atomic import atomic_path, write_csv, write_json
 from pneumonia.config import load_params
 from pneumonia.data.audit import read_image_table
 from pneumonia.data.manifest import read_manifest
-from pneumonia.data.report import class_distribution, draw_data_figures, summary
+from pneumonia.data.report import class_distribution, data_summary, draw_data_figures
 from pneumonia.logs import run_stage
 
 
@@ -21,7 +21,7 @@ def _json(path: Path) -> dict:
 def main() -> None:
     load_params()  # reads no params, but stops on an invalid params.yaml like every stage
     images, train = read_image_table(paths.IMAGE_TABLE), read_manifest(paths.MANIFESTS / "train.csv")
-    report = summary(_json(paths.RAW_SOURCE), images, _json(paths.DATA_METRICS), _json(paths.CLASS_WEIGHTS),
+    report = data_summary(_json(paths.RAW_SOURCE), images, _json(paths.DATA_METRICS), _json(paths.CLASS_WEIGHTS),
                      _json(paths.DATA_AUDIT))
     with atomic_path(paths.DATA_REPORT, directory=True) as out:
         write_json(out / "summary.json", report)

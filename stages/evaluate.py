@@ -1,74 +1,46 @@
 """DVC stage `evaluate`: threshold chosen on validation, the model on the test split and on the external
 set if there is one (pneumonia.evaluation.evaluate) -> metrics/test.json, metrics/external.json, plot
-tables and figures, the HTML report, the MLflow run."""
+tables and figures, the HTML report, the MLflow run (the servable model, metrics and outputs)."""
 
-import json
-from pathlib import Path
-
-import mlflow
-
-from pneumonia import paths, serving, tracking
+from pneumonia import EXTERNAL_SPLIT, paths, serving, tracking
 from pneumonia.atomic import atomic_path, write_csv, write_json, write_text
 from pneumonia.config import load_params
-from pneumonia.data.external import SPLIT as EXTERNAL
-from pneumonia.evaluation import summary
 from pneumonia.evaluation.evaluate import evaluate
-from pneumonia.evaluation.figures import draw_figures, read_history
-from pneumonia.evaluation.report import render
-from pneumonia.evaluation.scoring import ScoredSplit
 from pneumonia.logs import run_stage
 from pneumonia.models.build import load_model
 
 # The test split's plot tables (ScoredSplit.tables); the external set's are <name>.csv in paths.EXTERNAL_PLOTS
 TEST_TABLES = {"predictions": paths.TEST_PREDICTIONS, "roc": paths.ROC_CURVE, "precision_recall": paths.PR_CURVE,
                "calibration": paths.CALIBRATION_CURVE}
-
-
-def write_tables(split: ScoredSplit, files: dict[str, Path]) -> None:
-    tables = split.tables()
-    for name, path in files.items():
-        write_csv(path, *summary.table(tables[name]))
+# Each split's data as MLflow records it: (manifest, context)
+DATASETS = {"test": (paths.MANIFESTS / "test.csv", "testing"),
+            EXTERNAL_SPLIT: (paths.EXTERNAL / "manifest.csv", "external validation")}
 
 
 def main() -> None:
     params = load_params()
-    model = load_model(paths.MODEL)
-    result = evaluate(model, paths.TFRECORDS, paths.EXTERNAL, params.evaluate, params.train.batch_size)
-    test, external = result.test, result.external
+    result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
+                      params.train.batch_size)
 
-    write_json(paths.TEST_METRICS, test.scores)
-    write_tables(test, TEST_TABLES)
+    write_json(paths.TEST_METRICS, result.test.scores)
+    for name, table in result.test.tables().items():
+        write_csv(TEST_TABLES[name], *table)
     with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:  # empty without an external set
-        if external:
-            write_tables(external, {name: folder / f"{name}.csv" for name in TEST_TABLES})
-    write_json(paths.EXTERNAL_METRICS, external.scores if external else {"evaluated": False})
+        for name, table in (result.external.tables() if result.external else {}).items():
+            write_csv(folder / f"{name}.csv", *table)
+    write_json(paths.EXTERNAL_METRICS, result.external_scores)
     with atomic_path(paths.FIGURES, directory=True) as folder:
-        figures = draw_figures(folder, read_history(paths.TRAIN_HISTORY), result.scored, result.gradcam_layer)
-        write_text(paths.EVALUATION_REPORT, render(
-            scores=test.scores, external=external.scores if external else None, figures=figures,
-            params=params.model_dump(), data=json.loads(paths.DATA_METRICS.read_text()),
-            training=json.loads(paths.TRAIN_METRICS.read_text()), model_summary=result.model_summary))
+        write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.DATA_METRICS,
+                                                          paths.TRAIN_METRICS))
 
     with tracking.resumed_run(paths.RUN_INFO):
-        # Each write retried while another process holds mlflow.db's lock (tracking.retry_locked).
-        tracking.retry_locked(mlflow.set_tags,
-                              {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()})
-        # The model first, then each split's metrics linked to it and to that split's data: the logged
-        # model's page shows them and mlflow.search_logged_models ranks models by them.
+        # The model first: each split's metrics are linked to it.
         logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
                                    params.tracking.register_model)
-        datasets = tracking.log_manifests(paths.MANIFESTS, {"test": "testing"})
-        if external:
-            datasets[EXTERNAL] = tracking.manifest_dataset(paths.EXTERNAL / "manifest.csv", name=EXTERNAL)
-            tracking.retry_locked(mlflow.log_input, datasets[EXTERNAL], context="external validation")
-        for split in result.scored:
-            tracking.retry_locked(mlflow.log_metrics, summary.mlflow_metrics(split.scores, prefix=split.name),
-                                  model_id=logged.model_id, dataset=datasets[split.name])
-        for path in (paths.TEST_METRICS, paths.EXTERNAL_METRICS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
-                     *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))):
-            tracking.retry_locked(mlflow.log_artifact, str(path), artifact_path="evaluation")
-        # The data report belongs with the run; logged here so that report changes cost no retraining.
-        tracking.retry_locked(mlflow.log_artifacts, str(paths.DATA_REPORT), artifact_path="inputs/data")
+        splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
+        outputs = [paths.TEST_METRICS, paths.EXTERNAL_METRICS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
+                   *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))]
+        tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ def train_in_job(job: TrainingJob) -> None:
     result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
                    placement, extra_callbacks=[MetricLines()])
     if placement.is_chief:
-        summary = result.summary()
+        metrics = result.metrics()
         write_csv(job.output_data_dir / paths.TRAIN_HISTORY.name, *result.history_table())
-        write_json(job.output_data_dir / paths.TRAIN_METRICS.name, summary)
-        print(metric_line(summary), flush=True)
+        write_json(job.output_data_dir / paths.TRAIN_METRICS.name, metrics)
+        print(metric_line(metrics), flush=True)
 
 
 def main() -> None:
@@ -55,9 +55,9 @@ def main() -> None:
         backup.keep_run_id(run.info.run_id)
         result = train(params.model, params.train, paths.TFRECORDS, class_weight, paths.MODEL, placement, backup)
         write_csv(paths.TRAIN_HISTORY, *result.history_table())
-        summary = result.summary()
-        write_json(paths.TRAIN_METRICS, summary)
-        tracking.log_training(summary, inputs=[paths.CLASS_WEIGHTS, paths.DATA_METRICS, paths.RAW_SOURCE])
+        metrics = result.metrics()
+        write_json(paths.TRAIN_METRICS, metrics)
+        tracking.log_training(metrics, inputs=[paths.CLASS_WEIGHTS, paths.DATA_METRICS, paths.RAW_SOURCE])
         tracking.log_manifests(paths.MANIFESTS, {"train": "training", "val": "validation"})
         tracking.write_run_info(run, paths.RUN_INFO)
     backup.remove()  # finished: the next training starts afresh

@@ -103,12 +103,12 @@ def test_performance_page_table_is_the_benchmark_report():
 
 
 def test_readme_performance_summary_is_the_benchmark_report():
-    from benchmarks.run_all import IN_README, SUMMARY_MARKERS, summary
+    from benchmarks.run_all import IN_README, SUMMARY_MARKERS, readme_summary
 
     report = json.loads((REPO / "benchmarks" / "results.json").read_text())
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index(SUMMARY_MARKERS[0]) + len(SUMMARY_MARKERS[0]):readme.index(SUMMARY_MARKERS[1])]
-    assert block.strip() == summary(report).strip()
+    assert block.strip() == readme_summary(report).strip()
     assert all(f"- {report['results'][name]['target']}: " in block for name in IN_README)
 
 

@@ -10,7 +10,7 @@ from pneumonia.config import DataConfig
 from pneumonia.data.class_weights import class_weights
 from pneumonia.data.download import download
 from pneumonia.data.prepare import prepare
-from pneumonia.data.report import class_distribution, draw_data_figures, summary
+from pneumonia.data.report import class_distribution, data_summary, draw_data_figures
 
 
 def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_report_counts_statistics_weights_and_figures(tmp_path, monkeypatch):
     train = prepared.splits["train"]
     weights = class_weights(train, "balanced")
 
-    report = summary(source, prepared.images, prepared.summary, json.loads(json.dumps(weights)),  # as read back
+    report = data_summary(source, prepared.images, prepared.summary, json.loads(json.dumps(weights)),  # as read back
                      prepared.audit)
 
     assert report["images"]["as_shipped"] == {"train": {"NORMAL": 6, "PNEUMONIA": 6},

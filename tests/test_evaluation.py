@@ -101,12 +101,12 @@ def test_mlflow_metrics_are_the_headline_numbers_with_their_intervals():
 
 def test_plot_tables_are_finite_and_complete():
     curves = summary.curves(TEST)
-    header, rows = summary.table(curves["roc"])
+    header, rows = summary.header_and_rows(curves["roc"])
     assert header == ["fpr", "tpr", "threshold"]
     assert all(math.isfinite(value) for row in rows for value in row)
     assert rows[0][:2] == [0.0, 0.0] and rows[0][2] == 1.0  # "nobody positive" end, threshold clipped
     assert rows[-1][:2] == [1.0, 1.0]
-    assert summary.table(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
+    assert summary.header_and_rows(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
     calibration = curves["calibration"]
     assert sum(calibration["count"]) == 8
     assert calibration["perfectly_calibrated"] == calibration["mean_predicted"]

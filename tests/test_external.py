@@ -11,8 +11,9 @@ from archives import jpeg, zip_bytes
 from conftest import run
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.audit import inspect_file, write_image_table
-from pneumonia.data.external import SPLIT, has_external, labelled_images, write_external
+from pneumonia.data.external import SPLIT, labelled_images, write_external
 from pneumonia.data.layout import has_image_suffix
+from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import gradcam
 
@@ -67,7 +68,7 @@ def test_folder_and_zip_give_the_same_tfrecords(tmp_path, known_images):
     audit = write(folder, tmp_path / "from_folder", known_images)
     write(tmp_path / "site.zip", tmp_path / "from_zip", known_images)
     assert audit["passed"] and audit["images"] == {"NORMAL": 3, "PNEUMONIA": 4} and audit["patients"] == 7
-    assert has_external(tmp_path / "from_folder")
+    assert SPLIT in read_meta(tmp_path / "from_folder")["splits"]
     for name in ("manifest.csv", f"{SPLIT}-00000-of-00001.tfrecord"):
         assert (tmp_path / "from_folder" / name).read_bytes() == (tmp_path / "from_zip" / name).read_bytes()
 
@@ -125,7 +126,7 @@ def test_missing_or_wrong_source_says_what_to_do(tmp_path, known_images):
 
 def test_without_a_source_only_meta_says_so(tmp_path, known_images):
     assert write_external(None, "", tmp_path / "external", known_images, 32, CONFIG, 0.0) == {}
-    assert not has_external(tmp_path / "external")
+    assert read_meta(tmp_path / "external")["splits"] == {}
     assert [path.name for path in (tmp_path / "external").iterdir()] == ["meta.json"]
 
 

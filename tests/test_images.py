@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumonia.classifier import model_input
 from pneumonia.data.audit import inspect_file
 from pneumonia.data.images import MAX_PIXELS, ImageTooLarge, load_resized, resized_jpeg
-from pneumonia.inference import model_input
 
 GRADIENT = np.tile(np.linspace(0, 255, 256).round().astype(np.uint8), (256, 1))
 

@@ -19,8 +19,8 @@ LAYERS = (
     ("the params schema", {"pneumonia.config"}),
     ("data and models", {"pneumonia.data", "pneumonia.models", "pneumonia.distribute", "pneumonia.keras_compat"}),
     ("training, evaluation and tracking", {"pneumonia.training", "pneumonia.evaluation", "pneumonia.tracking"}),
-    ("using a trained model", {"pneumonia.inference", "pneumonia.serving", "pneumonia.adaptation",
-                               "pneumonia.comparison"}),
+    ("using a trained model", {"pneumonia.classifier", "pneumonia.inference", "pneumonia.serving",
+                               "pneumonia.adaptation", "pneumonia.comparison"}),
     ("the command line", {"pneumonia.cli"}),
 )
 

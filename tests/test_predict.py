@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from pneumonia import cli, inference
+from pneumonia.classifier import Classifier, model_input
 from pneumonia.config import ModelConfig
 from pneumonia.data import dataset
 from pneumonia.data.manifest import read_manifest
 from pneumonia.errors import PipelineError
-from pneumonia.inference import Classifier
 from pneumonia.models.build import build_model
 
 
@@ -64,7 +64,7 @@ def test_model_input_is_the_training_image(synthetic_data):
     for example in dataset.records(synthetic_data / "data/tfrecords", "val").take(4).as_numpy_iterator():
         path = synthetic_data / manifest[example["file_name"].decode()]
         expected = example["image"]
-        actual = inference.model_input(path, meta["image_size"], jpeg_quality=95)
+        actual = model_input(path, meta["image_size"], jpeg_quality=95)
         assert actual.dtype == np.uint8 and actual.shape == expected.shape == (48, 48, 3)
         np.testing.assert_array_equal(actual, expected)
         compared += 1
@@ -127,7 +127,7 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert "predicting: 100%" in err and "3/3" in err  # progress on stderr, the table alone on stdout
 
     model = keras.models.load_model("models/model.keras")
-    expected = model.predict(np.stack([inference.model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
+    expected = model.predict(np.stack([model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
     written = json.loads(Path("out.json").read_text())
     assert [row["file"] for row in written] == [str(file) for file in [*good, images["not_an_image"]]]
     np.testing.assert_allclose([row["probability"] for row in written[:2]], expected, rtol=1e-5)

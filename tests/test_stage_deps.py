@@ -90,6 +90,18 @@ def test_every_path_a_stage_script_uses_is_declared(name):
     assert not missing, f"stage {name} uses paths not in its deps, outs, metrics or plots: {missing}"
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_output_of_a_stage_is_named_by_its_script(name):
+    """The one way outputs are written (docs/decisions.md): the stage script names every output it
+    declares, and writes it or hands its path to the library function that streams it to disk; no
+    library function picks an output's place itself."""
+    stage = STAGES[name]
+    named = [PurePosixPath(getattr(paths, constant).as_posix()) for constant in paths_used(script_of(stage))]
+    unnamed = [str(out) for out in declared(stage, "outs", "metrics", "plots")
+               if not any(covers(path, out) or covers(out, path) for path in named)]
+    assert not unnamed, f"stage {name}: its script does not name these outputs (paths.*): {unnamed}"
+
+
 def test_the_import_walk_follows_packages_submodules_and_lazy_imports():
     """What the checks above rest on: the walk finds a package's __init__, a submodule imported by
     `from package import module`, and an import inside a function (distribute's keras_compat)."""

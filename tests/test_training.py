@@ -50,10 +50,10 @@ def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synt
     result, run_id = fitted(params, synthetic_data, tmp_path)
 
     assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc", "val_loss"} <= result.history.keys()
-    summary = result.summary()
-    assert summary["epochs_trained"] == 1 and summary["trainable_params"] <= summary["total_params"]
-    assert summary["peak_memory_mb"] > 100  # TensorFlow alone takes more than this
-    assert "gpu_peak_memory_mb" not in summary  # the test machines have no GPU
+    metrics = result.metrics()
+    assert metrics["epochs_trained"] == 1 and metrics["trainable_params"] <= metrics["total_params"]
+    assert metrics["peak_memory_mb"] > 100  # TensorFlow alone takes more than this
+    assert "gpu_peak_memory_mb" not in metrics  # the test machines have no GPU
     model = keras.models.load_model(tmp_path / "model.keras")
     assert model.output_shape == (None, 2)
     assert {"random_flip", "random_affine", "random_contrast"} <= {
@@ -129,11 +129,11 @@ def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
     assert sigmoid["auc"] == pytest.approx(0.8, abs=1e-2)  # 15 (positive, negative) pairs, 12 ranked right
 
 
-def test_summary_is_what_the_train_stage_writes(tmp_path):
+def test_metrics_are_what_the_train_stage_writes(tmp_path):
     result = fit.TrainingResult(history={"val_auc": [0.5, 0.7], "loss": [0.9, 0.8]}, best_epoch=1,
                                       seconds=12.34, total_params=100, trainable_params=40,
                                       peak_memory={"peak_memory_mb": 812.5})
-    assert json.loads(json.dumps(result.summary())) == {
+    assert json.loads(json.dumps(result.metrics())) == {
         "best_val_auc": 0.7, "best_loss": 0.8, "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3,
         "total_params": 100, "trainable_params": 40, "peak_memory_mb": 812.5}
     assert result.history_table() == (["epoch", "loss", "val_auc"], [[1, 0.9, 0.5], [2, 0.8, 0.7]])

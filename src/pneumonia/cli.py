@@ -39,16 +39,17 @@ def predict(args: argparse.Namespace) -> None:
 
         classifier = serving.logged_classifier(args.model_uri)
     else:
+        from pneumonia.classifier import load_classifier
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
+        classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
-        inference.write_csv(results, args.csv)
+        inference.write_predictions_csv(args.csv, results)
     if args.json:
-        inference.write_json(results, args.json)
+        inference.write_predictions_json(args.json, results)
     if args.gradcam:
         written = inference.write_gradcam(classifier, results, args.gradcam)
         print(f"{len(written)} Grad-CAM overlays in {args.gradcam}", file=sys.stderr)
@@ -106,11 +107,12 @@ def adapt(args: argparse.Namespace) -> None:
     import numpy as np
 
     from pneumonia import adaptation, atomic, inference
+    from pneumonia.classifier import load_classifier
     from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
 
-    classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
-                                           load_params().tfrecords.jpeg_quality)
+    classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
+                                 load_params().tfrecords.jpeg_quality)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):
         try:

@@ -1,8 +1,6 @@
-"""Prediction on image files: the preprocessing of training, the model's probability of pneumonia,
-and the label at the decision threshold of the model's run.
-
-Shared by `pneumonia predict` and the served MLflow model (pneumonia.serving), so both give the
-probability the evaluate stage gave the same image.
+"""`pneumonia predict`: prediction on image files with a pneumonia.classifier.Classifier (the
+preprocessing of training, the model's probability of pneumonia, the label at the decision threshold
+of the model's run), Grad-CAM overlays, and the results as a table, CSV or JSON.
 """
 
 import csv
@@ -21,56 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
-from pneumonia.data.images import encode_jpeg, load_resized
+from pneumonia.classifier import BATCH_SIZE, Classifier
 from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
-from pneumonia.evaluation.predictions import pneumonia_probability
-from pneumonia.models.build import load_model
+from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 0.5
-BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
-
-
-def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
-    """An encoded image (bytes) or image file as training saw its images: uint8 (size, size, 3).
-
-    The exact path of a training image: load_resized, the JPEG re-encode of the TFRecords writer
-    at tfrecords.jpeg_quality, and TensorFlow's JPEG decoder as in data.dataset (PIL's decoder
-    differs from it by up to ~14 grey levels: another IDCT). So a test image gets exactly the
-    probability the evaluate stage gave it.
-    """
-    import tensorflow as tf
-
-    image = load_resized(source if isinstance(source, bytes) else str(source), image_size)
-    return tf.io.decode_jpeg(encode_jpeg(image, jpeg_quality), channels=3).numpy()
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """A trained Keras model with the preprocessing and the decision threshold of its run."""
-
-    model: object  # keras.Model: plain [0, 255] RGB in, a sigmoid or [NORMAL, PNEUMONIA] softmax out
-    threshold: float
-    jpeg_quality: int
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model.input_shape[1])
-
-    def preprocess(self, source: bytes | str | Path) -> np.ndarray:
-        return model_input(source, self.image_size, self.jpeg_quality)
-
-    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        if not images:
-            return np.empty(0)
-        # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
-        batches = [np.stack(images[start:start + BATCH_SIZE]) for start in range(0, len(images), BATCH_SIZE)]
-        return pneumonia_probability(np.concatenate([self.model.predict_on_batch(batch) for batch in batches]))
-
-    def label(self, probability: float) -> str:
-        return CLASS_NAMES[int(probability >= self.threshold)]
 
 
 @dataclass(frozen=True)
@@ -197,14 +151,6 @@ def run_threshold(test_metrics: Path) -> float:
     return threshold
 
 
-def load_classifier(model_path: Path, threshold: float, jpeg_quality: int) -> Classifier:
-    """A Keras model file (the pipeline's models/model.keras, one `pneumonia adapt` wrote, or the file inside a
-    logged MLflow model) deciding at `threshold`, its input encoded as the TFRecords were."""
-    if not model_path.is_file():
-        raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-    return Classifier(load_model(model_path), threshold, jpeg_quality)
-
-
 def table(results: Sequence[FilePrediction]) -> str:
     """Aligned text: file, probability, label; a failed file's line says why instead."""
     width = max(len("file"), *(len(result.file) for result in results))
@@ -217,7 +163,7 @@ def table(results: Sequence[FilePrediction]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(results: Sequence[FilePrediction], path: Path) -> None:
+def write_predictions_csv(path: Path, results: Sequence[FilePrediction]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")  # quotes commas in file names and errors
     writer.writerow(FIELDS)
@@ -225,5 +171,5 @@ def write_csv(results: Sequence[FilePrediction], path: Path) -> None:
     atomic.write_text(path, buffer.getvalue())
 
 
-def write_json(results: Sequence[FilePrediction], path: Path) -> None:
+def write_predictions_json(path: Path, results: Sequence[FilePrediction]) -> None:
     atomic.write_text(path, json.dumps([asdict(result) for result in results], indent=2) + "\n")

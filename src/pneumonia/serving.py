@@ -2,7 +2,7 @@
 
 The evaluate stage logs it (it knows the decision threshold); it carries the Keras model, the
 threshold, the JPEG quality of the TFRecords and this package's code, and preprocesses like
-training (pneumonia.inference). `mlflow models serve -m <uri>` serves it; a request is a
+training (pneumonia.classifier). `mlflow models serve -m <uri>` serves it; a request is a
 DataFrame with a column "image" of base64 strings, e.g.
 
     {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
@@ -30,9 +30,9 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from pneumonia import tracking
+from pneumonia.classifier import Classifier, load_classifier
 from pneumonia.data.images import ImageTooLarge
 from pneumonia.errors import PipelineError
-from pneumonia.inference import Classifier, load_classifier
 from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ THRESHOLD_RULE_FORMS = (
     'or "sensitivity@X" with X in (0, 1] (e.g. "sensitivity@0.95")'
 )
 SENSITIVITY_PREFIX = "sensitivity@"
+# The conventional threshold: metrics at it beside the chosen one, and that of a model with none chosen
+DEFAULT_THRESHOLD = 0.5
 
 
 def parse_threshold_rule(value):

@@ -256,13 +256,13 @@ def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
                       "tracking_uri": shown_uri()})
 
 
-def log_training(summary: dict, inputs: list[Path]) -> None:
-    """Training summary metrics and the input files that describe the data.
+def log_training(metrics: dict, inputs: list[Path]) -> None:
+    """The training's metrics (TrainingResult.metrics) and the input files that describe the data.
 
     The run's model is logged by the evaluate stage (pneumonia.serving), which knows its decision
     threshold: one servable model per run.
     """
-    retry_locked(mlflow.log_metrics, summary)
+    retry_locked(mlflow.log_metrics, metrics)
     for path in inputs:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")
 
@@ -283,3 +283,21 @@ def log_manifests(manifests: Path, splits: dict[str, str]) -> dict:
         datasets[split] = manifest_dataset(manifests / f"{split}.csv")
         retry_locked(mlflow.log_input, datasets[split], context=context)
     return datasets
+
+
+def log_evaluation(params: dict[str, Any], model_id: str, splits: dict[str, tuple[Path, str, dict[str, float]]],
+                   outputs: list[Path], data_report: Path) -> None:
+    """The evaluate stage's record in the active run, after it logged the run's model `model_id`
+    (pneumonia.serving): its `params` as tags evaluate.<key> (they change without retraining); per
+    split {name: (manifest, context, metrics)} the manifest as an input and the metrics, linked to the
+    model and to that dataset (the logged model's page shows them, mlflow.search_logged_models ranks
+    models by them); the `outputs` under evaluation/ and the data report under inputs/data (logged
+    here so that report changes cost no retraining). Each write retried on a locked store (retry_locked)."""
+    retry_locked(mlflow.set_tags, {f"evaluate.{key}": value for key, value in params.items()})
+    for name, (manifest, context, metrics) in splits.items():
+        dataset = manifest_dataset(manifest, name=name)
+        retry_locked(mlflow.log_input, dataset, context=context)
+        retry_locked(mlflow.log_metrics, metrics, model_id=model_id, dataset=dataset)
+    for path in outputs:
+        retry_locked(mlflow.log_artifact, str(path), artifact_path="evaluation")
+    retry_locked(mlflow.log_artifacts, str(data_report), artifact_path="inputs/data")

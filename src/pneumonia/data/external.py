@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT as SPLIT
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
 from pneumonia.data.archive import check_free_space, extract, open_zip
@@ -27,12 +27,11 @@ from pneumonia.data.audit import check_unreadable, inspect_file, read_image_tabl
 from pneumonia.data.layout import has_image_suffix, in_folder, in_zip, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
 from pneumonia.data.prepare import patient_id
-from pneumonia.data.tfrecords import META, read_meta, write_records
+from pneumonia.data.tfrecords import META, write_records
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SPLIT = "external"  # the split name in the TFRecords and metadata
 LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (JPEG, PNG or DICOM), "
                "e.g. external/NORMAL/a.jpeg, external/PNEUMONIA/b.dcm; or images with a labels CSV of columns "
                "path (relative to the CSV) or id (file name without suffix) and label (NORMAL/PNEUMONIA or 0/1), "
@@ -262,9 +261,4 @@ def write_external(source: Path | None, display: str, target: Path, known_images
                 Record(f"{CLASS_NAMES[r.label]}/{Path(r.path).name}", r.label, r.patient_id, r.sha256, SPLIT)
                 for r in external.records])
     return meta["audit"]
-
-
-def has_external(folder: Path) -> bool:
-    """Whether the external stage's output holds an external set (evaluate.external was set)."""
-    return SPLIT in read_meta(folder)["splits"]
 

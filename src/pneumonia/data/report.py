@@ -50,7 +50,7 @@ def image_statistics(images: list[ImageFacts]) -> dict:
     }
 
 
-def summary(source: dict, images: list[ImageFacts], data_metrics: dict, class_weights: dict, audit: dict) -> dict:
+def data_summary(source: dict, images: list[ImageFacts], data_metrics: dict, class_weights: dict, audit: dict) -> dict:
     return {
         "source": {key: value for key, value in source.items() if key != "images"},
         "images": {"as_shipped": counts(images), "as_used": data_metrics["images"]},

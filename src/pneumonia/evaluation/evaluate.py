@@ -1,20 +1,24 @@
 """The evaluate stage's work, returned, not written: the threshold chosen on the validation split,
 the test split (read here and nowhere else) and the external set, if the external stage holds one,
-scored at it, with what the figures and the report show of them. The stage writes metrics/,
+scored at it, with what the figures, the report and MLflow show of them. The stage writes metrics/,
 plots/, the report, and logs to MLflow.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 
-from pneumonia.config import EvaluateConfig
-from pneumonia.data.external import SPLIT as EXTERNAL, has_external
+from pneumonia import EXTERNAL_SPLIT
+from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.evaluation import summary
+from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import last_feature_map
 from pneumonia.evaluation.predictions import predict_split
+from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
 
 
@@ -34,6 +38,24 @@ class Evaluation:
     def scored(self) -> list[ScoredSplit]:
         return [self.test, *([self.external] if self.external else [])]
 
+    @property
+    def external_scores(self) -> dict[str, Any]:
+        """metrics/external.json: the external set's scores, or that there was none."""
+        return self.external.scores if self.external else {"evaluated": False}
+
+    def mlflow_metrics(self) -> dict[str, dict[str, float]]:
+        """{split name: its headline metrics for MLflow} of each scored split."""
+        return {split.name: summary.mlflow_metrics(split.scores, prefix=split.name) for split in self.scored}
+
+    def report(self, figures: Path, params: Params, history: Path, data_metrics: Path, train_metrics: Path) -> str:
+        """The HTML report, its figures drawn into the folder `figures`: the training curves of the
+        `history` CSV, the data of `data_metrics` and the training of `train_metrics` (JSON) with
+        the scores of each split, `params` and the model's layers."""
+        drawn = draw_figures(figures, read_history(history), self.scored, self.gradcam_layer)
+        return render(scores=self.test.scores, external=self.external.scores if self.external else None,
+                      figures=drawn, params=params.model_dump(), data=json.loads(data_metrics.read_text()),
+                      training=json.loads(train_metrics.read_text()), model_summary=self.model_summary)
+
 
 def model_summary(model: keras.Model) -> str:
     lines = []
@@ -49,9 +71,9 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
     test = score_split(model, tfrecords, "test", test_predictions,
                        summary.evaluation_scores(val, test_predictions, config), config)
     scored_external = None
-    if has_external(external):
-        external_predictions = predict_split(model, external, EXTERNAL, batch_size)
-        audit = read_meta(external)["audit"]
-        scores = summary.external_scores(external_predictions, test.scores["threshold"], config, audit)
-        scored_external = score_split(model, external, EXTERNAL, external_predictions, scores, config)
+    meta = read_meta(external)
+    if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
+        external_predictions = predict_split(model, external, EXTERNAL_SPLIT, batch_size)
+        scores = summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"])
+        scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
     return Evaluation(test, scored_external, last_feature_map(model).layer_name, model_summary(model))

@@ -6,7 +6,8 @@ from pathlib import Path
 from pneumonia.evaluation import plots
 from pneumonia.evaluation.report import Figure
 from pneumonia.evaluation.scoring import ScoredSplit
-from pneumonia.evaluation.summary import AT_DEFAULT, DEFAULT_THRESHOLD
+from pneumonia.evaluation.summary import AT_DEFAULT
+from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
 
 def read_history(path: Path) -> dict[str, list[float]]:

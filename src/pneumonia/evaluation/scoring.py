@@ -23,10 +23,11 @@ class ScoredSplit:
     images: np.ndarray  # of the cases
     heatmaps: np.ndarray  # Grad-CAM of the cases
 
-    def tables(self) -> dict[str, dict[str, list]]:
-        """What `dvc plots` draws of the split, {name: {column: values}}: predictions (one row per image),
-        roc, precision_recall, calibration."""
-        return {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
+    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        """What `dvc plots` draws of the split, {name: (header, rows)} for atomic.write_csv: predictions
+        (one row per image), roc, precision_recall, calibration."""
+        columns = {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
+        return {name: summary.header_and_rows(table) for name, table in columns.items()}
 
 
 def score_split(model: keras.Model, tfrecords: Path, name: str, predictions: Predictions, scores: dict[str, Any],

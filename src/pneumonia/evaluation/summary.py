@@ -16,8 +16,8 @@ from pneumonia.config import EvaluateConfig
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import metrics
 from pneumonia.evaluation.predictions import Predictions
+from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
-DEFAULT_THRESHOLD = 0.5
 AT_DEFAULT = "at_0.5"  # metrics/test.json key of the metrics at the conventional 0.5
 CI_METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy")
 CONFIDENCE = 0.95
@@ -35,7 +35,7 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-def choose_threshold(val: Predictions, rule: float | str) -> float:
+def threshold_on_validation(val: Predictions, rule: float | str) -> float:
     """The probability threshold that `rule` picks on the validation predictions."""
     try:
         return metrics.choose_threshold(val.labels, val.probabilities, rule)
@@ -69,7 +69,7 @@ def split_scores(predictions: Predictions, threshold: float, config: EvaluateCon
 def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfig) -> dict[str, Any]:
     """metrics/test.json: test metrics at the threshold chosen on validation (top level), with
     95% bootstrap intervals, the same at 0.5, and what the threshold gives on validation."""
-    threshold = choose_threshold(val, config.threshold)
+    threshold = threshold_on_validation(val, config.threshold)
     scores = split_scores(test, threshold, config, "test split (data/raw/test)")
     on_validation = metrics.classification_metrics(val.labels, val.probabilities, threshold)
     return finite_or_none({**scores, "validation": {key: on_validation[key] for key in VALIDATION_KEYS}})
@@ -130,6 +130,6 @@ def curves(scored: Predictions) -> dict[str, dict[str, list[float]]]:
     return {"roc": roc, "precision_recall": pr, "calibration": calibration}
 
 
-def table(columns: dict[str, list]) -> tuple[list[str], list[list]]:
+def header_and_rows(columns: dict[str, list]) -> tuple[list[str], list[list]]:
     """{column: values} as (header, rows) for atomic.write_csv."""
     return list(columns), [list(row) for row in zip(*columns.values())]

@@ -59,7 +59,7 @@ class TrainingResult:
     def best_metrics(self) -> dict[str, float]:
         return {name: values[self.best_epoch] for name, values in self.history.items()}
 
-    def summary(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """metrics/train.json and the run's MLflow metrics: the best epoch and what training cost."""
         return {
             **{f"best_{name}": value for name, value in self.best_metrics().items()},
