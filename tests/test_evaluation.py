@@ -149,3 +149,19 @@ def test_images_read_back_in_case_order(synthetic_data):
     for case, image in zip(cases, images):
         assert everything[case.index]["file_name"].decode() == case.file_name
         np.testing.assert_array_equal(image, everything[case.index]["image"])
+
+
+def test_model_summary_has_every_column_whatever_the_terminal(monkeypatch):
+    """The report's Model table: Keras draws it with rich at the terminal's width, which cut it after
+    `Output Shape` in an 80-column terminal or none (the evaluate stage under DVC)."""
+    import keras
+
+    from pneumonia.evaluation.evaluate import model_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="a_rather_long_dense_layer_name")(inputs))
+    lines = model_summary(model).splitlines()
+    assert any("Layer (type)" in line and "Output Shape" in line and "Param #" in line for line in lines), lines
+    [dense] = [line for line in lines if "a_rather_long_dense_layer_name (Dense)" in line]
+    assert dense.rstrip(" │").endswith(" 15"), dense  # 4 x 3 weights + 3 biases

@@ -4,8 +4,10 @@ scored at it, with what the figures and the report show of them. The stage write
 plots/, the report, and logs to MLflow.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import keras
 
@@ -35,9 +37,15 @@ class Evaluation:
         return [self.test, *([self.external] if self.external else [])]
 
 
+SUMMARY_WIDTH = 110  # characters: room for every column of Keras's table, layer names included
+
+
 def model_summary(model: keras.Model) -> str:
     lines = []
-    model.summary(print_fn=lines.append, line_length=110)
+    # Keras draws the table with rich, which crops it to the terminal's width (COLUMNS, else 80),
+    # whatever line_length says: without the same width for both, the report lost `Param #`.
+    with mock.patch.dict(os.environ, {"COLUMNS": str(SUMMARY_WIDTH + 4)}):  # Keras keeps 4 columns spare
+        model.summary(print_fn=lines.append, line_length=SUMMARY_WIDTH)
     return "\n".join(lines)
 
 
