@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: threshold chosen on validation, the model on the test split and on the external
-set if there is one (pneumonia.evaluation.evaluate) -> metrics/test.json, metrics/external.json, plot
-tables and figures, the HTML report, the MLflow run."""
+set if there is one (pneumonia.evaluation.evaluate) -> metrics/evaluation.json (the headline), every
+figure of each split in reports/evaluation/, plot tables and figures, the HTML report, the MLflow run."""
 
 import json
 from pathlib import Path
@@ -19,7 +19,8 @@ from pneumonia.evaluation.scoring import ScoredSplit
 from pneumonia.logs import run_stage
 from pneumonia.models.build import load_model
 
-# The test split's plot tables (ScoredSplit.tables); the external set's are <name>.csv in paths.EXTERNAL_PLOTS
+# The test split's tables (ScoredSplit.tables), beside its figures; the external set's are
+# external_<name>.csv in paths.EVALUATION_DETAILS
 TEST_TABLES = {"predictions": paths.TEST_PREDICTIONS, "roc": paths.ROC_CURVE, "precision_recall": paths.PR_CURVE,
                "calibration": paths.CALIBRATION_CURVE}
 
@@ -36,17 +37,18 @@ def main() -> None:
     result = evaluate(model, paths.TFRECORDS, paths.EXTERNAL, params.evaluate, params.train.batch_size)
     test, external = result.test, result.external
 
-    write_json(paths.TEST_METRICS, test.scores)
     write_tables(test, TEST_TABLES)
-    with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:  # empty without an external set
+    with atomic_path(paths.EVALUATION_DETAILS, directory=True) as folder:
+        write_json(folder / paths.TEST_SCORES.name, test.scores)
         if external:
-            write_tables(external, {name: folder / f"{name}.csv" for name in TEST_TABLES})
-    write_json(paths.EXTERNAL_METRICS, external.scores if external else {"evaluated": False})
+            write_json(folder / paths.EXTERNAL_SCORES.name, external.scores)
+            write_tables(external, {name: folder / f"{EXTERNAL}_{name}.csv" for name in TEST_TABLES})
+    write_json(paths.EVALUATION_METRICS, summary.headline(test.scores, external.scores if external else None))
     with atomic_path(paths.FIGURES, directory=True) as folder:
         figures = draw_figures(folder, read_history(paths.TRAIN_HISTORY), result.scored, result.gradcam_layer)
         write_text(paths.EVALUATION_REPORT, render(
             scores=test.scores, external=external.scores if external else None, figures=figures,
-            params=params.model_dump(), data=json.loads(paths.DATA_METRICS.read_text()),
+            params=params.model_dump(), data=json.loads(paths.SPLIT_COUNTS.read_text()),
             training=json.loads(paths.TRAIN_METRICS.read_text()), model_summary=result.model_summary))
 
     with tracking.resumed_run(paths.RUN_INFO):
@@ -62,8 +64,8 @@ def main() -> None:
         for split in result.scored:
             mlflow.log_metrics(summary.mlflow_metrics(split.scores, prefix=split.name), model_id=logged.model_id,
                                dataset=datasets[split.name])
-        for path in (paths.TEST_METRICS, paths.EXTERNAL_METRICS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
-                     *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))):
+        for path in (paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
+                     paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         # The data report belongs with the run; logged here so that report changes cost no retraining.
         mlflow.log_artifacts(str(paths.DATA_REPORT), artifact_path="inputs/data")

@@ -1,5 +1,5 @@
 """The evaluate library: threshold chosen on validation and applied to test (known answers),
-metrics/test.json layout, plot tables, the images shown."""
+the scores' layout and metrics/evaluation.json's headline, plot tables, the images shown."""
 
 import json
 import math
@@ -69,6 +69,17 @@ def test_scores_have_headline_metrics_at_top_and_intervals_around_them():
     json.dumps(scores, allow_nan=False)  # strict JSON: no NaN or infinity
 
 
+def test_headline_is_the_threshold_and_four_metrics_of_each_split():
+    """metrics/evaluation.json, what `dvc exp show` compares: distinct column names (test.roc_auc,
+    external.roc_auc), no external key without an external set."""
+    scores = scores_for("youden")
+    assert summary.headline(scores, None) == {"threshold": scores["threshold"],
+                                              "test": {key: scores[key] for key in summary.HEADLINE_KEYS}}
+    both = summary.headline(scores, {**scores, "roc_auc": 0.5})
+    assert set(both) == {"threshold", "test", "external"} and both["external"]["roc_auc"] == 0.5
+    assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy")
+
+
 def test_undefined_metrics_become_null():
     assert summary.finite_or_none({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {
         "a": None, "b": [1.0, None], "c": {"d": 2}}
@@ -109,7 +120,6 @@ def test_plot_tables_are_finite_and_complete():
     assert summary.table(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
     calibration = curves["calibration"]
     assert sum(calibration["count"]) == 8
-    assert calibration["perfectly_calibrated"] == calibration["mean_predicted"]
 
     predictions = summary.predictions_table(TEST, 0.6)
     assert predictions["actual"] == ["NORMAL"] * 4 + ["PNEUMONIA"] * 4

@@ -111,7 +111,7 @@ def project(tmp_path, monkeypatch) -> Path:
     Path("models").mkdir()
     build_model(ModelConfig(crop=0), 32).save("models/model.keras")
     Path("metrics").mkdir()
-    Path("metrics/test.json").write_text(json.dumps({"threshold": 0.25, "roc_auc": 0.9}))
+    Path("metrics/evaluation.json").write_text(json.dumps({"threshold": 0.25, "test": {"roc_auc": 0.9}}))
     Path("params.yaml").write_text("tfrecords:\n  jpeg_quality: 90\n")
     return tmp_path
 
@@ -150,9 +150,9 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
 
 
 def test_cli_without_a_threshold_warns_and_uses_one_half(project, images, caplog):
-    os.remove("metrics/test.json")
+    os.remove("metrics/evaluation.json")
     cli.main(["predict", str(images["bright_png_grey"]), "--json", "out.json"])
-    assert "no decision threshold in metrics/test.json" in caplog.text
+    assert "no decision threshold in metrics/evaluation.json" in caplog.text
     [row] = json.loads(Path("out.json").read_text())
     assert row["label"] == ("PNEUMONIA" if row["probability"] >= 0.5 else "NORMAL")
 

@@ -127,7 +127,7 @@ def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, 
     Path("models").mkdir()
     Path("models/model.keras").symlink_to(store["model"])
     Path("metrics").mkdir()
-    Path("metrics/test.json").write_text(json.dumps({"threshold": THRESHOLD}))
+    Path("metrics/evaluation.json").write_text(json.dumps({"threshold": THRESHOLD}))
     Path("params.yaml").write_text(f"tfrecords:\n  jpeg_quality: {JPEG_QUALITY}\n")
     cli.main(["predict", *map(str, xrays), "--json", "by_keras.json"])
 

@@ -41,7 +41,8 @@ def predict(args: argparse.Namespace) -> None:
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
+        threshold = inference.run_threshold(paths.EVALUATION_METRICS)
+        classifier = inference.load_classifier(args.model, threshold, jpeg_quality)
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
@@ -77,7 +78,7 @@ def add_predict_parser(commands) -> None:
     predict_parser = commands.add_parser(
         "predict", help="probability of pneumonia and label for image files (JPEG, PNG) or folders of them",
         description="Probability of pneumonia and label at the run's decision threshold for each image. "
-                    "Default model: models/model.keras with the threshold in metrics/test.json. "
+                    "Default model: models/model.keras with the threshold in metrics/evaluation.json. "
                     "Exit code 1 when some file could not be predicted.")
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
@@ -100,7 +101,7 @@ def adapt(args: argparse.Namespace) -> None:
     from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
 
-    classifier = inference.load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
+    classifier = inference.load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS),
                                            load_params().tfrecords.jpeg_quality)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):

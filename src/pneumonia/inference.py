@@ -179,15 +179,16 @@ def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Pat
     plt.close(figure)
 
 
-def run_threshold(test_metrics: Path) -> float:
-    """The decision threshold the evaluate stage chose (key "threshold"), or 0.5 with a warning."""
+def run_threshold(metrics: Path) -> float:
+    """The decision threshold the evaluate stage chose (key "threshold" of metrics/evaluation.json), or 0.5
+    with a warning."""
     try:
-        return float(json.loads(test_metrics.read_text())["threshold"])
+        return float(json.loads(metrics.read_text())["threshold"])
     except (FileNotFoundError, KeyError):
-        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", test_metrics, DEFAULT_THRESHOLD)
+        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", metrics, DEFAULT_THRESHOLD)
         return DEFAULT_THRESHOLD
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise PipelineError(f"{test_metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
+        raise PipelineError(f"{metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
 
 
 def load_classifier(model_path: Path, threshold: float, jpeg_quality: int) -> Classifier:

@@ -22,7 +22,7 @@ from pneumonia.evaluation.scoring import ScoredSplit, score_split
 
 @dataclass(frozen=True)
 class Evaluation:
-    test: ScoredSplit  # metrics/test.json, its plot tables and figures
+    test: ScoredSplit  # reports/evaluation/test.json, its plot tables and figures
     external: ScoredSplit | None  # the same of the external set; None without one
     gradcam_layer: str  # the layer the Grad-CAM maps are taken on
     model_summary: str  # the model's layers, for the report

@@ -24,7 +24,7 @@ class ScoredSplit:
     heatmaps: np.ndarray  # Grad-CAM of the cases
 
     def tables(self) -> dict[str, dict[str, list]]:
-        """What `dvc plots` draws of the split, {name: {column: values}}: predictions (one row per image),
+        """The split's tables, {name: {column: values}}: predictions (one row per image),
         roc, precision_recall, calibration."""
         return {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
 
