@@ -34,6 +34,14 @@ def test_every_stage_says_what_it_does():
         assert len(stage.get("desc", "")) > 20, f"stage {name} has no desc: (shown by dvc stage list)"
 
 
+def test_no_dependency_is_an_empty_file():
+    """DVC prints "WARNING: '<path>' is empty." for an empty dependency at every stage that lists it
+    (the end-to-end run asserts DVC prints no warning at all)."""
+    deps = {dep for stage in DVC_YAML["stages"].values() for dep in stage.get("deps", [])}
+    empty = sorted(dep for dep in deps if (REPO / dep).is_file() and (REPO / dep).stat().st_size == 0)
+    assert not empty, f"empty files DVC would warn about: {empty}"
+
+
 @pytest.mark.parametrize("stage, sections", [("tfrecords", ["tfrecords"]), ("train", ["model", "train"]),
                                              ("evaluate", ["evaluate", "model", "train"])])
 def test_stage_params_are_the_settings_that_change_results(stage, sections):
