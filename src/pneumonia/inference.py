@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_THRESHOLD = 0.5
 BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
+PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
 
 
 def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
@@ -108,7 +109,9 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
 
     results: list[FilePrediction] = []
     inputs = _preprocessed(classifier, files, workers or os.cpu_count() or 1)
-    progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, file=sys.stderr)
+    # shown only once a run has taken PROGRESS_AFTER seconds: a few images print their table and nothing else
+    progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, delay=PROGRESS_AFTER,
+                    file=sys.stderr)
     while chunk := list(islice(inputs, BATCH_SIZE)):
         probabilities = iter(classifier.probabilities([image for _, image, _ in chunk if image is not None]))
         for file, image, error in chunk:
