@@ -48,6 +48,13 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
+def dvc_warnings(output: str) -> list[str]:
+    """DVC's warnings in a command's output: lines "WARNING: ...", less the one TensorFlow's C++ runtime
+    prints in a stage before its logging is set up."""
+    return [line for line in output.splitlines()
+            if line.startswith("WARNING: ") and "absl::InitializeLog" not in line]
+
+
 def mlflow_runs(project: Path) -> list[mlflow.entities.Run]:
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("pneumonia")
@@ -94,7 +101,7 @@ def baseline(synthetic_project) -> tuple[str, list[mlflow.entities.Run]]:
 def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline):
     output, runs = baseline
     assert stages_run(output) == STAGES
-    assert "WARNING" not in output  # e.g. DVC's "'<dep or out>' is empty."
+    assert not dvc_warnings(output)  # e.g. "WARNING: 'src/pneumonia/data/__init__.py' is empty."
 
     test_metrics = json.loads((synthetic_project / "reports/evaluation/test.json").read_text())
     assert TEST_METRIC_KEYS <= test_metrics.keys()
@@ -149,7 +156,7 @@ def test_second_repro_does_nothing(synthetic_project, baseline):
     result = run(["dvc", "repro"], synthetic_project)
     assert stages_run(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
-    assert "WARNING" not in result.stdout + result.stderr
+    assert not dvc_warnings(result.stdout + result.stderr)
 
 
 def shown_experiments(project: Path) -> dict[str, dict]:
@@ -257,10 +264,10 @@ def test_queued_sweep_swaps_the_model_and_lands_every_run_in_the_tracking_server
 
     # The README's command to compare experiments: the params that differ and the headline metrics, on
     # one 220-column screen (rich puts a "…" where columns do not fit).
-    compared = run(["dvc", "exp", "show", "--only-changed", "--drop", "/", "--no-pager"], synthetic_project,
+    compared = run(["dvc", "exp", "show", "--only-changed", "--drop", ".*/", "--no-pager"], synthetic_project,
                    COLUMNS="220").stdout
     assert "…" not in compared and all(f"sweep-{model}" in compared for model in SWEEP), compared
-    assert {"test.roc_auc", "test.sensitivity", "model.name", "train.learning_rate"} <= set(compared.split())
+    assert {"train_seconds", "model.name", "train.learning_rate"} <= set(compared.split())  # the rest may be equal
     # All of it, as it comes: every params.yaml key and dependency, but at most METRIC_COLUMNS metrics.
     [workspace, *_] = json.loads(run(["dvc", "exp", "show", "--json"], synthetic_project).stdout)
     columns = [f"{file}:{key}" for file, shown in workspace["data"]["metrics"].items()

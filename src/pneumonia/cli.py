@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights, fine-tuning, image size, training time, peak memory, parameters and test metrics, "
                     "in runs.md and runs.csv, and runs.png (test accuracy and ROC AUC against training time and "
                     "memory). Store: MLFLOW_TRACKING_URI, else mlflow.db at the repository root. For the DVC "
-                    "experiments' params and headline metrics side by side: `dvc exp show --only-changed --drop /`.")
+                    "experiments' params and headline metrics side by side: "
+                    "`dvc exp show --only-changed --drop '.*/'`.")
     compared.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in params.yaml)")
     compared.add_argument("--out", type=Path, default=paths.COMPARISON, help="folder for runs.md, runs.csv, runs.png")
     compared.set_defaults(handler=compare_runs)
