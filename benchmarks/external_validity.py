@@ -7,9 +7,9 @@
 
 Each run is the pipeline itself, in a copy of the project: `dvc exp run -S data.source=local
 -S data.local_path=<sample> -S evaluate.external=<external set> -S train.seed=<seed>` plus the
-profile's overrides. It reads back metrics/test.json (the sample's own test split: the same
-acquisition as training, in-distribution), metrics/external.json (the official Kaggle test images
-of ../shared/datasets/chest-xray-external.zip: another acquisition) and metrics/train.json. Then,
+profile's overrides. It reads back reports/evaluation/test.json (the sample's own test split: the same
+acquisition as training, in-distribution), reports/evaluation/external.json (the official Kaggle test
+images of ../shared/datasets/chest-xray-external.zip: another acquisition) and metrics/train.json. Then,
 from the run's model and predictions:
 
 * threshold rules: each chooses its threshold on validation (never on the external set) and is
@@ -101,7 +101,7 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
         val = predict_split(model, paths.TFRECORDS, "val", params.train.batch_size)
         external = predict_split(model, paths.EXTERNAL, SPLIT, params.train.batch_size)
         images = images_at(paths.EXTERNAL, SPLIT, list(range(len(external.labels))))
-        threshold = json.loads(paths.EXTERNAL_METRICS.read_text())["threshold"]
+        threshold = json.loads(paths.EVALUATION_METRICS.read_text())["threshold"]
 
     def scored(labels, probabilities, at) -> dict:
         found = classification_metrics(labels, probabilities, at)
@@ -159,9 +159,10 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
     wall = time.perf_counter() - started
     if keep_models:
         keep(project, profile, seed, keep_models)
-    test = json.loads((project / "metrics/test.json").read_text())
-    external = json.loads((project / "metrics/external.json").read_text())
-    train = json.loads((project / "metrics/train.json").read_text())
+    from pneumonia import paths
+
+    test, external, train = (json.loads((project / path).read_text())
+                             for path in (paths.TEST_SCORES, paths.EXTERNAL_SCORES, paths.TRAIN_METRICS))
 
     def split(scores: dict) -> dict:
         return {**{name: scores[name] for name in (*METRICS, "threshold", "border_share")},

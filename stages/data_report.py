@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 from pneumonia import paths
-from pneumonia.atomic import atomic_path, write_csv, write_json
+from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import load_params
 from pneumonia.data.audit import read_image_table
 from pneumonia.data.manifest import read_manifest
-from pneumonia.data.report import class_distribution, data_summary, draw_data_figures
+from pneumonia.data.report import data_summary, draw_data_figures
 from pneumonia.logs import run_stage
 
 
@@ -21,11 +21,10 @@ def _json(path: Path) -> dict:
 def main() -> None:
     load_params()  # reads no params, but stops on an invalid params.yaml like every stage
     images, train = read_image_table(paths.IMAGE_TABLE), read_manifest(paths.MANIFESTS / "train.csv")
-    report = data_summary(_json(paths.RAW_SOURCE), images, _json(paths.DATA_METRICS), _json(paths.CLASS_WEIGHTS),
+    report = data_summary(_json(paths.RAW_SOURCE), images, _json(paths.SPLIT_COUNTS), _json(paths.CLASS_WEIGHTS),
                      _json(paths.DATA_AUDIT))
     with atomic_path(paths.DATA_REPORT, directory=True) as out:
         write_json(out / "summary.json", report)
-        write_csv(out / "class_distribution.csv", *class_distribution(report))
         draw_data_figures(out / "figures", report, images, train)
     logging.getLogger("data_report").info("images as shipped: %s; as used: %s",
                                           report["images"]["as_shipped"], report["images"]["as_used"])

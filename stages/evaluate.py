@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: threshold chosen on validation, the model on the test split and on the external
-set if there is one (pneumonia.evaluation.evaluate) -> metrics/test.json, metrics/external.json, plot
-tables and figures, the HTML report, the MLflow run (the servable model, metrics and outputs)."""
+set if there is one (pneumonia.evaluation.evaluate) -> metrics/evaluation.json (the headline), each split's
+scores and the external set's tables in reports/evaluation/, plot tables and figures, the HTML report, the
+MLflow run (the servable model, metrics and outputs)."""
 
 from pneumonia import EXTERNAL_SPLIT, paths, serving, tracking
 from pneumonia.atomic import atomic_path, write_csv, write_json, write_text
@@ -9,7 +10,8 @@ from pneumonia.evaluation.evaluate import evaluate
 from pneumonia.logs import run_stage
 from pneumonia.models.build import load_model
 
-# The test split's plot tables (ScoredSplit.tables); the external set's are <name>.csv in paths.EXTERNAL_PLOTS
+# The test split's tables (ScoredSplit.tables), beside its figures; the external set's are
+# external_<name>.csv in paths.EVALUATION_DETAILS
 TEST_TABLES = {"predictions": paths.TEST_PREDICTIONS, "roc": paths.ROC_CURVE, "precision_recall": paths.PR_CURVE,
                "calibration": paths.CALIBRATION_CURVE}
 # Each split's data as MLflow records it: (manifest, context)
@@ -22,15 +24,17 @@ def main() -> None:
     result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
                       params.train.batch_size)
 
-    write_json(paths.TEST_METRICS, result.test.scores)
     for name, table in result.test.tables().items():
         write_csv(TEST_TABLES[name], *table)
-    with atomic_path(paths.EXTERNAL_PLOTS, directory=True) as folder:  # empty without an external set
-        for name, table in (result.external.tables() if result.external else {}).items():
-            write_csv(folder / f"{name}.csv", *table)
-    write_json(paths.EXTERNAL_METRICS, result.external_scores)
+    with atomic_path(paths.EVALUATION_DETAILS, directory=True) as folder:
+        write_json(folder / paths.TEST_SCORES.name, result.test.scores)
+        if result.external:
+            write_json(folder / paths.EXTERNAL_SCORES.name, result.external.scores)
+            for name, table in result.external.tables().items():
+                write_csv(folder / f"{EXTERNAL_SPLIT}_{name}.csv", *table)
+    write_json(paths.EVALUATION_METRICS, result.headline)
     with atomic_path(paths.FIGURES, directory=True) as folder:
-        write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.DATA_METRICS,
+        write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.SPLIT_COUNTS,
                                                           paths.TRAIN_METRICS))
 
     with tracking.resumed_run(paths.RUN_INFO):
@@ -38,8 +42,8 @@ def main() -> None:
         logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
                                    params.tracking.register_model)
         splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
-        outputs = [paths.TEST_METRICS, paths.EXTERNAL_METRICS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
-                   *sorted(paths.EXTERNAL_PLOTS.glob("*.csv")), *sorted(paths.FIGURES.glob("*.png"))]
+        outputs = [paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
+                   paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))]
         tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
 
 

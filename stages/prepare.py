@@ -1,5 +1,5 @@
 """DVC stage `prepare`: train/val/test manifests (validation re-drawn by patient), checked for unreadable
-images and leaks -> data/manifests, data/images.csv, metrics/data.json, metrics/data_audit.json."""
+images and leaks -> data/manifests, data/images.csv, data/split_counts.json, data/audit.json."""
 
 from pneumonia import paths
 from pneumonia.atomic import write_json
@@ -17,7 +17,7 @@ def main() -> None:
     raise_if_leaked(prepared.audit)
     write_manifests(paths.MANIFESTS, prepared.splits)
     write_image_table(paths.IMAGE_TABLE, prepared.images)
-    write_json(paths.DATA_METRICS, prepared.summary)
+    write_json(paths.SPLIT_COUNTS, prepared.summary)
 
 
 if __name__ == "__main__":

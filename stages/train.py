@@ -1,5 +1,6 @@
-"""DVC stage `train`: fit the configured model -> models/, per-epoch history, best validation metrics
-and what the run cost (seconds, peak memory, parameter counts) for comparing models.
+"""DVC stage `train`: fit the configured model -> models/, per-epoch history, metrics/train.json (best
+epoch, epochs, seconds), the MLflow run (also the best epoch's metrics and what the run cost: peak memory,
+parameter counts, for comparing models).
 
 Where it trains follows train.accelerator (pneumonia.distribute); in a TF_CONFIG cluster every
 worker runs this script and only the chief writes outputs and logs to MLflow. A killed training
@@ -55,9 +56,8 @@ def main() -> None:
         backup.keep_run_id(run.info.run_id)
         result = train(params.model, params.train, paths.TFRECORDS, class_weight, paths.MODEL, placement, backup)
         write_csv(paths.TRAIN_HISTORY, *result.history_table())
-        metrics = result.metrics()
-        write_json(paths.TRAIN_METRICS, metrics)
-        tracking.log_training(metrics, inputs=[paths.CLASS_WEIGHTS, paths.DATA_METRICS, paths.RAW_SOURCE])
+        write_json(paths.TRAIN_METRICS, result.headline())
+        tracking.log_training(result.metrics(), inputs=[paths.CLASS_WEIGHTS, paths.SPLIT_COUNTS, paths.RAW_SOURCE])
         tracking.log_manifests(paths.MANIFESTS, {"train": "training", "val": "validation"})
         tracking.write_run_info(run, paths.RUN_INFO)
     backup.remove()  # finished: the next training starts afresh

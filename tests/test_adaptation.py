@@ -57,7 +57,7 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     (tmp_path / "models").mkdir()
     build_model(ModelConfig(crop=0), 32).save(tmp_path / "models" / "model.keras")
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "test.json").write_text('{"threshold": 0.5}')
+    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.5}')
     (tmp_path / "params.yaml").write_text("{}")
     site = tmp_path / "site"
     site.mkdir()

@@ -1,10 +1,12 @@
-"""Params validation: every mistake stops with the key, the value and what is allowed."""
+"""Params validation: every mistake stops with the key, the value and what is allowed; `pneumonia check-params`."""
 
+import json
 import re
 
 import pytest
 import yaml
 
+from conftest import REPO
 from pneumonia import paths
 from pneumonia.architectures import MODEL_NAMES
 from pneumonia.config import flatten, load_params, parse_params, read_params_file
@@ -252,3 +254,60 @@ def test_a_long_value_is_quoted_shortened():
     message = str(error.value)
     assert "model.name = 'xxxx" in message and "train.epochs = [[1, 1," in message and "..." in message
     assert len(message) < 2000
+
+
+# --- `pneumonia check-params -S`: what `dvc exp run -S ...` would run with, params.yaml untouched ------------
+
+def check_params(capsys, *args: str) -> tuple[list[dict], str]:
+    """`pneumonia check-params ARGS` on the repository's params.yaml: the params printed (one per experiment)
+    and stderr."""
+    from pneumonia import cli
+
+    before = (REPO / "params.yaml").read_bytes()
+    cli.main(["check-params", "--params", str(REPO / "params.yaml"), *args])
+    out, err = capsys.readouterr()
+    assert (REPO / "params.yaml").read_bytes() == before
+    return [json.loads(params) for params in re.split(r"(?<=\n})\n(?={)", out.strip())], err
+
+
+def test_check_params_applies_dvc_set_params_with_yaml_typed_values(capsys):
+    [params], err = check_params(capsys, "-S", "model.name=xception", "-S", "train.learning_rate=2e-3",
+                                 "--set-param", "evaluate.threshold=youden", "-S", "tracking.register_model=pneumonia",
+                                 "-S", "train.deterministic=false", "-S", "data.image_size=160")
+    assert params["model"]["name"] == "xception" and params["model"]["weights"] == "imagenet"  # auto, resolved
+    assert params["train"]["learning_rate"] == 0.002 and params["train"]["deterministic"] is False
+    assert params["evaluate"]["threshold"] == "youden" and params["data"]["image_size"] == 160
+    assert params["tracking"]["register_model"] == "pneumonia"
+    assert "model.weights: auto -> imagenet (model.name xception)" in err
+    [params], _ = check_params(capsys, "-S", "evaluate.threshold=0.25", "-S", "tracking.register_model=null")
+    assert params["evaluate"]["threshold"] == 0.25 and params["tracking"]["register_model"] is None
+
+
+def test_check_params_shows_each_experiment_of_a_sweep(capsys):
+    printed, err = check_params(capsys, "-S", "model.name=custom_cnn,xception", "-S", "train.learning_rate=0.001")
+    assert [(p["model"]["name"], p["model"]["weights"], p["train"]["learning_rate"]) for p in printed] == [
+        ("custom_cnn", "none", 0.001), ("xception", "imagenet", 0.001)]
+    assert "experiment 2 of 2: -S model.name=xception -S train.learning_rate=0.001" in err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.nme=xception", r"-S model\.nme=xception: Could not override 'model\.nme'"),  # no such key: DVC refuses
+    ("model.name=[", r"-S model\.name=\[: .* Use KEY=VALUE"),  # not Hydra's override grammar
+    ("data.image_size=abc", r"params\.yaml -S data\.image_size=abc has invalid params:\n  - data\.image_size = 'abc'"),
+])
+def test_check_params_refuses_what_dvc_or_the_stages_would(capsys, setting, message):
+    with pytest.raises(SystemExit) as exited:
+        check_params(capsys, "-S", setting)
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["check-params", "compare"])
+def test_commands_describe_themselves_in_help(capsys, command):
+    from pneumonia import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    usage, described = capsys.readouterr().out.split("\n\n", 2)[:2]
+    assert not described.startswith(("options:", "positional arguments:")), described  # not only the options
+    assert len(described.split()) > 20, described

@@ -21,7 +21,7 @@ from pneumonia.data.manifest import Record, read_manifest, write_manifests
 from pneumonia.data.prepare import prepare
 from pneumonia.errors import PipelineError
 
-RAW, MANIFESTS, AUDIT = Path("data/raw"), Path("data/manifests"), Path("metrics/data_audit.json")
+RAW, MANIFESTS, AUDIT = Path("data/raw"), Path("data/manifests"), Path("data/audit.json")
 
 
 @pytest.fixture(autouse=True)
@@ -315,7 +315,7 @@ def test_the_data_stages_twice_give_identical_bytes(tmp_path):
     assert hashes[0].keys() == hashes[1].keys()
     names = {Path(name).relative_to(project).as_posix() for name in hashes[0]}
     assert {"data/raw/source.json", "data/manifests/train.csv", "data/manifests/val.csv", "data/manifests/test.csv",
-            "data/images.csv", "metrics/data.json", "metrics/data_audit.json", "data/tfrecords/meta.json",
+            "data/images.csv", "data/split_counts.json", "data/audit.json", "data/tfrecords/meta.json",
             "data/external/external-00000-of-00002.tfrecord", "data/class_weights.json",
             "reports/data/summary.json"} <= names
     for prefix in ("data/tfrecords/train-", "data/tfrecords/test-", "reports/data/figures/"):

@@ -1,5 +1,5 @@
 """The evaluate library: threshold chosen on validation and applied to test (known answers),
-metrics/test.json layout, plot tables, the images shown."""
+the scores' layout and metrics/evaluation.json's headline, plot tables, the images shown."""
 
 import json
 import math
@@ -69,6 +69,17 @@ def test_scores_have_headline_metrics_at_top_and_intervals_around_them():
     json.dumps(scores, allow_nan=False)  # strict JSON: no NaN or infinity
 
 
+def test_headline_is_the_threshold_and_four_metrics_of_each_split():
+    """metrics/evaluation.json, what `dvc exp show` compares: distinct column names (test.roc_auc,
+    external.roc_auc), no external key without an external set."""
+    scores = scores_for("youden")
+    assert summary.headline(scores, None) == {"threshold": scores["threshold"],
+                                              "test": {key: scores[key] for key in summary.HEADLINE_KEYS}}
+    both = summary.headline(scores, {**scores, "roc_auc": 0.5})
+    assert set(both) == {"threshold", "test", "external"} and both["external"]["roc_auc"] == 0.5
+    assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy")
+
+
 def test_undefined_metrics_become_null():
     assert summary.finite_or_none({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {
         "a": None, "b": [1.0, None], "c": {"d": 2}}
@@ -109,7 +120,6 @@ def test_plot_tables_are_finite_and_complete():
     assert summary.header_and_rows(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
     calibration = curves["calibration"]
     assert sum(calibration["count"]) == 8
-    assert calibration["perfectly_calibrated"] == calibration["mean_predicted"]
 
     predictions = summary.predictions_table(TEST, 0.6)
     assert predictions["actual"] == ["NORMAL"] * 4 + ["PNEUMONIA"] * 4
@@ -149,3 +159,19 @@ def test_images_read_back_in_case_order(synthetic_data):
     for case, image in zip(cases, images):
         assert everything[case.index]["file_name"].decode() == case.file_name
         np.testing.assert_array_equal(image, everything[case.index]["image"])
+
+
+def test_model_summary_has_every_column_whatever_the_terminal(monkeypatch):
+    """The report's Model table: Keras draws it with rich at the terminal's width, which cut it after
+    `Output Shape` in an 80-column terminal or none (the evaluate stage under DVC)."""
+    import keras
+
+    from pneumonia.evaluation.evaluate import model_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="a_rather_long_dense_layer_name")(inputs))
+    lines = model_summary(model).splitlines()
+    assert any("Layer (type)" in line and "Output Shape" in line and "Param #" in line for line in lines), lines
+    [dense] = [line for line in lines if "a_rather_long_dense_layer_name (Dense)" in line]
+    assert dense.rstrip(" │").endswith(" 15"), dense  # 4 x 3 weights + 3 biases

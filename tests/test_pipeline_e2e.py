@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -36,12 +37,22 @@ from pneumonia.data.tfrecords import read_meta
 SWEEP = {"custom_cnn": ["-S", "train.learning_rate=0.003"], "xception": ["-S", "model.weights=none"]}
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
 TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
+# `dvc exp show`'s metric columns (docs/evaluation.md#metrics): train's 3, the threshold, 4 of test and 4 of an
+# external set
+METRIC_COLUMNS = 12
 
 pytestmark = pytest.mark.e2e
 
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def dvc_warnings(output: str) -> list[str]:
+    """DVC's warnings in a command's output: lines "WARNING: ...", less the one TensorFlow's C++ runtime
+    prints in a stage before its logging is set up."""
+    return [line for line in output.splitlines()
+            if line.startswith("WARNING: ") and "absl::InitializeLog" not in line]
 
 
 def mlflow_runs(project: Path) -> list[mlflow.entities.Run]:
@@ -78,25 +89,31 @@ def synthetic_project(tmp_path_factory, remote_tfrecords) -> Path:
 
 @pytest.fixture(scope="module")
 def baseline(synthetic_project) -> tuple[str, list[mlflow.entities.Run]]:
-    """The first `dvc repro` of the project (its output and the MLflow runs right after it), committed
-    as a user would before experimenting. Every test that builds on it asks for it, so each also runs
-    alone (`pytest -k model`) or in another order."""
+    """The first `dvc repro` of the project (its output, stdout and stderr, and the MLflow runs right after
+    it), committed as a user would before experimenting. Every test that builds on it asks for it, so each
+    also runs alone (`pytest -k model`) or in another order."""
     result = run(["dvc", "repro"], synthetic_project)
     runs = mlflow_runs(synthetic_project)
     commit_all(synthetic_project, "baseline results")
-    return result.stdout, runs
+    return result.stdout + result.stderr, runs
 
 
 def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline):
     output, runs = baseline
     assert stages_run(output) == STAGES
+    assert not dvc_warnings(output)  # e.g. "WARNING: 'src/pneumonia/data/__init__.py' is empty."
 
-    test_metrics = json.loads((synthetic_project / "metrics/test.json").read_text())
+    test_metrics = json.loads((synthetic_project / "reports/evaluation/test.json").read_text())
     assert TEST_METRIC_KEYS <= test_metrics.keys()
     assert test_metrics["tp"] + test_metrics["fp"] + test_metrics["tn"] + test_metrics["fn"] == test_metrics["n"] > 0
+    headline = json.loads((synthetic_project / "metrics/evaluation.json").read_text())
+    assert headline == {"threshold": test_metrics["threshold"],
+                        "test": {key: test_metrics[key] for key in ("roc_auc", "sensitivity", "specificity",
+                                                                    "accuracy")}}
     train_metrics = json.loads((synthetic_project / "metrics/train.json").read_text())
-    assert train_metrics["epochs_trained"] == 1 and "best_val_auc" in train_metrics
-    data = json.loads((synthetic_project / "metrics/data.json").read_text())
+    assert train_metrics["epochs_trained"] == 1 and set(train_metrics) == {"best_epoch", "epochs_trained",
+                                                                           "train_seconds"}
+    data = json.loads((synthetic_project / "data/split_counts.json").read_text())
     assert data["images"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}  # 20% of 12 patients x 3 images
 
     [mlflow_run] = runs
@@ -109,7 +126,7 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     assert [point.step for point in history] == [1]
     artifacts = artifact_paths(synthetic_project, mlflow_run.info.run_id)
     assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/test.json",
-            "inputs/class_weights.json", "inputs/data.json", "inputs/source.json",
+            "evaluation/evaluation.json", "inputs/class_weights.json", "inputs/split_counts.json", "inputs/source.json",
             "inputs/data/summary.json", "inputs/data/figures/sample_grid.png"} <= artifacts
     [model] = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").search_logged_models(
         [mlflow_run.info.experiment_id], filter_string=f"source_run_id = '{mlflow_run.info.run_id}'")
@@ -131,13 +148,15 @@ def test_shards_are_under_the_tfrecords_uri_and_dvc_tracks_only_meta_json(synthe
     expected = {Path(path).name for split in SPLITS
                 for path in dataset.shard_paths(synthetic_project / "data/tfrecords", split)}
     assert {entry.name for entry in key_folder.iterdir()} == expected
-    assert json.loads((synthetic_project / "metrics/test.json").read_text())["n"] == meta["splits"]["test"]["images"]
+    assert json.loads((synthetic_project / "reports/evaluation/test.json").read_text())["n"] == \
+        meta["splits"]["test"]["images"]
 
 
 def test_second_repro_does_nothing(synthetic_project, baseline):
     result = run(["dvc", "repro"], synthetic_project)
     assert stages_run(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
+    assert not dvc_warnings(result.stdout + result.stderr)
 
 
 def shown_experiments(project: Path) -> dict[str, dict]:
@@ -149,7 +168,7 @@ def shown_experiments(project: Path) -> dict[str, dict]:
             found[revision.get("name") or data.get("name") or data.get("rev")] = {
                 "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
                 "train": data.get("metrics", {}).get("metrics/train.json", {}).get("data", {}),
-                "test": data.get("metrics", {}).get("metrics/test.json", {}).get("data", {}),
+                "test": data.get("metrics", {}).get("metrics/evaluation.json", {}).get("data", {}).get("test", {}),
             }
     return found
 
@@ -236,11 +255,24 @@ def test_queued_sweep_swaps_the_model_and_lands_every_run_in_the_tracking_server
     for model in SWEEP:
         experiment = shown[f"sweep-{model}"]
         assert experiment["params"]["model"]["name"] == model
-        assert experiment["train"]["peak_memory_mb"] > 0 and experiment["train"]["total_params"] > 0
-        assert "roc_auc" in experiment["test"]
-    # Same parameter count in MLflow and in the experiment's metrics/train.json.
-    assert {m: by_model[m].data.metrics["total_params"] for m in SWEEP} == {
-        m: shown[f"sweep-{m}"]["train"]["total_params"] for m in SWEEP}
+        assert experiment["train"]["train_seconds"] > 0 and "roc_auc" in experiment["test"]
+    # The same figures in MLflow and in the experiment's metrics files.
+    assert {m: by_model[m].data.metrics["train_seconds"] for m in SWEEP} == {
+        m: shown[f"sweep-{m}"]["train"]["train_seconds"] for m in SWEEP}
+    assert {m: by_model[m].data.metrics["test_roc_auc"] for m in SWEEP} == {
+        m: shown[f"sweep-{m}"]["test"]["roc_auc"] for m in SWEEP}
+
+    # The README's command to compare experiments: the params that differ and the headline metrics, on
+    # one 220-column screen (rich puts a "…" where columns do not fit).
+    compared = run(["dvc", "exp", "show", "--only-changed", "--drop", ".*/", "--no-pager"], synthetic_project,
+                   COLUMNS="220").stdout
+    assert "…" not in compared and all(f"sweep-{model}" in compared for model in SWEEP), compared
+    assert {"train_seconds", "model.name", "train.learning_rate"} <= set(compared.split())  # the rest may be equal
+    # All of it, as it comes: every params.yaml key and dependency, but at most METRIC_COLUMNS metrics.
+    [workspace, *_] = json.loads(run(["dvc", "exp", "show", "--json"], synthetic_project).stdout)
+    columns = [f"{file}:{key}" for file, shown in workspace["data"]["metrics"].items()
+               for key in pd.json_normalize(shown["data"]).columns]
+    assert len(columns) <= METRIC_COLUMNS, columns
 
 
 def test_compare_command_on_the_sweep(synthetic_project, sweep, tracking_server):
@@ -327,23 +359,23 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     result = run(["dvc", "repro"], project)
     assert stages_run(result.stdout) == STAGES
 
-    data = json.loads((project / "metrics/data.json").read_text())
+    data = json.loads((project / "data/split_counts.json").read_text())
     # The sample's own test split, exactly as shipped (shared/datasets/README.md).
     assert data["images"]["test"] == {"NORMAL": 279, "PNEUMONIA": 746}
     pool = sum(data["images"][split][c] for split in ("train", "val") for c in ("NORMAL", "PNEUMONIA"))
     assert pool + data["dropped_as_in_test"] == 1054 + 3121 + 8 + 8
-    test_metrics = json.loads((project / "metrics/test.json").read_text())
+    test_metrics = json.loads((project / "reports/evaluation/test.json").read_text())
     assert test_metrics["n"] == 279 + 746
     report = json.loads((project / "reports/data/summary.json").read_text())
     assert report["images"]["as_shipped"] == {"train": {"NORMAL": 1054, "PNEUMONIA": 3121},
                                               "val": {"NORMAL": 8, "PNEUMONIA": 8},
                                               "test": {"NORMAL": 279, "PNEUMONIA": 746}}
     assert report["unreadable"] == [] and report["raw_images"]["width"]["median"] == 224
-    audit = json.loads((project / "metrics/data_audit.json").read_text())
+    audit = json.loads((project / "data/audit.json").read_text())
     assert audit["passed"] and set(audit["leaks"].values()) == {0}, audit
     # One epoch at 64 px already separates the classes on real X-rays.
     assert test_metrics["roc_auc"] > 0.75, test_metrics
-    external = json.loads((project / "metrics/external.json").read_text())
+    external = json.loads((project / "reports/evaluation/external.json").read_text())
     assert external["n"] == 244 and external["patients"] == 171 and external["threshold"] == test_metrics["threshold"]
     assert external["ci95"]["roc_auc"]["low"] <= external["roc_auc"] <= external["ci95"]["roc_auc"]["high"]
     # after one epoch many maps are flat (no heat): the share is over those with heat
@@ -354,27 +386,23 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
 
 
 def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external: bool = False) -> None:
-    """`dvc plots show` draws every declared plot, `dvc exp show` has the headline metrics, the
-    HTML report opens in a browser with every image, the MLflow run has it all."""
+    """`dvc plots show` draws every figure, `dvc exp show` has the headline metrics, the HTML report
+    opens in a browser with every image, the MLflow run has it all."""
     rendered = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     figure_count = {"plots/figures": 13 if external else 7, "reports/data/figures": 4}
-    for plot in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]:
-        name = plot if isinstance(plot, str) else next(iter(plot))
-        if (project / name).is_dir():  # a folder of PNG figures: each one rendered as an image
-            figures = sorted((project / name).glob("*.png"))
-            assert len(figures) == figure_count[name], figures
-            for figure in figures:
-                [image] = rendered[f"{name}/{figure.name}"]
-                assert image["type"] == "image" and Path(image["url"]).stat().st_size > 1000
-        else:
-            [vega] = rendered[name]
-            assert vega["type"] == "vega" and vega["content"]["data"]["values"], name
+    for name in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]:  # folders of PNG figures
+        figures = sorted((project / name).glob("*.png"))
+        assert len(figures) == figure_count[name], figures
+        for figure in figures:
+            [image] = rendered[f"{name}/{figure.name}"]
+            assert image["type"] == "image" and Path(image["url"]).stat().st_size > 1000
 
     [workspace, *_] = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    shown = workspace["data"]["metrics"]["metrics/test.json"]["data"]
-    for headline in ("roc_auc", "sensitivity", "specificity", "accuracy", "threshold"):
-        assert isinstance(shown[headline], float), (headline, shown)
-    assert shown["ci95"]["roc_auc"]["low"] <= shown["roc_auc"] <= shown["ci95"]["roc_auc"]["high"]
+    shown = workspace["data"]["metrics"]["metrics/evaluation.json"]["data"]
+    assert isinstance(shown["threshold"], float)
+    for split in ("test", *(["external"] if external else [])):
+        assert {key: type(value) for key, value in shown[split].items()} == {
+            "roc_auc": float, "sensitivity": float, "specificity": float, "accuracy": float}, shown
 
     loaded, total = open_in_chromium(project / "reports/evaluation.html", scratch / "report.png")
     assert loaded == total == figure_count["plots/figures"]
@@ -388,8 +416,7 @@ def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external
     if external:
         assert {"external_roc_auc", "external_ci95_roc_auc_low", "external_sensitivity", "external_specificity",
                 "external_border_share"} <= mlflow_run.data.metrics.keys()
-        shown = workspace["data"]["metrics"]["metrics/external.json"]["data"]
-        assert isinstance(shown["roc_auc"], float) and isinstance(shown["border_share"], float)
+        assert (project / "reports/evaluation/external_roc.csv").is_file()
 
 
 def test_a_dead_tracking_server_fails_fast(synthetic_project):

@@ -108,6 +108,22 @@ def test_experiments_sharing_a_backup_uri_keep_apart(synthetic_data):
     assert folder_of("", "worker-1", fingerprint) == "backup/train/worker-1"  # as always
 
 
+def test_a_finished_training_leaves_no_backup_folder(tmp_path, monkeypatch):
+    """The local backup's folders (backup/train/<worker>, and backup/train/ and backup/ that opening it
+    made) are gone once it is removed; a folder that still holds another worker's backup stays."""
+    from pneumonia import paths
+    from pneumonia.training.backup import TrainingBackup
+
+    monkeypatch.chdir(tmp_path)
+    chief, worker = (TrainingBackup.of_worker(paths.TRAIN_BACKUP, "", name, "params A")
+                     for name in ("chief", "worker-1"))
+    chief.open(), worker.open()
+    chief.remove()
+    assert [entry.name for entry in paths.TRAIN_BACKUP.iterdir()] == ["worker-1"]
+    worker.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("uri", ["/mnt/backups", "backups", "gs:/bucket/x", "gs://"])
 def test_backup_uri_without_a_scheme_is_refused(uri):
     with pytest.raises(PipelineError, match=r"train\.backup_uri = .*scheme.*leave train\.backup_uri empty"):

@@ -3,6 +3,7 @@ on 127.0.0.1, answering real X-rays exactly as `pneumonia predict` does."""
 
 import base64
 import json
+import re
 import subprocess
 import time
 import zipfile
@@ -116,6 +117,21 @@ def test_logged_model_is_registered_as_candidate_with_its_threshold(store):
     assert (classifier.threshold, classifier.jpeg_quality) == (THRESHOLD, JPEG_QUALITY)
 
 
+def test_predict_with_gradcam_on_a_logged_model_prints_the_result_and_nothing_else(store, xrays, tmp_path):
+    """One image through `pneumonia predict --model-uri ... --gradcam`: the table on stdout, the overlay's line
+    on stderr; no progress bars (MLflow's artifact downloads, the prediction's), no start-up chatter."""
+    result = subprocess.run(["pneumonia", "predict", str(xrays[0]), "--model-uri", f"models:/{REGISTERED}@candidate",
+                             "--gradcam", str(tmp_path / "cams")], env=tool_env(MLFLOW_TRACKING_URI=store["uri"]),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2, result.stdout  # the header and the image's row
+    # TensorFlow's C++ runtime logs through absl before anything can configure it (TF_CPP_MIN_LOG_LEVEL does
+    # not reach those lines): on a machine with a CUDA build and no GPU, "I0000 ... cudart_stub.cc ...".
+    said = [line for line in result.stderr.splitlines()
+            if not re.match(r"[IWE]\d{4} |WARNING: All log messages before absl::InitializeLog", line)]
+    assert said == [f"1 Grad-CAM overlays in {tmp_path / 'cams'}"], result.stderr
+
+
 def test_promote_moves_the_champion_alias_and_says_what_is_missing(store, capsys):
     client = MlflowClient(store["uri"])
     cli.main(["promote", REGISTERED])
@@ -143,7 +159,7 @@ def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, 
     Path("models").mkdir()
     Path("models/model.keras").symlink_to(store["model"])
     Path("metrics").mkdir()
-    Path("metrics/test.json").write_text(json.dumps({"threshold": THRESHOLD}))
+    Path("metrics/evaluation.json").write_text(json.dumps({"threshold": THRESHOLD}))
     Path("params.yaml").write_text(f"tfrecords:\n  jpeg_quality: {JPEG_QUALITY}\n")
     cli.main(["predict", *map(str, xrays), "--json", "by_keras.json"])
 

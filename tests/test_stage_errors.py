@@ -69,7 +69,7 @@ def test_invalid_params_stop_the_train_stage_before_any_work(project, key, value
 
 
 # Every stage with outputs outside DVC's cache (cache: false: committed in git, the baseline)
-UNCACHED_OUTPUT_STAGES = ["prepare", "data_report", "train", "evaluate"]
+UNCACHED_OUTPUT_STAGES = ["data_report", "train", "evaluate"]
 
 
 @pytest.mark.slow
@@ -96,8 +96,8 @@ def test_a_failed_stage_leaves_the_previous_results_in_place(project, tmp_path):
             if not (project / dep).exists():
                 (project / dep).parent.mkdir(parents=True, exist_ok=True)
                 (project / dep).mkdir() if not Path(dep).suffix else (project / dep).write_text("{}")
-    assert {"metrics/train.json", "plots/train_history.csv", "metrics/test.json", "plots/roc.csv",
-            "metrics/data.json", "reports/data/summary.json"} <= uncached.keys()
+    assert {"metrics/train.json", "plots/train_history.csv", "metrics/evaluation.json", "plots/roc.csv",
+            "reports/data/summary.json"} <= uncached.keys()
     commit_all(project)
     # Each stage fails as soon as it starts: a `python` that exits 2 (what fails does not matter to DVC).
     failing = tmp_path / "bin"

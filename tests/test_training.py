@@ -129,13 +129,15 @@ def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
     assert sigmoid["auc"] == pytest.approx(0.8, abs=1e-2)  # 15 (positive, negative) pairs, 12 ranked right
 
 
-def test_metrics_are_what_the_train_stage_writes(tmp_path):
+def test_metrics_are_what_the_train_stage_logs_and_its_headline_what_it_writes(tmp_path):
     result = fit.TrainingResult(history={"val_auc": [0.5, 0.7], "loss": [0.9, 0.8]}, best_epoch=1,
                                       seconds=12.34, total_params=100, trainable_params=40,
                                       peak_memory={"peak_memory_mb": 812.5})
-    assert json.loads(json.dumps(result.metrics())) == {
+    assert json.loads(json.dumps(result.metrics())) == {  # the MLflow run's metrics
         "best_val_auc": 0.7, "best_loss": 0.8, "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3,
         "total_params": 100, "trainable_params": 40, "peak_memory_mb": 812.5}
+    assert json.loads(json.dumps(result.headline())) == {  # metrics/train.json: columns of `dvc exp show`
+        "best_epoch": 2, "epochs_trained": 2, "train_seconds": 12.3}
     assert result.history_table() == (["epoch", "loss", "val_auc"], [[1, 0.9, 0.5], [2, 0.8, 0.7]])
 
 

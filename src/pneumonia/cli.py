@@ -9,14 +9,56 @@ from pneumonia import paths
 from pneumonia.logs import run_stage
 
 
-def check_params(args: argparse.Namespace) -> None:
-    from pneumonia.config import auto_keys, flatten, load_params, read_params_file
+def dvc_experiments(params_file: Path, overrides: list[str]) -> list[tuple[list[str], dict]]:
+    """`params_file` as `dvc exp run -S ...` makes it for each experiment it runs (a sweep, `-S a=1,2`,
+    queues one per combination): (that experiment's overrides, the params as the stages read them).
+    DVC itself applies them, to a copy: Hydra's override grammar, YAML-typed values, no new keys. The file
+    is read as the stages read it (config.read_params_file: its size, aliases, encoding and keys checked first)."""
+    import shutil
+    import tempfile
 
-    params = load_params(args.params)
-    print(json.dumps(params.model_dump(), indent=2))
-    resolved = flatten(params)
-    for key in auto_keys(read_params_file(args.params)):
-        print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
+    from hydra.errors import HydraException
+
+    from pneumonia.config import read_params_file
+    from pneumonia.errors import PipelineError
+
+    read_params_file(params_file)  # refused before DVC parses it: an oversized file would hang both
+    by_file = to_path_overrides(overrides)
+    if set(by_file) - {paths.PARAMS.name}:
+        raise PipelineError(f"-S {' '.join(overrides)}: check-params reads {params_file} only; drop the file prefix")
+    experiments = []
+    try:
+        for sweep in get_hydra_sweeps(by_file) if by_file else [{}]:
+            with tempfile.TemporaryDirectory() as folder:
+                copy = Path(shutil.copy(params_file, Path(folder) / paths.PARAMS.name))
+                if sweep:
+                    apply_overrides(copy, sweep[paths.PARAMS.name])
+                experiments.append((sweep.get(paths.PARAMS.name, []), read_params_file(copy) or {}))
+    except FileNotFoundError:
+        raise PipelineError(f"{params_file} not found: run it from the repository root, or pass --params") from None
+    except (InvalidArgumentError, HydraException) as exc:
+        reason = str(exc.__cause__ or exc).splitlines()[0]
+        raise PipelineError(f"-S {' -S '.join(overrides)}: {reason} (as `dvc exp run` would refuse it). Use "
+                            "KEY=VALUE with a key of params.yaml, e.g. -S model.name=xception.") from None
+    return experiments
+
+
+def check_params(args: argparse.Namespace) -> None:
+    from pneumonia.config import auto_keys, flatten, parse_params
+
+    experiments = dvc_experiments(args.params, args.set_param)
+    for number, (overrides, raw) in enumerate(experiments, 1):
+        settings = " ".join(f"-S {override}" for override in overrides)
+        params = parse_params(raw, f"{args.params} {settings}".strip())
+        if len(experiments) > 1:
+            print(f"experiment {number} of {len(experiments)}: {settings}", file=sys.stderr)
+        print(json.dumps(params.model_dump(), indent=2))
+        resolved = flatten(params)
+        for key in auto_keys(raw):
+            print(f"{key}: auto -> {resolved[key]} (model.name {params.model.name})", file=sys.stderr)
 
 
 def compare_runs(args: argparse.Namespace) -> None:
@@ -43,7 +85,7 @@ def predict(args: argparse.Namespace) -> None:
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS), jpeg_quality)
+        classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS), jpeg_quality)
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
@@ -87,7 +129,7 @@ def add_predict_parser(commands) -> None:
     predict_parser = commands.add_parser(
         "predict", help="probability of pneumonia and label for image files (JPEG, PNG, DICOM) or folders of them",
         description="Probability of pneumonia and label at the run's decision threshold for each image. "
-                    "Default model: models/model.keras with the threshold in metrics/test.json. "
+                    "Default model: models/model.keras with the threshold in metrics/evaluation.json. "
                     "Exit code 1 when some file could not be predicted.")
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
@@ -111,7 +153,7 @@ def adapt(args: argparse.Namespace) -> None:
     from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
 
-    classifier = load_classifier(args.model, inference.run_threshold(paths.TEST_METRICS),
+    classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS),
                                  load_params().tfrecords.jpeg_quality)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):
@@ -162,8 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    check = commands.add_parser("check-params", help="validate params.yaml and print it with all defaults filled in")
-    check.add_argument("--params", type=Path, default=paths.PARAMS)
+    check = commands.add_parser(
+        "check-params", help="validate params.yaml and print it with all defaults filled in",
+        description="Validate params.yaml as every stage does and print the params the stages will use: defaults "
+                    "filled in, each `auto` resolved (what it became on stderr). With -S, as DVC's `dvc exp run -S` "
+                    "would set them, params.yaml untouched: `pneumonia check-params -S model.name=xception`; a "
+                    "sweep (-S 'model.name=a,b') prints each experiment it would queue.")
+    check.add_argument("--params", type=Path, default=paths.PARAMS, help=f"default: {paths.PARAMS}")
+    check.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param as `dvc exp run -S` does (repeatable; values are YAML: 0.5, none, "
+                            "true, [1, 2])")
     check.set_defaults(handler=check_params)
 
     add_predict_parser(commands)
@@ -205,7 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=build_sample)
 
     compared = commands.add_parser(
-        "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost")
+        "compare", help="table (markdown, CSV) and plot of the MLflow runs: test metrics against training cost",
+        description="Every run of the MLflow experiment that finished training, best test ROC AUC first: model, "
+                    "weights, fine-tuning, image size, training time, peak memory, parameters and test metrics, "
+                    "in runs.md and runs.csv, and runs.png (test accuracy and ROC AUC against training time and "
+                    "memory). Store: MLFLOW_TRACKING_URI, else mlflow.db at the repository root. For the DVC "
+                    "experiments' params and headline metrics side by side: "
+                    "`dvc exp show --only-changed --drop '.*/'`.")
     compared.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in params.yaml)")
     compared.add_argument("--out", type=Path, default=paths.COMPARISON, help="folder for runs.md, runs.csv, runs.png")
     compared.set_defaults(handler=compare_runs)

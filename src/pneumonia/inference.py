@@ -26,6 +26,8 @@ from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
+PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
+
 
 @dataclass(frozen=True)
 class FilePrediction:
@@ -65,7 +67,9 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
 
     results: list[FilePrediction] = []
     inputs = _preprocessed(classifier, files, workers or os.cpu_count() or 1)
-    progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, file=sys.stderr)
+    # shown only once a run has taken PROGRESS_AFTER seconds: a few images print their table and nothing else
+    progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, delay=PROGRESS_AFTER,
+                    file=sys.stderr)
     while chunk := list(islice(inputs, BATCH_SIZE)):
         probabilities = iter(classifier.probabilities([image for _, image, _ in chunk if image is not None]))
         for file, image, error in chunk:
@@ -136,17 +140,18 @@ def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Pat
     plt.close(figure)
 
 
-def run_threshold(test_metrics: Path) -> float:
-    """The decision threshold the evaluate stage chose (key "threshold"), or 0.5 with a warning."""
+def run_threshold(metrics: Path) -> float:
+    """The decision threshold the evaluate stage chose (key "threshold" of metrics/evaluation.json), or 0.5
+    with a warning."""
     try:
-        threshold = float(json.loads(test_metrics.read_text())["threshold"])
+        threshold = float(json.loads(metrics.read_text())["threshold"])
     except (FileNotFoundError, KeyError):
-        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", test_metrics, DEFAULT_THRESHOLD)
+        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", metrics, DEFAULT_THRESHOLD)
         return DEFAULT_THRESHOLD
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise PipelineError(f"{test_metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
+        raise PipelineError(f"{metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
     if not 0 <= threshold <= 1:  # NaN too: every image would be NORMAL
-        raise PipelineError(f"{test_metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
+        raise PipelineError(f"{metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
                             "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
     return threshold
 

@@ -21,6 +21,8 @@ RAW = DATA / "raw"  # download: {train,val,test}/{NORMAL,PNEUMONIA}/ images + so
 RAW_SOURCE = RAW / "source.json"
 MANIFESTS = DATA / "manifests"  # prepare: {train,val,test}.csv
 IMAGE_TABLE = DATA / "images.csv"  # prepare: every raw file, its size, mode, intensity, or why it is unreadable
+SPLIT_COUNTS = DATA / "split_counts.json"  # prepare: images per split and class, patients, dropped, unreadable
+DATA_AUDIT = DATA / "audit.json"  # prepare: leakage audit
 TFRECORDS = DATA / "tfrecords"  # tfrecords: {train,val,test}-NNNNN-of-NNNNN.tfrecord
 CLASS_WEIGHTS = DATA / "class_weights.json"
 # external: evaluate.external as TFRecords (split "external"), manifest.csv and the audit in meta.json
@@ -33,12 +35,11 @@ RUN_INFO = MODELS / "mlflow_run.json"  # hands the MLflow run id from train to e
 # resumed by the next attempt after a preemption; not a DVC output (DVC would delete it first)
 TRAIN_BACKUP = Path("backup") / "train"
 
+# DVC metrics: the headline figures `dvc exp show` compares, a few columns (docs/evaluation.md#metrics);
+# every other figure is in the details below and in the MLflow run
 METRICS = Path("metrics")
-DATA_METRICS = METRICS / "data.json"
-DATA_AUDIT = METRICS / "data_audit.json"  # prepare: leakage audit
-TRAIN_METRICS = METRICS / "train.json"
-TEST_METRICS = METRICS / "test.json"
-EXTERNAL_METRICS = METRICS / "external.json"  # evaluate: the external set, {"evaluated": false} without one
+TRAIN_METRICS = METRICS / "train.json"  # train: best epoch, epochs trained, seconds
+EVALUATION_METRICS = METRICS / "evaluation.json"  # evaluate: threshold; test (and external) ROC AUC, sensitivity, ...
 
 PLOTS = Path("plots")
 TRAIN_HISTORY = PLOTS / "train_history.csv"
@@ -46,12 +47,16 @@ TEST_PREDICTIONS = PLOTS / "test_predictions.csv"
 ROC_CURVE = PLOTS / "roc.csv"
 PR_CURVE = PLOTS / "precision_recall.csv"
 CALIBRATION_CURVE = PLOTS / "calibration.csv"
-EXTERNAL_PLOTS = PLOTS / "external"  # evaluate: predictions.csv, roc.csv, ... of the external set (if any)
 FIGURES = PLOTS / "figures"  # evaluate: PNG figures, rendered by `dvc plots show` and logged to MLflow
 
 REPORTS = Path("reports")
 EVALUATION_REPORT = REPORTS / "evaluation.html"
-DATA_REPORT = REPORTS / "data"  # data_report: summary.json, class_distribution.csv, PNG figures
+# evaluate: every figure of the evaluation: test.json (intervals, at 0.5, counts, validation, border audit), and
+# with an external set external.json and its tables external_predictions.csv, external_roc.csv, ...
+EVALUATION_DETAILS = REPORTS / "evaluation"
+TEST_SCORES = EVALUATION_DETAILS / "test.json"
+EXTERNAL_SCORES = EVALUATION_DETAILS / "external.json"
+DATA_REPORT = REPORTS / "data"  # data_report: summary.json, PNG figures
 COMPARISON = REPORTS / "comparison"  # `pneumonia compare`: runs.md, runs.csv, runs.png
 
 

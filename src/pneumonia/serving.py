@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import tempfile
 import threading
 from importlib.metadata import version
@@ -69,7 +70,9 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]), config["threshold"],
                                           config["jpeg_quality"])
 
-    def predict(self, context, model_input, params=None):
+    # The type hint: MLflow warns about a predict() without one each time the model is loaded (a DataFrame
+    # changes nothing else: the signature stays SIGNATURE's).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """model_input: a DataFrame with a column "image" of base64-encoded JPEG, PNG or DICOM files."""
         if len(model_input) > MAX_ROWS:
             raise MlflowException.invalid_parameter_value(
@@ -178,6 +181,7 @@ def logged_classifier(model_uri: str) -> Classifier:
     if model_uri.startswith(("runs:", "models:")):  # found through the tracking store
         tracking.check_reachable(tracking.tracking_uri(), "Nothing was predicted.")
     tracking.use_tracking_uri(tracking.tracking_uri())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact: noise for a model
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:

@@ -111,7 +111,7 @@ def raise_if_leaked(audit: dict) -> None:
         raise PipelineError(
             f"the leakage audit failed: {leaked}. The split shares patients or "
             "image content between train, val and test, so validation or test scores would be inflated. "
-            "This is a bug in the prepare stage: please report it with the audit findings (metrics/data_audit.json)."
+            "This is a bug in the prepare stage: please report it with the audit findings (data/audit.json)."
         )
 
 

@@ -90,7 +90,7 @@ def check_both_classes(splits: dict[str, list[Record]], unreadable: int) -> None
 @dataclass(frozen=True)
 class Prepared:
     splits: dict[str, list[Record]]  # the manifests: train, val, test
-    summary: dict  # counts for metrics/data.json
+    summary: dict  # counts for data/split_counts.json
     audit: dict  # leakage findings; the splits are not to be used unless audit["passed"]
     images: list[ImageFacts]  # every raw file, readable or not
 

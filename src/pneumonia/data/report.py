@@ -1,8 +1,8 @@
 """The data report: what a model was trained on, in numbers and pictures.
 
-From what the data stages wrote (data/raw/source.json, data/images.csv, metrics/data.json, the
-training manifest, the class weights, the leakage audit): the summary, the class distribution table
-(for `dvc plots`) and the figures (for MLflow and `dvc plots`), which the stage writes into one folder.
+From what the data stages wrote (data/raw/source.json, data/images.csv, data/split_counts.json, the
+training manifest, the class weights, the leakage audit): the summary and the figures (for MLflow and
+`dvc plots`), which the stage writes into one folder.
 """
 
 from collections import Counter
@@ -120,12 +120,6 @@ def sample_grid_png(train: list[Record], path: Path) -> None:
             ax.set_yticks([])
         axes[label][0].set_ylabel(name)
     _save(figure, path)
-
-
-def class_distribution(report: dict) -> tuple[list[str], list[list]]:
-    """class_distribution.csv (drawn by `dvc plots`) as (header, rows): images per split and class as used."""
-    return ["split_class", "images"], [[f"{split}/{name}", count] for split, row in report["images"]["as_used"].items()
-                                       for name, count in row.items()]
 
 
 def draw_data_figures(folder: Path, report: dict, images: list[ImageFacts], train: list[Record]) -> None:

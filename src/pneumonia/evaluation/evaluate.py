@@ -5,9 +5,11 @@ plots/, the report, and logs to MLflow.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import keras
 
@@ -24,7 +26,7 @@ from pneumonia.evaluation.scoring import ScoredSplit, score_split
 
 @dataclass(frozen=True)
 class Evaluation:
-    test: ScoredSplit  # metrics/test.json, its plot tables and figures
+    test: ScoredSplit  # reports/evaluation/test.json, its plot tables and figures
     external: ScoredSplit | None  # the same of the external set; None without one
     gradcam_layer: str  # the layer the Grad-CAM maps are taken on
     model_summary: str  # the model's layers, for the report
@@ -39,27 +41,33 @@ class Evaluation:
         return [self.test, *([self.external] if self.external else [])]
 
     @property
-    def external_scores(self) -> dict[str, Any]:
-        """metrics/external.json: the external set's scores, or that there was none."""
-        return self.external.scores if self.external else {"evaluated": False}
+    def headline(self) -> dict[str, Any]:
+        """metrics/evaluation.json: the threshold and the headline metrics of each split (summary.headline)."""
+        return summary.headline(self.test.scores, self.external.scores if self.external else None)
 
     def mlflow_metrics(self) -> dict[str, dict[str, float]]:
         """{split name: its headline metrics for MLflow} of each scored split."""
         return {split.name: summary.mlflow_metrics(split.scores, prefix=split.name) for split in self.scored}
 
-    def report(self, figures: Path, params: Params, history: Path, data_metrics: Path, train_metrics: Path) -> str:
+    def report(self, figures: Path, params: Params, history: Path, split_counts: Path, train_metrics: Path) -> str:
         """The HTML report, its figures drawn into the folder `figures`: the training curves of the
-        `history` CSV, the data of `data_metrics` and the training of `train_metrics` (JSON) with
-        the scores of each split, `params` and the model's layers."""
+        `history` CSV, the images per split of `split_counts` and the training of `train_metrics` (JSON)
+        with the scores of each split, `params` and the model's layers."""
         drawn = draw_figures(figures, read_history(history), self.scored, self.gradcam_layer)
         return render(scores=self.test.scores, external=self.external.scores if self.external else None,
-                      figures=drawn, params=params.model_dump(), data=json.loads(data_metrics.read_text()),
+                      figures=drawn, params=params.model_dump(), data=json.loads(split_counts.read_text()),
                       training=json.loads(train_metrics.read_text()), model_summary=self.model_summary)
+
+
+SUMMARY_WIDTH = 110  # characters: room for every column of Keras's table, layer names included
 
 
 def model_summary(model: keras.Model) -> str:
     lines = []
-    model.summary(print_fn=lines.append, line_length=110)
+    # Keras draws the table with rich, which crops it to the terminal's width (COLUMNS, else 80),
+    # whatever line_length says: without the same width for both, the report lost `Param #`.
+    with mock.patch.dict(os.environ, {"COLUMNS": str(SUMMARY_WIDTH + 4)}):  # Keras keeps 4 columns spare
+        model.summary(print_fn=lines.append, line_length=SUMMARY_WIDTH)
     return "\n".join(lines)
 
 

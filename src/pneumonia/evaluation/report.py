@@ -16,7 +16,7 @@ import yaml
 from pneumonia import CLASS_NAMES, SPLITS
 from pneumonia.evaluation.summary import AT_DEFAULT
 
-# (key in metrics/test.json, what a reader calls it)
+# (key in a split's scores, reports/evaluation/test.json, what a reader calls it)
 METRIC_ROWS = (
     ("sensitivity", "Sensitivity (recall): pneumonia cases found"),
     ("specificity", "Specificity: normal cases recognised"),
@@ -181,7 +181,8 @@ def _pct(value: float | None) -> str:
 
 def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any], data: dict[str, Any],
            training: dict[str, Any], model_summary: str, external: dict[str, Any] | None = None) -> str:
-    """The page; `external`: metrics/external.json when an external set was scored."""
+    """The page; `scores`: the test split's (reports/evaluation/test.json); `external`: the external set's
+    when one was scored."""
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(
         model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores, external=external,

@@ -24,7 +24,7 @@ class ScoredSplit:
     heatmaps: np.ndarray  # Grad-CAM of the cases
 
     def tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        """What `dvc plots` draws of the split, {name: (header, rows)} for atomic.write_csv: predictions
+        """The split's tables, {name: (header, rows)} for atomic.write_csv: predictions
         (one row per image), roc, precision_recall, calibration."""
         columns = {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
         return {name: summary.header_and_rows(table) for name, table in columns.items()}

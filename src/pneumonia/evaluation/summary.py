@@ -1,8 +1,9 @@
 """The evaluation's numbers: threshold chosen on validation, test metrics at it and at 0.5 with
-bootstrap confidence intervals, and the tables `dvc plots` draws.
+bootstrap confidence intervals, and the tables of plots/ (predictions, curves).
 
-metrics/test.json keeps the headline metrics at the top level (so `dvc exp show` has them as
-columns) and nests the rest. Undefined values (NaN, e.g. ROC AUC of a one-class split) become
+A split's scores (reports/evaluation/test.json, external.json) keep the metrics at the chosen
+threshold at the top level and nest the rest; metrics/evaluation.json, the columns of `dvc exp show`,
+holds only the headline of each. Undefined values (NaN, e.g. ROC AUC of a one-class split) become
 null: JSON has no NaN or infinity.
 """
 
@@ -18,7 +19,7 @@ from pneumonia.evaluation import metrics
 from pneumonia.evaluation.predictions import Predictions
 from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
-AT_DEFAULT = "at_0.5"  # metrics/test.json key of the metrics at the conventional 0.5
+AT_DEFAULT = "at_0.5"  # a split's scores' key of the metrics at the conventional 0.5
 CI_METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy")
 CONFIDENCE = 0.95
 VALIDATION_KEYS = ("sensitivity", "specificity", "accuracy", "roc_auc", "n")
@@ -67,7 +68,7 @@ def split_scores(predictions: Predictions, threshold: float, config: EvaluateCon
 
 
 def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfig) -> dict[str, Any]:
-    """metrics/test.json: test metrics at the threshold chosen on validation (top level), with
+    """The test split's scores: its metrics at the threshold chosen on validation (top level), with
     95% bootstrap intervals, the same at 0.5, and what the threshold gives on validation."""
     threshold = threshold_on_validation(val, config.threshold)
     scores = split_scores(test, threshold, config, "test split (data/raw/test)")
@@ -76,14 +77,27 @@ def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfi
 
 
 def external_scores(external: Predictions, threshold: float, config: EvaluateConfig, audit: dict) -> dict[str, Any]:
-    """metrics/external.json: the external set at the threshold chosen on validation, as test is scored."""
+    """The external set's scores: at the threshold chosen on validation, as test is scored."""
     scores = split_scores(external, threshold, config, f"external set (evaluate.external = {config.external!r})")
     return finite_or_none({**scores, "source": config.external, "patients": audit.get("patients")})
 
 
+# What `dvc exp show` compares of each split: its columns test.roc_auc, ..., external.accuracy (distinct names:
+# the same key in two metrics files would be shown as metrics/test.json:roc_auc, too wide for one screen).
+HEADLINE_KEYS = ("roc_auc", "sensitivity", "specificity", "accuracy")
+
+
+def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics/evaluation.json: the threshold chosen on validation and the headline metrics of each split
+    at it; no "external" without an external set."""
+    splits = {"test": test, **({"external": external} if external else {})}
+    return {"threshold": test["threshold"],
+            **{name: {key: scores[key] for key in HEADLINE_KEYS} for name, scores in splits.items()}}
+
+
 # What a split contributes to the MLflow run's metrics: the headline numbers and the 95% intervals of
 # CI_METRICS, so the compare view lists a few dozen meaningful columns. The rest (counts, metrics at
-# 0.5, validation) stays in metrics/<split>.json, logged as an artifact of the run.
+# 0.5, validation) stays in reports/evaluation/<split>.json, logged as an artifact of the run.
 MLFLOW_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1",
                "brier", "ece", "threshold", "border_share")
 
@@ -97,11 +111,11 @@ def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, fl
     return flat
 
 
-# -------------------------------------------------------------- tables for dvc plots
+# -------------------------------------------------------------- the tables of plots/ and their curves
 
 
 def predictions_table(scored: Predictions, threshold: float) -> dict[str, list]:
-    """One row per image, class names as labels (dvc's confusion template counts them)."""
+    """One row per image, class names as labels, at the chosen threshold and at 0.5."""
 
     def names(flags):
         return [CLASS_NAMES[int(flag)] for flag in flags]
@@ -110,7 +124,7 @@ def predictions_table(scored: Predictions, threshold: float) -> dict[str, list]:
         "file_name": scored.file_names,
         "actual": names(scored.labels),
         "predicted": names(scored.probabilities >= threshold),
-        "predicted_at_0_5": names(scored.probabilities >= DEFAULT_THRESHOLD),  # no dot: Vega reads it as a path
+        "predicted_at_0_5": names(scored.probabilities >= DEFAULT_THRESHOLD),
         "probability": [f"{p:.6f}" for p in scored.probabilities],
     }
 
@@ -124,7 +138,6 @@ def curves(scored: Predictions) -> dict[str, dict[str, list[float]]]:
     roc = metrics.roc_points(scored.labels, scored.probabilities)
     pr = metrics.pr_points(scored.labels, scored.probabilities)
     calibration = metrics.calibration_points(scored.labels, scored.probabilities)
-    calibration["perfectly_calibrated"] = calibration["mean_predicted"]  # the diagonal, for comparison
     for curve in (roc, pr):
         curve["threshold"] = np.minimum(curve["threshold"], 1.0).tolist()
     return {"roc": roc, "precision_recall": pr, "calibration": calibration}

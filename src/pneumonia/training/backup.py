@@ -148,9 +148,11 @@ class TrainingBackup:
     RUN_ID = "mlflow_run_id"  # the chief's: the MLflow run a resumed training logs into
     STAGE = "stage-{number}"  # Keras's BackupAndRestore state of each stage (StageBackup)
 
-    def __init__(self, folder: str | os.PathLike, fingerprint: str = ""):
+    def __init__(self, folder: str | os.PathLike, fingerprint: str = "", made_in: tuple[str, ...] = ()):
         self.folder = os.fspath(folder)
         self.fingerprint = fingerprint
+        # the folders around it that open() makes and remove() removes once empty, innermost first
+        self.made_in = made_in
         self._history: EpochHistory | None = None
 
     @staticmethod
@@ -168,9 +170,11 @@ class TrainingBackup:
         <uri>/<fingerprint[:16]>/<worker>. Each experiment gets a folder of its own under a URI: queued
         experiments (each in a temporary copy of the repository, with a local backup of its own) or
         several machines share the bucket, and one must neither remove nor resume another's backup."""
-        if not backup_uri:
-            return cls(local_root / worker, fingerprint)
-        return cls(join(join(backup_uri, fingerprint[:16]), worker), fingerprint)
+        if not backup_uri:  # backup/train/<worker>: backup/train/ and backup/ go with the last worker's backup
+            return cls(local_root / worker, fingerprint, tuple(os.fspath(folder) for folder in
+                                                               (local_root, *local_root.parents) if folder.name))
+        experiment = join(backup_uri, fingerprint[:16])
+        return cls(join(experiment, worker), fingerprint, (experiment,))
 
     def path(self, name: str) -> str:
         return join(self.folder, name)
@@ -231,14 +235,14 @@ class TrainingBackup:
             saved.write_bytes(stable_keras_bytes(data))
 
     def remove(self) -> None:
-        """Remove a finished training's backup; under train.backup_uri also its fingerprint's folder once
-        no worker's backup is left in it."""
+        """Remove a finished training's backup, and the folders around it (`made_in`) once no worker's
+        backup is left in them: backup/train/ and backup/ locally, the fingerprint's folder under
+        train.backup_uri."""
         tf.io.gfile.rmtree(self.folder)
-        if "://" not in self.folder:
-            return  # a local backup/train/<worker>, as it always was
-        parent = self.folder.rsplit("/", 1)[0]
-        try:
-            if not tf.io.gfile.listdir(parent):
-                tf.io.gfile.rmtree(parent)
-        except tf.errors.NotFoundError:
-            pass  # another worker removed it first
+        for folder in self.made_in:
+            try:
+                if tf.io.gfile.listdir(folder):
+                    return  # another worker's backup is still there
+                tf.io.gfile.rmtree(folder)
+            except tf.errors.NotFoundError:
+                pass  # another worker removed it first

@@ -60,7 +60,7 @@ class TrainingResult:
         return {name: values[self.best_epoch] for name, values in self.history.items()}
 
     def metrics(self) -> dict[str, float]:
-        """metrics/train.json and the run's MLflow metrics: the best epoch and what training cost."""
+        """The run's MLflow metrics: the best epoch's metrics and what training cost."""
         return {
             **{f"best_{name}": value for name, value in self.best_metrics().items()},
             "best_epoch": self.best_epoch + 1,
@@ -70,6 +70,13 @@ class TrainingResult:
             "trainable_params": self.trainable_params,
             **self.peak_memory,
         }
+
+    def headline(self) -> dict[str, float]:
+        """metrics/train.json, columns of `dvc exp show`: the best epoch, the epochs trained and the seconds.
+        The rest of metrics() (the best epoch's metrics, memory, parameters) is in the MLflow run, where
+        `pneumonia compare` sets it against the test metrics."""
+        metrics = self.metrics()
+        return {key: metrics[key] for key in ("best_epoch", "epochs_trained", "train_seconds")}
 
     def history_table(self) -> tuple[list[str], list[list]]:
         """plots/train_history.csv as (header, rows): the epoch (1-based), then the metrics by name."""
