@@ -327,3 +327,49 @@ def test_dicom_in_each_form_predicts_as_its_png_served_and_by_the_cli_and_no_pat
     seen += [path.read_bytes().decode("latin-1") for root in (tmp_path, store_root) for path in root.rglob("*")
              if path.is_file()]
     assert not [secret for secret in SECRETS if any(secret in text for text in seen)]
+
+
+@pytest.mark.slow  # logs a second model: 15 s
+def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_same_probabilities(
+        store, synthetic_data, xrays, tmp_path):
+    """evaluate.tta_views: 9. The evaluate stage's predictions (TFRecords), `pneumonia predict`'s (a Classifier)
+    and the logged model's (what `mlflow models serve` runs) are each the mean over the same nine views."""
+    import keras
+    import pandas as pd
+
+    from pneumonia import inference
+    from pneumonia.classifier import Classifier
+    from pneumonia.evaluation.gallery import images_at
+    from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.models.augmentation import with_test_time_augmentation
+
+    # A small random convolution whose output follows the image (the store's one-epoch model, and an untrained
+    # custom_cnn, score every image alike).
+    inputs = keras.Input((48, 48, 3))
+    features = keras.layers.Conv2D(4, 5, kernel_initializer=keras.initializers.RandomNormal(seed=0))(inputs / 255)
+    outputs = keras.layers.Dense(1, "sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=5, seed=1))(
+        keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(features)))
+    model = keras.Model(inputs, outputs)
+    model.save(tmp_path / "model.keras")
+    tfrecords = synthetic_data / "data/tfrecords"
+    evaluated = predict_split(with_tta := with_test_time_augmentation(model, 9), tfrecords, "test", 8)
+    classifier = Classifier(model, THRESHOLD, JPEG_QUALITY, tta_views=9)
+    images = images_at(tfrecords, "test", list(range(len(evaluated.labels))))
+    np.testing.assert_allclose(classifier.probabilities(list(images)), evaluated.probabilities, rtol=1e-5)
+    assert classifier.predictor is not model and with_tta is not model
+
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serving").experiment_id):
+        info = serving.log_model(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY, tta_views=9)
+    served = mlflow.pyfunc.load_model(info.model_uri).predict(
+        pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
+    preprocessed = [classifier.preprocess(file) for file in xrays]
+    np.testing.assert_allclose(served["probability"], classifier.probabilities(preprocessed), rtol=1e-5)
+    plain = Classifier(model, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
+    assert not np.allclose(served["probability"], plain, rtol=1e-5)  # the views change the probabilities
+
+    # `pneumonia predict` takes the views from the run's metrics/evaluation.json, as it takes the threshold.
+    (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 9}))
+    assert inference.run_tta_views(tmp_path / "evaluation.json") == 9
+    (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 5}))
+    with pytest.raises(inference.PipelineError, match="tta_views 5, not one of"):
+        inference.run_tta_views(tmp_path / "evaluation.json")

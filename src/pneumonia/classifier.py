@@ -7,6 +7,7 @@ so both give the probability the evaluate stage gave the same image.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,14 @@ class Classifier:
     model: object  # keras.Model: plain [0, 255] RGB in, a sigmoid or [NORMAL, PNEUMONIA] softmax out
     threshold: float
     jpeg_quality: int
+    tta_views: int = 1  # each probability the mean over this many views of the image (evaluate.tta_views)
+
+    @cached_property
+    def predictor(self):
+        """The model as the evaluate stage predicted with it: over `tta_views` views of each image."""
+        from pneumonia.models.augmentation import with_test_time_augmentation
+
+        return with_test_time_augmentation(self.model, self.tta_views)
 
     @property
     def image_size(self) -> int:
@@ -54,15 +63,16 @@ class Classifier:
             return np.empty(0)
         # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
         batches = [np.stack(images[start:start + BATCH_SIZE]) for start in range(0, len(images), BATCH_SIZE)]
-        return pneumonia_probability(np.concatenate([self.model.predict_on_batch(batch) for batch in batches]))
+        return pneumonia_probability(np.concatenate([self.predictor.predict_on_batch(batch) for batch in batches]))
 
     def label(self, probability: float) -> str:
         return CLASS_NAMES[int(probability >= self.threshold)]
 
 
-def load_classifier(model_path: Path, threshold: float, jpeg_quality: int) -> Classifier:
+def load_classifier(model_path: Path, threshold: float, jpeg_quality: int, tta_views: int = 1) -> Classifier:
     """A Keras model file (the pipeline's models/model.keras, one `pneumonia adapt` wrote, or the file inside a
-    logged MLflow model) deciding at `threshold`, its input encoded as the TFRecords were."""
+    logged MLflow model) deciding at `threshold`, its input encoded as the TFRecords were, each probability
+    the mean over `tta_views` views of the image."""
     if not model_path.is_file():
         raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-    return Classifier(load_model(model_path), threshold, jpeg_quality)
+    return Classifier(load_model(model_path), threshold, jpeg_quality, tta_views)

@@ -85,7 +85,8 @@ def predict(args: argparse.Namespace) -> None:
         from pneumonia.config import load_params
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS), jpeg_quality)
+        classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS), jpeg_quality,
+                                     inference.run_tta_views(paths.EVALUATION_METRICS))
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:

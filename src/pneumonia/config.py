@@ -272,6 +272,9 @@ class EvaluateConfig(Section):
     bootstrap_samples: StrictInt = Field(1000, ge=100)  # resamples for the 95% confidence intervals
     images_per_outcome: StrictInt = Field(4, ge=1, le=12)  # test images per outcome (TP, TN, FP, FN) shown
     seed: Seed = 42  # bootstrap resampling and the choice of images shown
+    # Test-time augmentation: each probability the mean over this many fixed views of the image
+    # (models.augmentation.TEST_TIME_VIEWS), in evaluate, `pneumonia predict` and the served model alike
+    tta_views: Literal[1, 3, 9] = 1
     # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
     # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
     external: str = ""

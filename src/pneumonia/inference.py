@@ -22,6 +22,7 @@ from pneumonia import CLASS_NAMES, atomic
 from pneumonia.classifier import BATCH_SIZE, Classifier
 from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
+from pneumonia.models.augmentation import TEST_TIME_VIEWS
 from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,19 @@ def run_threshold(metrics: Path) -> float:
         raise PipelineError(f"{metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
                             "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
     return threshold
+
+
+def run_tta_views(metrics: Path) -> int:
+    """The test-time views the evaluate stage predicted with (key "tta_views" of metrics/evaluation.json,
+    evaluate.tta_views), which its threshold was chosen for; 1 (the image itself) when it says none."""
+    try:
+        views = json.loads(metrics.read_text()).get("tta_views", 1)
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return 1  # run_threshold says what is wrong with the file
+    if views not in TEST_TIME_VIEWS:
+        raise PipelineError(f"{metrics} has tta_views {views!r}, not one of {sorted(TEST_TIME_VIEWS)}: rerun the "
+                            "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
+    return views
 
 
 def table(results: Sequence[FilePrediction]) -> str:

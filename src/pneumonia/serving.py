@@ -68,7 +68,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         else:  # models logged before the config became an artifact
             config = context.model_config
         self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]), config["threshold"],
-                                          config["jpeg_quality"])
+                                          config["jpeg_quality"], config.get("tta_views", 1))
 
     # The type hint: MLflow warns about a predict() without one each time the model is loaded (a DataFrame
     # changes nothing else: the signature stays SIGNATURE's).
@@ -122,14 +122,16 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
 
 
-def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str | None = None) -> ModelInfo:
+def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str | None = None,
+              tta_views: int = 1) -> ModelInfo:
     """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold` on
-    images encoded at `jpeg_quality` (tfrecords.jpeg_quality).
+    images encoded at `jpeg_quality` (tfrecords.jpeg_quality), each probability the mean over `tta_views`
+    views of the image (evaluate.tta_views).
 
     With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
-    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality}
+    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality, "tta_views": tta_views}
     with tempfile.TemporaryDirectory() as scratch:
         config_file = Path(scratch) / "config.json"
         config_file.write_text(json.dumps(config))

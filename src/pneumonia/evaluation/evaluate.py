@@ -22,6 +22,7 @@ from pneumonia.evaluation.gradcam import last_feature_map
 from pneumonia.evaluation.predictions import predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
+from pneumonia.models.augmentation import with_test_time_augmentation
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,19 @@ def model_summary(model: keras.Model) -> str:
 
 def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
              batch_size: int) -> Evaluation:
-    """`model` on the splits in `tfrecords` and on the external stage's output `external`."""
-    val = predict_split(model, tfrecords, "val", batch_size)
-    test_predictions = predict_split(model, tfrecords, "test", batch_size)
+    """`model` on the splits in `tfrecords` and on the external stage's output `external`. Each probability is
+    the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
+    the Grad-CAM maps and the border audit explain the model on the image itself."""
+    predictor = with_test_time_augmentation(model, config.tta_views)
+    val = predict_split(predictor, tfrecords, "val", batch_size)
+    test_predictions = predict_split(predictor, tfrecords, "test", batch_size)
     test = score_split(model, tfrecords, "test", test_predictions,
-                       summary.evaluation_scores(val, test_predictions, config), config)
+                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views},
+                       config)
     scored_external = None
     meta = read_meta(external)
     if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
-        external_predictions = predict_split(model, external, EXTERNAL_SPLIT, batch_size)
+        external_predictions = predict_split(predictor, external, EXTERNAL_SPLIT, batch_size)
         scores = summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"])
         scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
     return Evaluation(test, scored_external, last_feature_map(model).layer_name, model_summary(model))

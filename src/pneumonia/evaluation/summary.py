@@ -88,10 +88,11 @@ HEADLINE_KEYS = ("roc_auc", "sensitivity", "specificity", "accuracy")
 
 
 def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str, Any]:
-    """metrics/evaluation.json: the threshold chosen on validation and the headline metrics of each split
-    at it; no "external" without an external set."""
+    """metrics/evaluation.json: the threshold chosen on validation, the test-time views each probability is
+    the mean of (evaluate.tta_views) and the headline metrics of each split at it; no "external" without an
+    external set."""
     splits = {"test": test, **({"external": external} if external else {})}
-    return {"threshold": test["threshold"],
+    return {"threshold": test["threshold"], "tta_views": test.get("tta_views", 1),
             **{name: {key: scores[key] for key in HEADLINE_KEYS} for name, scores in splits.items()}}
 
 
