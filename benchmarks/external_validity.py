@@ -214,8 +214,9 @@ def markdown(report: dict, summary_only: bool = False) -> str:
             f"{cell(runs, 'test', 'sensitivity')} / {cell(runs, 'test', 'specificity')} | "
             f"{statistics.fmean(run['train_seconds'] for run in runs) / 60:.0f} min |")
     if summary_only:
-        return "\n".join(lines) + ("\n\nPer run, every profile, operating points and adaptation: [benchmarks/external_validity.md]"
-                                    f"(benchmarks/external_validity.md) (`{report['command']}`).\n")
+        return "\n".join(lines) + ("\n\nPer run, every profile, operating points and adaptation: "
+                                    "[benchmarks/external_validity.md](benchmarks/external_validity.md) "
+                                    f"(`{report['command']}`).\n")
     lines += ["", "Each run, external set with 95% bootstrap intervals:", "",
               "| profile | seed | ROC AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity | threshold "
               "| best epoch / trained |", "|---|---|---|---|---|---|---|---|"]
