@@ -73,10 +73,10 @@ def test_headline_is_the_threshold_and_four_metrics_of_each_split():
     """metrics/evaluation.json, what `dvc exp show` compares: distinct column names (test.roc_auc,
     external.roc_auc), no external key without an external set."""
     scores = scores_for("youden")
-    assert summary.headline(scores, None) == {"threshold": scores["threshold"],
+    assert summary.headline(scores, None) == {"threshold": scores["threshold"], "tta_views": 1,
                                               "test": {key: scores[key] for key in summary.HEADLINE_KEYS}}
     both = summary.headline(scores, {**scores, "roc_auc": 0.5})
-    assert set(both) == {"threshold", "test", "external"} and both["external"]["roc_auc"] == 0.5
+    assert set(both) == {"threshold", "tta_views", "test", "external"} and both["external"]["roc_auc"] == 0.5
     assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy")
 
 

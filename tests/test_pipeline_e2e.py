@@ -107,7 +107,7 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     assert TEST_METRIC_KEYS <= test_metrics.keys()
     assert test_metrics["tp"] + test_metrics["fp"] + test_metrics["tn"] + test_metrics["fn"] == test_metrics["n"] > 0
     headline = json.loads((synthetic_project / "metrics/evaluation.json").read_text())
-    assert headline == {"threshold": test_metrics["threshold"],
+    assert headline == {"threshold": test_metrics["threshold"], "tta_views": 1,
                         "test": {key: test_metrics[key] for key in ("roc_auc", "sensitivity", "specificity",
                                                                     "accuracy")}}
     train_metrics = json.loads((synthetic_project / "metrics/train.json").read_text())
