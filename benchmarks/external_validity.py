@@ -73,6 +73,9 @@ PROFILES = {
     # Levers of issue 25, each alone on the default (docs/results.md)
     "per_image": {"model.input_norm": "per_image"},  # intensity standardised per image
     "ema": {"train.weight_averaging": "ema"},  # the weights' moving average validated and kept
+    # Levers combined with the best of them alone (per_image)
+    "per_image_ema": {"model.input_norm": "per_image", "train.weight_averaging": "ema"},
+    "per_image_oversample": {"model.input_norm": "per_image", "train.class_balance": "oversample"},
 }
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
