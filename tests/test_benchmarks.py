@@ -66,7 +66,7 @@ def test_inference_benchmark_times_predict_evaluate_and_the_served_model(tmp_pat
 def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distribution(tmp_path):
     """The script behind the README's results table, on synthetic data and a synthetic external site."""
     run([sys.executable, "-m", "benchmarks.external_validity", "--smoke", "--profiles", "default", "--seeds", "42",
-         "--out", str(tmp_path)], REPO)
+         "--out", str(tmp_path), "--keep-models", str(tmp_path / "kept")], REPO)
 
     report = json.loads((tmp_path / "external_validity.json").read_text())
     [result] = report["runs"]
@@ -81,6 +81,16 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     table = (tmp_path / "external_validity.md").read_text()
     assert sum(line.startswith("| default | 42 |") for line in table.splitlines()) == 2  # summary and per-run rows
     assert "python -m benchmarks.external_validity --smoke" in table
+
+    # The levers that need no training, on the kept model: each rule and number of views a row of its own.
+    run([sys.executable, "-m", "benchmarks.prediction_levers", "--models", str(tmp_path / "kept"), "--profile",
+         "default", "--rules", "youden", "sensitivity@0.9", "--out", str(tmp_path)], REPO)
+    levers = json.loads((tmp_path / "prediction_levers-default.json").read_text())
+    assert [(row["rule"], row["views"]) for row in levers["rows"]] == [
+        (rule, views) for rule in ("youden", "sensitivity@0.9") for views in levers["views"]]
+    for row in levers["rows"]:
+        assert row["members"] == [42] and 0 <= row["specificity"] <= 1 and 0 <= row["threshold"] <= 1
+    assert "| sensitivity@0.9 | 1 | 9 |" in (tmp_path / "prediction_levers-default.md").read_text()
 
 
 def test_readme_results_table_is_the_external_validity_report():
