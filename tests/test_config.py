@@ -275,6 +275,7 @@ def test_check_params_applies_dvc_set_params_with_yaml_typed_values(capsys):
                                  "--set-param", "evaluate.threshold=youden", "-S", "tracking.register_model=pneumonia",
                                  "-S", "train.deterministic=false", "-S", "data.image_size=160")
     assert params["model"]["name"] == "xception" and params["model"]["weights"] == "imagenet"  # auto, resolved
+    assert params["model"]["input_norm"] == "scale"  # auto: a backbone's own preprocessing
     assert params["train"]["learning_rate"] == 0.002 and params["train"]["deterministic"] is False
     assert params["evaluate"]["threshold"] == "youden" and params["data"]["image_size"] == 160
     assert params["tracking"]["register_model"] == "pneumonia"
@@ -285,8 +286,8 @@ def test_check_params_applies_dvc_set_params_with_yaml_typed_values(capsys):
 
 def test_check_params_shows_each_experiment_of_a_sweep(capsys):
     printed, err = check_params(capsys, "-S", "model.name=custom_cnn,xception", "-S", "train.learning_rate=0.001")
-    assert [(p["model"]["name"], p["model"]["weights"], p["train"]["learning_rate"]) for p in printed] == [
-        ("custom_cnn", "none", 0.001), ("xception", "imagenet", 0.001)]
+    assert [(p["model"]["name"], p["model"]["weights"], p["model"]["input_norm"], p["train"]["learning_rate"])
+            for p in printed] == [("custom_cnn", "none", "per_image", 0.001), ("xception", "imagenet", "scale", 0.001)]
     assert "experiment 2 of 2: -S model.name=xception -S train.learning_rate=0.001" in err
 
 

@@ -126,7 +126,8 @@ class TFRecordsConfig(Section):
 
 # `auto` in params.yaml (Params resolves it from model.name; `pneumonia check-params` shows the result):
 # a pretrained backbone with head warm-up then fine-tuning for the backbone families, as the seed
-# projects trained them; custom_cnn from scratch.
+# projects trained them; custom_cnn from scratch, its input standardised per image (docs/results.md:
+# better on another site's X-rays), a backbone's as its pretrained weights expect.
 AUTO = "auto"
 PRETRAINED_RECIPE = {"weights": "imagenet", "warmup_epochs": 3, "fine_tune": "partial"}
 FROM_SCRATCH_RECIPE = {"weights": "none", "warmup_epochs": 0, "fine_tune": "full"}
@@ -134,8 +135,9 @@ FROM_SCRATCH_RECIPE = {"weights": "none", "warmup_epochs": 0, "fine_tune": "full
 
 def resolve_auto(raw: Any) -> Any:
     """params with every `auto` replaced: model.weights imagenet for a backbone (none for custom_cnn);
-    train.warmup_epochs and train.fine_tune per PRETRAINED_RECIPE when the resolved weights are
-    pretrained (not none), per FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
+    model.input_norm per_image for custom_cnn (scale for a backbone); train.warmup_epochs and
+    train.fine_tune per PRETRAINED_RECIPE when the resolved weights are pretrained (not none), per
+    FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
     if not isinstance(raw, dict):
         return raw  # pydantic reports the wrong type
     # A section of another type (an empty `train:` is None) is pydantic's to report; the other one is still resolved.
@@ -143,6 +145,8 @@ def resolve_auto(raw: Any) -> Any:
     if model.get("weights") == AUTO:
         model["weights"] = (FROM_SCRATCH_RECIPE if model.get("name", CUSTOM_CNN) == CUSTOM_CNN
                             else PRETRAINED_RECIPE)["weights"]
+    if model.get("input_norm", AUTO) == AUTO:  # missing: as auto, so that a backbone's params need not name it
+        model["input_norm"] = "per_image" if model.get("name", CUSTOM_CNN) == CUSTOM_CNN else "scale"
     recipe = FROM_SCRATCH_RECIPE if model.get("weights", "none") == "none" else PRETRAINED_RECIPE
     if train.get("fine_tune") == AUTO:
         train["fine_tune"] = recipe["fine_tune"]
@@ -154,8 +158,8 @@ def resolve_auto(raw: Any) -> Any:
 
 def auto_keys(raw: Any) -> list[str]:
     """The params.yaml keys set to `auto`."""
-    return [f"{section}.{key}" for section, key in (("model", "weights"), ("train", "warmup_epochs"),
-                                                    ("train", "fine_tune"))
+    return [f"{section}.{key}" for section, key in (("model", "weights"), ("model", "input_norm"),
+                                                    ("train", "warmup_epochs"), ("train", "fine_tune"))
             if isinstance(raw, dict) and isinstance(raw.get(section), dict) and raw[section].get(key) == AUTO]
 
 
@@ -169,8 +173,9 @@ class ModelConfig(Section):
     # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
     crop: Float = Field(0.08, ge=0, lt=0.4)
     # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
-    # variance per image: brightness and contrast of the acquisition removed)
-    input_norm: Literal["scale", "per_image"] = "scale"
+    # variance per image: brightness and contrast of the acquisition removed); backbones: "scale" only,
+    # their own preprocessing (params.yaml: also "auto")
+    input_norm: Literal["scale", "per_image"] = "per_image"
 
     @property
     def backbone(self) -> bool:
@@ -231,7 +236,7 @@ class TrainConfig(Section):
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
     # ema: validation, the checkpoint and early stopping see an exponential moving average of the weights
     # (Polyak averaging, the optimizer's own), updated each step with this momentum
-    weight_averaging: Literal["none", "ema"] = "none"
+    weight_averaging: Literal["none", "ema"] = "ema"
     ema_momentum: Float = Field(0.99, gt=0, lt=1)
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
