@@ -235,7 +235,7 @@ def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Pa
         member_backup = backup.member(number)
         if finished := member_backup.finished_result():
             log.info("ensemble member %d of %d: finished before, kept", number + 1, config.ensemble_members)
-            results.append(TrainingResult(**json.loads(finished)))
+            results.append(TrainingResult(**{**json.loads(finished), "members": ()}))
             continue
         member = member_config(config, number)
         log.info("ensemble member %d of %d: seed %d", number + 1, config.ensemble_members, member.seed)
