@@ -149,7 +149,7 @@ def test_grad_cam_of_an_ensemble_is_the_mean_of_its_members_maps():
     assert gradcam.explained_layer(model) == f"{single_layer} of each of the 2 members, averaged"
 
 
-def test_batch_norm_adaptation_of_an_ensemble_adapts_each_member():
+def test_batch_norm_adaptation_of_an_ensemble_adapts_each_member(tmp_path):
     members = random_members(2)
     model, site = ensemble_of(members), site_images(16)
     before = [weights.copy() for weights in model.get_weights()]
@@ -161,6 +161,9 @@ def test_batch_norm_adaptation_of_an_ensemble_adapts_each_member():
     np.testing.assert_allclose(adapted.predict(site, verbose=0),
                                np.mean([member.predict(site, verbose=0) for member in members_of(adapted)], axis=0),
                                rtol=1e-6)
+    adapted.save(tmp_path / "adapted.keras")  # as `pneumonia adapt` writes it, for `pneumonia predict --model`
+    np.testing.assert_array_equal(load_model(tmp_path / "adapted.keras").predict(site, verbose=0),
+                                  adapted.predict(site, verbose=0))
 
 
 @pytest.mark.parametrize(("train", "message"), [
