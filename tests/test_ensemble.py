@@ -181,6 +181,15 @@ def test_bad_ensemble_sizes_are_refused_naming_the_key(train, message):
     assert parse_params({"train": {"ensemble_members": 10, "seed": 2**32 - 10}}).train.ensemble_members == 10
 
 
+def test_an_ensembles_probabilities_stay_float32_under_mixed_precision():
+    """As a single model's output layer: training and the ensemble's saving run under train.precision's policy,
+    where a float16 or bfloat16 mean would keep 3 significant digits of each probability."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # conftest restores float32 after the test
+    model = ensemble_of(random_members(2))
+    assert model.output.dtype == "float32"
+    assert model.predict(site_images(2), verbose=0).dtype == np.float32
+
+
 def test_an_ensemble_needs_two_members():
     with pytest.raises(ValueError, match="at least 2 members, got 1"):
         ensemble_of(random_members(1))

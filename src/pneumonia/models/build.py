@@ -76,7 +76,8 @@ def ensemble_of(members: Sequence[keras.Model]) -> keras.Model:
     named = [keras.Model(member.input, member.output, name=f"member_{number}")
              for number, member in enumerate(members)]
     outputs = [member(inputs) for member in named]
-    return keras.Model(inputs, layers.Average(name=ENSEMBLE_OUTPUT)(outputs),
+    # float32 as the members' outputs (`output_layer`): under a mixed policy the mean would be float16 or bfloat16
+    return keras.Model(inputs, layers.Average(name=ENSEMBLE_OUTPUT, dtype="float32")(outputs),
                        name=f"{members[0].name}_ensemble{len(members)}")
 
 
