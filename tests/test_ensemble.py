@@ -190,6 +190,15 @@ def test_an_ensembles_probabilities_stay_float32_under_mixed_precision():
     assert model.predict(site_images(2), verbose=0).dtype == np.float32
 
 
+def test_pneumonia_compare_tells_an_ensemble_from_one_model():
+    from pneumonia.comparison import PARAMS, label
+
+    row = {"model.name": "custom_cnn", "train.fine_tune": "full", "dvc_experiment": "exp", "run_id": "0123456789"}
+    assert "train.ensemble_members" in PARAMS  # a column of runs.csv and runs.md
+    assert [label({**row, "train.ensemble_members": members}) for members in ("3", "1", "")] == [
+        "custom_cnn x3 exp", "custom_cnn exp", "custom_cnn exp"]
+
+
 def test_an_ensemble_needs_two_members():
     with pytest.raises(ValueError, match="at least 2 members, got 1"):
         ensemble_of(random_members(1))
