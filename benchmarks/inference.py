@@ -19,6 +19,12 @@
 
 The model is the default profile's network (params.yaml), fitted for the few steps that time training:
 its weights do not change the speed. Reproduce: `python -m benchmarks.inference [--smoke]`.
+
+What an ensemble (train.ensemble_members) costs when predicting: `python -m benchmarks.inference --ensemble
+A.keras B.keras C.keras [--json FILE]` times the ensembles of the first 1, 2, 3 of the trained models
+(models.build.ensemble_of), each through the Classifier that `pneumonia predict` and the served model use,
+on decoded images at the models' size: the forward passes, which grow with the members (decoding a file
+does not).
 """
 
 import json
@@ -27,6 +33,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from benchmarks.common import (
@@ -37,6 +44,7 @@ from benchmarks.common import (
     main,
     median,
     prepared_sample,
+    quiet_tensorflow,
     standins,
     timed,
     write_manifests,
@@ -177,5 +185,46 @@ def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: by
     return {"server_start_seconds": round(start_seconds, 1), "image_bytes": len(image), "clients": levels}
 
 
+def ensemble_speed(model_files: list[Path], images: int = 512, repeats: int = 5) -> dict:
+    """Images/s of the ensembles of the first 1, 2, ... of `model_files` (the median of `repeats` rounds, each
+    timing every ensemble in turn, so that a burst of load hits them alike; one pass over `images` images of
+    random content, which does not change the speed), and each against one model."""
+    import numpy as np
+
+    from pneumonia.classifier import BATCH_SIZE, Classifier
+    from pneumonia.models.build import ensemble_of, load_model
+
+    models = [load_model(path) for path in model_files]
+    size = int(models[0].input_shape[1])
+    batch = list(np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8))
+    classifiers = {members: Classifier(models[0] if members == 1 else ensemble_of(models[:members]), 0.5, 95)
+                   for members in range(1, len(models) + 1)}
+    for classifier in classifiers.values():
+        classifier.probabilities(batch[:BATCH_SIZE])  # warm-up: tracing the predict function
+    result = {"models": [path.name for path in model_files], "image_size": size, "images": images,
+              "repeats": repeats}
+    with load_during(result):
+        rounds = [{members: images / timed(partial(classifier.probabilities, batch))
+                   for members, classifier in classifiers.items()} for _ in range(repeats)]
+    rates = {members: median([one[members] for one in rounds]) for members in classifiers}
+    return {**result, "images_per_second": {str(members): round(rate, 1) for members, rate in rates.items()},
+            "ratio_to_one_model": {str(members): round(rate / rates[1], 2) for members, rate in rates.items()},
+            "rounds": [{str(members): round(rate, 1) for members, rate in one.items()} for one in rounds]}
+
+
+def ensemble_main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="prediction images/s of ensembles of 1, 2, ... trained models")
+    parser.add_argument("--ensemble", type=Path, nargs="+", required=True, metavar="MODEL",
+                        help=".keras files of one profile's seeds (benchmarks.external_validity --keep-models)")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="write the result here instead of printing it")
+    args = parser.parse_args()
+    quiet_tensorflow()
+    text = json.dumps(ensemble_speed(args.ensemble, args.images), indent=2)
+    args.json.write_text(text + "\n") if args.json else print(text)
+
+
 if __name__ == "__main__":
-    main(run)
+    ensemble_main() if "--ensemble" in sys.argv else main(run)

@@ -1,6 +1,7 @@
 """DVC stage `train`: fit the configured model -> models/, per-epoch history, metrics/train.json (best
 epoch, epochs, seconds), the MLflow run (also the best epoch's metrics and what the run cost: peak memory,
-parameter counts, for comparing models).
+parameter counts, for comparing models). With train.ensemble_members > 1, models/model.keras is the
+ensemble of the members (one model file) and the history, best epoch and epochs are member 0's.
 
 Where it trains follows train.accelerator (pneumonia.distribute); in a TF_CONFIG cluster every
 worker runs this script and only the chief writes outputs and logs to MLflow. A killed training

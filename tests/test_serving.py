@@ -329,28 +329,38 @@ def test_dicom_in_each_form_predicts_as_its_png_served_and_by_the_cli_and_no_pat
     assert not [secret for secret in SECRETS if any(secret in text for text in seen)]
 
 
-@pytest.mark.slow  # logs a second model: 15 s
-def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_same_probabilities(
-        store, synthetic_data, xrays, tmp_path):
-    """evaluate.tta_views: 9. The evaluate stage's predictions (TFRecords), `pneumonia predict`'s (a Classifier)
-    and the logged model's (what `mlflow models serve` runs) are each the mean over the same nine views."""
+def random_convolution(seed: int):
+    """A small random convolution whose output follows the image (the store's one-epoch model, and an untrained
+    custom_cnn, score every image alike)."""
     import keras
+
+    inputs = keras.Input((48, 48, 3))
+    features = keras.layers.Conv2D(4, 5, kernel_initializer=keras.initializers.RandomNormal(seed=seed))(inputs / 255)
+    outputs = keras.layers.Dense(1, "sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=5,
+                                                                                                  seed=seed + 1))(
+        keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(features)))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.slow  # logs a second model: 15 s
+@pytest.mark.parametrize("members", [1, 2], ids=["one-model", "ensemble-of-two"])
+def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_same_probabilities(
+        store, synthetic_data, xrays, tmp_path, members):
+    """evaluate.tta_views: 9. The evaluate stage's predictions (TFRecords), `pneumonia predict`'s (a Classifier)
+    and the logged model's (what `mlflow models serve` runs) are each the mean over the same nine views; of one
+    model, and of an ensemble of two (train.ensemble_members), saved and loaded as one model file."""
     import pandas as pd
 
     from pneumonia import inference
-    from pneumonia.classifier import Classifier
+    from pneumonia.classifier import Classifier, load_classifier
     from pneumonia.evaluation.gallery import images_at
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.augmentation import with_test_time_augmentation
+    from pneumonia.models.build import ensemble_of, members_of
 
-    # A small random convolution whose output follows the image (the store's one-epoch model, and an untrained
-    # custom_cnn, score every image alike).
-    inputs = keras.Input((48, 48, 3))
-    features = keras.layers.Conv2D(4, 5, kernel_initializer=keras.initializers.RandomNormal(seed=0))(inputs / 255)
-    outputs = keras.layers.Dense(1, "sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=5, seed=1))(
-        keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(features)))
-    model = keras.Model(inputs, outputs)
+    model = random_convolution(0) if members == 1 else ensemble_of([random_convolution(seed) for seed in (0, 10)])
     model.save(tmp_path / "model.keras")
+    model = load_classifier(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY).model  # as `pneumonia predict` has it
     tfrecords = synthetic_data / "data/tfrecords"
     evaluated = predict_split(with_tta := with_test_time_augmentation(model, 9), tfrecords, "test", 8)
     classifier = Classifier(model, THRESHOLD, JPEG_QUALITY, tta_views=9)
@@ -366,6 +376,11 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     np.testing.assert_allclose(served["probability"], classifier.probabilities(preprocessed), rtol=1e-5)
     plain = Classifier(model, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
     assert not np.allclose(served["probability"], plain, rtol=1e-5)  # the views change the probabilities
+    if members > 1:  # the mean of the members' probabilities, as benchmarks/prediction_levers averages them
+        by_member = [Classifier(member, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
+                     for member in members_of(model)]
+        assert len(by_member) == members and not np.allclose(*by_member)
+        np.testing.assert_allclose(plain, np.mean(by_member, axis=0), rtol=1e-5)
 
     # `pneumonia predict` takes the views from the run's metrics/evaluation.json, as it takes the threshold.
     (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 9}))

@@ -251,6 +251,8 @@ class ParamsReads:
                 _, base, method = func
                 if method == "model_dump":
                     self.reads |= leaf_keys(base)
+                elif method == "model_copy":  # the section again, with keys the code sets, not reads
+                    return base
                 elif callable(member := getattr(section_class(base), method, None)):
                     self._config_member(member, base)
                 return None

@@ -19,9 +19,14 @@ import numpy as np
 
 def adapt_batch_norm(model, images: np.ndarray, batch_size: int = 64):
     """A copy of `model` whose batch-norm moving statistics are those of `images` ([0, 255],
-    (n, h, w, 3)): each layer's input computed with the layers before it already adapted."""
+    (n, h, w, 3)): each layer's input computed with the layers before it already adapted. An ensemble
+    (train.ensemble_members): each member adapted so, the ensemble of the adapted members."""
     import keras
 
+    from pneumonia.models.build import ensemble_of, members_of
+
+    if members := members_of(model):
+        return ensemble_of([adapt_batch_norm(member, images, batch_size) for member in members])
     adapted = keras.models.clone_model(model)
     adapted.set_weights(model.get_weights())
     if any(isinstance(layer, keras.Model) for layer in adapted.layers):

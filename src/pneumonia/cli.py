@@ -192,7 +192,8 @@ def add_adapt_parser(commands) -> None:
         "adapt", help="adapt the model to a new site from its unlabelled X-rays (batch-norm statistics)",
         description="Re-estimate the model's batch-norm statistics on a site's own X-rays (no labels needed; "
                     "AdaBN) and save the adapted model. Measured effect on another acquisition: "
-                    "benchmarks/external_validity.md. Only for networks without a nested backbone (custom_cnn).")
+                    "benchmarks/external_validity.md. Only for networks without a nested backbone (custom_cnn, or an "
+                    "ensemble of them: each member adapted).")
     adapt_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="the site's image files or folders")
     adapt_parser.add_argument("--model", type=Path, default=paths.MODEL, help="default: models/model.keras")
     adapt_parser.add_argument("--out", type=Path, required=True, help="where to write the adapted .keras model")

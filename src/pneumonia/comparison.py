@@ -22,7 +22,7 @@ from pneumonia.logs import redact
 log = logging.getLogger(__name__)
 
 PARAMS = ["model.name", "model.weights", "model.output", "train.fine_tune", "train.warmup_epochs",
-          "train.lr_schedule", "data.image_size"]
+          "train.lr_schedule", "train.ensemble_members", "data.image_size"]
 COSTS = ["train_seconds", "peak_memory_mb", "gpu_peak_memory_mb", "total_params", "trainable_params", "epochs_trained"]
 SCORES = ["best_val_auc", "test_accuracy", "test_roc_auc", "test_pr_auc", "test_sensitivity", "test_specificity",
           "test_f1"]
@@ -65,7 +65,9 @@ def table_rows(runs: list[mlflow.entities.Run]) -> list[dict[str, Any]]:
 
 def label(row: dict[str, Any]) -> str:
     strategy = f"/{row['train.fine_tune']}" if row["model.name"] != "custom_cnn" else ""
-    return f"{row['model.name']}{strategy} {row['dvc_experiment'] or row['run_id'][:8]}"
+    members = row.get("train.ensemble_members") or "1"  # runs from before the param have none: one model
+    ensemble = f" x{members}" if members != "1" else ""
+    return f"{row['model.name']}{strategy}{ensemble} {row['dvc_experiment'] or row['run_id'][:8]}"
 
 
 def shown(value: Any) -> str:

@@ -57,6 +57,8 @@ def _seed_in_range(seed: int) -> int:
 
 
 Seed = Annotated[StrictInt, AfterValidator(_seed_in_range)]
+# train.ensemble_members at most: each member is a whole training (and a whole forward pass when predicting)
+MAX_ENSEMBLE_MEMBERS = 10
 # MLflow's database stores keep experiment and registered-model names of up to 256 characters
 MLFLOW_NAME_LENGTH = 256
 
@@ -241,6 +243,9 @@ class TrainConfig(Section):
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: Seed = 42
+    # N > 1: N members, member k trained as the whole training with seed + k; the model is the mean of their
+    # outputs (models.build.ensemble_of). N x the training time and N x the prediction time
+    ensemble_members: StrictInt = Field(1, ge=1, le=MAX_ENSEMBLE_MEMBERS)
     deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
@@ -268,6 +273,16 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.warmup_epochs = {self.warmup_epochs} leaves no fine-tuning epoch of train.epochs = "
                 f"{self.epochs}; lower it below train.epochs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _member_seeds_in_range(self) -> "TrainConfig":
+        if self.seed + self.ensemble_members - 1 > MAX_SEED:
+            raise ValueError(
+                f"train.ensemble_members = {self.ensemble_members} with train.seed = {self.seed}: member k trains "
+                f"with seed train.seed + k, which passes {MAX_SEED} (2**32 - 1, the largest seed NumPy takes); "
+                "lower train.seed"
             )
         return self
 

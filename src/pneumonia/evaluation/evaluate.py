@@ -18,7 +18,7 @@ from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.evaluation import summary
 from pneumonia.evaluation.figures import draw_figures, read_history
-from pneumonia.evaluation.gradcam import last_feature_map
+from pneumonia.evaluation.gradcam import explained_layer
 from pneumonia.evaluation.predictions import predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
@@ -89,4 +89,4 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
         external_predictions = predict_split(predictor, external, EXTERNAL_SPLIT, batch_size)
         scores = summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"])
         scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
-    return Evaluation(test, scored_external, last_feature_map(model).layer_name, model_summary(model))
+    return Evaluation(test, scored_external, explained_layer(model), model_summary(model))

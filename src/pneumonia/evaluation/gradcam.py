@@ -10,6 +10,10 @@ The class score is the output layer's pre-activation (logit), not the probabilit
 predictions (probability ~1, vanishing sigmoid gradient) still give a map. Both output heads of
 `pneumonia.models.build` are handled: sigmoid over one unit (score of NORMAL = -logit) and softmax
 over [NORMAL, PNEUMONIA].
+
+An ensemble (train.ensemble_members) is explained by the mean of its members' maps, each taken as for
+a single model (on the member's own last feature map), the mean scaled to [0, 1] again: the heat the
+members agree on, as its probability is the mean of theirs.
 """
 
 from dataclasses import dataclass
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+
+from pneumonia.models.build import members_of
 
 BATCH_SIZE = 16
 
@@ -44,6 +50,13 @@ def last_feature_map(model: keras.Model) -> FeatureMap:
         elif len(layer.output.shape) == 4:
             return FeatureMap(layer.output, layer.name)
     raise ValueError(f"model {model.name!r} has no layer with a 4-D output: Grad-CAM needs a convolutional network")
+
+
+def explained_layer(model: keras.Model) -> str:
+    """The layer the maps of `heatmaps` are taken on, as the report names it."""
+    if members := members_of(model):
+        return f"{last_feature_map(members[0]).layer_name} of each of the {len(members)} members, averaged"
+    return last_feature_map(model).layer_name
 
 
 def _class_scores(output_layer: keras.layers.Dense, head_inputs, target_class: tf.Tensor):
@@ -75,6 +88,10 @@ def heatmaps(model: keras.Model, images: np.ndarray, target_class: np.ndarray | 
 
     `target_class` (0 NORMAL / 1 PNEUMONIA per image) is the class explained; PNEUMONIA by default.
     """
+    if members := members_of(model):
+        maps = np.mean([heatmaps(member, images, target_class) for member in members], axis=0)
+        peak = maps.max(axis=(1, 2), keepdims=True)
+        return maps / np.where(peak > 0, peak, 1.0)
     output_layer = model.layers[-1]
     if not isinstance(output_layer, keras.layers.Dense):
         raise ValueError(f"Grad-CAM expects a Dense output layer, model {model.name!r} ends with {output_layer.name!r}")

@@ -4,9 +4,11 @@ Every model takes plain [0, 255] RGB images (cropped by model.crop before anythi
 the probability of pneumonia (model.output: sigmoid, shape [batch, 1]) or of [NORMAL, PNEUMONIA] (softmax,
 shape [batch, 2]);
 `evaluation.predictions.pneumonia_probability` turns either into one probability per image.
+An ensemble (train.ensemble_members) is one such model too: `ensemble_of` its members.
 """
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -57,6 +59,33 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
         x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)
     return keras.Model(inputs, output_layer(config.output, x), name=config.name)
 
+
+ENSEMBLE_OUTPUT = "mean_over_members"  # the layer that marks a model of `ensemble_of`
+
+
+def ensemble_of(members: Sequence[keras.Model]) -> keras.Model:
+    """One model over one input whose output is the mean of the `members`' outputs (models of
+    `build_model` for the same input, each nested as a layer `member_<k>`): the mean of their
+    probabilities, as benchmarks/prediction_levers measures it. It saves, loads (`load_model`), predicts
+    and serves like a single model; `members_of` gives the members back. The members are not copied:
+    the ensemble shares their weights."""
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+    inputs = keras.Input(members[0].input_shape[1:], name="image")
+    # Each member under a name of its own (a model's layer names must differ), over the same layers and weights
+    named = [keras.Model(member.input, member.output, name=f"member_{number}")
+             for number, member in enumerate(members)]
+    outputs = [member(inputs) for member in named]
+    # float32 as the members' outputs (`output_layer`): under a mixed policy the mean would be float16 or bfloat16
+    return keras.Model(inputs, layers.Average(name=ENSEMBLE_OUTPUT, dtype="float32")(outputs),
+                       name=f"{members[0].name}_ensemble{len(members)}")
+
+
+def members_of(model: keras.Model) -> list[keras.Model]:
+    """The members of an ensemble of `ensemble_of` (also one loaded from a file), in order; [] for a single model."""
+    if model.layers[-1].name != ENSEMBLE_OUTPUT:
+        return []
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
 def load_model(path) -> keras.Model:

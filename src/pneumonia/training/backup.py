@@ -2,8 +2,9 @@
 after a preemption.
 
 One folder per worker holds the params fingerprint, the per-epoch history, the best checkpoint, the
-MLflow run id (the chief's) and Keras's BackupAndRestore state of each stage; `TrainingBackup` names
-every one of them. The folder is a local path or a URI (train.backup_uri: a bucket outlives a
+MLflow run id (the chief's) and Keras's BackupAndRestore state of each stage; an ensemble's
+(train.ensemble_members), a folder of this kind per member, and the result of each member finished.
+`TrainingBackup` names every one of them. The folder is a local path or a URI (train.backup_uri: a bucket outlives a
 preempted VM's disk), so every read and write goes through tf.io.gfile, and Keras's own through its
 file_utils, which hands URIs to tf.io.gfile too.
 """
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -82,6 +84,20 @@ def stable_keras_bytes(data: bytes) -> bytes:
     return stable.getvalue()
 
 
+def write_stable(data: bytes, model_path: Path) -> None:
+    """The .keras file `data` written to `model_path` atomically, its bytes made stable (stable_keras_bytes)."""
+    with atomic_path(model_path) as saved:
+        saved.write_bytes(stable_keras_bytes(data))
+
+
+def save_stable(model: keras.Model, model_path: Path) -> None:
+    """`model` saved to `model_path` as `write_stable` writes a file."""
+    with tempfile.TemporaryDirectory(prefix="pneumonia-model-") as scratch:
+        saved = Path(scratch) / model_path.name
+        keras.saving.save_model(model, saved)
+        write_stable(saved.read_bytes(), model_path)
+
+
 class EpochHistory(keras.callbacks.Callback):
     """Every finished epoch's metrics, kept in the backup folder so that a resumed run has them all.
 
@@ -147,6 +163,8 @@ class TrainingBackup:
     CHECKPOINT = "best.keras"  # the best epoch so far, promoted to the model when training ends
     RUN_ID = "mlflow_run_id"  # the chief's: the MLflow run a resumed training logs into
     STAGE = "stage-{number}"  # Keras's BackupAndRestore state of each stage (StageBackup)
+    MEMBER = "member-{number}"  # an ensemble's member: a backup of its own (`member`)
+    RESULT = "result.json"  # a finished member's result: a resumed ensemble does not train it again
 
     def __init__(self, folder: str | os.PathLike, fingerprint: str = "", made_in: tuple[str, ...] = ()):
         self.folder = os.fspath(folder)
@@ -220,19 +238,35 @@ class TrainingBackup:
     def keep_run_id(self, run_id: str) -> None:
         write_file(self.path(self.RUN_ID), run_id)
 
-    def promote(self, model_path: Path) -> None:
-        """Copy the best checkpoint to `model_path` (atomically, its bytes made stable: stable_keras_bytes),
-        once it is known to be whole."""
+    def check_checkpoint(self, model_path: Path) -> None:
+        """A PipelineError unless the best checkpoint is whole (it is to become `model_path`)."""
         if not complete_keras_file(self.checkpoint):
             raise PipelineError(
                 f"the best model {self.checkpoint} is damaged (truncated: a process was killed while saving it, "
                 f"before saves were atomic); nothing was promoted to {model_path}. Remove the backup folder "
                 f"{self.folder} and train again."
             )
+
+    def promote(self, model_path: Path) -> None:
+        """Copy the best checkpoint to `model_path` (atomically, its bytes made stable: stable_keras_bytes),
+        once it is known to be whole."""
+        self.check_checkpoint(model_path)
         with tf.io.gfile.GFile(self.checkpoint, "rb") as checkpoint:
-            data = checkpoint.read()
-        with atomic_path(model_path) as saved:
-            saved.write_bytes(stable_keras_bytes(data))
+            write_stable(checkpoint.read(), model_path)
+
+    def member(self, number: int) -> "TrainingBackup":
+        """The backup of ensemble member `number` (0-based, train.ensemble_members): a training of its own in
+        a folder of this one, so a resumed ensemble resumes the member it was training and keeps those done."""
+        member = TrainingBackup(self.path(self.MEMBER.format(number=number)))
+        tf.io.gfile.makedirs(member.folder)
+        return member
+
+    def finished_result(self) -> str | None:
+        """What `keep_finished_result` kept: the training in this backup has finished; None until then."""
+        return read_file(self.path(self.RESULT))
+
+    def keep_finished_result(self, text: str) -> None:
+        write_file(self.path(self.RESULT), text)
 
     def remove(self) -> None:
         """Remove a finished training's backup, and the folders around it (`made_in`) once no worker's

@@ -13,13 +13,14 @@ multi-worker cluster every worker runs the same callbacks in a backup of its own
 writes the model and logs to MLflow.
 """
 
+import json
 import logging
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
@@ -31,9 +32,9 @@ from pneumonia.config import ModelConfig, TrainConfig
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
-from pneumonia.models.build import build_model
+from pneumonia.models.build import build_model, ensemble_of, load_model
 from pneumonia.models.fine_tuning import set_trainable
-from pneumonia.training.backup import TrainingBackup
+from pneumonia.training.backup import TrainingBackup, save_stable
 from pneumonia.training.callbacks import make_callbacks
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,19 @@ class TrainingResult:
     total_params: int
     trainable_params: int  # in the last stage
     peak_memory: dict[str, float]  # "peak_memory_mb" (the process), "gpu_peak_memory_mb" with a GPU
+    # An ensemble's (train.ensemble_members > 1): each member's own result. The history and best epoch
+    # above are then member 0's, the seconds, parameters and memory the whole ensemble's.
+    members: tuple["TrainingResult", ...] = ()
 
     def best_metrics(self) -> dict[str, float]:
         return {name: values[self.best_epoch] for name, values in self.history.items()}
 
     def metrics(self) -> dict[str, float]:
-        """The run's MLflow metrics: the best epoch's metrics and what training cost."""
+        """The run's MLflow metrics: the best epoch's metrics and what training cost; an ensemble's also
+        each member's best epoch, its metrics, its epochs and seconds (member_<k>_best_epoch, ...)."""
+        per_member = {f"member_{number}_{name}": value for number, member in enumerate(self.members)
+                      for name, value in member.metrics().items()
+                      if name.startswith("best_") or name in ("epochs_trained", "train_seconds")}
         return {
             **{f"best_{name}": value for name, value in self.best_metrics().items()},
             "best_epoch": self.best_epoch + 1,
@@ -69,6 +77,7 @@ class TrainingResult:
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             **self.peak_memory,
+            **per_member,
         }
 
     def headline(self) -> dict[str, float]:
@@ -183,7 +192,8 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
           model_path: Path, placement: distribute.Placement | None = None,
           backup: TrainingBackup | None = None,
           extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
-    """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only).
+    """Fit the configured model and save its best epoch (on validation) to `model_path` (the chief only);
+    with train.ensemble_members > 1, the ensemble of its members (`train_ensemble`).
 
     `backup` is this worker's (opened: `TrainingBackup.open`); its state is resumed when present.
     Without one, a temporary folder (no resuming). Per-epoch metrics go to the active MLflow run
@@ -195,6 +205,62 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
         with tempfile.TemporaryDirectory(prefix="pneumonia-train-") as scratch:
             return train(model_config, config, tfrecords, class_weight, model_path, placement, TrainingBackup(scratch),
                          extra_callbacks)
+    if config.ensemble_members > 1:
+        return train_ensemble(model_config, config, tfrecords, class_weight, model_path, placement, backup,
+                              extra_callbacks)
+    result = fit_model(model_config, config, tfrecords, class_weight, placement, backup, extra_callbacks)
+    if placement.is_chief:
+        backup.promote(model_path)
+    return result
+
+
+def member_config(config: TrainConfig, number: int) -> TrainConfig:
+    """The training of ensemble member `number` (0-based): the whole training with seed train.seed + number.
+    Member 0 is the single model of the same params."""
+    return config.model_copy(update={"seed": config.seed + number, "ensemble_members": 1})
+
+
+def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
+                   class_weight: dict[int, float] | None, model_path: Path, placement: distribute.Placement,
+                   backup: TrainingBackup, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
+    """train.ensemble_members members, each trained as `train` trains one model (its own checkpoint of the
+    best epoch on validation, its own early stopping) with seed train.seed + k, one after the other, each in
+    a backup of its own (`TrainingBackup.member`): a resumed ensemble keeps the members it finished. The
+    chief saves the mean of their outputs (models.build.ensemble_of) to `model_path`: one model file.
+
+    The per-epoch records (MLflow's epoch metrics, the history, `extra_callbacks`) are member 0's: its epochs
+    are numbered as a single model's, and member k's are in its backup and result (member_<k>_* metrics)."""
+    results = []
+    for number in range(config.ensemble_members):
+        member_backup = backup.member(number)
+        if finished := member_backup.finished_result():
+            log.info("ensemble member %d of %d: finished before, kept", number + 1, config.ensemble_members)
+            results.append(TrainingResult(**{**json.loads(finished), "members": ()}))
+            continue
+        member = member_config(config, number)
+        log.info("ensemble member %d of %d: seed %d", number + 1, config.ensemble_members, member.seed)
+        result = fit_model(model_config, member, tfrecords, class_weight, placement, member_backup,
+                           extra_callbacks if number == 0 else (), log_epochs=number == 0)
+        member_backup.keep_finished_result(json.dumps(asdict(result)))
+        results.append(result)
+    if placement.is_chief:
+        members = []
+        for number in range(config.ensemble_members):
+            member_backup = backup.member(number)
+            member_backup.check_checkpoint(model_path)
+            members.append(load_model(member_backup.checkpoint))
+        save_stable(ensemble_of(members), model_path)
+    return replace(results[0], seconds=sum(result.seconds for result in results),
+                   total_params=sum(result.total_params for result in results),
+                   trainable_params=sum(result.trainable_params for result in results),
+                   peak_memory=peak_memory_mb(), members=tuple(results))
+
+
+def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
+              class_weight: dict[int, float] | None, placement: distribute.Placement, backup: TrainingBackup,
+              extra_callbacks: Sequence[keras.callbacks.Callback] = (), log_epochs: bool = True) -> TrainingResult:
+    """One model trained (or resumed) in `backup`, its best epoch in the backup's checkpoint; per-epoch
+    metrics to the active MLflow run when `log_epochs` (the chief only)."""
     logging_run = placement.is_chief and mlflow.active_run()
     if logging_run:
         mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
@@ -221,7 +287,7 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
     with placement.strategy.scope():  # variables of the model, optimizer and metrics live on every replica
         model = build_model(model_config, read_meta(tfrecords)["image_size"], config.augment)
         callbacks = [*make_callbacks(config, backup.checkpoint, best_so_far), history]
-        progress = [tracking.epoch_metrics_callback(history)] if logging_run else []
+        progress = [tracking.epoch_metrics_callback(history)] if logging_run and log_epochs else []
         progress += list(extra_callbacks) if placement.is_chief else []
         started = time.perf_counter()
         for number, stage in enumerate(stages(config), start=1):
@@ -248,8 +314,6 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
     if not tf.io.gfile.exists(backup.checkpoint) or tf.io.gfile.stat(backup.checkpoint).length == 0:
         raise PipelineError(f"training never produced a finite {config.monitor}; "
                             "check the data and learning rate")
-    if placement.is_chief:
-        backup.promote(model_path)
 
     result_history = history.as_lists()
     values = result_history[config.monitor]
