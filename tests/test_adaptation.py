@@ -129,6 +129,21 @@ def test_pseudo_labels_are_confident_by_their_distance_from_the_runs_threshold()
     assert np.all(np.isfinite(adaptation.pseudo_labels(np.array([0.0, 1.0]), 1.0)[1]))
 
 
+def test_self_training_loss_is_centred_on_the_runs_threshold():
+    """The student learns a boundary at the run's threshold: a probability at it costs log 2 either way, and
+    odds k times the threshold's cost a PNEUMONIA label what odds k times lower cost a NORMAL one."""
+    loss = adaptation._centred_cross_entropy(0.8)
+    odds = lambda ratio: 4 * ratio / (1 + 4 * ratio)  # noqa: E731 - the probability at `ratio` x 0.8's odds (4)
+    sigmoid = np.array([[0.8], [0.8], [odds(5)], [odds(1 / 5)]], np.float32)
+    found = keras.ops.convert_to_numpy(loss(np.array([[1], [0], [1], [0]], np.float32), sigmoid))
+    np.testing.assert_allclose(found[:2], np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(found[2], found[3], rtol=1e-4)
+    assert found[2] < np.log(2)
+    softmax = np.hstack([1 - sigmoid, sigmoid])  # the same probabilities from a [NORMAL, PNEUMONIA] head
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss(np.array([[1], [0], [1], [0]], np.float32),
+                                                               softmax)), found, rtol=1e-5)
+
+
 @pytest.mark.parametrize("output", ["sigmoid", "softmax"])
 def test_self_training_is_deterministic_for_a_seed_and_keeps_the_sites_batch_norm_statistics(output):
     model, site = site_model(output=output), bright_and_dark(40)
