@@ -270,7 +270,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
               "Rules choose on validation; the site's own threshold is chosen on half of the external patients and "
               f"scored on the other half ({report['halvings']} halvings); adaptations fit on the unlabelled images of "
               f"half the patients and are scored on the other half ({report['adapt_halvings']} halvings) at the "
-              "pipeline's threshold:", "",
+              "pipeline's threshold (self-trained: n/a for runs made before it was built; on the models kept of "
+              "those, python -m benchmarks.site_adaptation scores it: benchmarks/site_adaptation-<profile>.md):", "",
               "| profile | " + " | ".join(f"rule {rule}" for rule in RULES)
               + " | site's labelled threshold | batch-norm adapted | prior adjusted | self-trained |",
               "|---|" + "---|" * (len(RULES) + 4)]
