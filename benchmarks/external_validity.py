@@ -17,8 +17,9 @@ from the run's model and predictions:
 * a threshold chosen on the site's own labelled images: chosen on a random half of the external
   patients and scored on the other half (cross-fitted, many halvings), never on the images it chose on;
 * unsupervised site adaptation (pneumonia.adaptation): batch-norm statistics or the class prior
-  re-estimated on the unlabelled images of half the external patients, scored on the other half
-  at the pipeline's threshold.
+  re-estimated, or self-training, on the unlabelled images of half the external patients, scored on
+  the other half at the pipeline's threshold (`adaptation_scores`; benchmarks.site_adaptation scores
+  the same on kept models).
 
 Runs accumulate in <out>/external_validity.json (a rerun of a profile and seed replaces its row);
 <out>/external_validity.md is made from all of them and copied into README.md between its markers.
@@ -88,15 +89,13 @@ def settings(overrides: dict) -> list[str]:
 
 def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
     """Threshold rules and site adaptation on the external set, from the run's model (see module doc)."""
-    from sklearn.metrics import roc_auc_score
-
-    from pneumonia import adaptation, paths
+    from pneumonia import paths
     from pneumonia.config import load_params
     from pneumonia.data.external import SPLIT
     from pneumonia.data.prepare import patient_id
     from pneumonia.evaluation.gallery import images_at
-    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
-    from pneumonia.evaluation.predictions import pneumonia_probability, predict_split
+    from pneumonia.evaluation.metrics import choose_threshold
+    from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.build import load_model
 
     with working_directory(project.resolve()):
@@ -106,10 +105,6 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
         external = predict_split(model, paths.EXTERNAL, SPLIT, params.train.batch_size)
         images = images_at(paths.EXTERNAL, SPLIT, list(range(len(external.labels))))
         threshold = json.loads(paths.EVALUATION_METRICS.read_text())["threshold"]
-
-    def scored(labels, probabilities, at) -> dict:
-        found = classification_metrics(labels, probabilities, at)
-        return {name: found[name] for name in ("sensitivity", "specificity", "accuracy")}
 
     patients = [patient_id(name) for name in external.file_names]
     # Two fixed halves of the external patients: a rule that wins on the set should win on both.
@@ -121,24 +116,64 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
                             "halves": [scored(external.labels[half == side], external.probabilities[half == side],
                                               chosen) for side in (0, 1)]}
     site = held_out_scores(external.labels, external.probabilities, patients, "youden", halvings, seed=0)
+    return {"rules": rules, "site_labelled_youden": {name: site[name]["mean"] for name in site},
+            **adaptation_scores(model, threshold, external.labels, images, patients, adapt_halvings)}
 
+
+def scored(labels, probabilities, at) -> dict:
+    from pneumonia.evaluation.metrics import classification_metrics
+
+    found = classification_metrics(labels, probabilities, at)
+    return {name: found[name] for name in ("sensitivity", "specificity", "accuracy")}
+
+
+def adaptation_scores(model, threshold: float, labels: np.ndarray, images: np.ndarray, patients: list[str],
+                      halvings: int) -> dict:
+    """Unsupervised site adaptation (pneumonia.adaptation), each fitted on the unlabelled images of a random half
+    of the patients and scored on the other half at `threshold`, both ways, `halvings` times: per adaptation
+    (and the model unadapted, on the same halves) the mean sensitivity, specificity, accuracy and ROC AUC. The
+    labels only score. Self-training refused on a half (too few confident images) is counted, not scored."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumonia import adaptation
+    from pneumonia.errors import PipelineError
+    from pneumonia.evaluation.predictions import pneumonia_probability
+
+    def predicted(predictor, on) -> np.ndarray:
+        return pneumonia_probability(predictor.predict(on, verbose=0, batch_size=64))
+
+    probabilities = predicted(model, images)
     unique = sorted(set(patients))
     index = np.array([unique.index(patient) for patient in patients])
     rng = np.random.default_rng(0)
-    adapted_rows, prior_rows = [], []
-    for _ in range(adapt_halvings):
+    rows = {name: [] for name in ("unadapted", "batch_norm_adapted", "prior_adjusted", "self_trained")}
+    refused, seconds = 0, []
+    for _ in range(halvings):
         first = (rng.permutation(len(unique)) < len(unique) // 2)[index]
         for fitted_on, scored_on in ((first, ~first), (~first, first)):
+            def score(found, scored_on=scored_on) -> dict:
+                return {**scored(labels[scored_on], found, threshold),
+                        "roc_auc": float(roc_auc_score(labels[scored_on], found))}
+
+            rows["unadapted"].append(score(probabilities[scored_on]))
             adapted = adaptation.adapt_batch_norm(model, images[fitted_on])
-            probabilities = pneumonia_probability(adapted.predict(images[scored_on], verbose=0))
-            adapted_rows.append({**scored(external.labels[scored_on], probabilities, threshold),
-                                 "roc_auc": float(roc_auc_score(external.labels[scored_on], probabilities))})
-            prior = adaptation.site_prior(external.probabilities[fitted_on], training_prior=0.5)
-            shifted = adaptation.adjust_to_prior(external.probabilities[scored_on], 0.5, prior)
-            prior_rows.append({**scored(external.labels[scored_on], shifted, threshold), "prior": prior})
-    mean = lambda rows: {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}  # noqa: E731
-    return {"rules": rules, "site_labelled_youden": {name: site[name]["mean"] for name in site},
-            "batch_norm_adapted": mean(adapted_rows), "prior_adjusted": mean(prior_rows)}
+            rows["batch_norm_adapted"].append(score(predicted(adapted, images[scored_on])))
+            prior = adaptation.site_prior(probabilities[fitted_on], training_prior=0.5)
+            shifted = adaptation.adjust_to_prior(probabilities[scored_on], 0.5, prior)
+            rows["prior_adjusted"].append({**score(shifted), "prior": prior})
+            started = time.perf_counter()
+            try:
+                trained = adaptation.self_train(model, images[fitted_on], threshold)
+            except PipelineError:
+                refused += 1
+                continue
+            seconds.append(time.perf_counter() - started)
+            rows["self_trained"].append(score(predicted(trained, images[scored_on])))
+    def mean(found: list[dict]) -> dict | None:
+        return {key: statistics.fmean(row[key] for row in found) for key in found[0]} if found else None
+
+    return {**{name: mean(found) for name, found in rows.items()}, "self_training_refused": refused,
+            "self_training_seconds": statistics.fmean(seconds) if seconds else None}
 
 
 def keep(project: Path, profile: str, seed: int, folder: Path) -> None:
@@ -235,13 +270,16 @@ def markdown(report: dict, summary_only: bool = False) -> str:
               "Rules choose on validation; the site's own threshold is chosen on half of the external patients and "
               f"scored on the other half ({report['halvings']} halvings); adaptations fit on the unlabelled images of "
               f"half the patients and are scored on the other half ({report['adapt_halvings']} halvings) at the "
-              "pipeline's threshold:", "",
+              "pipeline's threshold (self-trained: n/a for runs made before it was built; on the models kept of "
+              "those, python -m benchmarks.site_adaptation scores it: benchmarks/site_adaptation-<profile>.md):", "",
               "| profile | " + " | ".join(f"rule {rule}" for rule in RULES)
-              + " | site's labelled threshold | batch-norm adapted | prior adjusted |",
-              "|---|" + "---|" * (len(RULES) + 3)]
+              + " | site's labelled threshold | batch-norm adapted | prior adjusted | self-trained |",
+              "|---|" + "---|" * (len(RULES) + 4)]
 
     def point(runs, pick) -> str:
         values = [pick(run) for run in runs]
+        if any(value is None for value in values):  # runs before self-training was scored, or refused on every half
+            return "n/a"
         return " / ".join(f"{statistics.fmean(value[name] for value in values):.3f}"
                           for name in ("sensitivity", "specificity", "accuracy"))
 
@@ -251,7 +289,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
                                                   for rule in RULES)
                      + f" | {point(runs, lambda run: run['site_labelled_youden'])}"
                      + f" | {point(runs, lambda run: run['batch_norm_adapted'])}"
-                     + f" | {point(runs, lambda run: run['prior_adjusted'])} |")
+                     + f" | {point(runs, lambda run: run['prior_adjusted'])}"
+                     + f" | {point(runs, lambda run: run.get('self_trained'))} |")
     lines += ["", "The same rules on two fixed halves of the external patients (accuracy, mean over seeds; a rule "
               "that wins on the set should win on both):", "",
               "| profile | " + " | ".join(f"rule {rule}: half A / half B" for rule in RULES) + " |",

@@ -34,6 +34,20 @@ def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 
                                                  for start in range(0, len(images), batch_size)]))
 
 
+def kept_split(tfrecords: Path, split: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A split external_validity kept: its labels, file names and images (uint8), in file order."""
+    from pneumonia.data import dataset
+    from pneumonia.evaluation.gallery import images_at
+
+    labels, names = dataset.labels_and_names(tfrecords, split)
+    return np.array(labels), names, images_at(tfrecords, split, list(range(len(labels))))
+
+
+def kept_seeds(models: Path, profile: str) -> list[int]:
+    """The seeds of the profile's kept models (<models>/<profile>-<seed>.keras)."""
+    return sorted(int(path.stem.rsplit("-", 1)[1]) for path in models.glob(f"{profile}-*.keras"))
+
+
 def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
     from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
 
@@ -52,9 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pneumonia.config import load_params
-    from pneumonia.data import dataset
     from pneumonia.data.external import SPLIT
-    from pneumonia.evaluation.gallery import images_at
     from pneumonia.models.augmentation import TEST_TIME_VIEWS
     from pneumonia.models.build import load_model
 
@@ -62,9 +74,9 @@ def main() -> None:
     data = args.models / args.profile / "data"
     splits = {}
     for name, tfrecords, split in (("val", data / "tfrecords", "val"), ("external", data / "external", SPLIT)):
-        labels, _ = dataset.labels_and_names(tfrecords, split)
-        splits[name] = (np.array(labels), images_at(tfrecords, split, list(range(len(labels)))))
-    seeds = sorted(int(path.stem.rsplit("-", 1)[1]) for path in args.models.glob(f"{args.profile}-*.keras"))
+        labels, _, images = kept_split(tfrecords, split)
+        splits[name] = (labels, images)
+    seeds = kept_seeds(args.models, args.profile)
     probabilities = {}  # (seed, views) -> {split: probabilities}
     for seed in seeds:
         model = load_model(args.models / f"{args.profile}-{seed}.keras")

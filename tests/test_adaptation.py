@@ -90,3 +90,140 @@ def test_min_images_below_one_is_refused(tmp_path, capsys):
         cli.main(["adapt", str(tmp_path), "--out", str(tmp_path / "adapted.keras"), "--min-images", "0"])
     assert refused.value.code == 2
     assert "argument --min-images: 0 is below 1" in capsys.readouterr().err
+
+
+def site_model(size: int = 32, output: str = "sigmoid") -> keras.Model:
+    """A small model with the training augmentation at its input whose probability follows the image's
+    brightness once batch norm holds the site's statistics: bright PNEUMONIA, dark NORMAL, both confident."""
+    from pneumonia.models.augmentation import RandomAffine
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = RandomAffine(zoom=0.1, translation=0.05, name="random_affine")(inputs)
+    x = keras.layers.Conv2D(4, 3, kernel_initializer=keras.initializers.RandomNormal(1.0, 0.1, seed=0))(x / 255)
+    x = keras.layers.BatchNormalization()(keras.layers.GlobalAveragePooling2D()(x))
+    head = keras.layers.Dense(2 if output == "softmax" else 1, activation=output)
+    model = keras.Model(inputs, head(x))
+    per_feature = np.full((4, 1), 1.5, np.float32)
+    head.set_weights([np.hstack([-per_feature, per_feature]) / 2 if output == "softmax" else per_feature,
+                      np.zeros(head.units, np.float32)])
+    return model
+
+
+def bright_and_dark(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """`count` noisy images, the first half dark, the second bright."""
+    rng = np.random.default_rng(seed)
+    low = np.where(np.arange(count) < count // 2, 0, 150)[:, None, None, None]
+    return (low + rng.uniform(0, 100, (count, size, size, 3))).astype(np.float32)
+
+
+def test_pseudo_labels_are_confident_by_their_distance_from_the_runs_threshold():
+    """Odds of 19:1 from the threshold: at 0.9, 0.3 is a confident NORMAL and 0.99 not a confident PNEUMONIA;
+    at 0.5 the reverse."""
+    probabilities = np.array([0.3, 0.5, 0.9, 0.99, 0.999])
+    labels, confidence = adaptation.pseudo_labels(probabilities, 0.9)
+    assert labels.tolist() == [0, 0, 1, 1, 1]
+    assert (confidence >= np.log(adaptation.CONFIDENT_ODDS)).tolist() == [True, False, False, False, True]
+    _, at_half = adaptation.pseudo_labels(probabilities, 0.5)
+    assert (at_half >= np.log(adaptation.CONFIDENT_ODDS)).tolist() == [False, False, False, True, True]
+    assert np.all(np.isfinite(adaptation.pseudo_labels(np.array([0.0, 1.0]), 1.0)[1]))
+
+
+def test_self_training_loss_is_centred_on_the_runs_threshold():
+    """The student learns a boundary at the run's threshold: a probability at it costs log 2 either way, and
+    odds k times the threshold's cost a PNEUMONIA label what odds k times lower cost a NORMAL one."""
+    loss = adaptation._centred_cross_entropy(0.8)
+    odds = lambda ratio: 4 * ratio / (1 + 4 * ratio)  # noqa: E731 - the probability at `ratio` x 0.8's odds (4)
+    sigmoid = np.array([[0.8], [0.8], [odds(5)], [odds(1 / 5)]], np.float32)
+    found = keras.ops.convert_to_numpy(loss(np.array([[1], [0], [1], [0]], np.float32), sigmoid))
+    np.testing.assert_allclose(found[:2], np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(found[2], found[3], rtol=1e-4)
+    assert found[2] < np.log(2)
+    softmax = np.hstack([1 - sigmoid, sigmoid])  # the same probabilities from a [NORMAL, PNEUMONIA] head
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss(np.array([[1], [0], [1], [0]], np.float32),
+                                                               softmax)), found, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "softmax"])
+def test_self_training_is_deterministic_for_a_seed_and_keeps_the_sites_batch_norm_statistics(output):
+    model, site = site_model(output=output), bright_and_dark(40)
+    before = [weights.copy() for weights in model.get_weights()]
+    first, again, other = (adaptation.self_train(model, site, 0.3, seed=seed, epochs=2, min_per_class=5)
+                           for seed in (0, 0, 1))
+
+    probabilities = first.predict(site, verbose=0)
+    assert probabilities.shape == (40, 2 if output == "softmax" else 1)
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), again.get_weights(), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), other.get_weights(), strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))  # original kept
+    # The batch-norm statistics are AdaBN's (frozen while the rest trained); the other weights moved.
+    batch_norm_only = adaptation.adapt_batch_norm(model, site)
+    [norm] = [layer for layer in first.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    [reference] = [layer for layer in batch_norm_only.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), reference.moving_mean.numpy())
+    assert not np.allclose(probabilities, batch_norm_only.predict(site, verbose=0))
+    assert not first.compiled  # saved like adapt_batch_norm's model, without training state
+
+
+def test_self_training_refuses_too_few_confident_images_of_a_class_and_a_model_without_augmentation():
+    from pneumonia.errors import PipelineError
+
+    bright_only = bright_and_dark(40)[20:] + np.random.default_rng(1).uniform(-5, 5, (20, 32, 32, 3))
+    with pytest.raises(PipelineError, match=r"confidently NORMAL and .* confidently PNEUMONIA .* at least 5 of each"):
+        adaptation.self_train(site_model(), bright_only, 0.3, min_per_class=5)
+    # A threshold the model's probabilities cannot reach by 19:1 on one side: no confident PNEUMONIA.
+    with pytest.raises(PipelineError, match="0 confidently PNEUMONIA"):
+        adaptation.self_train(site_model(), bright_and_dark(40), 1 - 1e-4, min_per_class=5)
+    with pytest.raises(PipelineError, match="no training augmentation"):
+        adaptation.self_train(build_model(ModelConfig(crop=0), 32), bright_and_dark(4), 0.5)
+
+
+@pytest.mark.slow  # two self-trainings of a small model: 10 s
+def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_reads_it(tmp_path, monkeypatch,
+                                                                                        capsys):
+    import json
+
+    from PIL import Image
+
+    from pneumonia import cli
+    from pneumonia.classifier import load_classifier
+    from pneumonia.evaluation.predictions import pneumonia_probability
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    site_model().save(tmp_path / "models" / "model.keras")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.3}')
+    (tmp_path / "params.yaml").write_text("{}")
+    site, few = tmp_path / "site", tmp_path / "few"
+    site.mkdir(), few.mkdir()
+    for index, image in enumerate(bright_and_dark(24, size=40)):
+        Image.fromarray(image[..., 0].astype(np.uint8)).save(site / f"{index:02d}.png")
+        if 4 <= index < 20:  # 8 dark, 8 bright
+            Image.fromarray(image[..., 0].astype(np.uint8)).save(few / f"{index:02d}.png")
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["adapt", str(few), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6"])
+    assert refused.value.code == 2
+    assert "8 image(s) confidently NORMAL and 8 confidently PNEUMONIA" in capsys.readouterr().err
+    assert not (tmp_path / "adapted.keras").exists()
+    for bad, message in ((["--method", "fixmatch"], "invalid choice: 'fixmatch'"),
+                         (["--method", "self_training", "--seed", "-1"], "a seed is an integer from 0")):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(["adapt", str(site), "--out", "adapted.keras", *bad])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+
+    cli.main(["adapt", str(site), "--out", "adapted.keras", "--method", "self_training", "--min-images", "20",
+              "--seed", "3"])
+    assert "adapted to 24 images" in capsys.readouterr().out
+    # The file holds the model self_train makes in memory from the same images and seed.
+    classifier = load_classifier(tmp_path / "adapted.keras", 0.3, 95)
+    images = [classifier.preprocess(path) for path in sorted(site.iterdir())]
+    in_memory = adaptation.self_train(site_model(), np.stack(images), 0.3, seed=3)
+    expected = pneumonia_probability(in_memory.predict(np.stack(images).astype(np.float32), verbose=0))
+    np.testing.assert_allclose(classifier.probabilities(images), expected, rtol=1e-6)
+    # `pneumonia predict --model` reads it as any model.
+    cli.main(["predict", str(site), "--model", "adapted.keras", "--json", "predictions.json"])
+    predicted = json.loads((tmp_path / "predictions.json").read_text())
+    np.testing.assert_allclose([row["probability"] for row in sorted(predicted, key=lambda row: row["file"])],
+                               expected, rtol=1e-5)

@@ -166,3 +166,58 @@ def test_gpu_check_wrapper_says_what_to_do_when_it_cannot_install(tmp_path):
     assert f"could not install the project with tensorflow[and-cuda] from the wheels in {wheels}" in result.stderr
     assert "pip download -d DIR -c requirements.lock '.[gpu]' setuptools" in result.stderr
     assert not (tmp_path / "out" / "gpu_check.json").exists()
+
+
+@pytest.mark.slow  # four small self-trainings: 15 s
+def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(monkeypatch):
+    """benchmarks.external_validity.adaptation_scores (external_validity's runs and benchmarks.site_adaptation):
+    every adaptation is fitted on the images of half the patients, never on those it is scored on."""
+    import keras
+    import numpy as np
+
+    from benchmarks.external_validity import adaptation_scores
+    from pneumonia import adaptation
+    from test_adaptation import bright_and_dark, site_model
+
+    images = bright_and_dark(80)
+    labels = (np.arange(80) >= 40).astype(int)
+    patients = [f"patient{index // 2}" for index in range(80)]  # two images a patient
+    images[:, 0, 0, 0] = np.arange(80)  # each image's index, to see which images each step saw
+    events = []  # ("fit" | "predict", the indices of the images)
+
+    def seen(on) -> frozenset:
+        return frozenset(int(value) for value in np.asarray(on)[:, 0, 0, 0])
+
+    def recording(original):
+        def fitted_on(model, on, *args, **kwargs):
+            events.append(("fit", seen(on)))
+            return original(model, on, *args, **kwargs)
+        return fitted_on
+
+    for name in ("adapt_batch_norm", "self_train"):
+        monkeypatch.setattr(adaptation, name, recording(getattr(adaptation, name)))
+    predict = keras.Model.predict
+
+    def recording_predict(model, on, *args, **kwargs):
+        events.append(("predict", seen(on)))
+        return predict(model, on, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict", recording_predict)
+
+    found = adaptation_scores(site_model(), 0.3, labels, images, patients, halvings=2)
+    everything = frozenset(range(80))
+    assert events[0] == ("predict", everything)  # the model unadapted, once
+    halves = [events[1 + 6 * index:7 + 6 * index] for index in range(4)]  # 2 halvings, both ways
+    assert len(events) == 1 + 6 * 4
+    for (_, fitted), *steps in halves:
+        scored = everything - fitted
+        # batch norm fitted, scored; self-training fitted (its batch norm too, its pseudo-labels), scored
+        assert steps == [("predict", scored), ("fit", fitted), ("fit", fitted), ("predict", fitted),
+                         ("predict", scored)]
+        assert {patients[index] for index in fitted}.isdisjoint(patients[index] for index in scored)
+        assert 30 <= len(fitted) <= 50
+    assert halves[0][0][1] == everything - halves[1][0][1]  # both ways of one halving
+    assert found["self_training_refused"] == 0 and found["self_training_seconds"] > 0
+    for name in ("unadapted", "batch_norm_adapted", "prior_adjusted", "self_trained"):
+        assert set(found[name]) >= {"sensitivity", "specificity", "accuracy", "roc_auc"}
+        assert all(0 <= value <= 1 for value in found[name].values()), name

@@ -388,3 +388,41 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 5}))
     with pytest.raises(inference.PipelineError, match="tta_views 5, not one of"):
         inference.run_tta_views(tmp_path / "evaluation.json")
+
+
+@pytest.mark.slow  # self-trains and logs a small model: 20 s
+def test_a_self_trained_model_gives_evaluate_predict_and_the_served_model_its_own_probabilities(
+        store, synthetic_data, xrays, tmp_path):
+    """`pneumonia adapt --method self_training` writes a .keras model: the evaluate stage's predictions (TFRecords),
+    `pneumonia predict --model`'s (a Classifier of the file) and the logged model's are those of the model
+    self-training made in memory."""
+    import keras
+    import pandas as pd
+
+    from pneumonia import adaptation
+    from pneumonia.classifier import Classifier, load_classifier
+    from pneumonia.evaluation.gallery import images_at
+    from pneumonia.evaluation.predictions import pneumonia_probability, predict_split
+    from pneumonia.models.build import load_model
+    from test_adaptation import site_model
+
+    tfrecords = synthetic_data / "data/tfrecords"
+    count = len(predict_split(site_model(48), tfrecords, "test", 8).labels)
+    images = images_at(tfrecords, "test", list(range(count)))
+    adapted = adaptation.self_train(site_model(48), images, 0.5, seed=0, epochs=1, min_per_class=2)
+    keras.saving.save_model(adapted, tmp_path / "adapted.keras")
+    in_memory = pneumonia_probability(adapted.predict(images.astype(np.float32), verbose=0))
+
+    evaluated = predict_split(load_model(tmp_path / "adapted.keras"), tfrecords, "test", 8)
+    np.testing.assert_allclose(evaluated.probabilities, in_memory, rtol=1e-5)
+    predicted = load_classifier(tmp_path / "adapted.keras", THRESHOLD, JPEG_QUALITY).probabilities(list(images))
+    np.testing.assert_allclose(predicted, in_memory, rtol=1e-5)
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serving").experiment_id):
+        info = serving.log_model(tmp_path / "adapted.keras", THRESHOLD, JPEG_QUALITY)
+    served = mlflow.pyfunc.load_model(info.model_uri).predict(
+        pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
+    classifier = Classifier(adapted, THRESHOLD, JPEG_QUALITY)
+    expected = classifier.probabilities([classifier.preprocess(file) for file in xrays])
+    np.testing.assert_allclose(served["probability"], expected, rtol=1e-5)
+    assert not np.allclose(expected, Classifier(site_model(48), THRESHOLD, JPEG_QUALITY).probabilities(
+        [classifier.preprocess(file) for file in xrays]), rtol=1e-3)  # self-training changed the model

@@ -50,13 +50,13 @@ NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding (np.random.seed, keras.utils.set_random_seed, scikit-learn) takes no more
 
 
-def _seed_in_range(seed: int) -> int:
+def seed_in_range(seed: int) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"a seed is an integer from 0 to {MAX_SEED} (2**32 - 1), the range NumPy's seeding takes")
     return seed
 
 
-Seed = Annotated[StrictInt, AfterValidator(_seed_in_range)]
+Seed = Annotated[StrictInt, AfterValidator(seed_in_range)]
 # train.ensemble_members at most: each member is a whole training (and a whole forward pass when predicting)
 MAX_ENSEMBLE_MEMBERS = 10
 # MLflow's database stores keep experiment and registered-model names of up to 256 characters
