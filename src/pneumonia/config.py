@@ -137,9 +137,9 @@ FROM_SCRATCH_RECIPE = {"weights": "none", "warmup_epochs": 0, "fine_tune": "full
 
 def resolve_auto(raw: Any) -> Any:
     """params with every `auto` replaced: model.weights imagenet for a backbone (none for custom_cnn);
-    model.input_norm per_image for custom_cnn (scale for a backbone); train.warmup_epochs and
-    train.fine_tune per PRETRAINED_RECIPE when the resolved weights are pretrained (not none), per
-    FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone."""
+    train.warmup_epochs and train.fine_tune per PRETRAINED_RECIPE when the resolved weights are
+    pretrained (not none), per FROM_SCRATCH_RECIPE otherwise; no warm-up for a frozen backbone.
+    (model.input_norm's auto is ModelConfig's own: it depends on model.name alone.)"""
     if not isinstance(raw, dict):
         return raw  # pydantic reports the wrong type
     # A section of another type (an empty `train:` is None) is pydantic's to report; the other one is still resolved.
@@ -147,8 +147,6 @@ def resolve_auto(raw: Any) -> Any:
     if model.get("weights") == AUTO:
         model["weights"] = (FROM_SCRATCH_RECIPE if model.get("name", CUSTOM_CNN) == CUSTOM_CNN
                             else PRETRAINED_RECIPE)["weights"]
-    if model.get("input_norm", AUTO) == AUTO:  # missing: as auto, so that a backbone's params need not name it
-        model["input_norm"] = "per_image" if model.get("name", CUSTOM_CNN) == CUSTOM_CNN else "scale"
     recipe = FROM_SCRATCH_RECIPE if model.get("weights", "none") == "none" else PRETRAINED_RECIPE
     if train.get("fine_tune") == AUTO:
         train["fine_tune"] = recipe["fine_tune"]
@@ -178,6 +176,14 @@ class ModelConfig(Section):
     # variance per image: brightness and contrast of the acquisition removed); backbones: "scale" only,
     # their own preprocessing (params.yaml: also "auto")
     input_norm: Literal["scale", "per_image"] = "per_image"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_norm_for_the_network(cls, data: Any) -> Any:
+        """input_norm auto, or not given: per_image for custom_cnn, scale for a backbone (its weights' own)."""
+        if isinstance(data, dict) and data.get("input_norm", AUTO) == AUTO:
+            data = {**data, "input_norm": "per_image" if data.get("name", CUSTOM_CNN) == CUSTOM_CNN else "scale"}
+        return data
 
     @property
     def backbone(self) -> bool:
