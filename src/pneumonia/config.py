@@ -245,7 +245,8 @@ class TrainConfig(Section):
     # ema: validation, the checkpoint and early stopping see an exponential moving average of the weights
     # (Polyak averaging, the optimizer's own), updated each step with this momentum
     weight_averaging: Literal["none", "ema"] = "ema"
-    ema_momentum: Float = Field(0.99, gt=0, lt=1)
+    # auto: 0.99, or 1 - 1/(steps an epoch) when an epoch is shorter than 100 steps (pneumonia.training.fit)
+    ema_momentum: Literal["auto"] | Annotated[Float, Field(gt=0, lt=1)] = "auto"
     early_stopping_patience: StrictInt = Field(8, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: Seed = 42
