@@ -56,14 +56,49 @@ def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
     return {"threshold": threshold, **{name: found[name] for name in METRICS}}
 
 
+def markdown(report: dict) -> str:
+    """The report's tables: every way of predicting (mean ± sd over the combinations of seeds of a size), then
+    the ensembles as `train.ensemble_members` trains them (members seed, seed + 1, ...), one view, per seed."""
+    rows, views_all = report["rows"], report["views"]
+    lines = [f"Profile {report['profile']}; external set, each way's threshold chosen on validation by the rule "
+             "(mean ± sd over the combinations of seeds of that size).", "",
+             "| rule | members | views | " + " | ".join(METRICS) + " | min sensitivity |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    for rule, size, views in itertools.product(report["rules"], sorted({len(row["members"]) for row in rows}),
+                                               views_all):
+        group = [row for row in rows if (row["rule"], len(row["members"]), row["views"]) == (rule, size, views)]
+        cells = [f"{statistics.fmean(r[m] for r in group):.3f}"
+                 + (f" ± {statistics.stdev(r[m] for r in group):.3f}" if len(group) > 1 else "")
+                 for m in METRICS]
+        lowest = min(r["sensitivity"] for r in group)
+        lines.append(f"| {rule} | {size} | {views} | " + " | ".join(cells) + f" | {lowest:.3f} |")
+    seeds = sorted({seed for row in rows for seed in row["members"]})
+    trained = [row for row in rows if row["views"] == 1 and len(row["members"]) > 1
+               and row["members"] == list(range(row["members"][0], row["members"][0] + len(row["members"])))]
+    if trained:
+        lines += ["", f"As `train.ensemble_members: N` trains them (-S train.seed=S: members S, S + 1, ...), one "
+                  f"view; the seeds whose members were all run ({', '.join(map(str, seeds))}):", "",
+                  "| rule | members | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        lines += [f"| {row['rule']} | {', '.join(map(str, row['members']))} | "
+                  + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |" for row in trained]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, required=True, help="external_validity's --keep-models folder")
+    parser.add_argument("--models", type=Path, help="external_validity's --keep-models folder")
     parser.add_argument("--profile", required=True)
     parser.add_argument("--rules", nargs="+", default=None,
                         help="threshold rules (default: params.yaml's evaluate.threshold)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--tables-only", action="store_true", help="no predictions: the .md from the existing .json")
     args = parser.parse_args()
+    if args.tables_only:
+        report = json.loads((args.out / f"prediction_levers-{args.profile}.json").read_text())
+        (args.out / f"prediction_levers-{args.profile}.md").write_text(markdown(report))
+        return
+    if args.models is None:
+        parser.error("--models is required, unless --tables-only")
 
     from pneumonia.config import load_params
     from pneumonia.data.external import SPLIT
@@ -84,7 +119,7 @@ def main() -> None:
             probabilities[seed, views] = {split: view_probabilities(model, images, views)
                                           for split, (_, images) in splits.items()}
     rows = []
-    for rule, size in itertools.product(rules, sorted({1, 2, len(seeds)})):
+    for rule, size in itertools.product(rules, sorted({1, 2, 3, len(seeds)} & set(range(1, len(seeds) + 1)))):
         for members in itertools.combinations(seeds, size):
             for views in TEST_TIME_VIEWS:
                 mean = {split: np.mean([probabilities[seed, views][split] for seed in members], axis=0)
@@ -95,20 +130,8 @@ def main() -> None:
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"prediction_levers-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"Profile {args.profile}; external set, each way's threshold chosen on validation by the rule "
-             "(mean ± sd over the combinations of seeds of that size).", "",
-             "| rule | members | views | " + " | ".join(METRICS) + " | min sensitivity |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
-    for rule, size, views in itertools.product(report["rules"], sorted({len(row["members"]) for row in rows}),
-                                               TEST_TIME_VIEWS):
-        group = [row for row in rows if (row["rule"], len(row["members"]), row["views"]) == (rule, size, views)]
-        cells = [f"{statistics.fmean(r[m] for r in group):.3f}"
-                 + (f" ± {statistics.stdev(r[m] for r in group):.3f}" if len(group) > 1 else "")
-                 for m in METRICS]
-        lowest = min(r["sensitivity"] for r in group)
-        lines.append(f"| {rule} | {size} | {views} | " + " | ".join(cells) + f" | {lowest:.3f} |")
-    (args.out / f"prediction_levers-{args.profile}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (args.out / f"prediction_levers-{args.profile}.md").write_text(markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":
