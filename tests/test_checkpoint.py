@@ -18,10 +18,10 @@ SAVER = """
 import sys
 import keras
 from pneumonia.config import TrainConfig
-from pneumonia.training.callbacks import make_callbacks
+from pneumonia.training.callbacks import AtomicModelCheckpoint, make_callbacks
 checkpoint = sys.argv[1]
 model = keras.Sequential([keras.Input((4000,)), keras.layers.Dense(4000), keras.layers.Dense(1)])
-callback = make_callbacks(TrainConfig(), checkpoint)[0]
+[callback] = [c for c in make_callbacks(TrainConfig(), checkpoint) if isinstance(c, AtomicModelCheckpoint)]
 callback.set_model(model)
 epoch = 0
 while True:
