@@ -1,13 +1,17 @@
-"""DVC stage `evaluate`: threshold chosen on validation, the model on the test split and on the external
-set if there is one (pneumonia.evaluation.evaluate) -> metrics/evaluation.json (the headline), each split's
-scores and the external set's tables in reports/evaluation/, plot tables and figures, the HTML report, the
-MLflow run (the servable model, metrics and outputs)."""
+"""DVC stage `evaluate`: threshold chosen on validation, the out-of-distribution reference, the model on the
+test split and on the external set if there is one (pneumonia.evaluation.evaluate) -> the model's settings
+and out-of-distribution reference beside it (models/model.json, models/model.ood.npz: what every user of the
+model reads), metrics/evaluation.json (the headline), each split's scores and the external set's tables in
+reports/evaluation/, plot tables and figures, the HTML report, the model card, the MLflow run (the
+servable model, metrics and outputs)."""
 
 from pneumonia import EXTERNAL_SPLIT, paths, serving, tracking
 from pneumonia.atomic import atomic_path, write_csv, write_json, write_text
 from pneumonia.config import load_params
 from pneumonia.evaluation.evaluate import evaluate
 from pneumonia.logs import run_stage
+from pneumonia.evaluation.model_card import markdown
+from pneumonia.model_settings import training_data, write_beside
 from pneumonia.models.build import load_model
 
 # The test split's tables (ScoredSplit.tables), beside its figures; the external set's are
@@ -23,6 +27,9 @@ def main() -> None:
     params = load_params()
     result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
                       params.train.batch_size)
+    settings = result.settings(params, training_data(params.data.source, paths.RAW_SOURCE, paths.SPLIT_COUNTS,
+                                                     tracking.manifests_hash(paths.MANIFESTS)), tracking.git_commit())
+    card = result.card(settings, paths.SPLIT_COUNTS)
 
     for name, table in result.test.tables().items():
         write_csv(TEST_TABLES[name], *table)
@@ -35,15 +42,17 @@ def main() -> None:
     write_json(paths.EVALUATION_METRICS, result.headline)
     with atomic_path(paths.FIGURES, directory=True) as folder:
         write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.SPLIT_COUNTS,
-                                                          paths.TRAIN_METRICS))
+                                                          paths.TRAIN_METRICS, card))
+    write_text(paths.MODEL_CARD, markdown(card, f"Model card: {params.model.name}, pneumonia on chest X-rays"))
+    # The settings last of the model's files: a model with settings is a model whose evaluation finished
+    write_beside(paths.MODEL, settings, result.ood)
 
     with tracking.resumed_run(paths.RUN_INFO):
         # The model first: each split's metrics are linked to it.
-        logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
-                                   params.tracking.register_model, params.evaluate.tta_views)
+        logged = serving.log_model(paths.MODEL, params.tracking.register_model, paths.MODEL_CARD)  # the servable model
         splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
         outputs = [paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
-                   paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))]
+                   paths.EVALUATION_REPORT, paths.MODEL_CARD, *sorted(paths.FIGURES.glob("*.png"))]
         tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
 
 

@@ -76,17 +76,15 @@ def predict(args: argparse.Namespace) -> None:
     for option, path in (("--csv", args.csv), ("--json", args.json)):
         if path:  # before predicting, not after
             atomic.refuse_folder(path, option)
-    if args.model_uri:
+    model = args.model_uri or args.model
+    if is_mlflow_uri(model):
         from pneumonia import serving
 
-        classifier = serving.logged_classifier(args.model_uri)
+        classifier = serving.logged_classifier(model, args.input_checks)
     else:
         from pneumonia.classifier import load_classifier
-        from pneumonia.config import load_params
 
-        jpeg_quality = load_params().tfrecords.jpeg_quality
-        classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS), jpeg_quality,
-                                     inference.run_tta_views(paths.EVALUATION_METRICS))
+        classifier = load_classifier(Path(model), args.input_checks)
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
@@ -126,18 +124,30 @@ def download_competition(args: argparse.Namespace) -> None:
           f"`dvc exp run -S evaluate.external={info.path}`")
 
 
+def is_mlflow_uri(model: str) -> bool:
+    return model.startswith(("runs:/", "models:/")) or "://" in model
+
+
 def add_predict_parser(commands) -> None:
     predict_parser = commands.add_parser(
         "predict", help="probability of pneumonia and label for image files (JPEG, PNG, DICOM) or folders of them",
-        description="Probability of pneumonia and label at the run's decision threshold for each image. "
-                    "Default model: models/model.keras with the threshold in metrics/evaluation.json. "
+        description="Probability of pneumonia and label at the run's decision threshold for each image, its "
+                    "out-of-distribution score and flag (how unlike the training X-rays it is), and why it is "
+                    "outside the model's intended use (DICOM header: body part, view, patient age). Intended use: "
+                    "frontal chest X-rays of children aged 1 to 5; decision support, not a diagnosis "
+                    f"({paths.MODEL_CARD}). Every setting comes with the model (model.json and model.ood.npz beside "
+                    "model.keras): a copy of models/ works from any folder. "
                     "Exit code 1 when some file could not be predicted.")
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    predict_parser.add_argument("--model-uri", help="an MLflow model instead: runs:/<run id>/model, "
-                                                    "models:/<name>@candidate, models:/<name>@champion")
-    predict_parser.add_argument("--model", type=Path, default=paths.MODEL,
-                                help="a Keras model file (default models/model.keras; "
-                                     "e.g. one `pneumonia adapt` wrote), used at the run's threshold")
+    predict_parser.add_argument("--model", default=str(paths.MODELS),
+                                help="the model: a folder holding model.keras, model.json and model.ood.npz "
+                                     "(default models/), a .keras file with its .json and .ood.npz beside it "
+                                     "(e.g. one `pneumonia adapt` wrote), or an MLflow model: runs:/<run id>/model, "
+                                     "models:/<name>@champion")
+    predict_parser.add_argument("--model-uri", help="an MLflow model (the same as --model runs:/... or models:/...)")
+    predict_parser.add_argument("--input-checks", choices=("flag", "refuse", "ignore"),
+                                help="what a DICOM header outside the intended use does (default: the model's "
+                                     "setting, evaluate.input_checks: flag)")
     predict_parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
@@ -149,13 +159,12 @@ def adapt(args: argparse.Namespace) -> None:
     import keras
     import numpy as np
 
-    from pneumonia import adaptation, atomic, inference
+    from pneumonia import adaptation, inference
     from pneumonia.classifier import load_classifier
-    from pneumonia.config import load_params
     from pneumonia.errors import PipelineError
+    from pneumonia.model_settings import write_bundle
 
-    classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS),
-                                 load_params().tfrecords.jpeg_quality)
+    classifier = load_classifier(args.model)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):
         try:
@@ -178,8 +187,9 @@ def adapt(args: argparse.Namespace) -> None:
             adapted = adaptation.adapt_batch_norm(classifier.model, np.stack(images))
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
-    with atomic.atomic_path(args.out) as written:
-        keras.saving.save_model(adapted, written)
+    how = f"{args.method} on {len(images)} images of a site" + (f", seed {args.seed}" if args.method == "self_training" else "")
+    write_bundle(args.out, lambda written: keras.saving.save_model(adapted, written),
+                 classifier.settings.model_copy(update={"adapted": how}), classifier.ood)
     print(f"adapted to {len(images)} images of the site: {args.out} "
           f"(use it with `pneumonia predict --model {args.out} ...`)")
 
@@ -213,8 +223,10 @@ def add_adapt_parser(commands) -> None:
                     "for networks without a nested backbone (custom_cnn, or an ensemble of them: each member "
                     "adapted).")
     adapt_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="the site's image files or folders")
-    adapt_parser.add_argument("--model", type=Path, default=paths.MODEL, help="default: models/model.keras")
-    adapt_parser.add_argument("--out", type=Path, required=True, help="where to write the adapted .keras model")
+    adapt_parser.add_argument("--model", type=Path, default=paths.MODELS,
+                              help="the model's folder or .keras file (default models/)")
+    adapt_parser.add_argument("--out", type=Path, required=True,
+                              help="where to write the adapted .keras model (its .json and .ood.npz beside it)")
     adapt_parser.add_argument("--min-images", type=at_least_one, default=50,
                               help="refuse fewer images than this (default 50)")
     adapt_parser.add_argument("--method", choices=("batch_norm", "self_training"), default="batch_norm",

@@ -302,6 +302,11 @@ class EvaluateConfig(Section):
     # Test-time augmentation: each probability the mean over this many fixed views of the image
     # (models.augmentation.TEST_TIME_VIEWS), in evaluate, `pneumonia predict` and the served model alike
     tta_views: Literal[1, 3, 9] = 1
+    # A DICOM header outside the intended use (not the chest, not frontal, patient age outside 0-5 years):
+    # flag the prediction, refuse the image, or ignore the header; in predict, serving and the external set
+    input_checks: Literal["flag", "refuse", "ignore"] = "flag"
+    # Share of validation images the out-of-distribution flag may raise: its threshold (pneumonia.ood)
+    ood_flagged: float = Field(0.01, gt=0, lt=0.5)
     # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
     # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
     external: str = ""

@@ -1,12 +1,12 @@
 """`pneumonia predict`: prediction on image files with a pneumonia.classifier.Classifier (the
 preprocessing of training, the model's probability of pneumonia, the label at the decision threshold
-of the model's run), Grad-CAM overlays, and the results as a table, CSV or JSON.
+of the model's run, the out-of-distribution score and flag, the input checks' reasons), Grad-CAM
+overlays, and the results as a table, CSV or JSON.
 """
 
 import csv
 import io
 import json
-import logging
 import os
 import sys
 from collections import deque
@@ -20,12 +20,9 @@ import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
 from pneumonia.classifier import BATCH_SIZE, Classifier
+from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
-from pneumonia.models.augmentation import TEST_TIME_VIEWS
-from pneumonia.threshold_rule import DEFAULT_THRESHOLD
-
-log = logging.getLogger(__name__)
 
 PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
 
@@ -35,6 +32,9 @@ class FilePrediction:
     file: str
     probability: float | None = None
     label: str | None = None
+    ood_score: float | None = None  # how unlike the training X-rays (pneumonia.ood); None without a reference
+    out_of_distribution: bool | None = None  # ood_score above the model's threshold: the label is not to be trusted
+    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD
     error: str | None = None  # why the file could not be predicted (then no probability)
 
 
@@ -72,28 +72,43 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
     progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, delay=PROGRESS_AFTER,
                     file=sys.stderr)
     while chunk := list(islice(inputs, BATCH_SIZE)):
-        probabilities = iter(classifier.probabilities([image for _, image, _ in chunk if image is not None]))
-        for file, image, error in chunk:
-            if image is None:
-                results.append(FilePrediction(str(file), error=error))
+        predicted = classifier.predict([image for _, image, _ in chunk if not isinstance(image, str)])
+        scored = iter(zip(predicted.probabilities, predicted.ood_scores))
+        for file, image, reasons in chunk:
+            if isinstance(image, str):
+                results.append(FilePrediction(str(file), error=image))
             else:
-                probability = float(next(probabilities))
-                results.append(FilePrediction(str(file), probability, classifier.label(probability)))
+                probability, score = map(float, next(scored))
+                results.append(prediction(classifier, str(file), probability, score, reasons))
         progress.update(len(chunk))
     progress.close()
     return results
 
 
-def _preprocessed(classifier: Classifier, files: Sequence[Path],
-                  workers: int) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
-    """(file, model input, None) or (file, None, why not) per file, in order, from a pool of threads
-    (PIL and TensorFlow release the GIL while decoding) kept at most 2 * BATCH_SIZE files ahead."""
+def prediction(classifier: Classifier, file: str, probability: float, ood_score: float,
+               reasons: Sequence[str]) -> FilePrediction:
+    """One image's prediction with its flags: the input checks' `reasons`, then the OOD flag's."""
+    unknown = classifier.ood is None
+    outside = classifier.out_of_distribution(ood_score)
+    flags = [*reasons, *(["out of distribution: unlike the training X-rays"] if outside else [])]
+    return FilePrediction(file, probability, classifier.label(probability), None if unknown else round(ood_score, 4),
+                          None if unknown else outside, "; ".join(flags))
 
-    def preprocess(file: Path) -> tuple[Path, np.ndarray | None, str | None]:
+
+def _preprocessed(classifier: Classifier, files: Sequence[Path],
+                  workers: int) -> Iterator[tuple[Path, np.ndarray | str, list[str]]]:
+    """(file, model input, input-check reasons) or (file, why not, []) per file, in order, from a pool of
+    threads (PIL and TensorFlow release the GIL while decoding) kept at most 2 * BATCH_SIZE files ahead."""
+
+    def preprocess(file: Path) -> tuple[Path, np.ndarray | str, list[str]]:
         try:
-            return file, classifier.preprocess(file), None
+            reasons = classifier.flags(file)
+        except OutsideIntendedUse as exc:
+            return file, str(exc), []
+        try:
+            return file, classifier.preprocess(file), reasons
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
-            return file, None, f"not a readable image ({type(exc).__name__}: {exc})"
+            return file, f"not a readable image ({type(exc).__name__}: {exc})", []
 
     with ThreadPoolExecutor(workers) as pool:
         pending: deque[Future] = deque()
@@ -141,44 +156,18 @@ def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Pat
     plt.close(figure)
 
 
-def run_threshold(metrics: Path) -> float:
-    """The decision threshold the evaluate stage chose (key "threshold" of metrics/evaluation.json), or 0.5
-    with a warning."""
-    try:
-        threshold = float(json.loads(metrics.read_text())["threshold"])
-    except (FileNotFoundError, KeyError):
-        log.warning("no decision threshold in %s (run the evaluate stage): using %.2f", metrics, DEFAULT_THRESHOLD)
-        return DEFAULT_THRESHOLD
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise PipelineError(f"{metrics} is not the evaluate stage's metrics ({exc}): rerun `dvc repro`") from None
-    if not 0 <= threshold <= 1:  # NaN too: every image would be NORMAL
-        raise PipelineError(f"{metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
-                            "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
-    return threshold
-
-
-def run_tta_views(metrics: Path) -> int:
-    """The test-time views the evaluate stage predicted with (key "tta_views" of metrics/evaluation.json,
-    evaluate.tta_views), which its threshold was chosen for; 1 (the image itself) when it says none."""
-    try:
-        views = json.loads(metrics.read_text()).get("tta_views", 1)
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        return 1  # run_threshold says what is wrong with the file
-    if views not in TEST_TIME_VIEWS:
-        raise PipelineError(f"{metrics} has tta_views {views!r}, not one of {sorted(TEST_TIME_VIEWS)}: rerun the "
-                            "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
-    return views
-
-
 def table(results: Sequence[FilePrediction]) -> str:
-    """Aligned text: file, probability, label; a failed file's line says why instead."""
+    """Aligned text: file, probability, label, out-of-distribution score, flags; a failed file's line says why
+    instead."""
     width = max(len("file"), *(len(result.file) for result in results))
-    lines = [f"{'file':<{width}}  probability  label"]
+    lines = [f"{'file':<{width}}  probability  label      ood score  flags"]
     for result in results:
         if result.error:
             lines.append(f"{result.file:<{width}}  error: {result.error}")
         else:
-            lines.append(f"{result.file:<{width}}  {result.probability:>11.4f}  {result.label}")
+            score = "n/a" if result.ood_score is None else f"{result.ood_score:.1f}"
+            lines.append(f"{result.file:<{width}}  {result.probability:>11.4f}  {result.label:<9}  {score:>9}  "
+                         f"{result.flags or '-'}")
     return "\n".join(lines)
 
 

@@ -30,6 +30,11 @@ EXTERNAL = DATA / "external"
 
 MODELS = Path("models")
 MODEL = MODELS / "model.keras"
+# evaluate: the model's settings and out-of-distribution reference, beside it (pneumonia.model_settings)
+MODEL_SETTINGS = MODELS / "model.json"
+OOD_REFERENCE = MODELS / "model.ood.npz"
+# evaluate: the model card, generated from the run (pneumonia.evaluation.model_card)
+MODEL_CARD = Path("docs") / "model_card.md"
 RUN_INFO = MODELS / "mlflow_run.json"  # hands the MLflow run id from train to evaluate
 # train: the state of an unfinished training, one folder per worker ("chief", "worker-1", ...),
 # resumed by the next attempt after a preemption; not a DVC output (DVC would delete it first)

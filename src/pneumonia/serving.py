@@ -1,22 +1,23 @@
-"""The MLflow model of a run: base64-encoded JPEG/PNG/DICOM images in, probability of pneumonia and label out.
+"""The MLflow model of a run: base64-encoded JPEG/PNG/DICOM images in; probability of pneumonia, label,
+out-of-distribution score and flag, and the reasons an image is outside the intended use out.
 
-The evaluate stage logs it (it knows the decision threshold); it carries the Keras model, the
-threshold, the JPEG quality of the TFRecords and this package's code, and preprocesses like
-training (pneumonia.classifier). `mlflow models serve -m <uri>` serves it; a request is a
+The evaluate stage logs it: it carries the model bundle (the Keras model, its settings and its
+out-of-distribution reference: pneumonia.model_settings), the model card and this package's code, and
+preprocesses like training (pneumonia.classifier). `mlflow models serve -m <uri>` serves it; a request is a
 DataFrame with a column "image" of base64 strings, e.g.
 
     {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
 
-and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA"}, ...]}.
+and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA", "ood_score": 2.1,
+"out_of_distribution": false, "flags": ""}, ...]}.
 """
 
 import base64
 import binascii
+import dataclasses
 import io
-import json
 import logging
 import os
-import tempfile
 import threading
 from importlib.metadata import version
 from pathlib import Path
@@ -33,20 +34,25 @@ from PIL import Image
 from pneumonia import tracking
 from pneumonia.classifier import Classifier, load_classifier
 from pneumonia.data.images import ImageTooLarge
+from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.errors import PipelineError
+from pneumonia.inference import prediction
 from pneumonia.logs import redact
+from pneumonia.model_settings import ood_file, read_settings, settings_file
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the run's model: runs:/<run id>/model
 IMAGE_COLUMN = "image"
-KERAS_MODEL = "keras_model"  # the artifact holding the .keras file
-CONFIG = "config"  # the artifact holding {"threshold", "jpeg_quality"} (not model_config: MLflow would also
-# log that as run params, unprefixed duplicates of tfrecords.jpeg_quality and the test_threshold metric)
+KERAS_MODEL = "keras_model"  # the artifact holding the .keras file; the bundle's other files lie beside it
+SETTINGS = "settings"
+OOD_REFERENCE = "ood_reference"
+MODEL_CARD = "model_card"
 CANDIDATE = "candidate"  # alias of a newly registered version; promotion moves "champion"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "ood_score"),
+                    ColSpec("boolean", "out_of_distribution"), ColSpec("string", "flags")]),
 )
 # Limits of a request, so that a few hostile ones cannot exhaust the server's memory: the server
 # answers a timed-out request with 504 but its thread goes on decoding. Rows a request, bytes an
@@ -63,12 +69,11 @@ REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "pydicom", "
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        if CONFIG in context.artifacts:
-            config = json.loads(Path(context.artifacts[CONFIG]).read_text())
-        else:  # models logged before the config became an artifact
-            config = context.model_config
-        self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]), config["threshold"],
-                                          config["jpeg_quality"], config.get("tta_views", 1))
+        if SETTINGS not in context.artifacts:
+            raise PipelineError("this MLflow model was logged before models carried their settings (threshold, "
+                                "out-of-distribution reference): evaluate the model again (`dvc repro -f -s "
+                                "evaluate`) and use the new run's model")
+        self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]))
 
     # The type hint: MLflow warns about a predict() without one each time the model is loaded (a DataFrame
     # changes nothing else: the signature stays SIGNATURE's).
@@ -78,13 +83,18 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"the request has {len(model_input)} rows, more than the limit of {MAX_ROWS} images a request: "
                 f"send at most {MAX_ROWS} per request")
-        images = [self.request_image(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
-        probabilities = self.classifier.probabilities(images)
-        return pd.DataFrame({"probability": probabilities,
-                             "label": [self.classifier.label(p) for p in probabilities]})
+        requested = [self.request_image(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
+        predicted = self.classifier.predict([image for image, _ in requested])
+        rows = [prediction(self.classifier, "", float(probability), float(score), reasons)
+                for (_, reasons), probability, score in zip(requested, predicted.probabilities, predicted.ood_scores)]
+        return pd.DataFrame({"probability": [row.probability for row in rows], "label": [row.label for row in rows],
+                             "ood_score": [row.ood_score for row in rows],
+                             "out_of_distribution": [row.out_of_distribution for row in rows],
+                             "flags": [row.flags for row in rows]})
 
-    def request_image(self, value: object, row: int) -> np.ndarray:
-        """One request's image, preprocessed; a bad one is the client's error (HTTP 400) naming its row."""
+    def request_image(self, value: object, row: int) -> tuple[np.ndarray, list[str]]:
+        """One request's image, preprocessed, and the input checks' reasons; a bad one is the client's error
+        (HTTP 400) naming its row."""
         if isinstance(value, str) and len(value) > MAX_ENCODED_CHARS:
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is {len(value) / 2**20:.1f} MiB of base64, more than the "
@@ -97,8 +107,12 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                 f"row {row} of column {IMAGE_COLUMN!r} is not base64 ({exc}): send each image file base64-encoded"
             ) from None
         try:
+            reasons = self.classifier.flags(encoded)
+        except OutsideIntendedUse as exc:
+            raise MlflowException.invalid_parameter_value(f"row {row} of column {IMAGE_COLUMN!r} is {exc}") from None
+        try:
             with DECODING:
-                return self.classifier.preprocess(encoded)
+                return self.classifier.preprocess(encoded), reasons
         except ImageTooLarge as exc:
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is too large: {exc}") from None
@@ -122,32 +136,38 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
 
 
-def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str | None = None,
-              tta_views: int = 1) -> ModelInfo:
-    """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold` on
-    images encoded at `jpeg_quality` (tfrecords.jpeg_quality), each probability the mean over `tta_views`
-    views of the image (evaluate.tta_views).
+def log_model(model_path: Path, name: str | None = None, model_card: Path | None = None) -> ModelInfo:
+    """Log the model bundle of the .keras file `model_path` (the model, its settings and out-of-distribution
+    reference beside it) as the active run's MLflow model, with the `model_card` file.
 
     With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
-    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality, "tta_views": tta_views}
-    with tempfile.TemporaryDirectory() as scratch:
-        config_file = Path(scratch) / "config.json"
-        config_file.write_text(json.dumps(config))
-        info = tracking.retry_locked(
-            mlflow.pyfunc.log_model,
-            name=MODEL_NAME,
-            python_model=PneumoniaModel(),
-            artifacts={KERAS_MODEL: str(model_path), CONFIG: str(config_file)},
-            params=config,  # the logged model's own params (on its page), not the run's
-            # This package's code goes with the model: it loads and serves without the project installed.
-            code_paths=[str(Path(__file__).parent)],
-            signature=SIGNATURE,
-            input_example=input_example(),
-            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
-            registered_model_name=name,
-        )
+    settings = read_settings(model_path)
+    artifacts = {KERAS_MODEL: str(model_path), SETTINGS: str(settings_file(model_path)),
+                 OOD_REFERENCE: str(ood_file(model_path)), **({MODEL_CARD: str(model_card)} if model_card else {})}
+    # the logged model's own params (on its page), not the run's
+    shown = {"threshold": settings.threshold, "threshold_rule": settings.threshold_rule,
+             "jpeg_quality": settings.jpeg_quality, "tta_views": settings.tta_views,
+             "ood_threshold": settings.ood.threshold, "input_checks": settings.input_checks}
+    info = tracking.retry_locked(
+        mlflow.pyfunc.log_model,
+        name=MODEL_NAME,
+        python_model=PneumoniaModel(),
+        artifacts=artifacts,
+        params=shown,
+        # Where a user of the served model reads what it is for and not for
+        metadata={"intended_use": settings.intended_use.purpose, "population": settings.intended_use.population,
+                  "not_for": list(settings.intended_use.not_for),
+                  "model_card": f"artifacts/{model_card.name}" if model_card else
+                  settings.intended_use.model_card},
+        # This package's code goes with the model: it loads and serves without the project installed.
+        code_paths=[str(Path(__file__).parent)],
+        signature=SIGNATURE,
+        input_example=input_example(),
+        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+        registered_model_name=name,
+    )
     if name:
         tracking.retry_locked(mlflow.MlflowClient().set_registered_model_alias, name, CANDIDATE,
                               info.registered_model_version)
@@ -178,8 +198,9 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
     return chosen.version
 
 
-def logged_classifier(model_uri: str) -> Classifier:
-    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path."""
+def logged_classifier(model_uri: str, input_checks_policy: str | None = None) -> Classifier:
+    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path;
+    `input_checks_policy` overrides its input checks."""
     if model_uri.startswith(("runs:", "models:")):  # found through the tracking store
         tracking.check_reachable(tracking.tracking_uri(), "Nothing was predicted.")
     tracking.use_tracking_uri(tracking.tracking_uri())
@@ -192,4 +213,5 @@ def logged_classifier(model_uri: str) -> Classifier:
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, PneumoniaModel):
         raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")
-    return python_model.classifier
+    classifier = python_model.classifier
+    return dataclasses.replace(classifier, input_checks=input_checks_policy) if input_checks_policy else classifier

@@ -15,6 +15,7 @@ import logging
 import shutil
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT as SPLIT
 from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import TFRecordsConfig
+from pneumonia.data import input_checks
 from pneumonia.data.archive import check_free_space, extract, open_zip
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
 from pneumonia.data.layout import has_image_suffix, in_folder, in_zip, is_macos_litter
@@ -29,6 +31,7 @@ from pneumonia.data.manifest import Record, write_manifest
 from pneumonia.data.prepare import patient_id
 from pneumonia.data.tfrecords import META, write_records
 from pneumonia.errors import PipelineError
+from pneumonia.model_settings import IntendedUse
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +200,10 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,
-                  max_unreadable_fraction: float) -> ExternalSet:
+                  max_unreadable_fraction: float, checks: str = "flag") -> ExternalSet:
     """Copy, hash and decode the external images into `scratch`; check them against the pipeline's
-    own images (data/images.csv, every raw file with its sha256)."""
+    own images (data/images.csv, every raw file with its sha256) and their DICOM headers against the
+    intended use (`checks`, evaluate.input_checks: flagged images are counted, refused ones left out)."""
     if not source.exists():
         raise PipelineError(f"params.yaml: evaluate.external = {display!r} does not exist (looked at {source}). "
                             "Point it at a zip or folder of NORMAL/ and PNEUMONIA/ images, or set it to '' "
@@ -210,6 +214,11 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
     facts = [inspect_file(path, SPLIT, label) for path, label in copied]
     unreadable = check_unreadable(facts, max_unreadable_fraction)
     readable = [fact for fact in facts if not fact.error]
+    reasons = {} if checks == "ignore" else {
+        fact.path: input_checks.header_reasons(fact.path, IntendedUse().age_years) for fact in readable}
+    outside = {path: found for path, found in reasons.items() if found}
+    if checks == "refuse":
+        readable = [fact for fact in readable if fact.path not in outside]
 
     known = {image.sha256: image for image in read_image_table(known_images) if not image.error}
     overlap = [(Path(fact.path).name, known[fact.sha256].path) for fact in readable if fact.sha256 in known]
@@ -222,6 +231,11 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
         "overlap_with_pipeline_images": len(overlap),
         "overlap_examples": [f"{name} = {ours}" for name, ours in overlap[:20]],
         "duplicates_within": duplicates,
+        # DICOM headers outside the intended use: how many, and why (evaluate.input_checks)
+        "input_checks": {"policy": checks, "outside_intended_use": len(outside),
+                         "refused": len(outside) if checks == "refuse" else 0,
+                         "reasons": dict(sorted(Counter(reason for found in outside.values()
+                                                        for reason in found).items()))},
     }
     records = [Record(fact.path, fact.label, patient_id(Path(fact.path).name), fact.sha256, SPLIT)
                for fact in readable]
@@ -238,7 +252,7 @@ def raise_if_overlapping(audit: dict, display: str) -> None:
 
 
 def write_external(source: Path | None, display: str, target: Path, known_images: Path, image_size: int,
-                   config: TFRecordsConfig, max_unreadable_fraction: float) -> dict:
+                   config: TFRecordsConfig, max_unreadable_fraction: float, checks: str = "flag") -> dict:
     """`target`: the external set's TFRecords (split "external"), manifest and audit; with no source,
     only a meta.json that says so. Returns the audit ({} without a source)."""
     if source is None:
@@ -249,7 +263,7 @@ def write_external(source: Path | None, display: str, target: Path, known_images
     for stale in target.parent.glob(f".{target.name}.copy-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.copy-", dir=target.parent) as scratch:
-        external = read_external(source, display, Path(scratch), known_images, max_unreadable_fraction)
+        external = read_external(source, display, Path(scratch), known_images, max_unreadable_fraction, checks)
         raise_if_overlapping(external.audit, display)
         log.info("external set %s: %s images (NORMAL, PNEUMONIA), %d patients", display,
                  external.audit["images"], external.audit["patients"])

@@ -1,25 +1,28 @@
 """The evaluate stage's work, returned, not written: the threshold chosen on the validation split,
-the test split (read here and nowhere else) and the external set, if the external stage holds one,
-scored at it, with what the figures, the report and MLflow show of them. The stage writes metrics/,
-plots/, the report, and logs to MLflow.
+the out-of-distribution reference fitted on the training split (its flag's threshold on validation), the
+test split (read here and nowhere else) and the external set, if the external stage holds one, scored at
+them, with what the figures, the report and MLflow show of them, and the model's settings. The stage
+writes the settings beside the model, metrics/, plots/, the report and the model card, and logs to MLflow.
 """
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import keras
+import numpy as np
 
-from pneumonia import EXTERNAL_SPLIT
+from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT, ood
 from pneumonia.config import EvaluateConfig, Params
+from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData
 from pneumonia.data.tfrecords import read_meta
-from pneumonia.evaluation import summary
+from pneumonia.evaluation import model_card, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
-from pneumonia.evaluation.predictions import predict_split
+from pneumonia.evaluation.predictions import Predictions, predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
 from pneumonia.models.augmentation import with_test_time_augmentation
@@ -31,6 +34,8 @@ class Evaluation:
     external: ScoredSplit | None  # the same of the external set; None without one
     gradcam_layer: str  # the layer the Grad-CAM maps are taken on
     model_summary: str  # the model's layers, for the report
+    ood: ood.OodReference  # fitted on the training split, its threshold on validation
+    ood_validation_flagged: float  # share of validation images flagged at its threshold
 
     @property
     def threshold(self) -> float:
@@ -46,18 +51,35 @@ class Evaluation:
         """metrics/evaluation.json: the threshold and the headline metrics of each split (summary.headline)."""
         return summary.headline(self.test.scores, self.external.scores if self.external else None)
 
+    def settings(self, params: Params, training_data: TrainingData, git_commit: str | None) -> ModelSettings:
+        """What every user of the model reads (pneumonia.model_settings), from this evaluation and `params`."""
+        return ModelSettings(
+            model_name=params.model.name, class_names=CLASS_NAMES, image_size=params.data.image_size,
+            input_norm=params.model.input_norm, crop=params.model.crop, jpeg_quality=params.tfrecords.jpeg_quality,
+            tta_views=params.evaluate.tta_views, threshold=self.threshold, threshold_rule=str(params.evaluate.threshold),
+            input_checks=params.evaluate.input_checks,
+            ood=OodSettings(method=ood.METHOD, threshold=self.ood.threshold,
+                            validation_flagged=self.ood_validation_flagged),
+            training_data=training_data, git_commit=git_commit)
+
     def mlflow_metrics(self) -> dict[str, dict[str, float]]:
         """{split name: its headline metrics for MLflow} of each scored split."""
         return {split.name: summary.mlflow_metrics(split.scores, prefix=split.name) for split in self.scored}
 
-    def report(self, figures: Path, params: Params, history: Path, split_counts: Path, train_metrics: Path) -> str:
-        """The HTML report, its figures drawn into the folder `figures`: the training curves of the
-        `history` CSV, the images per split of `split_counts` and the training of `train_metrics` (JSON)
+    def card(self, settings: ModelSettings, split_counts: Path) -> model_card.Sections:
+        return model_card.sections(settings, self.test.scores, self.external.scores if self.external else None,
+                                   json.loads(split_counts.read_text())["images"])
+
+    def report(self, figures: Path, params: Params, history: Path, split_counts: Path, train_metrics: Path,
+               card: model_card.Sections) -> str:
+        """The HTML report, its figures drawn into the folder `figures`: the model `card`, the training curves
+        of the `history` CSV, the images per split of `split_counts` and the training of `train_metrics` (JSON)
         with the scores of each split, `params` and the model's layers."""
         drawn = draw_figures(figures, read_history(history), self.scored, self.gradcam_layer)
         return render(scores=self.test.scores, external=self.external.scores if self.external else None,
                       figures=drawn, params=params.model_dump(), data=json.loads(split_counts.read_text()),
-                      training=json.loads(train_metrics.read_text()), model_summary=self.model_summary)
+                      training=json.loads(train_metrics.read_text()), model_summary=self.model_summary,
+                      model_card=card)
 
 
 SUMMARY_WIDTH = 110  # characters: room for every column of Keras's table, layer names included
@@ -78,15 +100,28 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
     the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
     the Grad-CAM maps and the border audit explain the model on the image itself."""
     predictor = with_test_time_augmentation(model, config.tta_views)
+    features_model = ood.pooled_features_model(model)
+    val_inputs = ood.split_inputs(features_model, tfrecords, "val", batch_size)
+    reference = ood.fit(ood.split_inputs(features_model, tfrecords, "train", batch_size, ood.MAX_FITTED_IMAGES),
+                        val_inputs, config.ood_flagged)
+
+    def scored_ood(predictions: Predictions, records: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
+        scores = reference.scores(*ood.split_inputs(features_model, records, split, batch_size))
+        return replace(predictions, ood_scores=scores), summary.ood_summary(scores, reference.threshold)
+
     val = predict_split(predictor, tfrecords, "val", batch_size)
-    test_predictions = predict_split(predictor, tfrecords, "test", batch_size)
+    test_predictions, test_ood = scored_ood(predict_split(predictor, tfrecords, "test", batch_size), tfrecords, "test")
     test = score_split(model, tfrecords, "test", test_predictions,
-                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views},
-                       config)
+                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views,
+                        **test_ood}, config)
     scored_external = None
     meta = read_meta(external)
     if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
-        external_predictions = predict_split(predictor, external, EXTERNAL_SPLIT, batch_size)
-        scores = summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"])
+        external_predictions, external_ood = scored_ood(predict_split(predictor, external, EXTERNAL_SPLIT, batch_size),
+                                                        external, EXTERNAL_SPLIT)
+        scores = {**summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"]),
+                  **external_ood}
         scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
-    return Evaluation(test, scored_external, explained_layer(model), model_summary(model))
+    validation_flagged = float(np.mean(reference.scores(*val_inputs) > reference.threshold))
+    return Evaluation(test, scored_external, explained_layer(model), model_summary(model), reference,
+                      validation_flagged)

@@ -20,6 +20,7 @@ class Predictions:
     file_names: list[str]
     labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
     probabilities: np.ndarray  # of pneumonia
+    ood_scores: np.ndarray | None = None  # how unlike the training X-rays (pneumonia.ood), when scored
 
 
 def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:

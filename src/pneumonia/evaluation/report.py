@@ -70,6 +70,12 @@ TEMPLATE = """<!DOCTYPE html>
   <b>{{ pct(scores.specificity) }}</b> of normal cases (specificity) on {{ scores.n }} test images.
 </p>
 
+<h2 id="model-card">Model card</h2>
+{% for heading, items in model_card %}
+<h3>{{ heading }}</h3>
+<ul>{% for item in items %}<li>{{ item }}</li>{% endfor %}</ul>
+{% endfor %}
+
 <h2>Test metrics</h2>
 <table>
 <thead><tr><th>metric</th><th>at threshold {{ fmt(scores.threshold) }}</th><th>95% CI</th>
@@ -180,15 +186,16 @@ def _pct(value: float | None) -> str:
 
 
 def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any], data: dict[str, Any],
-           training: dict[str, Any], model_summary: str, external: dict[str, Any] | None = None) -> str:
+           training: dict[str, Any], model_summary: str, external: dict[str, Any] | None = None,
+           model_card: list[tuple[str, list[str]]] = ()) -> str:
     """The page; `scores`: the test split's (reports/evaluation/test.json); `external`: the external set's
-    when one was scored."""
+    when one was scored; `model_card`: evaluation.model_card's sections."""
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(
         model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores, external=external,
         at_default=AT_DEFAULT, metric_rows=METRIC_ROWS, count_rows=COUNT_ROWS,
         bootstrap_samples=params["evaluate"]["bootstrap_samples"],
         data=data, splits=SPLITS, class_names=CLASS_NAMES, figures=figures, training=training,
-        params_yaml=yaml.safe_dump(params, sort_keys=False), model_summary=model_summary,
+        params_yaml=yaml.safe_dump(params, sort_keys=False), model_summary=model_summary, model_card=model_card,
         fmt=_fmt, pct=_pct,
     )

@@ -26,7 +26,9 @@ class ScoredSplit:
     def tables(self) -> dict[str, tuple[list[str], list[list]]]:
         """The split's tables, {name: (header, rows)} for atomic.write_csv: predictions
         (one row per image), roc, precision_recall, calibration."""
-        columns = {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"]), **self.curves}
+        ood_threshold = self.scores.get("ood", {}).get("threshold")
+        columns = {"predictions": summary.predictions_table(self.predictions, self.scores["threshold"], ood_threshold),
+                   **self.curves}
         return {name: summary.header_and_rows(table) for name, table in columns.items()}
 
 

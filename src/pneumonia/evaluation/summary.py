@@ -100,7 +100,7 @@ def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str,
 # CI_METRICS, so the compare view lists a few dozen meaningful columns. The rest (counts, metrics at
 # 0.5, validation) stays in reports/evaluation/<split>.json, logged as an artifact of the run.
 MLFLOW_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1",
-               "brier", "ece", "threshold", "border_share")
+               "brier", "ece", "threshold", "border_share", "ood_flagged_share")
 
 
 def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:
@@ -115,8 +115,9 @@ def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, fl
 # -------------------------------------------------------------- the tables of plots/ and their curves
 
 
-def predictions_table(scored: Predictions, threshold: float) -> dict[str, list]:
-    """One row per image, class names as labels, at the chosen threshold and at 0.5."""
+def predictions_table(scored: Predictions, threshold: float, ood_threshold: float | None = None) -> dict[str, list]:
+    """One row per image, class names as labels, at the chosen threshold and at 0.5; with out-of-distribution
+    scores, each with its flag at `ood_threshold`."""
 
     def names(flags):
         return [CLASS_NAMES[int(flag)] for flag in flags]
@@ -127,6 +128,9 @@ def predictions_table(scored: Predictions, threshold: float) -> dict[str, list]:
         "predicted": names(scored.probabilities >= threshold),
         "predicted_at_0_5": names(scored.probabilities >= DEFAULT_THRESHOLD),
         "probability": [f"{p:.6f}" for p in scored.probabilities],
+        **({} if scored.ood_scores is None else {
+            "ood_score": [f"{score:.4f}" for score in scored.ood_scores],
+            "out_of_distribution": [bool(score > ood_threshold) for score in scored.ood_scores]}),
     }
 
 
@@ -147,3 +151,10 @@ def curves(scored: Predictions) -> dict[str, dict[str, list[float]]]:
 def header_and_rows(columns: dict[str, list]) -> tuple[list[str], list[list]]:
     """{column: values} as (header, rows) for atomic.write_csv."""
     return list(columns), [list(row) for row in zip(*columns.values())]
+
+
+def ood_summary(scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """How many images of a split the out-of-distribution flag raises at `threshold`."""
+    flagged = int(np.sum(scores > threshold))
+    return {"ood_flagged_share": flagged / len(scores) if len(scores) else None,
+            "ood": {"threshold": threshold, "flagged": flagged, "images": len(scores)}}

@@ -1,0 +1,221 @@
+"""A model that travels whole and knows its limits (issue 37): the settings the evaluate stage writes beside
+the model are what predict, adapt and the MLflow model read; DICOM headers outside the intended use are
+flagged with their reason and no patient value; every prediction carries its out-of-distribution score."""
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from bundles import smooth_images, write_settings
+from dicoms import SECRETS, dataset, file_bytes, png_bytes, sample_xrays
+from pneumonia import cli, ood, serving
+from pneumonia.classifier import load_classifier
+from pneumonia.config import ModelConfig
+from pneumonia.model_settings import read_settings
+from pneumonia.models.build import build_model
+
+# Header attributes outside the intended use, and the reason each must give (never the value itself)
+OUTSIDE = {
+    "lateral": ({"ViewPosition": "LL"}, "not a frontal view"),
+    "leg": ({"BodyPartExamined": "LEG"}, "body part examined is not the chest"),
+    "adult": ({"PatientAge": "034Y"}, "patient age outside 0-5 years"),
+}
+WITHIN = {"BodyPartExamined": "CHEST", "ViewPosition": "PA", "PatientAge": "003Y"}
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    """repo/models/: a 32 px model (untrained) with its settings and out-of-distribution reference."""
+    folder = tmp_path / "repo" / "models"
+    folder.mkdir(parents=True)
+    model = build_model(ModelConfig(crop=0), 32)
+    model.save(folder / "model.keras")
+    write_settings(folder / "model.keras", threshold=0.5, jpeg_quality=90, model=model)
+    return folder
+
+
+@pytest.fixture
+def xrays(tmp_path) -> list[Path]:
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    for name, grey in sample_xrays(4, width=96):
+        (folder / f"{name}.png").write_bytes(png_bytes(grey))
+    return sorted(folder.iterdir())
+
+
+def predicted(*args: str) -> list[dict]:
+    out = Path(args[-1])
+    cli.main(["predict", *args[:-1], "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_a_copy_of_models_predicts_from_an_empty_folder_as_in_the_repository(bundle, xrays, tmp_path, monkeypatch):
+    monkeypatch.chdir(bundle.parent)
+    here = predicted(*map(str, xrays), str(tmp_path / "here.json"))  # the default: models/ of the repository
+
+    copy = shutil.copytree(bundle, tmp_path / "elsewhere" / "handed-over")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for model in (copy, copy / "model.keras"):  # the folder, or the .keras file with its settings beside it
+        there = predicted(*map(str, xrays), "--model", str(model), str(tmp_path / "there.json"))
+        assert there == here
+    assert list(empty.iterdir()) == []
+    assert all(row["error"] is None and isinstance(row["out_of_distribution"], bool) and row["ood_score"] > 0
+               for row in here)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: (folder / "model.json").unlink(), "has no settings file model.json beside it"),
+    (lambda folder: (folder / "model.ood.npz").unlink(), "(the out-of-distribution reference) is missing"),
+    (lambda folder: (folder / "model.json").write_text('{"format": 1, "threshold": NaN}'),
+     "is not a model settings file of this version"),
+])
+def test_a_model_without_its_settings_gets_a_message_saying_what_to_do(bundle, xrays, capsys, damage, message):
+    damage(bundle)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(xrays[0]), "--model", str(bundle)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and ("Copy the whole models/ folder" in err or "dvc repro" in err), err
+
+
+def served(model_uri: str, files: list[Path]) -> pd.DataFrame:
+    """The logged model's answer to a request of `files`: what `mlflow models serve` runs for each request."""
+    request = pd.DataFrame({"image": [base64.b64encode(file.read_bytes()).decode() for file in files]})
+    return mlflow.pyfunc.load_model(model_uri).predict(request)
+
+
+@pytest.mark.slow  # two MLflow models logged and loaded: ~40 s
+def test_predict_adapt_and_the_mlflow_model_follow_the_settings_the_evaluate_stage_writes(bundle, xrays, tmp_path,
+                                                                                          monkeypatch):
+    """One place holds the threshold: rewriting the settings file, as the evaluate stage does when
+    evaluate.threshold changes, changes what every consumer decides."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("bundle", artifact_location=(tmp_path / "artifacts").as_uri())
+    classifier = load_classifier(bundle)
+    probabilities = classifier.probabilities([classifier.preprocess(file) for file in xrays])
+    for rule, threshold in (("a median", float(np.median(probabilities))), ("the lowest", float(probabilities.min()))):
+        write_settings(bundle / "model.keras", threshold, jpeg_quality=90, threshold_rule=rule)
+        expected = ["PNEUMONIA" if p >= threshold else "NORMAL" for p in probabilities]
+
+        rows = predicted(*map(str, xrays), "--model", str(bundle), str(tmp_path / "out.json"))
+        assert [row["label"] for row in rows] == expected
+        np.testing.assert_allclose([row["probability"] for row in rows], probabilities, rtol=1e-5)
+
+        cli.main(["adapt", *map(str, xrays), "--model", str(bundle), "--out", str(tmp_path / "site.keras"),
+                  "--min-images", "4"])
+        adapted = read_settings(tmp_path / "site.keras")
+        assert (adapted.threshold, adapted.threshold_rule, adapted.jpeg_quality) == (threshold, rule, 90)
+        assert adapted.adapted.startswith("batch_norm on 4 images")
+        assert load_classifier(tmp_path / "site.keras").threshold == threshold
+
+        with mlflow.start_run(experiment_id=experiment):
+            info = serving.log_model(bundle / "model.keras")
+        answer = served(info.model_uri, xrays)
+        assert list(answer["label"]) == expected
+        np.testing.assert_allclose(answer["probability"], probabilities, rtol=1e-5)
+        np.testing.assert_allclose(answer["ood_score"], [row["ood_score"] for row in rows], rtol=1e-3)
+        assert serving.logged_classifier(info.model_uri).threshold == threshold
+        logged = mlflow.models.get_model_info(info.model_uri)
+        assert "children aged 1 to 5" in logged.metadata["population"]
+
+
+def dicom(grey: np.ndarray, **attributes) -> bytes:
+    return file_bytes(dataset(grey, 8, **{**WITHIN, **attributes}))
+
+
+@pytest.fixture
+def dicoms(tmp_path) -> dict[str, Path]:
+    """A DICOM within the intended use and one outside it for each reason, all of the same X-ray."""
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    [(_, grey)] = sample_xrays(1, width=96)
+    files = {"within": folder / "within.dcm"}
+    files["within"].write_bytes(dicom(grey))
+    for name, (attributes, _) in OUTSIDE.items():
+        files[name] = folder / f"{name}.dcm"
+        files[name].write_bytes(dicom(grey, **attributes))
+    return files
+
+
+def test_dicom_headers_outside_the_intended_use_are_flagged_with_their_reason_and_no_value(bundle, dicoms, tmp_path,
+                                                                                          capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = [str(dicoms[name]) for name in ("within", *OUTSIDE)]
+    rows = predicted(*files, "--model", str(bundle), "flagged.json")
+    reasons = {Path(row["file"]).stem: row["flags"] for row in rows}
+    assert "DICOM" not in reasons["within"]
+    for name, (_, reason) in OUTSIDE.items():
+        assert reason in reasons[name] and row_has_probability(rows, name)
+    out, err = capsys.readouterr()
+    written = Path("flagged.json").read_text()
+    for value in ("LL", "LEG", "034Y", "34 years", *SECRETS):
+        assert value not in out + err + written.replace("ALL", ""), value
+
+    ignored = predicted(*files, "--model", str(bundle), "--input-checks", "ignore", "ignored.json")
+    assert not any("DICOM" in row["flags"] for row in ignored)
+    with pytest.raises(SystemExit) as exit_info:
+        predicted(*files, "--model", str(bundle), "--input-checks", "refuse", "refused.json")
+    assert exit_info.value.code == 1
+    refused = json.loads(Path("refused.json").read_text())
+    assert refused[0]["error"] is None and all("outside the model's intended use" in row["error"]
+                                               for row in refused[1:])
+
+
+def row_has_probability(rows: list[dict], name: str) -> bool:
+    return any(Path(row["file"]).stem == name and 0 <= row["probability"] <= 1 for row in rows)
+
+
+@pytest.mark.slow  # an MLflow model logged and loaded: ~20 s
+def test_the_served_model_flags_or_refuses_the_same_headers(bundle, dicoms, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("checks", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        flagging = serving.log_model(bundle / "model.keras")
+    answer = served(flagging.model_uri, [dicoms[name] for name in ("within", *OUTSIDE)])
+    assert "DICOM" not in answer["flags"][0]
+    for flags, (_, reason) in zip(answer["flags"][1:], OUTSIDE.values()):
+        assert reason in flags
+    assert not any(value in " ".join(answer["flags"]) for value in ("LL", "LEG", "034Y"))
+
+    write_settings(bundle / "model.keras", 0.5, jpeg_quality=90, input_checks="refuse")
+    with mlflow.start_run(experiment_id=experiment):
+        refusing = serving.log_model(bundle / "model.keras")
+    with pytest.raises(MlflowException, match="row 0 of column 'image' is outside the model's intended use: "
+                                              "patient age outside 0-5 years"):
+        served(refusing.model_uri, [dicoms["adult"]])
+
+
+def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_images_and_saved_whole(tmp_path):
+    from sklearn.covariance import LedoitWolf
+
+    # One layout, as chest X-rays share one: dark at the top, bright at the bottom, varied a little
+    layout = np.linspace(40, 220, 32)[None, :, None, None] * np.ones((1, 1, 32, 3))
+    images = (0.8 * layout + 0.2 * smooth_images(80, 32)).astype(np.uint8)
+    features = np.random.default_rng(1).normal(size=(80, 6))
+    reference = ood.fit((ood.layout(images[:60]), features[:60]), (ood.layout(images[60:]), features[60:]), 0.1)
+    expected = np.sqrt(LedoitWolf().fit(features[:60]).mahalanobis(features[60:])) / reference.features.scale
+    np.testing.assert_allclose(reference.features.distance(features[60:]), expected, rtol=1e-6)
+    validation = reference.scores(ood.layout(images[60:]), features[60:])
+    assert np.mean(validation > reference.threshold) <= 0.1
+    # What is not like them: noise, the same images turned upside down, on their side, or inverted
+    unlike = np.concatenate([np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+                             images[60:64, ::-1], np.rot90(images[64:68], axes=(1, 2)), 255 - images[68:72]])
+    assert np.all(reference.scores(ood.layout(unlike), features[60:76]) > reference.threshold)
+
+    reference.save(tmp_path / "reference.ood.npz")
+    loaded = ood.OodReference.load(tmp_path / "reference.ood.npz", reference.threshold)
+    np.testing.assert_array_equal(loaded.scores(ood.layout(images), features), reference.scores(ood.layout(images),
+                                                                                                 features))
