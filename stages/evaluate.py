@@ -11,7 +11,7 @@ from pneumonia.config import load_params
 from pneumonia.evaluation.evaluate import evaluate
 from pneumonia.logs import run_stage
 from pneumonia.evaluation.model_card import markdown
-from pneumonia.model_settings import training_data, write_beside
+from pneumonia.model_settings import training_data
 from pneumonia.models.build import load_model
 
 # The test split's tables (ScoredSplit.tables), beside its figures; the external set's are
@@ -44,8 +44,10 @@ def main() -> None:
         write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.SPLIT_COUNTS,
                                                           paths.TRAIN_METRICS, card))
     write_text(paths.MODEL_CARD, markdown(card, f"Model card: {params.model.name}, pneumonia on chest X-rays"))
-    # The settings last of the model's files: a model with settings is a model whose evaluation finished
-    write_beside(paths.MODEL, settings, result.ood)
+    # Beside the model (model_settings.ood_file and settings_file of paths.MODEL), the settings last: a model
+    # with settings is a model whose evaluation finished
+    result.ood.save(paths.OOD_REFERENCE)
+    write_text(paths.MODEL_SETTINGS, settings.to_json())
 
     with tracking.resumed_run(paths.RUN_INFO):
         # The model first: each split's metrics are linked to it.

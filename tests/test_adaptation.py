@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+from bundles import write_settings
 from pneumonia import adaptation
 from pneumonia.config import ModelConfig
 from pneumonia.models.build import build_model
@@ -55,10 +56,9 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     keras.utils.set_random_seed(0)
     (tmp_path / "models").mkdir()
-    build_model(ModelConfig(crop=0), 32).save(tmp_path / "models" / "model.keras")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.5}')
-    (tmp_path / "params.yaml").write_text("{}")
+    model = build_model(ModelConfig(crop=0), 32)
+    model.save(tmp_path / "models" / "model.keras")
+    write_settings(tmp_path / "models" / "model.keras", 0.5, model=model)
     site = tmp_path / "site"
     site.mkdir()
     rng = np.random.default_rng(0)
@@ -192,9 +192,7 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     site_model().save(tmp_path / "models" / "model.keras")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.3}')
-    (tmp_path / "params.yaml").write_text("{}")
+    write_settings(tmp_path / "models" / "model.keras", 0.3)
     site, few = tmp_path / "site", tmp_path / "few"
     site.mkdir(), few.mkdir()
     for index, image in enumerate(bright_and_dark(24, size=40)):
@@ -217,7 +215,8 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
               "--seed", "3"])
     assert "adapted to 24 images" in capsys.readouterr().out
     # The file holds the model self_train makes in memory from the same images and seed.
-    classifier = load_classifier(tmp_path / "adapted.keras", 0.3, 95)
+    classifier = load_classifier(tmp_path / "adapted.keras")
+    assert classifier.threshold == 0.3
     images = [classifier.preprocess(path) for path in sorted(site.iterdir())]
     in_memory = adaptation.self_train(site_model(), np.stack(images), 0.3, seed=3)
     expected = pneumonia_probability(in_memory.predict(np.stack(images).astype(np.float32), verbose=0))

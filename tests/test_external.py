@@ -278,3 +278,29 @@ def test_a_symbolic_link_member_is_refused(tmp_path, known_images):
     (tmp_path / "link.zip").write_bytes(zip_bytes(members, symlinks={"site/NORMAL/x.jpeg": "/etc/passwd"}))
     with pytest.raises(PipelineError, match="member 'site/NORMAL/x.jpeg' is a symbolic link"):
         write(tmp_path / "link.zip", tmp_path / "external", known_images)
+
+
+@pytest.mark.parametrize("policy", ["flag", "refuse", "ignore"])
+def test_dicom_headers_outside_the_intended_use_are_counted_with_their_reasons(tmp_path, known_images, policy):
+    """The external stage's audit (reports/evaluation/external.json) says how many of its DICOMs are outside the
+    model's intended use, and why; `refuse` leaves them out. No header value in the audit."""
+    from dicoms import dataset, file_bytes, sample_xrays
+
+    source = external_folder(tmp_path / "site")
+    [(_, grey)] = sample_xrays(1, width=64)
+    for name, attributes in {"lateral": {"ViewPosition": "LL"}, "adult": {"PatientAge": "034Y"},
+                             "leg_adult": {"BodyPartExamined": "LEG", "PatientAge": "040Y"},
+                             "within": {"BodyPartExamined": "CHEST", "PatientAge": "002Y"}}.items():
+        (source / "NORMAL" / f"{name}.dcm").write_bytes(file_bytes(dataset(grey, 8, **attributes)))
+    audit = write_external(source, str(source), tmp_path / "out", known_images, 32, CONFIG, 0.0, policy)
+    checks = audit["input_checks"]
+    if policy == "ignore":
+        assert checks == {"policy": "ignore", "outside_intended_use": 0, "refused": 0, "reasons": {}}
+    else:
+        assert checks["outside_intended_use"] == 3 and checks["refused"] == (3 if policy == "refuse" else 0)
+        assert checks["reasons"] == {
+            "body part examined is not the chest (DICOM BodyPartExamined)": 1,
+            "not a frontal view: lateral or other (DICOM ViewPosition is not AP or PA)": 1,
+            "patient age outside 0-5 years (DICOM PatientAge)": 2}
+    assert audit["images"]["NORMAL"] == 3 + 4 - (3 if policy == "refuse" else 0)
+    assert not {"LL", "034Y", "040Y", "LEG"} & set(json.dumps(audit).replace('"', " ").split())

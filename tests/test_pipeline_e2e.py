@@ -2,6 +2,7 @@
 from the files DVC tracks and from the MLflow store."""
 
 import csv
+import io
 import json
 import re
 import subprocess
@@ -30,6 +31,7 @@ from conftest import (
 from pneumonia import SPLITS
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
+from pneumonia.model_settings import read_settings
 
 # A sweep of two models (docs/models.md): the model swap of the README (`-S model.name=xception`, from
 # scratch: no ImageNet weights here), and the custom CNN at another learning rate than the baseline's, as an
@@ -106,15 +108,25 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     test_metrics = json.loads((synthetic_project / "reports/evaluation/test.json").read_text())
     assert TEST_METRIC_KEYS <= test_metrics.keys()
     assert test_metrics["tp"] + test_metrics["fp"] + test_metrics["tn"] + test_metrics["fn"] == test_metrics["n"] > 0
+    data = json.loads((synthetic_project / "data/split_counts.json").read_text())
+    data_counts = data["images"]
+    assert data_counts["test"] == {"NORMAL": 6, "PNEUMONIA": 6}  # 20% of 12 patients x 3 images
     headline = json.loads((synthetic_project / "metrics/evaluation.json").read_text())
     assert headline == {"threshold": test_metrics["threshold"], "tta_views": 1,
                         "test": {key: test_metrics[key] for key in ("roc_auc", "sensitivity", "specificity",
                                                                     "accuracy")}}
+    # The model's settings, beside it: what predict, serving and adapt read (tests/test_model_bundle.py)
+    settings = read_settings(synthetic_project / "models/model.keras")
+    assert (settings.threshold, settings.threshold_rule) == (test_metrics["threshold"], test_metrics["threshold_rule"])
+    assert (settings.image_size, settings.jpeg_quality, settings.tta_views) == (88, 95, 1)
+    assert settings.training_data.images == {"train": sum(data_counts["train"].values()),
+                                             "val": sum(data_counts["val"].values()), "test": 12}
+    assert 0 < settings.ood.validation_flagged <= 0.2 and test_metrics["ood"]["images"] == test_metrics["n"]
+    card = (synthetic_project / "docs/model_card.md").read_text()
+    assert "children aged 1 to 5" in card and f"{settings.threshold:.4f}" in card
     train_metrics = json.loads((synthetic_project / "metrics/train.json").read_text())
     assert train_metrics["epochs_trained"] == 1 and set(train_metrics) == {"best_epoch", "epochs_trained",
                                                                            "train_seconds"}
-    data = json.loads((synthetic_project / "data/split_counts.json").read_text())
-    assert data["images"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}  # 20% of 12 patients x 3 images
 
     [mlflow_run] = runs
     assert mlflow_run.data.params["model.name"] == "custom_cnn"
@@ -132,6 +144,7 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
         [mlflow_run.info.experiment_id], filter_string=f"source_run_id = '{mlflow_run.info.run_id}'")
     # One model per run, logged by evaluate: the servable one, deciding at the threshold evaluate chose.
     assert model.name == "model" and float(model.params["threshold"]) == test_metrics["threshold"]
+    assert model.params["threshold_rule"] == test_metrics["threshold_rule"]
     candidate = MlflowClient(f"sqlite:///{synthetic_project / 'mlflow.db'}").get_model_version_by_alias(
         "pneumonia", "candidate")
     assert candidate.run_id == mlflow_run.info.run_id
@@ -382,7 +395,30 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     assert 0 <= external["border_share"] <= 1 and 0 < external["border_audit_images"] <= 244
     assert 0 <= test_metrics["border_share"] <= 1
     assert "External set: another site" in (project / "reports/evaluation.html").read_text()
+    # Another hospital's X-rays are mostly not out of distribution; the same X-rays inverted or on their side are
+    assert external["ood_flagged_share"] <= 0.1, external["ood"]
+    assert_unlike_xrays_are_flagged(project, external_zip, tmp_path)
     assert_evaluation_is_where_users_look(project, tmp_path, external=True)
+
+
+def assert_unlike_xrays_are_flagged(project: Path, external_zip: Path, scratch: Path) -> None:
+    """`pneumonia predict` with the trained sample model flags external X-rays turned on their side or inverted."""
+    import zipfile
+
+    from PIL import Image, ImageOps
+
+    folder = scratch / "unlike"
+    folder.mkdir()
+    with zipfile.ZipFile(external_zip) as archive:
+        names = sorted(name for name in archive.namelist() if name.endswith(".jpeg"))[:10]
+        for index, name in enumerate(names):
+            image = Image.open(io.BytesIO(archive.read(name))).convert("L")
+            unlike = image.rotate(90, expand=True) if index % 2 else ImageOps.invert(image)
+            unlike.save(folder / f"{index}.png")
+    run(["pneumonia", "predict", str(folder), "--json", str(scratch / "unlike.json")], project)
+    rows = json.loads((scratch / "unlike.json").read_text())
+    assert sum(row["out_of_distribution"] for row in rows) >= 8, rows
+    assert all("out of distribution" in row["flags"] for row in rows if row["out_of_distribution"])
 
 
 def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external: bool = False) -> None:

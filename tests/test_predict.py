@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bundles import write_settings
 from pneumonia import cli, inference
 from pneumonia.classifier import Classifier, model_input
 from pneumonia.config import ModelConfig
@@ -106,13 +107,12 @@ def test_folders_give_their_jpeg_and_png_files_recursively(images):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
-    """A project folder with a (untrained) 32 px model, params.yaml and the evaluate stage's threshold."""
+    """A project folder with a (untrained) 32 px model and its settings (threshold 0.25, JPEG quality 90)."""
     monkeypatch.chdir(tmp_path)
     Path("models").mkdir()
-    build_model(ModelConfig(crop=0), 32).save("models/model.keras")
-    Path("metrics").mkdir()
-    Path("metrics/evaluation.json").write_text(json.dumps({"threshold": 0.25, "test": {"roc_auc": 0.9}}))
-    Path("params.yaml").write_text("tfrecords:\n  jpeg_quality: 90\n")
+    model = build_model(ModelConfig(crop=0), 32)
+    model.save("models/model.keras")
+    write_settings(Path("models/model.keras"), 0.25, jpeg_quality=90, model=model)
     return tmp_path
 
 
@@ -140,21 +140,14 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert rows[2]["probability"] == "" and rows[2]["error"] == written[2]["error"]
 
     lines = out.splitlines()
-    assert lines[0].split() == ["file", "probability", "label"]
-    assert lines[1].split() == [str(good[0]), f"{expected[0]:.4f}", written[0]["label"]]
+    assert lines[0].split() == ["file", "probability", "label", "ood", "score", "flags"]
+    assert lines[1].split()[:4] == [str(good[0]), f"{expected[0]:.4f}", written[0]["label"],
+                                    f"{written[0]['ood_score']:.1f}"]
     assert lines[3].startswith(str(images["not_an_image"])) and "error: not a readable image" in lines[3]
 
     assert sorted(path.name for path in Path("cams").iterdir()) == ["bright.png.gradcam.png", "dark.JPG.gradcam.png"]
     overlay = np.asarray(Image.open("cams/dark.JPG.gradcam.png").convert("RGB")).astype(int)
     assert (overlay.max(axis=-1) - overlay.min(axis=-1)).max() > 20  # coloured by the map, not just the grey X-ray
-
-
-def test_cli_without_a_threshold_warns_and_uses_one_half(project, images, caplog):
-    os.remove("metrics/evaluation.json")
-    cli.main(["predict", str(images["bright_png_grey"]), "--json", "out.json"])
-    assert "no decision threshold in metrics/evaluation.json" in caplog.text
-    [row] = json.loads(Path("out.json").read_text())
-    assert row["label"] == ("PNEUMONIA" if row["probability"] >= 0.5 else "NORMAL")
 
 
 def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, capsys):
@@ -216,7 +209,7 @@ def test_an_output_file_option_naming_a_folder_is_refused_before_predicting(proj
         assert exit_info.value.code == 2
         out, err = capsys.readouterr()
         assert f"{option} out is a folder: name a file" in err and out == ""  # nothing predicted
-    assert sorted(path.name for path in project.iterdir()) == ["metrics", "models", "out", "params.yaml", "xrays"]
+    assert sorted(path.name for path in project.iterdir()) == ["models", "out", "xrays"]
 
 
 def test_a_fifo_is_refused_not_waited_on(images):
@@ -246,9 +239,11 @@ def test_a_fifo_is_refused_not_waited_on(images):
 
 @pytest.mark.parametrize("threshold", ["NaN", "Infinity", "1.5", "-0.1"])
 def test_a_threshold_that_is_not_a_probability_is_refused(project, images, capsys, threshold):
-    """issue 27: a NaN threshold in metrics/evaluation.json labelled every image NORMAL, silently."""
-    Path("metrics/evaluation.json").write_text(f'{{"threshold": {threshold}}}')
+    """issue 27: a NaN threshold labelled every image NORMAL, silently (then in metrics/evaluation.json, now in the
+    model's settings)."""
+    settings = Path("models/model.json")
+    settings.write_text(settings.read_text().replace('"threshold": 0.25', f'"threshold": {threshold}'))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(images["bright_png_grey"])])
     assert exit_info.value.code == 2
-    assert "metrics/evaluation.json has threshold" in capsys.readouterr().err
+    assert "models/model.json is not a model settings file of this version (threshold:" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from bundles import write_settings
 from conftest import mlflow_model_server, tool_env
 from dicoms import FORMS, SECRETS, dataset, dicom_file, file_bytes, png_bytes, sample_xrays
 from pneumonia import cli, serving
@@ -45,8 +46,8 @@ def store(synthetic_data, tmp_path_factory) -> dict[str, str]:
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment) as run:
             train(params.model, params.train, synthetic_data / "data/tfrecords", None, root / "model.keras")
-            info = serving.log_model(root / "model.keras", THRESHOLD, params.tfrecords.jpeg_quality,
-                                     params.tracking.register_model)
+            write_settings(root / "model.keras", THRESHOLD, params.tfrecords.jpeg_quality)  # as evaluate does
+            info = serving.log_model(root / "model.keras", params.tracking.register_model)
         yield {"uri": uri, "run_id": run.info.run_id, "model": str(root / "model.keras"),
                "version": info.registered_model_version}
 
@@ -107,7 +108,9 @@ def test_logged_model_is_registered_as_candidate_with_its_threshold(store):
     assert version.version == store["version"] and version.run_id == store["run_id"]
     info = mlflow.models.get_model_info(f"models:/{REGISTERED}@{serving.CANDIDATE}")
     assert info.signature.inputs.input_names() == [serving.IMAGE_COLUMN]
-    assert info.signature.outputs.input_names() == ["probability", "label"]
+    assert info.signature.outputs.input_names() == ["probability", "label", "ood_score", "out_of_distribution",
+                                                    "flags"]
+    assert "decision support" in info.metadata["intended_use"].lower()
     assert info.saved_input_example_info is not None
     # threshold and JPEG quality travel with the model (its params and an artifact), not as unprefixed run params
     logged = client.get_logged_model(info.model_id)
@@ -154,20 +157,18 @@ def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, 
     subprocess.run(["pneumonia", "predict", *map(str, xrays), "--model-uri", f"models:/{REGISTERED}@candidate",
                     "--json", str(by_uri)], env=tool_env(MLFLOW_TRACKING_URI=store["uri"]), check=True,
                    capture_output=True, timeout=300)
-    # ... and on the plain .keras file with the evaluate stage's threshold and the params' JPEG quality.
+    # ... and on the .keras file with its settings beside it, from another folder.
     monkeypatch.chdir(tmp_path)
-    Path("models").mkdir()
-    Path("models/model.keras").symlink_to(store["model"])
-    Path("metrics").mkdir()
-    Path("metrics/evaluation.json").write_text(json.dumps({"threshold": THRESHOLD}))
-    Path("params.yaml").write_text(f"tfrecords:\n  jpeg_quality: {JPEG_QUALITY}\n")
-    cli.main(["predict", *map(str, xrays), "--json", "by_keras.json"])
+    cli.main(["predict", *map(str, xrays), "--model", store["model"], "--json", "by_keras.json"])
 
     for predicted in (json.loads(by_uri.read_text()), json.loads(Path("by_keras.json").read_text())):
         assert [row["file"] for row in predicted] == [str(file) for file in xrays]
         np.testing.assert_allclose([row["probability"] for row in served], [row["probability"] for row in predicted],
                                    rtol=1e-5, atol=1e-6)
         assert [row["label"] for row in served] == [row["label"] for row in predicted]
+        np.testing.assert_allclose([row["ood_score"] for row in served], [row["ood_score"] for row in predicted],
+                                   rtol=1e-3)
+        assert [row["out_of_distribution"] for row in served] == [row["out_of_distribution"] for row in predicted]
     assert {row["label"] for row in served} <= {"NORMAL", "PNEUMONIA"}
     assert all(row["label"] == ("PNEUMONIA" if row["probability"] >= THRESHOLD else "NORMAL") for row in served)
 
@@ -351,8 +352,8 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     model, and of an ensemble of two (train.ensemble_members), saved and loaded as one model file."""
     import pandas as pd
 
-    from pneumonia import inference
     from pneumonia.classifier import Classifier, load_classifier
+    from pneumonia.errors import PipelineError
     from pneumonia.evaluation.gallery import images_at
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.augmentation import with_test_time_augmentation
@@ -360,7 +361,8 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
 
     model = random_convolution(0) if members == 1 else ensemble_of([random_convolution(seed) for seed in (0, 10)])
     model.save(tmp_path / "model.keras")
-    model = load_classifier(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY).model  # as `pneumonia predict` has it
+    write_settings(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY, tta_views=9)
+    model = load_classifier(tmp_path / "model.keras").model  # as `pneumonia predict` has it
     tfrecords = synthetic_data / "data/tfrecords"
     evaluated = predict_split(with_tta := with_test_time_augmentation(model, 9), tfrecords, "test", 8)
     classifier = Classifier(model, THRESHOLD, JPEG_QUALITY, tta_views=9)
@@ -369,7 +371,7 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     assert classifier.predictor is not model and with_tta is not model
 
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serving").experiment_id):
-        info = serving.log_model(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY, tta_views=9)
+        info = serving.log_model(tmp_path / "model.keras")
     served = mlflow.pyfunc.load_model(info.model_uri).predict(
         pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
     preprocessed = [classifier.preprocess(file) for file in xrays]
@@ -382,12 +384,12 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
         assert len(by_member) == members and not np.allclose(*by_member)
         np.testing.assert_allclose(plain, np.mean(by_member, axis=0), rtol=1e-5)
 
-    # `pneumonia predict` takes the views from the run's metrics/evaluation.json, as it takes the threshold.
-    (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 9}))
-    assert inference.run_tta_views(tmp_path / "evaluation.json") == 9
-    (tmp_path / "evaluation.json").write_text(json.dumps({"threshold": 0.4, "tta_views": 5}))
-    with pytest.raises(inference.PipelineError, match="tta_views 5, not one of"):
-        inference.run_tta_views(tmp_path / "evaluation.json")
+    # `pneumonia predict` takes the views from the model's settings, as it takes the threshold.
+    assert load_classifier(tmp_path / "model.keras").tta_views == 9
+    settings = tmp_path / "model.json"
+    settings.write_text(settings.read_text().replace('"tta_views": 9', '"tta_views": 5'))
+    with pytest.raises(PipelineError, match=r"model.json is not a model settings file of this version \(tta_views"):
+        load_classifier(tmp_path / "model.keras")
 
 
 @pytest.mark.slow  # self-trains and logs a small model: 20 s
@@ -411,14 +413,15 @@ def test_a_self_trained_model_gives_evaluate_predict_and_the_served_model_its_ow
     images = images_at(tfrecords, "test", list(range(count)))
     adapted = adaptation.self_train(site_model(48), images, 0.5, seed=0, epochs=1, min_per_class=2)
     keras.saving.save_model(adapted, tmp_path / "adapted.keras")
+    write_settings(tmp_path / "adapted.keras", THRESHOLD, JPEG_QUALITY)
     in_memory = pneumonia_probability(adapted.predict(images.astype(np.float32), verbose=0))
 
     evaluated = predict_split(load_model(tmp_path / "adapted.keras"), tfrecords, "test", 8)
     np.testing.assert_allclose(evaluated.probabilities, in_memory, rtol=1e-5)
-    predicted = load_classifier(tmp_path / "adapted.keras", THRESHOLD, JPEG_QUALITY).probabilities(list(images))
+    predicted = load_classifier(tmp_path / "adapted.keras").probabilities(list(images))
     np.testing.assert_allclose(predicted, in_memory, rtol=1e-5)
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serving").experiment_id):
-        info = serving.log_model(tmp_path / "adapted.keras", THRESHOLD, JPEG_QUALITY)
+        info = serving.log_model(tmp_path / "adapted.keras")
     served = mlflow.pyfunc.load_model(info.model_uri).predict(
         pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
     classifier = Classifier(adapted, THRESHOLD, JPEG_QUALITY)

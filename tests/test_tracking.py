@@ -1,6 +1,7 @@
 """Where runs go, and what identifies them."""
 
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -179,7 +180,13 @@ def locked():
 manifests = folder / "manifests"
 manifests.mkdir()
 (manifests / "test.csv").write_text("path,label\\na.jpeg,0\\n")
-keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")]).save(folder / "model.keras")
+inputs = keras.Input((8, 8, 3))
+pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inputs))
+model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+model.save(folder / "model.keras")
+sys.path.insert(0, sys.argv[2])
+from bundles import write_settings
+write_settings(folder / "model.keras", 0.5, 90, model=model)
 config = parse_params({}).tracking
 with tracking.training_run(config, {"model.name": "custom_cnn"}, manifests) as run:
     tracking.write_run_info(run, folder / "run.json")
@@ -188,7 +195,7 @@ with tracking.resumed_run(folder / "run.json"):
     locked()
     tracking.retry_locked(mlflow.set_tags, {"evaluate.seed": 1})
     locked()
-    logged = serving.log_model(folder / "model.keras", 0.5, 90, "pneumonia-test")
+    logged = serving.log_model(folder / "model.keras", "pneumonia-test")
     locked()
     datasets = tracking.log_manifests(manifests, {"test": "testing"})
     locked()
@@ -216,7 +223,7 @@ def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
 
     writes, log = 8, tmp_path / "log"
     with log.open("w") as output:
-        process = subprocess.Popen([sys.executable, "-c", EVALUATE_WRITES, str(tmp_path)],
+        process = subprocess.Popen([sys.executable, "-c", EVALUATE_WRITES, str(tmp_path), str(Path(__file__).parent)],
                                    env=tool_env(DVC_ROOT=str(tmp_path)), stdout=output, stderr=subprocess.STDOUT)
     try:
         for step in range(1, writes + 1):

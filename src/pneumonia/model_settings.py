@@ -95,8 +95,8 @@ class ModelSettings(Frozen):
 
 
 def model_file(path: Path) -> Path:
-    """The .keras file of a bundle named by its folder or by the file itself."""
-    return path / MODEL_FILE if path.is_dir() else path
+    """The .keras file of a bundle named by its folder (models/) or by the file itself."""
+    return path / MODEL_FILE if path.is_dir() or (not path.exists() and path.suffix != ".keras") else path
 
 
 def settings_file(model: Path) -> Path:

@@ -38,10 +38,18 @@ METHOD = "mahalanobis: layout thumbnail 16x16 + pooled features (Ledoit-Wolf), v
 def layout(images: np.ndarray) -> np.ndarray:
     """(n, THUMBNAIL**2): each model input image (uint8 or float, (n, h, w, 3)) as a greyscale thumbnail
     (box-averaged), standardised to zero mean and unit variance; a blank image is all zeros."""
-    import tensorflow as tf
+    images = np.asarray(images)
+    count, height, width, channels = images.shape
+    if height % THUMBNAIL or width % THUMBNAIL:
+        import tensorflow as tf
 
-    grey = np.asarray(images, dtype=np.float32).mean(axis=-1, keepdims=True)
-    thumbnails = tf.image.resize(grey, (THUMBNAIL, THUMBNAIL), method="area").numpy().reshape(len(grey), -1)
+        grey = images.astype(np.float32).mean(axis=-1, keepdims=True)
+        thumbnails = tf.image.resize(grey, (THUMBNAIL, THUMBNAIL), method="area").numpy()
+    else:  # the same box average, summed in integers: ten times faster than float means, beside each prediction
+        blocks = images.reshape(count, THUMBNAIL, height // THUMBNAIL, THUMBNAIL, width // THUMBNAIL, channels)
+        summed = blocks.sum(axis=(2, 4, 5), dtype=np.uint64 if images.dtype.kind in "ui" else np.float64)
+        thumbnails = summed.astype(np.float32) / (height * width * channels / THUMBNAIL**2)
+    thumbnails = thumbnails.reshape(count, -1)
     centred = thumbnails - thumbnails.mean(axis=1, keepdims=True)
     # 1% of the grey range: a near-constant image stays near zero instead of amplifying its noise
     return centred / (centred.std(axis=1, keepdims=True) + 2.55)
@@ -88,7 +96,9 @@ class Gaussian:
 
     def distance(self, vectors: np.ndarray) -> np.ndarray:
         centred = np.asarray(vectors, dtype=np.float64) - self.mean
-        squared = np.einsum("ij,jk,ik->i", centred, self.precision, centred)
+        # einsum's own loop, not BLAS: a 32 x 256 by 256 x 256 product is ~1 ms either way, but multi-threaded
+        # BLAS beside TensorFlow's threads on a busy CPU took 30-70 ms, more than the forward pass
+        squared = np.einsum("ij,ij->i", np.einsum("ij,jk->ik", centred, self.precision, optimize=False), centred)
         return np.sqrt(np.maximum(squared, 0)) / self.scale
 
 
