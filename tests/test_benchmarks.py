@@ -221,3 +221,26 @@ def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(m
     for name in ("unadapted", "batch_norm_adapted", "prior_adjusted", "self_trained"):
         assert set(found[name]) >= {"sensitivity", "specificity", "accuracy", "roc_auc"}
         assert all(0 <= value <= 1 for value in found[name].values()), name
+
+
+def test_ood_benchmark_scores_each_method_on_each_group_and_writes_its_report(tmp_path, synthetic_data):
+    """benchmarks/ood.py at its smallest: an untrained model on the synthetic set, a zip of 20 stand-in external
+    images; every group of inputs that are not chest X-rays is scored by every method."""
+    import zipfile
+
+    from archives import jpeg
+
+    external = tmp_path / "external.zip"
+    with zipfile.ZipFile(external, "w") as archive:
+        for index in range(20):
+            archive.writestr(f"external/NORMAL/{index}.jpeg", jpeg(index))
+    run([sys.executable, "-m", "benchmarks.ood", "--smoke", "--tfrecords", str(synthetic_data / "data/tfrecords"),
+         "--external", str(external), "--out", str(tmp_path)], REPO)
+    report = json.loads((tmp_path / "ood-smoke.json").read_text())
+    assert set(report["methods"]) == {"penultimate layer (the baseline)", "pooled features", "layout thumbnail",
+                                      "layout + pooled features (pneumonia.ood)"}
+    for method in report["methods"].values():
+        groups = method["groups"]
+        assert groups["external"]["images"] == 20 and groups["inverted"]["images"] == 40
+        assert all(0 <= row["flagged"] <= 1 and 0 <= row.get("roc_auc", 0) <= 1 for row in groups.values())
+    assert report["cost"]["predict"]["with"] > 0 and report["cost"]["model"]["with"] > 0 and "python -m benchmarks.ood --smoke" in (tmp_path / "ood-smoke.md").read_text()

@@ -101,6 +101,10 @@ nothing but these numbers. The test split comes from the same source as the trai
 {{ pct(scores.border_band) }} of the image ({{ scores.border_audit_images }} test images; evenly
 spread evidence would give {{ pct(scores.border_share_if_uniform) }}). Markers, corners and
 collimation edges live there, not lungs.</p>
+{% if "ood_flagged_share" in scores %}
+<p>Out-of-distribution flag: {{ pct(scores.ood_flagged_share) }} of the test images are flagged as unlike the
+training X-rays (threshold {{ fmt(scores.ood.threshold) }}, set to flag {{ pct(ood_flagged) }} of validation images).</p>
+{% endif %}
 
 {% if external %}
 <h2 id="external">External set: another site</h2>
@@ -128,8 +132,16 @@ collimation edges live there, not lungs.</p>
 {% endfor %}
 <tr><td>Border share of Grad-CAM evidence</td><td>{{ fmt(external.border_share) }}</td><td></td><td></td>
 <td>{{ fmt(scores.border_share) }}</td></tr>
+{% if "ood_flagged_share" in external %}
+<tr><td>Flagged out of distribution</td><td>{{ pct(external.ood_flagged_share) }}</td><td></td><td></td>
+<td>{{ pct(scores.ood_flagged_share) }}</td></tr>
+{% endif %}
 </tbody>
 </table>
+{% if external.input_checks and external.input_checks.outside_intended_use %}
+<p>DICOM headers outside the intended use ({{ external.input_checks.policy }}):
+{% for reason, count in external.input_checks.reasons.items() %}{{ count }} {{ reason }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+{% endif %}
 {% endif %}
 
 <h2>Data</h2>
@@ -194,7 +206,7 @@ def render(scores: dict[str, Any], figures: list[Figure], params: dict[str, Any]
     return environment.from_string(TEMPLATE).render(
         model_name=params["model"]["name"], rule=scores["threshold_rule"], scores=scores, external=external,
         at_default=AT_DEFAULT, metric_rows=METRIC_ROWS, count_rows=COUNT_ROWS,
-        bootstrap_samples=params["evaluate"]["bootstrap_samples"],
+        bootstrap_samples=params["evaluate"]["bootstrap_samples"], ood_flagged=params["evaluate"]["ood_flagged"],
         data=data, splits=SPLITS, class_names=CLASS_NAMES, figures=figures, training=training,
         params_yaml=yaml.safe_dump(params, sort_keys=False), model_summary=model_summary, model_card=model_card,
         fmt=_fmt, pct=_pct,

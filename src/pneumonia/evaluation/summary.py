@@ -79,7 +79,8 @@ def evaluation_scores(val: Predictions, test: Predictions, config: EvaluateConfi
 def external_scores(external: Predictions, threshold: float, config: EvaluateConfig, audit: dict) -> dict[str, Any]:
     """The external set's scores: at the threshold chosen on validation, as test is scored."""
     scores = split_scores(external, threshold, config, f"external set (evaluate.external = {config.external!r})")
-    return finite_or_none({**scores, "source": config.external, "patients": audit.get("patients")})
+    return finite_or_none({**scores, "source": config.external, "patients": audit.get("patients"),
+                           "input_checks": audit.get("input_checks")})  # DICOM headers outside the intended use
 
 
 # What `dvc exp show` compares of each split: its columns test.roc_auc, ..., external.accuracy (distinct names:
