@@ -28,7 +28,7 @@ def test_training_run_logs_params_tags_and_hands_over_its_id(tmp_path, monkeypat
     params = parse_params({"train": {"epochs": 3}})
 
     with tracking.training_run(params.tracking, flatten(params), manifests) as run:
-        tracking.write_run_info(run, tmp_path / "run.json")
+        tracking.write_run_info(tmp_path / "run.json")
     with tracking.resumed_run(tmp_path / "run.json") as resumed:
         mlflow.log_metric("test_auc", 0.9)
         assert resumed.info.run_id == run.info.run_id
@@ -182,7 +182,7 @@ manifests.mkdir()
 keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")]).save(folder / "model.keras")
 config = parse_params({}).tracking
 with tracking.training_run(config, {"model.name": "custom_cnn"}, manifests) as run:
-    tracking.write_run_info(run, folder / "run.json")
+    tracking.write_run_info(folder / "run.json")
 locked()
 with tracking.resumed_run(folder / "run.json"):
     locked()
