@@ -18,7 +18,7 @@ from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.models.build import load_model
 
-BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
+IMAGES_PER_PASS = 32  # images a forward pass: bounds memory whatever the number of files
 
 
 def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
@@ -62,7 +62,7 @@ class Classifier:
         if not images:
             return np.empty(0)
         # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
-        batches = [np.stack(images[start:start + BATCH_SIZE]) for start in range(0, len(images), BATCH_SIZE)]
+        batches = [np.stack(images[start:start + IMAGES_PER_PASS]) for start in range(0, len(images), IMAGES_PER_PASS)]
         return pneumonia_probability(np.concatenate([self.predictor.predict_on_batch(batch) for batch in batches]))
 
     def label(self, probability: float) -> str:
