@@ -187,11 +187,15 @@ def keep(project: Path, profile: str, seed: int, folder: Path) -> None:
 
 def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int,
             keep_models: Path | None = None) -> dict:
+    from pneumonia.config import with_overrides
+
     started = time.perf_counter()
+    run_overrides = {**overrides, **PROFILES[profile], "train.seed": seed}
+    # What this run trains and evaluates with: the copy's params.yaml as `dvc exp run -S` changes it.
+    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), run_overrides)
     # The stages import the copy's library, not the working tree the editable install points at: edits made
     # there during the hours of training must not reach these runs.
-    harness.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project,
-                 PYTHONPATH=str(project / "src"))
+    harness.run(["dvc", "exp", "run", *settings(run_overrides)], project, PYTHONPATH=str(project / "src"))
     wall = time.perf_counter() - started
     if keep_models:
         keep(project, profile, seed, keep_models)
@@ -204,7 +208,7 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
         return {**{name: scores[name] for name in (*SCORE_COLUMNS, "threshold", "border_share")},
                 "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in SCORE_COLUMNS}}
 
-    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "test": split(test),
+    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "params": params, "test": split(test),
             "external": split(external), "best_epoch": train["best_epoch"], "epochs_trained": train["epochs_trained"],
             "train_seconds": train["train_seconds"], "pipeline_seconds": round(wall, 1),
             **analyse(project, halvings, adapt_halvings)}
