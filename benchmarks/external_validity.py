@@ -237,8 +237,9 @@ def markdown(report: dict, summary_only: bool = False) -> str:
 
     lines = [
         "External set: 244 X-rays of Kaggle's official test split (another acquisition than training). "
-        "In-distribution: the sample's own test split (1,025 images, same acquisition as training). Mean ± sd over "
-        "seeds, at the threshold the pipeline chose on validation.",
+        "In-distribution: the test split of the larger sample these runs train on (1,025 images; the compact "
+        "sample's has 409), same acquisition as training. Mean ± sd over seeds, at the threshold the pipeline "
+        "chose on validation.",
         "",
         "| profile | seeds | external ROC AUC | external accuracy | external sensitivity | external specificity "
         "| external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity | training |",

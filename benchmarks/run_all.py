@@ -57,24 +57,28 @@ def measured_params(params: dict, prefix: str = "") -> dict:
     return found
 
 
-def changed_since(report: dict, params: dict) -> list[str]:
-    """The MEASURED_WITH keys whose value in `params` differs from the report's; ["(not recorded)"] for a
-    report from before reports recorded their params."""
+def changed_since(report: dict, params: dict) -> tuple[list[str], int] | None:
+    """The MEASURED_WITH keys of both the report's params and `params` whose values differ, and how many keys
+    only one of them has (added or renamed since); None for a report from before reports recorded params."""
     if "params" not in report:
-        return ["(not recorded)"]
+        return None
     then, now = measured_params(report["params"]), measured_params(params)
-    return sorted(key for key in then.keys() | now.keys() if then.get(key) != now.get(key))
+    return (sorted(key for key in then.keys() & now.keys() if then[key] != now[key]),
+            len(then.keys() ^ now.keys()))
 
 
 def staleness(report: dict, params: dict) -> str:
     """A sentence saying the figures are of another default than `params`'s; "" when they are today's."""
     changed = changed_since(report, params)
-    if not changed:
+    if changed == ([], 0):
         return ""
-    what = ("before reports recorded their params" if changed == ["(not recorded)"]
-            else f"params.yaml has changed {', '.join(changed)} since")
-    return (f"**Figures of another default** than today's params.yaml ({what}): "
-            "`python -m benchmarks.run_all` measures today's.")
+    if changed is None:
+        what = "measured before reports recorded their params"
+    else:
+        keys, others = changed
+        what = "params.yaml changed since: " + "; ".join(
+            ([", ".join(keys)] if keys else []) + ([f"{others} keys added or renamed"] if others else []))
+    return f"**Figures of another default** ({what}): `python -m benchmarks.run_all` measures today's."
 
 
 def machine() -> dict:

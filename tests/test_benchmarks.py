@@ -145,10 +145,13 @@ def test_speed_figures_say_when_they_are_of_another_default():
     other_threshold = {**params, "evaluate": {**params["evaluate"], "threshold": 0.5}}
     assert staleness({**report, "params": other_threshold}, params) == ""
     before = {**params, "train": {**params["train"], "weight_averaging": "none"}}
-    assert "train.weight_averaging" in staleness({**report, "params": before}, params)
+    assert "changed since: train.weight_averaging" in staleness({**report, "params": before}, params)
     assert "another default" in readme_summary({**report, "params": before}, params)
+    renamed = {**params, "train": {("old_name" if key == "seed" else key): value
+                                   for key, value in params["train"].items()}}
+    assert "2 keys added or renamed" in staleness({**report, "params": renamed}, params)
     unrecorded = {key: value for key, value in report.items() if key != "params"}
-    assert "before reports recorded their params" in staleness(unrecorded, params)
+    assert "measured before reports recorded their params" in staleness(unrecorded, params)
 
 
 @pytest.mark.e2e
