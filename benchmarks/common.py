@@ -15,8 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO
+from pneumonia.atomic import write_json, write_text
+
 SAMPLE_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-sample.zip"
+# The scores a benchmark's table shows of each model, in its column order.
+SCORE_COLUMNS = ("roc_auc", "accuracy", "sensitivity", "specificity")
 
 
 @dataclass(frozen=True)
@@ -142,14 +146,12 @@ def sample_records(sample: Path, split: str) -> list:
     return [replace(record, path=str(sample / record.path)) for record in read_manifest(manifest)]
 
 
-def write_manifests(manifests: Path, splits: dict[str, list]) -> Path:
-    """Manifests for write_tfrecords; splits not given are written empty."""
+def manifests_for_tfrecords(manifests: Path, splits: dict[str, list]) -> Path:
+    """`manifests` as write_tfrecords reads them: the records of `splits`, the splits not given empty."""
     from pneumonia import SPLITS
-    from pneumonia.data.manifest import write_manifest
+    from pneumonia.data.manifest import write_manifests
 
-    manifests.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        write_manifest(manifests / f"{split}.csv", splits.get(split, []))
+    write_manifests(manifests, {split: splits.get(split, []) for split in SPLITS})
     return manifests
 
 
@@ -204,7 +206,7 @@ def replace_block(page: Path, start: str, end: str, text: str) -> None:
     if start not in content or end not in content:
         raise SystemExit(f"{page} has no {start} ... {end} block to fill")
     head, rest = content.split(start, 1)
-    page.write_text(head + start + "\n" + text.strip("\n") + "\n" + rest[rest.index(end):])
+    write_text(page, head + start + "\n" + text.strip("\n") + "\n" + rest[rest.index(end):])
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -259,5 +261,4 @@ def main(run: Callable[[Path, Scale, Path], dict]) -> None:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         result = run(workdir.resolve(), SMOKE if args.smoke else FULL, args.sample.resolve())
-    text = json.dumps(result, indent=2)
-    args.json.write_text(text + "\n") if args.json else print(text)
+    write_json(args.json, result, sort_keys=False) if args.json else print(json.dumps(result, indent=2))

@@ -11,7 +11,17 @@ image of the writer (serial) and of the workers (parallel), which show the limit
 import resource
 from pathlib import Path
 
-from benchmarks.common import REPO, Scale, load_during, main, median, prepared_sample, standins, timed, write_manifests
+from benchmarks.common import (
+    REPO,
+    Scale,
+    load_during,
+    main,
+    manifests_for_tfrecords,
+    median,
+    prepared_sample,
+    standins,
+    timed,
+)
 
 TARGET = 1.8
 WORKERS = (1, 2)
@@ -27,7 +37,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     _, records = standins(workdir, prepared_sample(workdir, sample_zip, scale.sample_every), scale.standins,
                                   scale.standin_size)
     few, many = scale.conversion_copies
-    manifests = {copies: write_manifests(workdir / f"conversion-{copies}x", {"train": records * copies})
+    manifests = {copies: manifests_for_tfrecords(workdir / f"conversion-{copies}x", {"train": records * copies})
                  for copies in (few, many)}
 
     def convert(workers: int, copies: int) -> dict[str, float]:

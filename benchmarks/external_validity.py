@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -41,17 +40,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.common import REPO, SAMPLE_ZIP, load_average, replace_block, working_directory
+import harness
+from benchmarks.common import REPO, SAMPLE_ZIP, SCORE_COLUMNS, load_average, replace_block, working_directory
 from benchmarks.run_all import machine
 from benchmarks.threshold_rules import held_out_scores
-
-sys.path.insert(0, str(REPO / "tests"))
-import conftest  # the tests' project copy, and their environment for tools (this venv, no outside DVC)
+from pneumonia.atomic import write_json, write_text
 
 EXTERNAL_ZIP = REPO.parent / "shared" / "datasets" / "chest-xray-external.zip"
 README_MARKERS = ("<!-- external_validity.md: made by python -m benchmarks.external_validity -->",
                   "<!-- /external_validity.md -->")
-METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
 README_PROFILES = ("default", "default_scale")  # the README's table: the default and the one before it
 RULES = ("youden", "sensitivity@0.9", "sensitivity@0.93", "sensitivity@0.95", "sensitivity@0.99", 0.5)
 HALVINGS = 100  # random halvings of the external patients for the site-labelled threshold
@@ -60,18 +57,18 @@ ADAPT_HALVINGS = 5  # for the adaptations (each adapts and predicts: slower)
 # Overrides of params.yaml as committed; "default" is params.yaml itself.
 # The default before issue 25: input scaled to [0, 1], no weight averaging.
 DEFAULT_SCALE = {"model.input_norm": "scale", "train.weight_averaging": "none"}
-PREVIOUS = {**DEFAULT_SCALE, "data.image_size": 160, "train.augment.zoom": 0, "train.augment.translation": 0,
+PREVIOUS_PROFILE = {**DEFAULT_SCALE, "data.image_size": 160, "train.augment.zoom": 0, "train.augment.translation": 0,
             "train.augment.rotation": 0, "train.augment.contrast": 0, "model.crop": 0, "train.label_smoothing": 0,
             "train.epochs": 15, "train.early_stopping_patience": 5, "evaluate.threshold": "youden"}
-LIGHT_AUG = {**PREVIOUS, "train.augment.zoom": 0.1, "train.augment.translation": 0.05, "train.augment.contrast": 0.1,
-             "train.epochs": 30, "train.early_stopping_patience": 8}
+LIGHT_AUG = {**PREVIOUS_PROFILE, "train.augment.zoom": 0.1, "train.augment.translation": 0.05,
+             "train.augment.contrast": 0.1, "train.epochs": 30, "train.early_stopping_patience": 8}
 PROFILES = {
     "default": {},  # per_image + ema since issue 25
     "default_scale": DEFAULT_SCALE,
     # The default before benchmarks/training_speed.py; its recorded runs (commit 18722ad) drew zoom,
     # rotation and translation with three Keras layers, a rerun draws them with RandomAffine.
     "default_160px": {**DEFAULT_SCALE, "data.image_size": 160},
-    "previous": PREVIOUS,  # the default until this benchmark: no augmentation, 15 epochs, youden
+    "previous": PREVIOUS_PROFILE,  # the default until this benchmark: no augmentation, 15 epochs, youden
     "light_aug": LIGHT_AUG,  # light augmentation, 30 epochs, no crop
     # Levers of issue 25, each alone on default_scale (docs/results.md); the default is per_image and ema together
     "per_image": {"train.weight_averaging": "none"},  # intensity standardised per image
@@ -190,11 +187,15 @@ def keep(project: Path, profile: str, seed: int, folder: Path) -> None:
 
 def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: int, adapt_halvings: int,
             keep_models: Path | None = None) -> dict:
+    from pneumonia.config import with_overrides
+
     started = time.perf_counter()
+    run_overrides = {**overrides, **PROFILES[profile], "train.seed": seed}
+    # What this run trains and evaluates with: the copy's params.yaml as `dvc exp run -S` changes it.
+    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), run_overrides)
     # The stages import the copy's library, not the working tree the editable install points at: edits made
     # there during the hours of training must not reach these runs.
-    conftest.run(["dvc", "exp", "run", *settings({**overrides, **PROFILES[profile], "train.seed": seed})], project,
-                 PYTHONPATH=str(project / "src"))
+    harness.run(["dvc", "exp", "run", *settings(run_overrides)], project, PYTHONPATH=str(project / "src"))
     wall = time.perf_counter() - started
     if keep_models:
         keep(project, profile, seed, keep_models)
@@ -204,10 +205,10 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
                              for path in (paths.TEST_SCORES, paths.EXTERNAL_SCORES, paths.TRAIN_METRICS))
 
     def split(scores: dict) -> dict:
-        return {**{name: scores[name] for name in (*METRICS, "threshold", "border_share")},
-                "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in METRICS}}
+        return {**{name: scores[name] for name in (*SCORE_COLUMNS, "threshold", "border_share")},
+                "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in SCORE_COLUMNS}}
 
-    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "test": split(test),
+    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "params": params, "test": split(test),
             "external": split(external), "best_epoch": train["best_epoch"], "epochs_trained": train["epochs_trained"],
             "train_seconds": train["train_seconds"], "pipeline_seconds": round(wall, 1),
             **analyse(project, halvings, adapt_halvings)}
@@ -236,8 +237,9 @@ def markdown(report: dict, summary_only: bool = False) -> str:
 
     lines = [
         "External set: 244 X-rays of Kaggle's official test split (another acquisition than training). "
-        "In-distribution: the sample's own test split (1,025 images, same acquisition as training). Mean ± sd over "
-        "seeds, at the threshold the pipeline chose on validation.",
+        "In-distribution: the test split of the larger sample these runs train on (1,025 images; the compact "
+        "sample's has 409), same acquisition as training. Mean ± sd over seeds, at the threshold the pipeline "
+        "chose on validation.",
         "",
         "| profile | seeds | external ROC AUC | external accuracy | external sensitivity | external specificity "
         "| external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity | training |",
@@ -247,7 +249,7 @@ def markdown(report: dict, summary_only: bool = False) -> str:
         runs = by_profile[name]
         lines.append(
             f"| {name} | {', '.join(str(run['seed']) for run in runs)} | "
-            + " | ".join(cell(runs, "external", metric) for metric in METRICS)
+            + " | ".join(cell(runs, "external", metric) for metric in SCORE_COLUMNS)
             + f" | {cell(runs, 'external', 'border_share')} | {cell(runs, 'test', 'roc_auc')} | "
             f"{cell(runs, 'test', 'sensitivity')} / {cell(runs, 'test', 'specificity')} | "
             f"{statistics.fmean(run['train_seconds'] for run in runs) / 60:.0f} min |")
@@ -328,9 +330,9 @@ def main() -> None:
     if not args.tables_only:
         report = measure(report, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report_path, report, sort_keys=False)
     table = markdown(report)
-    (args.out / "external_validity.md").write_text(table)
+    write_text(args.out / "external_validity.md", table)
     if not args.smoke and args.out.resolve() == (REPO / "benchmarks").resolve():
         replace_block(REPO / "README.md", *README_MARKERS, markdown(report, summary_only=True))
     print(table)
@@ -343,8 +345,8 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
               "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
               "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "")}
     with tempfile.TemporaryDirectory(prefix="pneumonia-external-validity-") as temporary:
-        project = conftest.copy_project(Path(temporary) / "project")
-        conftest.commit_all(project)
+        project = harness.copy_project(Path(temporary) / "project")
+        harness.commit_all(project)
         if args.smoke:
             from pneumonia.config import SyntheticConfig
             from pneumonia.data import synthetic
@@ -365,7 +367,7 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
                 print(json.dumps({key: run[key] for key in ("profile", "seed", "external", "test")}), flush=True)
                 if not args.smoke:  # kept run by run: hours of training are not lost to a later failure
                     args.out.mkdir(parents=True, exist_ok=True)
-                    (args.out / "external_validity.json").write_text(json.dumps(report, indent=2) + "\n")
+                    write_json(args.out / "external_validity.json", report, sort_keys=False)
     return {**report, "load_average": load_average()}
 
 

@@ -63,11 +63,10 @@ from pathlib import Path
 from benchmarks.common import REPO, median, prepared_sample, quiet_tensorflow, timed, working_directory
 from benchmarks.input_vs_compute import tfrecords_and_in_memory_rates
 
-SAMPLE = REPO / "data_sample" / "chest-xray-small.zip"  # params.yaml's data.local_path
 AUC_TOLERANCE = 0.03  # |GPU - CPU| best validation AUC of custom_cnn over the same epochs (docs/performance.md)
 # Overrides of params.yaml per model, as `dvc exp run -S` would set them
-MODELS = {"custom_cnn": {}, "resnet50v2": {"model.name": "resnet50v2", "model.weights": "none"},
-          "mobilenetv2": {"model.name": "mobilenetv2", "model.weights": "none"}}
+MODEL_OVERRIDES = {"custom_cnn": {}, "resnet50v2": {"model.name": "resnet50v2", "model.weights": "none"},
+                   "mobilenetv2": {"model.name": "mobilenetv2", "model.weights": "none"}}
 ROW = "gpu_check row: "  # a child process's result line on stdout (Keras prints its epochs there too)
 
 
@@ -108,9 +107,9 @@ def pipeline_params(model: str, settings: Settings, accelerator: str, precision:
     from pneumonia.config import parse_params
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    overrides = {**MODELS[model], "data.image_size": settings.image_size, "train.batch_size": settings.batch_size,
-                 "train.epochs": settings.epochs, "train.accelerator": accelerator, "train.precision": precision,
-                 "train.deterministic": deterministic}
+    overrides = {**MODEL_OVERRIDES[model], "data.image_size": settings.image_size,
+                 "train.batch_size": settings.batch_size, "train.epochs": settings.epochs,
+                 "train.accelerator": accelerator, "train.precision": precision, "train.deterministic": deterministic}
     for key, value in overrides.items():
         *sections, name = key.split(".")
         section = raw
@@ -218,7 +217,7 @@ def sample_tfrecords(workdir: Path, settings: Settings) -> tuple[Path, dict[int,
     from pneumonia.data.tfrecords import write_tfrecords
 
     params = load_params(REPO / "params.yaml")
-    sample = prepared_sample(workdir, SAMPLE, settings.sample_every)
+    sample = prepared_sample(workdir, REPO / paths.SAMPLE, settings.sample_every)
     tfrecords = workdir / "tfrecords"
     with working_directory(sample):
         write_tfrecords(paths.MANIFESTS, tfrecords, settings.image_size, params.tfrecords)

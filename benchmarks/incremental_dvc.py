@@ -9,16 +9,13 @@ on another model; which stages ran is read from DVC's own output.
 
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, Scale, load_during, main, median
-
-sys.path.insert(0, str(REPO / "tests"))
-import conftest  # the tests' project copy, and their environment for tools (this venv, no outside DVC)
+import harness
+from benchmarks.common import Scale, load_during, main, median
 
 TARGET_SECONDS = 3.0
 DATA_STAGES = ("download", "prepare", "tfrecords")
@@ -26,7 +23,7 @@ DATA_STAGES = ("download", "prepare", "tfrecords")
 
 def dvc(project: Path, *args: str) -> tuple[float, str]:
     started = time.perf_counter()
-    output = conftest.run(["dvc", *args], project).stdout
+    output = harness.run(["dvc", *args], project).stdout
     return time.perf_counter() - started, output
 
 
@@ -37,16 +34,16 @@ def stages_run(output: str) -> list[str]:
 def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     project = workdir / "dvc-project"
     shutil.rmtree(project, ignore_errors=True)
-    conftest.copy_project(project)
+    harness.copy_project(project)
     settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in scale.dvc_params)}
-    conftest.set_params(project, **settings, **{"data.local_path": str(sample_zip)})
-    conftest.commit_all(project)
+    harness.set_params(project, **settings, **{"data.local_path": str(sample_zip)})
+    harness.commit_all(project)
 
     result: dict = {"params": list(scale.dvc_params), "experiment": [f"-S {item}" for item in scale.dvc_experiment]}
     with load_during(result):
         seconds, output = dvc(project, "repro")
         result["first_repro"] = {"seconds": round(seconds, 1), "stages_run": stages_run(output)}
-        conftest.commit_all(project, "baseline")
+        harness.commit_all(project, "baseline")
         noop = [dvc(project, "repro") for _ in range(scale.repeats)]
         seconds, output = dvc(project, "exp", "run", *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
     noop_seconds = median([seconds for seconds, _ in noop])

@@ -36,22 +36,21 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import harness
 from benchmarks.common import (
     REPO,
     Scale,
     epoch_timer,
     load_during,
     main,
+    manifests_for_tfrecords,
     median,
     prepared_sample,
     quiet_tensorflow,
     standins,
     timed,
-    write_manifests,
 )
-
-sys.path.insert(0, str(REPO / "tests"))
-import conftest  # the tests' model server (mlflow_model_server), in this venv
+from pneumonia.atomic import write_json
 
 TARGET_RATIO = 1.0
 TARGET_P99_MS = 500.0
@@ -63,7 +62,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     import numpy as np
 
     from pneumonia import inference
-    from pneumonia.classifier import BATCH_SIZE, Classifier
+    from pneumonia.classifier import IMAGES_PER_PASS, Classifier
     from pneumonia.config import load_params
     from pneumonia.data import dataset
     from pneumonia.data.tfrecords import write_tfrecords
@@ -78,7 +77,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     files = [Path(record.path) for record in records]
     tfrecords = workdir / f"standin-tfrecords-{len(records)}-{size}"
     if not tfrecords.exists():
-        write_tfrecords(write_manifests(workdir / "standin-manifests", {"train": records}), tfrecords, size,
+        write_tfrecords(manifests_for_tfrecords(workdir / "standin-manifests", {"train": records}), tfrecords, size,
                         params.tfrecords)
 
     keras.utils.set_random_seed(params.train.seed)
@@ -94,7 +93,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
 
     def before(chosen: list[Path]) -> None:  # predict_files before: each batch decoded in this thread, model.predict
-        step = BATCH_SIZE
+        step = IMAGES_PER_PASS
         for start in range(0, len(chosen), step):
             model.predict(np.stack([classifier.preprocess(file) for file in chosen[start:start + step]]),
                           batch_size=step, verbose=0)
@@ -103,7 +102,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         inference.predict_files(classifier, chosen)
 
     for warm_up in (before, after):  # tracing the predict functions: for a full batch and a partial one
-        warm_up(files[:BATCH_SIZE + 1])
+        warm_up(files[:IMAGES_PER_PASS + 1])
     sides = {
         "training": training_rate,
         "predict_before": lambda: len(files) / timed(lambda: before(files)),
@@ -169,7 +168,7 @@ def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: by
         return latencies
 
     levels = {}
-    with conftest.mlflow_model_server(f"runs:/{run.info.run_id}/model", uri, store / "server.log",
+    with harness.mlflow_model_server(f"runs:/{run.info.run_id}/model", uri, store / "server.log",
                                       SERVER_START_SECONDS) as (url, _, start_seconds):
         client(url, 3)  # warm-up: the first request traces the model's predict function
         for clients in scale.serve_clients:
@@ -191,7 +190,7 @@ def ensemble_speed(model_files: list[Path], images: int = 512, repeats: int = 5)
     random content, which does not change the speed), and each against one model."""
     import numpy as np
 
-    from pneumonia.classifier import BATCH_SIZE, Classifier
+    from pneumonia.classifier import IMAGES_PER_PASS, Classifier
     from pneumonia.models.build import ensemble_of, load_model
 
     models = [load_model(path) for path in model_files]
@@ -200,7 +199,7 @@ def ensemble_speed(model_files: list[Path], images: int = 512, repeats: int = 5)
     classifiers = {members: Classifier(models[0] if members == 1 else ensemble_of(models[:members]), 0.5, 95)
                    for members in range(1, len(models) + 1)}
     for classifier in classifiers.values():
-        classifier.probabilities(batch[:BATCH_SIZE])  # warm-up: tracing the predict function
+        classifier.probabilities(batch[:IMAGES_PER_PASS])  # warm-up: tracing the predict function
     result = {"models": [path.name for path in model_files], "image_size": size, "images": images,
               "repeats": repeats}
     with load_during(result):
@@ -222,8 +221,8 @@ def ensemble_main() -> None:
     parser.add_argument("--json", type=Path, help="write the result here instead of printing it")
     args = parser.parse_args()
     quiet_tensorflow()
-    text = json.dumps(ensemble_speed(args.ensemble, args.images), indent=2)
-    args.json.write_text(text + "\n") if args.json else print(text)
+    result = ensemble_speed(args.ensemble, args.images)
+    write_json(args.json, result, sort_keys=False) if args.json else print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from benchmarks.common import (
     prepared_sample,
     python,
     sample_records,
-    write_manifests,
 )
 
 TOLERANCE = 1.05
@@ -25,6 +24,7 @@ TOLERANCE = 1.05
 
 def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     from pneumonia import SPLITS, paths
+    from pneumonia.data.manifest import write_manifests
 
     sample = prepared_sample(workdir, sample_zip, scale.sample_every)
     splits = {split: sample_records(sample, split) for split in SPLITS}

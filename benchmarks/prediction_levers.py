@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
-
-METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+from benchmarks.common import REPO, SCORE_COLUMNS
+from pneumonia.atomic import write_json, write_text
 
 
 def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
@@ -53,7 +52,7 @@ def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
 
     threshold = choose_threshold(val_labels, val_probabilities, rule)
     found = classification_metrics(labels, probabilities, threshold)
-    return {"threshold": threshold, **{name: found[name] for name in METRICS}}
+    return {"threshold": threshold, **{name: found[name] for name in SCORE_COLUMNS}}
 
 
 def markdown(report: dict) -> str:
@@ -62,14 +61,14 @@ def markdown(report: dict) -> str:
     rows, views_all = report["rows"], report["views"]
     lines = [f"Profile {report['profile']}; external set, each way's threshold chosen on validation by the rule "
              "(mean ± sd over the combinations of seeds of that size).", "",
-             "| rule | members | views | " + " | ".join(METRICS) + " | min sensitivity |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+             "| rule | members | views | " + " | ".join(SCORE_COLUMNS) + " | min sensitivity |",
+             "|---|---|---|" + "---|" * (len(SCORE_COLUMNS) + 1)]
     for rule, size, views in itertools.product(report["rules"], sorted({len(row["members"]) for row in rows}),
                                                views_all):
         group = [row for row in rows if (row["rule"], len(row["members"]), row["views"]) == (rule, size, views)]
         cells = [f"{statistics.fmean(r[m] for r in group):.3f}"
                  + (f" ± {statistics.stdev(r[m] for r in group):.3f}" if len(group) > 1 else "")
-                 for m in METRICS]
+                 for m in SCORE_COLUMNS]
         lowest = min(r["sensitivity"] for r in group)
         lines.append(f"| {rule} | {size} | {views} | " + " | ".join(cells) + f" | {lowest:.3f} |")
     seeds = sorted({seed for row in rows for seed in row["members"]})
@@ -78,9 +77,9 @@ def markdown(report: dict) -> str:
     if trained:
         lines += ["", f"As `train.ensemble_members: N` trains them (-S train.seed=S: members S, S + 1, ...), one "
                   f"view; the seeds whose members were all run ({', '.join(map(str, seeds))}):", "",
-                  "| rule | members | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+                  "| rule | members | " + " | ".join(SCORE_COLUMNS) + " |", "|---|---|" + "---|" * len(SCORE_COLUMNS)]
         lines += [f"| {row['rule']} | {', '.join(map(str, row['members']))} | "
-                  + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |" for row in trained]
+                  + " | ".join(f"{row[m]:.3f}" for m in SCORE_COLUMNS) + " |" for row in trained]
     return "\n".join(lines) + "\n"
 
 
@@ -95,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tables_only:
         report = json.loads((args.out / f"prediction_levers-{args.profile}.json").read_text())
-        (args.out / f"prediction_levers-{args.profile}.md").write_text(markdown(report))
+        write_text(args.out / f"prediction_levers-{args.profile}.md", markdown(report))
         return
     if args.models is None:
         parser.error("--models is required, unless --tables-only")
@@ -129,8 +128,8 @@ def main() -> None:
     report = {"profile": args.profile, "rules": [str(rule) for rule in rules], "views": list(TEST_TIME_VIEWS),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"prediction_levers-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"prediction_levers-{args.profile}.md").write_text(markdown(report))
+    write_json(args.out / f"prediction_levers-{args.profile}.json", report, sort_keys=False)
+    write_text(args.out / f"prediction_levers-{args.profile}.md", markdown(report))
     print(markdown(report))
 
 

@@ -2,6 +2,11 @@
 
     python -m benchmarks.run_all            # full: 10 to 20 minutes on 2 CPU cores, depending on load
     python -m benchmarks.run_all --smoke    # tiny sizes: checks that every benchmark works
+    python -m benchmarks.run_all --copies   # measure nothing: the README's and docs' copies of results.json
+                                            # written again against today's params.yaml
+
+The report records the params it was measured with; where params.yaml has changed what is measured since
+(MEASURED_WITH), the copies say that their figures are of another default.
 
 Run from the repository root with the project's venv active.
 """
@@ -17,6 +22,8 @@ import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+
+import yaml
 
 from benchmarks.common import REPO, SAMPLE_ZIP, load_average, replace_block
 
@@ -34,6 +41,44 @@ TABLE_MARKERS = ("<!-- performance-table: made by python -m benchmarks.run_all -
 SUMMARY_MARKERS = ("<!-- performance-summary: made by python -m benchmarks.run_all -->",
                    "<!-- /performance-summary -->")
 PACKAGES = ("tensorflow", "keras", "dvc", "pillow", "numpy", "psutil")
+# The params.yaml keys (and sections) whose values the figures depend on: the default profile measured.
+MEASURED_WITH = ("data.image_size", "tfrecords.jpeg_quality", "model", "train", "evaluate.tta_views")
+
+
+def measured_params(params: dict, prefix: str = "") -> dict:
+    """The MEASURED_WITH part of `params` (params.yaml as read, of any version), dotted keys."""
+    found = {}
+    for key, value in params.items():
+        dotted = prefix + key
+        if isinstance(value, dict):
+            found.update(measured_params(value, dotted + "."))
+        elif any(dotted == name or dotted.startswith(name + ".") for name in MEASURED_WITH):
+            found[dotted] = value
+    return found
+
+
+def changed_since(report: dict, params: dict) -> tuple[list[str], int] | None:
+    """The MEASURED_WITH keys of both the report's params and `params` whose values differ, and how many keys
+    only one of them has (added or renamed since); None for a report from before reports recorded params."""
+    if "params" not in report:
+        return None
+    then, now = measured_params(report["params"]), measured_params(params)
+    return (sorted(key for key in then.keys() & now.keys() if then[key] != now[key]),
+            len(then.keys() ^ now.keys()))
+
+
+def staleness(report: dict, params: dict) -> str:
+    """A sentence saying the figures are of another default than `params`'s; "" when they are today's."""
+    changed = changed_since(report, params)
+    if changed == ([], 0):
+        return ""
+    if changed is None:
+        what = "measured before reports recorded their params"
+    else:
+        keys, others = changed
+        what = "params.yaml changed since: " + "; ".join(
+            ([", ".join(keys)] if keys else []) + ([f"{others} keys added or renamed"] if others else []))
+    return f"**Figures of another default** ({what}): `python -m benchmarks.run_all` measures today's."
 
 
 def machine() -> dict:
@@ -77,12 +122,28 @@ def table(results: dict) -> str:
 IN_README = ("training_speed", "inference", "input_vs_compute", "incremental_dvc")  # what a user asks first
 
 
-def readme_summary(report: dict) -> str:
-    """The README's lines: the figures a user asks about first, and where the rest is."""
+def readme_summary(report: dict, params: dict) -> str:
+    """The README's lines: the figures a user asks about first, and where the rest is; whether they are of
+    `params`'s default (params.yaml as read)."""
     lines = [f"- {result['target']}: {result['measured']}" + ("" if result["met"] else " (**not met**)")
              for name in IN_README if (result := report["results"].get(name))]
-    return "\n".join([*lines, "", f"Measured {report['finished'][:10]} on {report['machine']['cores']} CPU cores "
-                                 f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
+    stale = staleness(report, params)
+    return "\n".join([*([stale, ""] if stale else []), *lines, "",
+                      f"Measured {report['finished'][:10]} on {report['machine']['cores']} CPU cores "
+                      f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
+
+
+def performance_table(report: dict, params: dict) -> str:
+    """docs/performance.md's copy of the table, saying when it is of another default than `params`'s."""
+    stale = staleness(report, params)
+    return "\n".join([*([stale, ""] if stale else []), table(report["results"])])
+
+
+def write_copies(report: dict) -> None:
+    """The table into docs/performance.md and the summary into README.md, against today's params.yaml."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    replace_block(REPO / "docs" / "performance.md", *TABLE_MARKERS, performance_table(report, params))
+    replace_block(REPO / "README.md", *SUMMARY_MARKERS, readme_summary(report, params))
 
 
 def markdown(report: dict) -> str:
@@ -134,12 +195,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
     parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for results.json and results.md")
+    parser.add_argument("--copies", action="store_true",
+                        help="measure nothing: write the README's and docs/performance.md's copies again")
     args = parser.parse_args()
     args.sample = args.sample.resolve()
+    if args.copies:
+        write_copies(json.loads((args.out / "results.json").read_text()))
+        return
 
     from pneumonia.atomic import write_json, write_text
 
-    report = {"machine": machine(), "smoke": args.smoke,
+    report = {"machine": machine(), "smoke": args.smoke, "params": yaml.safe_load((REPO / "params.yaml").read_text()),
               "started": datetime.now(UTC).isoformat(timespec="seconds"), "load_average_at_start": load_average(),
               "command": "python -m benchmarks.run_all" + (" --smoke" if args.smoke else ""), "results": {}}
     with tempfile.TemporaryDirectory(prefix="pneumonia-bench-") as workdir:
@@ -151,8 +217,7 @@ def main() -> None:
     write_json(args.out / "results.json", report)
     write_text(args.out / "results.md", markdown(report))
     if not args.smoke and not args.only and args.out.resolve() == (REPO / "benchmarks").resolve():
-        replace_block(REPO / "docs" / "performance.md", *TABLE_MARKERS, table(report["results"]))
-        replace_block(REPO / "README.md", *SUMMARY_MARKERS, readme_summary(report))
+        write_copies(report)
     print(f"wrote {args.out / 'results.md'}")
 
 

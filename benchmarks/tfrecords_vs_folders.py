@@ -9,7 +9,17 @@ batch of each timing (file listing, shuffle buffer) is warm-up and not counted.
 
 from pathlib import Path
 
-from benchmarks.common import REPO, Scale, load_during, main, median, prepared_sample, standins, timed, write_manifests
+from benchmarks.common import (
+    REPO,
+    Scale,
+    load_during,
+    main,
+    manifests_for_tfrecords,
+    median,
+    prepared_sample,
+    standins,
+    timed,
+)
 
 TARGET = 10.0
 
@@ -27,7 +37,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
                                scale.standin_size)
     tfrecords = workdir / f"standin-tfrecords-{len(records)}-{size}"
     if not tfrecords.exists():
-        write_tfrecords(write_manifests(workdir / "standin-manifests", {"train": records}), tfrecords, size,
+        write_tfrecords(manifests_for_tfrecords(workdir / "standin-manifests", {"train": records}), tfrecords, size,
                         params.tfrecords)
 
     def rate(batches, count: int) -> float:

@@ -10,7 +10,6 @@ on, without reading the test split. Writes <out>/threshold_rules.json and .md.
 """
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import REPO, working_directory
+from pneumonia.atomic import write_json, write_text
 
 RULES = ("youden", "sensitivity@0.95", "sensitivity@0.97", "sensitivity@0.99", 0.5)
 
@@ -83,8 +83,8 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     report = compare_rules(args.project, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "threshold_rules.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "threshold_rules.md").write_text(markdown(report))
+    write_json(args.out / "threshold_rules.json", report, sort_keys=False)
+    write_text(args.out / "threshold_rules.md", markdown(report))
     print(markdown(report))
 
 

@@ -1,5 +1,7 @@
 """Atomic outputs: complete or absent, never half-written."""
 
+import csv
+
 import pytest
 
 from pneumonia.atomic import atomic_path, write_csv, write_json
@@ -38,6 +40,15 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
 def test_write_csv(tmp_path):
     write_csv(tmp_path / "t.csv", ["a", "b"], [[1, 2.5], ["x", "y"]])
     assert (tmp_path / "t.csv").read_text() == "a,b\n1,2.5\nx,y\n"
+
+
+def test_write_csv_quotes_file_names_as_the_csv_module_reads_them(tmp_path):
+    """Image file names go into CSVs (reports/evaluation/external_predictions.csv): a comma, a quote or a
+    line break in one must come back as the same one value (issue 33)."""
+    names = ["scan, left.png", 'the "best" one.dcm', "two\nlines.png", "plain.png"]
+    write_csv(tmp_path / "t.csv", ["file_name", "probability"], [[name, 0.25] for name in names])
+    with open(tmp_path / "t.csv", newline="") as file:
+        assert list(csv.reader(file)) == [["file_name", "probability"], *([name, "0.25"] for name in names)]
 
 
 def test_outputs_get_ordinary_permissions(tmp_path):

@@ -10,8 +10,9 @@ import os
 import sys
 
 import pytest
+import yaml
 
-from benchmarks.run_all import BENCHMARKS
+from benchmarks.run_all import BENCHMARKS, performance_table
 from conftest import REPO, run
 
 WITHOUT_SERVER = [name for name in BENCHMARKS if name != "inference"]
@@ -109,17 +110,48 @@ def test_performance_page_table_is_the_benchmark_report():
     start = page.index("<!-- performance-table: made by python -m benchmarks.run_all -->\n")
     table = page[page.index("\n", start) + 1:page.index("<!-- /performance-table -->")]
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(BENCHMARKS)  # header and targets
-    assert table.strip() in (REPO / "benchmarks" / "results.md").read_text()
+    rows = "\n".join(line for line in table.splitlines() if line.startswith("|"))
+    assert rows in (REPO / "benchmarks" / "results.md").read_text()
+    report = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    assert table.strip() == performance_table(report, yaml.safe_load((REPO / "params.yaml").read_text())).strip(), (
+        "docs/performance.md's table is not results.json's against today's params.yaml: "
+        "`python -m benchmarks.run_all --copies`")
 
 
 def test_readme_performance_summary_is_the_benchmark_report():
+    """The README's speed figures are results.json's, and say so when params.yaml's default is not the one they
+    were measured with: a default changed without measuring it again fails here until the README says so
+    (`python -m benchmarks.run_all --copies`) or the benchmarks are run again."""
     from benchmarks.run_all import IN_README, SUMMARY_MARKERS, readme_summary
 
     report = json.loads((REPO / "benchmarks" / "results.json").read_text())
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index(SUMMARY_MARKERS[0]) + len(SUMMARY_MARKERS[0]):readme.index(SUMMARY_MARKERS[1])]
-    assert block.strip() == readme_summary(report).strip()
+    assert block.strip() == readme_summary(report, yaml.safe_load((REPO / "params.yaml").read_text())).strip(), (
+        "the README's speed figures are not results.json's against today's params.yaml: "
+        "`python -m benchmarks.run_all --copies`")
     assert all(f"- {report['results'][name]['target']}: " in block for name in IN_README)
+
+
+def test_speed_figures_say_when_they_are_of_another_default():
+    """A report records the params.yaml it was measured with; its copies flag figures of another default,
+    naming what changed, and nothing when only what they do not depend on changed."""
+    from benchmarks.run_all import readme_summary, staleness
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    report = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    assert staleness({**report, "params": params}, params) == ""
+    assert "another default" not in readme_summary({**report, "params": params}, params)
+    other_threshold = {**params, "evaluate": {**params["evaluate"], "threshold": 0.5}}
+    assert staleness({**report, "params": other_threshold}, params) == ""
+    before = {**params, "train": {**params["train"], "weight_averaging": "none"}}
+    assert "changed since: train.weight_averaging" in staleness({**report, "params": before}, params)
+    assert "another default" in readme_summary({**report, "params": before}, params)
+    renamed = {**params, "train": {("old_name" if key == "seed" else key): value
+                                   for key, value in params["train"].items()}}
+    assert "2 keys added or renamed" in staleness({**report, "params": renamed}, params)
+    unrecorded = {key: value for key, value in report.items() if key != "params"}
+    assert "measured before reports recorded their params" in staleness(unrecorded, params)
 
 
 @pytest.mark.e2e

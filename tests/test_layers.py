@@ -15,7 +15,8 @@ from conftest import SRC, imported_modules
 LAYERS = (
     ("the package root and the error type", {"pneumonia", "pneumonia.errors"}),
     ("plain helpers and the allowed values of params",
-     {"pneumonia.atomic", "pneumonia.paths", "pneumonia.logs", "pneumonia.architectures", "pneumonia.threshold_rule"}),
+     {"pneumonia.atomic", "pneumonia.paths", "pneumonia.logs", "pneumonia.architectures", "pneumonia.threshold_rule",
+      "pneumonia.plotting"}),
     ("the params schema", {"pneumonia.config"}),
     ("data and models", {"pneumonia.data", "pneumonia.models", "pneumonia.distribute", "pneumonia.keras_compat"}),
     ("training, evaluation and tracking", {"pneumonia.training", "pneumonia.evaluation", "pneumonia.tracking"}),

@@ -33,7 +33,7 @@ STAGE = textwrap.dedent("""
         params = parse_params({})
         with tracking.training_run(params.tracking, flatten(params), manifests) as run:
             mlflow.log_metrics({"loss": 0.5}, step=1)
-            tracking.write_run_info(run, Path("mlflow_run.json"))
+            tracking.write_run_info(Path("mlflow_run.json"))
         with tracking.resumed_run(Path("mlflow_run.json")):
             mlflow.log_metric("test_auc", 0.9)
         print("run", run.info.run_id)

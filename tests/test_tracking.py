@@ -29,7 +29,7 @@ def test_training_run_logs_params_tags_and_hands_over_its_id(tmp_path, monkeypat
     params = parse_params({"train": {"epochs": 3}})
 
     with tracking.training_run(params.tracking, flatten(params), manifests) as run:
-        tracking.write_run_info(run, tmp_path / "run.json")
+        tracking.write_run_info(tmp_path / "run.json")
     with tracking.resumed_run(tmp_path / "run.json") as resumed:
         mlflow.log_metric("test_auc", 0.9)
         assert resumed.info.run_id == run.info.run_id
@@ -189,7 +189,7 @@ from bundles import write_settings
 write_settings(folder / "model.keras", 0.5, 90, model=model)
 config = parse_params({}).tracking
 with tracking.training_run(config, {"model.name": "custom_cnn"}, manifests) as run:
-    tracking.write_run_info(run, folder / "run.json")
+    tracking.write_run_info(folder / "run.json")
 locked()
 with tracking.resumed_run(folder / "run.json"):
     locked()

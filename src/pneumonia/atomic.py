@@ -5,11 +5,13 @@ removes; never a half-written file or folder under the real name that DVC or a u
 for a finished output.
 """
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,16 @@ def write_text(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
+    """`data` as indented JSON; `sort_keys=False` keeps the order a report was built in."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    lines = [",".join(header)] + [",".join(str(value) for value in row) for row in rows]
-    write_text(path, "\n".join(lines) + "\n")
+def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    """The project's one CSV writer: quoted as the csv module quotes (a file name may hold a comma or a
+    quote), None written empty, lines ended by "\n" on every platform."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())

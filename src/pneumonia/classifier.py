@@ -23,7 +23,7 @@ from pneumonia.model_settings import ModelSettings, model_file, ood_file, read_s
 from pneumonia.models.build import load_model
 from pneumonia.ood import OodReference
 
-BATCH_SIZE = 32  # images a forward pass: bounds memory whatever the number of files
+IMAGES_PER_PASS = 32  # images a forward pass: bounds memory whatever the number of files
 
 
 def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
@@ -90,9 +90,9 @@ class Classifier:
         if not len(images):
             return Predicted(np.empty(0), np.empty(0))
         probabilities, scores = [], []
-        for start in range(0, len(images), BATCH_SIZE):
+        for start in range(0, len(images), IMAGES_PER_PASS):
             # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
-            batch = np.stack(images[start:start + BATCH_SIZE])
+            batch = np.stack(images[start:start + IMAGES_PER_PASS])
             if self.ood is None:
                 probabilities.append(pneumonia_probability(self.predictor.predict_on_batch(batch)))
                 scores.append(np.full(len(batch), np.nan))

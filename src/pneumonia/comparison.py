@@ -5,23 +5,18 @@ Writes runs.md and runs.csv (one row per trained run, best test AUC first) and r
 accuracy and AUC against training time and peak memory).
 """
 
-import csv
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
 from pneumonia import tracking
-from pneumonia.atomic import atomic_path, write_text
+from pneumonia.atomic import write_csv, write_text
 from pneumonia.errors import PipelineError
-from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)
 
-PARAMS = ["model.name", "model.weights", "model.output", "train.fine_tune", "train.warmup_epochs",
+PARAM_COLUMNS = ["model.name", "model.weights", "model.output", "train.fine_tune", "train.warmup_epochs",
           "train.lr_schedule", "train.ensemble_members", "data.image_size"]
 COSTS = ["train_seconds", "peak_memory_mb", "gpu_peak_memory_mb", "total_params", "trainable_params", "epochs_trained"]
 SCORES = ["best_val_auc", "test_accuracy", "test_roc_auc", "test_pr_auc", "test_sensitivity", "test_specificity",
@@ -30,34 +25,17 @@ PLOTTED_SCORES = {"test_accuracy": "test accuracy", "test_roc_auc": "test ROC AU
 PLOTTED_COSTS = {"train_seconds": "training time (s)", "peak_memory_mb": "peak memory of the process (MB)"}
 
 
-def experiment_runs(client: MlflowClient, experiment: str) -> list[mlflow.entities.Run]:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise PipelineError(
-            f"no MLflow experiment {experiment!r} at {redact(client.tracking_uri)} (experiments there: {names}); "
-            "pass --experiment, or run the pipeline first (dvc exp run)."
-        )
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def table_rows(runs: list[mlflow.entities.Run]) -> list[dict[str, Any]]:
+def table_rows(runs: list[tracking.RecordedRun]) -> list[dict[str, Any]]:
     """One row per run that finished training, best test ROC AUC first (runs without one last)."""
     rows = []
     for run in runs:
-        metrics = run.data.metrics
+        metrics = run.metrics
         if "train_seconds" not in metrics:  # failed or still training: nothing to compare
             continue
         rows.append({
-            "run_id": run.info.run_id,
-            "dvc_experiment": run.data.tags.get("dvc.exp_name", ""),
-            **{name: run.data.params.get(name, "") for name in PARAMS},
+            "run_id": run.run_id,
+            "dvc_experiment": run.tags.get("dvc.exp_name", ""),
+            **{name: run.params.get(name, "") for name in PARAM_COLUMNS},
             **{name: metrics.get(name) for name in COSTS + SCORES},
         })
     return sorted(rows, key=lambda row: -(row["test_roc_auc"] if row["test_roc_auc"] is not None else -math.inf))
@@ -83,13 +61,6 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     return [name for name in rows[0] if name not in COSTS + SCORES or any(row[name] is not None for row in rows)]
 
 
-def write_csv_table(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(names)
-        writer.writerows([[shown(row[name]) for name in names] for row in rows])
-
-
 def markdown_table(rows: list[dict[str, Any]], names: list[str], experiment: str) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
@@ -107,10 +78,7 @@ def markdown_table(rows: list[dict[str, Any]], names: list[str], experiment: str
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in CI
-    import matplotlib.pyplot as plt
+    from pneumonia.plotting import plt, save_png
 
     figure, axes = plt.subplots(len(PLOTTED_SCORES), len(PLOTTED_COSTS), figsize=(11, 8), squeeze=False)
     for i, (score, score_label) in enumerate(PLOTTED_SCORES.items()):
@@ -127,21 +95,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.margins(0.2)  # room for the labels
     figure.suptitle("Test accuracy and ROC AUC against the cost of training")
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path, tight=False)
 
 
 def compare(experiment: str, out: Path) -> list[dict[str, Any]]:
     """Write runs.md, runs.csv and runs.png for `experiment` into `out`; returns the rows."""
-    tracking.check_reachable(tracking.tracking_uri(), "Nothing was compared.")
-    client = MlflowClient(tracking.tracking_uri())
-    rows = table_rows(experiment_runs(client, experiment))
+    rows = table_rows(tracking.experiment_runs(experiment, "Nothing was compared."))
     if not rows:
         raise PipelineError(f"MLflow experiment {experiment!r} has no run that finished training yet; "
                             "run the pipeline first (dvc exp run).")
     names = columns(rows)
-    write_csv_table(rows, names, out / "runs.csv")
+    write_csv(out / "runs.csv", names, [[shown(row[name]) for name in names] for row in rows])
     write_text(out / "runs.md", markdown_table(rows, names, experiment))
     plot(rows, out / "runs.png")
     log.info("compared %d runs of %r into %s", len(rows), experiment, out)

@@ -4,8 +4,6 @@ of the model's run, the out-of-distribution score and flag, the input checks' re
 overlays, and the results as a table, CSV or JSON.
 """
 
-import csv
-import io
 import json
 import os
 import sys
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
-from pneumonia.classifier import BATCH_SIZE, Classifier
+from pneumonia.classifier import IMAGES_PER_PASS, Classifier
 from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
@@ -71,7 +69,7 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
     # shown only once a run has taken PROGRESS_AFTER seconds: a few images print their table and nothing else
     progress = tqdm(total=len(files), desc="predicting", unit="img", mininterval=2, delay=PROGRESS_AFTER,
                     file=sys.stderr)
-    while chunk := list(islice(inputs, BATCH_SIZE)):
+    while chunk := list(islice(inputs, IMAGES_PER_PASS)):
         predicted = classifier.predict([image for _, image, _ in chunk if not isinstance(image, str)])
         scored = iter(zip(predicted.probabilities, predicted.ood_scores))
         for file, image, reasons in chunk:
@@ -98,7 +96,7 @@ def prediction(classifier: Classifier, file: str, probability: float, ood_score:
 def _preprocessed(classifier: Classifier, files: Sequence[Path],
                   workers: int) -> Iterator[tuple[Path, np.ndarray | str, list[str]]]:
     """(file, model input, input-check reasons) or (file, why not, []) per file, in order, from a pool of
-    threads (PIL and TensorFlow release the GIL while decoding) kept at most 2 * BATCH_SIZE files ahead."""
+    threads (PIL and TensorFlow release the GIL while decoding) kept at most 2 * IMAGES_PER_PASS files ahead."""
 
     def preprocess(file: Path) -> tuple[Path, np.ndarray | str, list[str]]:
         try:
@@ -114,7 +112,7 @@ def _preprocessed(classifier: Classifier, files: Sequence[Path],
         pending: deque[Future] = deque()
         for file in files:
             pending.append(pool.submit(preprocess, file))
-            if len(pending) > 2 * BATCH_SIZE:
+            if len(pending) > 2 * IMAGES_PER_PASS:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -127,8 +125,8 @@ def write_gradcam(classifier: Classifier, results: Sequence[FilePrediction], fol
 
     predicted = [result for result in results if result.error is None]
     written: list[Path] = []
-    for start in range(0, len(predicted), BATCH_SIZE):
-        chunk = predicted[start:start + BATCH_SIZE]
+    for start in range(0, len(predicted), IMAGES_PER_PASS):
+        chunk = predicted[start:start + IMAGES_PER_PASS]
         images = np.stack([classifier.preprocess(result.file) for result in chunk])
         maps = heatmaps(classifier.model, images, np.array([CLASS_NAMES.index(result.label) for result in chunk]))
         for result, image, heatmap in zip(chunk, images, maps):
@@ -141,19 +139,14 @@ def write_gradcam(classifier: Classifier, results: Sequence[FilePrediction], fol
 
 
 def _overlay_png(image: np.ndarray, heatmap: np.ndarray, caption: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    from pneumonia.plotting import plt, save_png  # here: matplotlib loads only when maps are drawn
 
     figure, ax = plt.subplots(figsize=(3, 3.3))
     ax.imshow(image)
     ax.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1)
     ax.set_title(caption, fontsize=9)
     ax.axis("off")
-    with atomic.atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def table(results: Sequence[FilePrediction]) -> str:
@@ -172,12 +165,8 @@ def table(results: Sequence[FilePrediction]) -> str:
 
 
 def write_predictions_csv(path: Path, results: Sequence[FilePrediction]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")  # quotes commas in file names and errors
-    writer.writerow(FIELDS)
-    writer.writerows([getattr(result, field) for field in FIELDS] for result in results)
-    atomic.write_text(path, buffer.getvalue())
+    atomic.write_csv(path, FIELDS, [[getattr(result, field) for field in FIELDS] for result in results])
 
 
 def write_predictions_json(path: Path, results: Sequence[FilePrediction]) -> None:
-    atomic.write_text(path, json.dumps([asdict(result) for result in results], indent=2) + "\n")
+    atomic.write_json(path, [asdict(result) for result in results], sort_keys=False)

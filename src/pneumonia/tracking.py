@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def epoch_metrics_callback(history):
     class MlflowEpochMetrics(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            run_id = mlflow.active_run().info.run_id
+            run_id = active_run_id()
             self.logged = {point.step for point in retry_locked(mlflow.MlflowClient().get_metric_history, run_id,
                                                                 "loss")}
 
@@ -206,12 +207,18 @@ def _open_run(**start_run_args) -> Iterator[mlflow.ActiveRun]:
             retry_locked(mlflow.end_run, status)
 
 
+def active_run_id() -> str | None:
+    """The id of the MLflow run this process is logging into, None outside one."""
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
 @contextmanager
 def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path,
-                 resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+                 resume_run_id: str | None = None, tags: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the run for this training in experiment tracking.experiment, with the params (flattened:
-    config.flatten) and the provenance tags; or reopen `resume_run_id`, the run of an interrupted
-    training that now resumes."""
+    config.flatten), the provenance tags and `tags`; or reopen `resume_run_id`, the run of an interrupted
+    training that now resumes (`tags` set again: it may continue on other hardware)."""
     check_reachable(tracking_uri())
     create_store_once(tracking_uri())
     use_tracking_uri(tracking_uri())
@@ -227,6 +234,8 @@ def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path
                    run_name=None if resume_run_id else run_name(params["model.name"])) as run:
         # evaluate.* may change without retraining; the evaluate stage records those itself.
         retry_locked(mlflow.log_params, {k: v for k, v in params.items() if not k.startswith("evaluate.")})
+        if tags:
+            retry_locked(mlflow.set_tags, tags)
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, config.experiment, shown_uri())
         yield run
 
@@ -251,7 +260,9 @@ def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-def write_run_info(run: mlflow.ActiveRun, path: Path) -> None:
+def write_run_info(path: Path) -> None:
+    """The active run's id and store, for the evaluate stage (`resumed_run`)."""
+    run = mlflow.active_run()
     write_json(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                       "tracking_uri": shown_uri()})
 
@@ -301,3 +312,35 @@ def log_evaluation(params: dict[str, Any], model_id: str, splits: dict[str, tupl
     for path in outputs:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="evaluation")
     retry_locked(mlflow.log_artifacts, str(data_report), artifact_path="inputs/data")
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """What a run holds, as read back from the store."""
+
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # each metric's last value
+    tags: dict[str, str]
+
+
+def experiment_runs(experiment: str, nothing_done: str) -> list[RecordedRun]:
+    """Every run of MLflow experiment `experiment` in the tracking store, oldest first; a PipelineError naming
+    the experiments there when there is none of that name, or when a tracking server is down (`nothing_done`
+    ends that message)."""
+    check_reachable(tracking_uri(), nothing_done)
+    client = mlflow.MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise PipelineError(
+            f"no MLflow experiment {experiment!r} at {redact(client.tracking_uri)} (experiments there: {names}); "
+            "pass --experiment, or run the pipeline first (dvc exp run)."
+        )
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(RecordedRun(run.info.run_id, run.data.params, run.data.metrics, run.data.tags) for run in page)
+        token = page.token
+        if not token:
+            return runs

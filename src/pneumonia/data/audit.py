@@ -7,7 +7,6 @@ caught), so that later stages never meet a broken image.
 
 import csv
 import hashlib
-import io
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from pneumonia import CLASS_NAMES, SPLITS
-from pneumonia.atomic import write_text
+from pneumonia.atomic import write_csv
 from pneumonia.data.images import open_image, to_grey
 from pneumonia.errors import PipelineError
 
@@ -116,11 +115,7 @@ def raise_if_leaked(audit: dict) -> None:
 
 
 def write_image_table(path: Path, images: list[ImageFacts]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(field.name for field in fields(ImageFacts))
-    writer.writerows(astuple(image) for image in images)
-    write_text(path, buffer.getvalue())
+    write_csv(path, [field.name for field in fields(ImageFacts)], [astuple(image) for image in images])
 
 
 def read_image_table(path: Path) -> list[ImageFacts]:

@@ -1,11 +1,10 @@
 """The manifest format: one CSV row per image of a split, written by prepare, read by the later stages."""
 
 import csv
-import io
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from pneumonia.atomic import atomic_path, write_text
+from pneumonia.atomic import atomic_path, write_csv
 
 
 @dataclass(frozen=True)
@@ -21,11 +20,7 @@ MANIFEST_COLUMNS = tuple(field.name for field in fields(Record))
 
 
 def write_manifest(path: Path, records: list[Record]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows(astuple(record) for record in sorted(records, key=lambda r: r.path))
-    write_text(path, buffer.getvalue())
+    write_csv(path, MANIFEST_COLUMNS, [astuple(record) for record in sorted(records, key=lambda r: r.path)])
 
 
 def write_manifests(folder: Path, splits: dict[str, list[Record]]) -> None:

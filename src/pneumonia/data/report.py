@@ -8,17 +8,13 @@ training manifest, the class weights, the leakage audit): the summary and the fi
 from collections import Counter
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pneumonia import CLASS_NAMES, SPLITS  # noqa: E402
-from pneumonia.atomic import atomic_path  # noqa: E402
-from pneumonia.data.audit import ImageFacts  # noqa: E402
-from pneumonia.data.images import open_image, to_grey  # noqa: E402
-from pneumonia.data.manifest import Record  # noqa: E402
+from pneumonia import CLASS_NAMES, SPLITS
+from pneumonia.data.audit import ImageFacts
+from pneumonia.data.images import open_image, to_grey
+from pneumonia.data.manifest import Record
+from pneumonia.plotting import plt, save_png
 
 SAMPLES_PER_CLASS = 8
 
@@ -61,12 +57,6 @@ def data_summary(source: dict, images: list[ImageFacts], data_metrics: dict, cla
     }
 
 
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
 def class_distribution_png(images: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, (title, table) in zip(axes, (("as shipped (data/raw)", images["as_shipped"]),
@@ -80,7 +70,7 @@ def class_distribution_png(images: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("images")
     axes[0].legend()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def image_sizes_png(images: list[ImageFacts], path: Path) -> None:
@@ -92,7 +82,7 @@ def image_sizes_png(images: list[ImageFacts], path: Path) -> None:
     ax.set_ylabel("height (px)")
     ax.set_title("raw image sizes")
     ax.legend()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def intensity_png(images: list[ImageFacts], path: Path) -> None:
@@ -102,7 +92,7 @@ def intensity_png(images: list[ImageFacts], path: Path) -> None:
     ax.set_xlabel("mean grayscale intensity of an image (0-255)")
     ax.set_ylabel("images")
     ax.legend()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def sample_grid_png(train: list[Record], path: Path) -> None:
@@ -119,7 +109,7 @@ def sample_grid_png(train: list[Record], path: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[label][0].set_ylabel(name)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def draw_data_figures(folder: Path, report: dict, images: list[ImageFacts], train: list[Record]) -> None:

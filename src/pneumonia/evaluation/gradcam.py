@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from pneumonia.models.build import members_of
 
-BATCH_SIZE = 16
+MAPS_PER_PASS = 16  # images a Grad-CAM pass: its gradients bound memory
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,11 @@ def heatmaps(model: keras.Model, images: np.ndarray, target_class: np.ndarray | 
 
     crop = _center_crop(model, images.shape[1:3])
     maps = []
-    for start in range(0, len(images), BATCH_SIZE):
-        batch = tf.constant(images[start:start + BATCH_SIZE])
+    for start in range(0, len(images), MAPS_PER_PASS):
+        batch = tf.constant(images[start:start + MAPS_PER_PASS])
         with tf.GradientTape() as tape:
             feature_map, head_inputs = explainer(batch, training=False)
-            scores = _class_scores(output_layer, head_inputs, tf.constant(targets[start:start + BATCH_SIZE]))
+            scores = _class_scores(output_layer, head_inputs, tf.constant(targets[start:start + MAPS_PER_PASS]))
         gradients = tf.cast(tape.gradient(scores, feature_map), tf.float32)
         feature_map = tf.cast(feature_map, tf.float32)  # mixed precision: float16 maps
         channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)

@@ -6,26 +6,16 @@ Each function draws from plain numbers (no model, no files read) and writes one 
 import itertools
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from pneumonia import CLASS_NAMES  # noqa: E402
-from pneumonia.atomic import atomic_path  # noqa: E402
-from pneumonia.evaluation.gallery import Case  # noqa: E402
+from pneumonia import CLASS_NAMES
+from pneumonia.evaluation.gallery import Case
+from pneumonia.plotting import plt, save_png
 
 # Operating points on the curves: (legend label, marker).
 POINT_MARKERS = ("o", "s")
 TRAINING_CURVES = (("loss", "loss"), ("accuracy", "accuracy"), ("auc", "ROC AUC"))
-
-
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
 
 
 def training_curves_png(history: dict[str, list[float]], path: Path) -> None:
@@ -42,7 +32,7 @@ def training_curves_png(history: dict[str, list[float]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def confusion_matrices_png(matrices: list[tuple[str, dict[str, int]]], path: Path) -> None:
@@ -61,7 +51,7 @@ def confusion_matrices_png(matrices: list[tuple[str, dict[str, int]]], path: Pat
         ax.set_ylabel("actual")
         ax.set_title(title)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def _mark_points(ax, points: list[tuple[str, float, float]]) -> None:
@@ -80,7 +70,7 @@ def roc_png(roc: dict[str, list[float]], auc: float, points: list[tuple[str, flo
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title(f"ROC curve ({split})")
     ax.legend(loc="lower right", fontsize=8)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def precision_recall_png(pr: dict[str, list[float]], average_precision: float, prevalence: float,
@@ -95,7 +85,7 @@ def precision_recall_png(pr: dict[str, list[float]], average_precision: float, p
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Precision-recall curve ({split})")
     ax.legend(loc="lower left", fontsize=8)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarray, ece: float, path: Path,
@@ -113,7 +103,7 @@ def calibration_png(calibration: dict[str, list[float]], probabilities: np.ndarr
     histogram.set_xlabel("predicted probability of pneumonia")
     histogram.set_ylabel("images")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def image_grid_png(images: np.ndarray, cases: list[Case], title: str, path: Path,
@@ -138,4 +128,4 @@ def image_grid_png(images: np.ndarray, cases: list[Case], title: str, path: Path
         ax.set_title(case.caption, fontsize=7, color="firebrick" if wrong else "black")
     figure.suptitle(title)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)

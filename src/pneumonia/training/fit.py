@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
-import mlflow
 import tensorflow as tf
 
 from pneumonia import distribute, tracking
@@ -272,9 +271,7 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
               extra_callbacks: Sequence[keras.callbacks.Callback] = (), log_epochs: bool = True) -> TrainingResult:
     """One model trained (or resumed) in `backup`, its best epoch in the backup's checkpoint; per-epoch
     metrics to the active MLflow run when `log_epochs` (the chief only)."""
-    logging_run = placement.is_chief and mlflow.active_run()
-    if logging_run:
-        mlflow.set_tags(placement.describe())  # tags: a resumed run may continue on other hardware
+    logging_run = placement.is_chief and tracking.active_run_id() is not None
     seed_everything(config)
     global_batch = config.batch_size * placement.replicas
     train_images = dataset.split_size(tfrecords, "train")

@@ -21,9 +21,13 @@ from typing import Any
 
 import keras
 
-from pneumonia import paths
+from pneumonia import distribute, paths
+from pneumonia.atomic import write_csv, write_json
+from pneumonia.config import load_params
+from pneumonia.data.class_weights import read_class_weights
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
+from pneumonia.training.fit import train
 
 CHANNEL = "train"
 # Hyperparameters the SageMaker SDK adds on its own: the TensorFlow estimator passes `model_dir`, an S3
@@ -32,8 +36,8 @@ CHANNEL = "train"
 SDK_HYPERPARAMETERS = ("model_dir",)
 # What the estimator's `metric_definitions` read from the log: one line per epoch and one at the end.
 # `\b` keeps `auc` from matching inside `val_auc` and `val_auc` inside `best_val_auc`.
-METRICS = ("loss", "auc", "accuracy", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "best_epoch")
-METRIC_DEFINITIONS = [{"Name": name, "Regex": rf"\b{name}=([-+.0-9eE]+);"} for name in METRICS]
+LOGGED_METRICS = ("loss", "auc", "accuracy", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "best_epoch")
+METRIC_DEFINITIONS = [{"Name": name, "Regex": rf"\b{name}=([-+.0-9eE]+);"} for name in LOGGED_METRICS]
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,7 @@ class TrainingJob:
         return self.data() / paths.TFRECORDS.name
 
     def class_weight(self) -> dict[int, float]:
-        weights = json.loads((self.data() / paths.CLASS_WEIGHTS.name).read_text())
-        return {int(label): weight for label, weight in weights.items()}
+        return read_class_weights(self.data() / paths.CLASS_WEIGHTS.name)
 
 
 def metric_line(values: Mapping[str, float]) -> str:
@@ -102,3 +105,18 @@ class MetricLines(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         print(metric_line({"epoch": epoch + 1, **(logs or {})}), flush=True)
+
+
+def train_job(job: TrainingJob) -> None:
+    """Train as the train stage does, with the job's hyperparameters over params.yaml, on its channel: the
+    model into SM_MODEL_DIR, the history and metrics into SM_OUTPUT_DATA_DIR, a metric line per epoch and
+    one at the end (stdout). No backup (a job that stops is started again whole) and no MLflow run."""
+    params = load_params(overrides=job.params_overrides())
+    placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
+    result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
+                   placement, extra_callbacks=[MetricLines()])
+    if placement.is_chief:
+        metrics = result.metrics()
+        write_csv(job.output_data_dir / paths.TRAIN_HISTORY.name, *result.history_table())
+        write_json(job.output_data_dir / paths.TRAIN_METRICS.name, metrics)
+        print(metric_line(metrics), flush=True)
