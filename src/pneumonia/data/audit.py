@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pneumonia import CLASS_NAMES, SPLITS
 from pneumonia.atomic import write_text
-from pneumonia.data.images import open_image, to_grey
+from pneumonia.data.images import check_not_blank, open_image, to_grey
 from pneumonia.errors import PipelineError
 
 STATS_SIZE = 128  # pixels a side (at least) of the decode the intensity statistics are taken from
@@ -45,6 +45,7 @@ def inspect_file(path: Path, kaggle_split: str, label: int) -> ImageFacts:
             (width, height), mode = image.size, image.mode
             image.draft("L", (STATS_SIZE, STATS_SIZE))  # JPEG: decode at 1/2 to 1/8 scale, much faster
             pixels = np.asarray(to_grey(image), dtype=np.float64)
+        check_not_blank(pixels)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         # (PIL's own text for an unknown format holds a memory address: not reproducible.)
         unknown = isinstance(exc, UnidentifiedImageError)
