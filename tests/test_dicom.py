@@ -21,6 +21,7 @@ from dicoms import (
     deflate_bomb,
     dicom_file,
     file_bytes,
+    gdcm_compressed,
     j2k_bomb,
     jpeg_bomb,
     png_bytes,

@@ -186,8 +186,7 @@ def _check_codestream(dataset) -> None:
     allocates what the codestream says, whatever the header (a 100 x 100 header held 12000 x 12000)."""
     from pydicom.encaps import get_frame
     from pydicom.pixels.utils import _get_jpg_parameters  # what pydicom's decoders read of a JPEG frame
-    from pydicom.uid import (JPEG2000TransferSyntaxes, JPEGExtended12Bit, JPEGLSTransferSyntaxes,
-                             JPEGTransferSyntaxes)
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGExtended12Bit, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
     syntax = dataset.file_meta.TransferSyntaxUID
     if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
@@ -267,7 +266,8 @@ def grey_pixels(dataset) -> np.ndarray:
         # After the header was read, pydicom's and the decoders' messages are about bytes and lengths;
         # on one line (pydicom lists each decoder's on its own): a row of `pneumonia predict`'s table.
         raise DicomError(f"the DICOM file's pixel data cannot be decoded ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())}): the file may be truncated or damaged; export it again") from None
+                         f"{' '.join(str(exc).split())}): the file may be truncated or damaged; export it "
+                         "again") from None
     if stored.ndim != 2:
         raise DicomError(f"the DICOM pixel data decodes to shape {stored.shape}, not one greyscale image")
     table, low = _grey_table(dataset, bool(_integer(dataset, "PixelRepresentation", 0)), int(dataset.BitsStored))
