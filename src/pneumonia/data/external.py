@@ -162,9 +162,9 @@ def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text
     return csv_labelled_images(names, images, read_text, source)
 
 
-def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]]:
-    """The labelled images of a zip or folder, copied to `out`/<CLASS>/<name> once their sizes are known to
-    fit (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
+def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int, str]]:
+    """(copy, label, name in the source) of the labelled images of a zip or folder, copied to
+    `out`/<CLASS>/<name> once their sizes are known to fit (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
     pointers elsewhere)."""
     def planned(images: list[tuple[str, int]]) -> list[tuple[str, Path, int]]:
         targets = []
@@ -193,7 +193,7 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
             images = planned(labelled_images(list(infos), in_zip(archive),
                                              lambda name: archive.read(name).decode(errors="replace"), display))
             extract(archive, [(infos[name], target) for name, target, _ in images], out, f"the archive {source}")
-    return [(target, label) for _, target, label in images]
+    return [(target, label, name) for name, target, label in images]
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,
@@ -207,8 +207,11 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
     if not source.is_dir() and not zipfile.is_zipfile(source):
         raise PipelineError(f"evaluate.external = {display!r} is neither a folder nor a zip archive. " + LAYOUT_HINT)
     copied = _copy_images(source, display, scratch)
-    facts = [inspect_file(path, SPLIT, label) for path, label in copied]
-    unreadable = check_unreadable(facts, max_unreadable_fraction)
+    facts = [inspect_file(path, SPLIT, label) for path, label, _ in copied]
+    # Listed as the user knows them (the copies are in a scratch folder that is gone once this fails)
+    shown = {path.as_posix(): f"{display}: {name}" for path, _, name in copied}
+    unreadable = check_unreadable(facts, max_unreadable_fraction, shown,
+                                  f"Export them again into evaluate.external = {display!r}")
     readable = [fact for fact in facts if not fact.error]
 
     known = {image.sha256: image for image in read_image_table(known_images) if not image.error}
