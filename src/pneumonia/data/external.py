@@ -164,8 +164,8 @@ def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text
 
 def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int, str]]:
     """(copy, label, name in the source) of the labelled images of a zip or folder, copied to
-    `out`/<CLASS>/<name> once their sizes are known to fit (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
-    pointers elsewhere)."""
+    `out`/<CLASS>/<name> once their sizes are known to fit (data.archive's guards; symbolic links in a
+    folder are not followed: an external set is files, not pointers elsewhere)."""
     def planned(images: list[tuple[str, int]]) -> list[tuple[str, Path, int]]:
         targets = []
         # By class, then file name: the same images give the same records in any layout.
