@@ -1,10 +1,14 @@
 """DVC stage `evaluate`: threshold chosen on validation, the model on the test split and on the external
 set if there is one (pneumonia.evaluation.evaluate) -> metrics/evaluation.json (the headline), each split's
 scores and the external set's tables in reports/evaluation/, plot tables and figures, the HTML report, the
-MLflow run (the servable model, metrics and outputs)."""
+MLflow run (the servable model, metrics and outputs).
+
+All or nothing: every output is written into a scratch folder and moved into place once the MLflow run has
+them too; a failure (a deleted run, a full disk) leaves the previous outputs as they were, so `pneumonia
+predict` never meets a threshold whose run failed."""
 
 from pneumonia import EXTERNAL_SPLIT, paths, serving, tracking
-from pneumonia.atomic import atomic_path, write_csv, write_json, write_text
+from pneumonia.atomic import staged_outputs, write_csv, write_json, write_text
 from pneumonia.config import load_params
 from pneumonia.evaluation.evaluate import evaluate
 from pneumonia.logs import run_stage
@@ -17,34 +21,42 @@ TEST_TABLES = {"predictions": paths.TEST_PREDICTIONS, "roc": paths.ROC_CURVE, "p
 # Each split's data as MLflow records it: (manifest, context)
 DATASETS = {"test": (paths.MANIFESTS / "test.csv", "testing"),
             EXTERNAL_SPLIT: (paths.EXTERNAL / "manifest.csv", "external validation")}
+# Every output of the stage (dvc.yaml's outs and metrics), moved into place together at the end
+OUTPUTS = [paths.EVALUATION_METRICS, paths.EVALUATION_DETAILS, *TEST_TABLES.values(), paths.EVALUATION_REPORT,
+           paths.FIGURES]
 
 
 def main() -> None:
     params = load_params()
+    tracking.check_run(paths.RUN_INFO)  # before the work: a deleted run, a store elsewhere, one down
     result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
                       params.train.batch_size)
 
-    for name, table in result.test.tables().items():
-        write_csv(TEST_TABLES[name], *table)
-    with atomic_path(paths.EVALUATION_DETAILS, directory=True) as folder:
-        write_json(folder / paths.TEST_SCORES.name, result.test.scores)
+    with staged_outputs(OUTPUTS, "evaluate") as staged:
+        for name, table in result.test.tables().items():
+            write_csv(staged(TEST_TABLES[name]), *table)
+        details = staged(paths.EVALUATION_DETAILS)
+        details.mkdir()
+        write_json(details / paths.TEST_SCORES.name, result.test.scores)
         if result.external:
-            write_json(folder / paths.EXTERNAL_SCORES.name, result.external.scores)
+            write_json(details / paths.EXTERNAL_SCORES.name, result.external.scores)
             for name, table in result.external.tables().items():
-                write_csv(folder / f"{EXTERNAL_SPLIT}_{name}.csv", *table)
-    write_json(paths.EVALUATION_METRICS, result.headline)
-    with atomic_path(paths.FIGURES, directory=True) as folder:
-        write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.SPLIT_COUNTS,
-                                                          paths.TRAIN_METRICS))
+                write_csv(details / f"{EXTERNAL_SPLIT}_{name}.csv", *table)
+        write_json(staged(paths.EVALUATION_METRICS), result.headline)
+        figures = staged(paths.FIGURES)
+        figures.mkdir()
+        write_text(staged(paths.EVALUATION_REPORT), result.report(figures, params, paths.TRAIN_HISTORY,
+                                                                  paths.SPLIT_COUNTS, paths.TRAIN_METRICS))
 
-    with tracking.resumed_run(paths.RUN_INFO):
-        # The model first: each split's metrics are linked to it.
-        logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
-                                   params.tracking.register_model, params.evaluate.tta_views)
-        splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
-        outputs = [paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
-                   paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))]
-        tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
+        with tracking.resumed_run(paths.RUN_INFO):
+            # The model first: each split's metrics are linked to it.
+            logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # servable
+                                       params.tracking.register_model, params.evaluate.tta_views)
+            splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
+            outputs = [staged(paths.EVALUATION_METRICS), *sorted(details.iterdir()),
+                       *map(staged, TEST_TABLES.values()), staged(paths.EVALUATION_REPORT),
+                       *sorted(figures.glob("*.png"))]
+            tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
 
 
 if __name__ == "__main__":
