@@ -311,6 +311,14 @@ class EvaluateConfig(Section):
     def _known_rule(cls, rule: Any) -> float | str:
         return parse_threshold_rule(rule)
 
+    @field_validator("tta_views", mode="before")
+    @classmethod
+    def _an_integer(cls, views: Any) -> Any:
+        # As strict as the other ints: a Literal alone took `true` for 1 and 3.0 for 3
+        if isinstance(views, bool) or not isinstance(views, int):
+            raise ValueError("Input should be a valid integer: 1, 3 or 9")
+        return views
+
 
 class TrackingConfig(Section):
     experiment: str = Field("pneumonia", min_length=1, max_length=MLFLOW_NAME_LENGTH)
