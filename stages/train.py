@@ -25,6 +25,7 @@ from pneumonia.training.sagemaker import MetricLines, TrainingJob, metric_line
 
 def train_in_job(job: TrainingJob) -> None:
     params = load_params(overrides=job.params_overrides())
+    job.check_folders()
     placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
     result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
                    placement, extra_callbacks=[MetricLines()])
