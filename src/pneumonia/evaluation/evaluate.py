@@ -16,6 +16,7 @@ import keras
 from pneumonia import EXTERNAL_SPLIT
 from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
+from pneumonia.errors import PipelineError
 from pneumonia.evaluation import summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
@@ -72,11 +73,24 @@ def model_summary(model: keras.Model) -> str:
     return "\n".join(lines)
 
 
+def check_image_size(model: keras.Model, *folders: Path) -> None:
+    """The model takes the images of each TFRecords folder (with splits) at their size: a model of another
+    data.image_size (one copied in, or trained before a change) failed in Keras with a ValueError traceback."""
+    size = model.input_shape[1]
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta["splits"] and size is not None and meta["image_size"] != size:
+            raise PipelineError(f"the model takes {size} x {size} images, but {folder} holds {meta['image_size']} x "
+                                f"{meta['image_size']} ones (data.image_size): retrain it (`dvc repro`), or set "
+                                f"data.image_size to {size} as it was trained")
+
+
 def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
              batch_size: int) -> Evaluation:
     """`model` on the splits in `tfrecords` and on the external stage's output `external`. Each probability is
     the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
     the Grad-CAM maps and the border audit explain the model on the image itself."""
+    check_image_size(model, tfrecords, external)
     predictor = with_test_time_augmentation(model, config.tta_views)
     val = predict_split(predictor, tfrecords, "val", batch_size)
     test_predictions = predict_split(predictor, tfrecords, "test", batch_size)
