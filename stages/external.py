@@ -11,7 +11,8 @@ def main() -> None:
     params = load_params()
     source = params.evaluate.external
     write_external(paths.resolve_user_path(source) if source else None, source, paths.EXTERNAL, paths.IMAGE_TABLE,
-                   params.data.image_size, params.tfrecords, params.data.max_unreadable_fraction)
+                   params.data.image_size, params.tfrecords, params.data.max_unreadable_fraction,
+                   params.data.hash_file_names)
 
 
 if __name__ == "__main__":

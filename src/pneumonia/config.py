@@ -86,6 +86,9 @@ class DataConfig(Section):
     seed: Seed = 42
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
     max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
+    # Store images (data/raw, the external set) under a hash of their file name: PACS exports are often
+    # named by patient ID or accession number, and names go into manifests, TFRecords, tables and MLflow
+    hash_file_names: StrictBool = False
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
