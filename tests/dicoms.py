@@ -142,26 +142,27 @@ def dicom_file(grey: np.ndarray, form: str) -> tuple[bytes, np.ndarray]:
     raise ValueError(form)
 
 
-def _encapsulated(syntax: str, frame: bytes, rows: int = 100):
-    """A `rows` x `rows` 8-bit DX dataset whose pixel data is the compressed `frame` (whatever its own size)."""
+def _encapsulated(syntax: str, frames: list[bytes], rows: int = 100):
+    """A `rows` x `rows` 8-bit DX dataset (one frame by its header) whose pixel data is the compressed
+    `frames` (whatever their own size), with a basic offset table."""
     from pydicom.encaps import encapsulate
 
-    ds = dataset(np.zeros((rows, rows), np.uint8), 8)
+    ds = dataset(np.zeros((1, 1), np.uint8), 8, Rows=rows, Columns=rows)
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.PixelData = encapsulate([frame])
+    ds.PixelData = encapsulate(frames, has_bot=True)
     ds["PixelData"].VR = "OB"
     return ds
 
 
-def jpeg_bomb(side: int) -> bytes:
-    """A 1 KB DICOM of a 100 x 100 header holding a JPEG whose frame header (SOF0) says `side` x `side`:
-    the decoder allocates that, filling what the scan lacks."""
+def jpeg_bomb(side: int, rows: int = 100, frames: int = 1) -> bytes:
+    """A DICOM of a `rows` x `rows` header holding `frames` JPEGs of 1 KB whose frame header (SOF0) says `side`
+    x `side`: the decoder allocates that, filling what the scan lacks."""
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="JPEG")
     jpeg = bytearray(buffer.getvalue())
     sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
     jpeg[sof + 5:sof + 9] = side.to_bytes(2, "big") * 2
-    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.50", bytes(jpeg)))
+    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.50", [bytes(jpeg)] * frames, rows))
 
 
 def j2k_bomb(side: int) -> bytes:
@@ -172,7 +173,7 @@ def j2k_bomb(side: int) -> bytes:
     siz = codestream.index(b"\xff\x51")  # marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz (15444-1 A.5.1)
     codestream[siz + 6:siz + 14] = side.to_bytes(4, "big") * 2  # the image
     codestream[siz + 22:siz + 30] = side.to_bytes(4, "big") * 2  # one tile of it
-    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.90", bytes(codestream)))
+    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.90", [bytes(codestream)]))
 
 
 def deflate_bomb(inflated: int) -> bytes:

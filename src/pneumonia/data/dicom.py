@@ -258,10 +258,14 @@ def dimensions(source: bytes | str) -> tuple[object, int, int]:
 
 def grey_pixels(dataset) -> np.ndarray:
     """The 8-bit greyscale image (height, width) of a dataset `dimensions` returned."""
+    from pydicom.pixels import pixel_array
+
     _check_decoder(dataset)
     _check_codestream(dataset)
     try:
-        stored = dataset.pixel_array
+        # The first frame only: pydicom decodes every JPEG frame it finds, more than NumberOfFrames says if the
+        # file holds more (1000 stray frames would cost 1000 images)
+        stored = pixel_array(dataset, index=0)
     except Exception as exc:  # noqa: BLE001 - each decoder raises its own types
         # After the header was read, pydicom's and the decoders' messages are about bytes and lengths;
         # on one line (pydicom lists each decoder's on its own): a row of `pneumonia predict`'s table.
