@@ -189,6 +189,8 @@ BOMBS = {  # case: (the file, the refusal)
     "jpeg-30-frames-of-4000": (lambda: jpeg_bomb(4000, rows=4000, frames=30), "BlankImage: the image is blank"),
     "deflated-to-320-mb": (lambda: deflate_bomb(320 * 2**20), "DicomError: the DICOM file's deflated dataset "
                                                               "inflates to more than 77 MiB"),
+    "deflated-without-preamble": (lambda: deflate_bomb(320 * 2**20)[132:], "DicomError: the DICOM file's deflated "
+                                                                           "dataset inflates to more than 77 MiB"),
 }
 
 

@@ -33,6 +33,7 @@ MAGIC_OFFSET, MAGIC = 128, b"DICM"  # a DICOM file: a 128-byte preamble, then "D
 # Old ACR-NEMA exports and some PACS write the dataset alone, with no preamble: it starts with an
 # element of the identifying group (0008), or of the file meta group (0002), little endian.
 BARE_DATASET_GROUPS = (0x0002, 0x0008)
+FILE_META_GROUP = b"\x02\x00"  # (0002,xxxx), little endian as the file meta always is
 BITS_ALLOCATED = (1, 8, 16)  # a greyscale radiograph's; pydicom allocates the decoded image by it
 # pydicom's warnings and log records (an odd NumberOfFrames, extra frames, a failing decoder) quote
 # header values and bytes, and reach stderr past `pneumonia predict`'s table: the checks here say what
@@ -112,11 +113,13 @@ def _read(source: bytes | str):
     config.settings.reading_validation_mode = config.IGNORE
     try:
         with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as file:
-            if read_preamble(file, force=True) is not None:
+            read_preamble(file, force=True)  # after "DICM", or at the start of a file without preamble
+            if file.read(2) == FILE_META_GROUP:
+                file.seek(-2, io.SEEK_CUR)
                 # pydicom's own reader of the file meta group: where the (maybe deflated) dataset starts
                 if _read_file_meta_info(file).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                     _check_inflated_size(file)
-                file.seek(0)
+            file.seek(0)
             dataset = pydicom.dcmread(file, force=True)  # force: a dataset without preamble is read too
     except DicomError:
         raise
