@@ -241,16 +241,16 @@ def test_a_compressed_syntax_without_its_decoder_names_the_package_to_install(xr
 
 
 def test_12_bit_jpeg_extended_is_refused_in_one_line_as_unsupported(xray):
-    """No decoder under a permissive licence reads 12-bit lossy JPEG here (python-gdcm's is refused by pydicom for
-    a known fault, Pillow reads 8 bits): said so, in one line. Before: two decoders' errors on several lines, and
+    """No installed decoder reads 12-bit lossy JPEG (python-gdcm's is refused by pydicom for a known fault, Pillow
+    reads 8 bits): said so, in one line. Before: two decoders' errors on several lines, and
     "the file may be truncated"."""
     data = gdcm_compressed(dataset(np.rint(xray.astype(np.float64) * 4095 / 255), 12), "1.2.840.10008.1.2.4.51")
     assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
     with pytest.raises(dicom.DicomError) as refused:
         load_resized(data, 48)
     assert str(refused.value) == ("the DICOM file is JPEG Extended with 12-bit samples, which no decoder installed "
-                                  "here reads (none under a permissive licence does): export it uncompressed, as "
-                                  "JPEG Lossless or as JPEG 2000 (docs/data.md, DICOM)")
+                                  "here reads: export it uncompressed, as JPEG Lossless or as JPEG 2000 "
+                                  "(docs/data.md, DICOM)")
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding():

@@ -211,8 +211,7 @@ def _check_codestream(dataset) -> None:
         size = (header.get("width"), header.get("height"), header.get("components"))
         if syntax == JPEGExtended12Bit and header.get("precision", 8) > 8:
             raise DicomError("the DICOM file is JPEG Extended with 12-bit samples, which no decoder installed here "
-                             "reads (none under a permissive licence does): export it uncompressed, as JPEG "
-                             "Lossless or as JPEG 2000 (docs/data.md, DICOM)")
+                             "reads: export it uncompressed, as JPEG Lossless or as JPEG 2000 (docs/data.md, DICOM)")
     if None in size:
         raise DicomError(f"the DICOM file's {syntax.name} image has no readable frame header: the file is damaged "
                          "or cut short; export it again")
