@@ -3,14 +3,18 @@ test split and on the external set if there is one (pneumonia.evaluation.evaluat
 and out-of-distribution reference beside it (models/model.json, models/model.ood.npz: what every user of the
 model reads), metrics/evaluation.json (the headline), each split's scores and the external set's tables in
 reports/evaluation/, plot tables and figures, the HTML report, the model card, the MLflow run (the
-servable model, metrics and outputs)."""
+servable model, metrics and outputs).
+
+All or nothing: every output is written into a scratch folder and moved into place once the MLflow run has
+them too; a failure (a deleted run, a full disk) leaves the previous outputs as they were, so `pneumonia
+predict` never meets settings whose run failed."""
 
 from pneumonia import EXTERNAL_SPLIT, paths, serving, tracking
-from pneumonia.atomic import atomic_path, write_csv, write_json, write_text
+from pneumonia.atomic import staged_outputs, write_csv, write_json, write_text
 from pneumonia.config import load_params
 from pneumonia.evaluation.evaluate import evaluate
-from pneumonia.logs import run_stage
 from pneumonia.evaluation.model_card import markdown
+from pneumonia.logs import run_stage
 from pneumonia.model_settings import training_data
 from pneumonia.models.build import load_model
 
@@ -21,41 +25,49 @@ TEST_TABLES = {"predictions": paths.TEST_PREDICTIONS, "roc": paths.ROC_CURVE, "p
 # Each split's data as MLflow records it: (manifest, context)
 DATASETS = {"test": (paths.MANIFESTS / "test.csv", "testing"),
             EXTERNAL_SPLIT: (paths.EXTERNAL / "manifest.csv", "external validation")}
+# Every output of the stage (dvc.yaml's outs and metrics), moved into place together at the end. The model's
+# settings and out-of-distribution reference are model_settings.settings_file and ood_file of paths.MODEL.
+OUTPUTS = [paths.MODEL_SETTINGS, paths.OOD_REFERENCE, paths.EVALUATION_METRICS, paths.EVALUATION_DETAILS,
+           *TEST_TABLES.values(), paths.EVALUATION_REPORT, paths.FIGURES, paths.MODEL_CARD]
 
 
 def main() -> None:
     params = load_params()
+    tracking.check_run(paths.RUN_INFO)  # before the work: a deleted run, a store elsewhere, one down
     result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
                       params.train.batch_size)
     settings = result.settings(params, training_data(params.data.source, paths.RAW_SOURCE, paths.SPLIT_COUNTS,
                                                      tracking.manifests_hash(paths.MANIFESTS)), tracking.git_commit())
     card = result.card(settings, paths.SPLIT_COUNTS)
 
-    for name, table in result.test.tables().items():
-        write_csv(TEST_TABLES[name], *table)
-    with atomic_path(paths.EVALUATION_DETAILS, directory=True) as folder:
-        write_json(folder / paths.TEST_SCORES.name, result.test.scores)
+    with staged_outputs(OUTPUTS, "evaluate") as staged:
+        result.ood.save(staged(paths.OOD_REFERENCE))
+        write_text(staged(paths.MODEL_SETTINGS), settings.to_json())
+        write_text(staged(paths.MODEL_CARD), markdown(card, f"Model card: {params.model.name}, pneumonia on chest X-rays"))
+        for name, table in result.test.tables().items():
+            write_csv(staged(TEST_TABLES[name]), *table)
+        details = staged(paths.EVALUATION_DETAILS)
+        details.mkdir()
+        write_json(details / paths.TEST_SCORES.name, result.test.scores)
         if result.external:
-            write_json(folder / paths.EXTERNAL_SCORES.name, result.external.scores)
+            write_json(details / paths.EXTERNAL_SCORES.name, result.external.scores)
             for name, table in result.external.tables().items():
-                write_csv(folder / f"{EXTERNAL_SPLIT}_{name}.csv", *table)
-    write_json(paths.EVALUATION_METRICS, result.headline)
-    with atomic_path(paths.FIGURES, directory=True) as folder:
-        write_text(paths.EVALUATION_REPORT, result.report(folder, params, paths.TRAIN_HISTORY, paths.SPLIT_COUNTS,
-                                                          paths.TRAIN_METRICS, card))
-    write_text(paths.MODEL_CARD, markdown(card, f"Model card: {params.model.name}, pneumonia on chest X-rays"))
-    # Beside the model (model_settings.ood_file and settings_file of paths.MODEL), the settings last: a model
-    # with settings is a model whose evaluation finished
-    result.ood.save(paths.OOD_REFERENCE)
-    write_text(paths.MODEL_SETTINGS, settings.to_json())
+                write_csv(details / f"{EXTERNAL_SPLIT}_{name}.csv", *table)
+        write_json(staged(paths.EVALUATION_METRICS), result.headline)
+        figures = staged(paths.FIGURES)
+        figures.mkdir()
+        write_text(staged(paths.EVALUATION_REPORT), result.report(figures, params, paths.TRAIN_HISTORY,
+                                                                  paths.SPLIT_COUNTS, paths.TRAIN_METRICS, card))
 
-    with tracking.resumed_run(paths.RUN_INFO):
-        # The model first: each split's metrics are linked to it.
-        logged = serving.log_model(paths.MODEL, params.tracking.register_model, paths.MODEL_CARD)  # the servable model
-        splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
-        outputs = [paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
-                   paths.EVALUATION_REPORT, paths.MODEL_CARD, *sorted(paths.FIGURES.glob("*.png"))]
-        tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
+        with tracking.resumed_run(paths.RUN_INFO):
+            # The model first: each split's metrics are linked to it. The servable model: the bundle and its card.
+            logged = serving.log_model(paths.MODEL, params.tracking.register_model, staged(paths.MODEL_CARD),
+                                       settings=staged(paths.MODEL_SETTINGS), ood=staged(paths.OOD_REFERENCE))
+            splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
+            outputs = [staged(paths.EVALUATION_METRICS), *sorted(details.iterdir()),
+                       *map(staged, TEST_TABLES.values()), staged(paths.EVALUATION_REPORT), staged(paths.MODEL_CARD),
+                       *sorted(figures.glob("*.png"))]
+            tracking.log_evaluation(params.evaluate.model_dump(), logged.model_id, splits, outputs, paths.DATA_REPORT)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def main() -> None:
     source = params.evaluate.external
     write_external(paths.resolve_user_path(source) if source else None, source, paths.EXTERNAL, paths.IMAGE_TABLE,
                    params.data.image_size, params.tfrecords, params.data.max_unreadable_fraction,
-                   params.evaluate.input_checks)
+                   params.evaluate.input_checks, params.data.hash_file_names)
 
 
 if __name__ == "__main__":

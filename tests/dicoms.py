@@ -79,11 +79,12 @@ def file_bytes(ds) -> bytes:
     return buffer.getvalue()
 
 
-def _gdcm_compressed(ds, syntax: str) -> bytes:
+def gdcm_compressed(ds, syntax: str) -> bytes:
     """`ds` re-encoded by python-gdcm (pydicom has no JPEG lossless or JPEG-LS encoder of its own)."""
     import gdcm
 
-    syntaxes = {"1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+    syntaxes = {"1.2.840.10008.1.2.4.51": gdcm.TransferSyntax.JPEGExtendedProcess2_4,  # 12-bit lossy JPEG
+                "1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
                 "1.2.840.10008.1.2.4.57": gdcm.TransferSyntax.JPEGLosslessProcess14,
                 "1.2.840.10008.1.2.4.80": gdcm.TransferSyntax.JPEGLSLossless}
     with tempfile.TemporaryDirectory() as scratch:
@@ -128,7 +129,7 @@ def dicom_file(grey: np.ndarray, form: str) -> tuple[bytes, np.ndarray]:
         mono1.compress(JPEG2000Lossless)
         return file_bytes(mono1), grey
     if form in ("jpeg_lossless", "jpeg_lossless_p14", "jpegls_lossless"):
-        return _gdcm_compressed(windowed, FORMS[form][0]), grey
+        return gdcm_compressed(windowed, FORMS[form][0]), grey
     if form == "jpeg_baseline":
         buffer = io.BytesIO()
         Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
@@ -139,3 +140,73 @@ def dicom_file(grey: np.ndarray, form: str) -> tuple[bytes, np.ndarray]:
         ds.LossyImageCompression = "01"
         return file_bytes(ds), np.asarray(Image.open(buffer).convert("L"))
     raise ValueError(form)
+
+
+def _encapsulated(syntax: str, frames: list[bytes], rows: int = 100):
+    """A `rows` x `rows` 8-bit DX dataset (one frame by its header) whose pixel data is the compressed
+    `frames` (whatever their own size), with a basic offset table."""
+    from pydicom.encaps import encapsulate
+
+    ds = dataset(np.zeros((1, 1), np.uint8), 8, Rows=rows, Columns=rows)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate(frames, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def jpeg_bomb(side: int, rows: int = 100, frames: int = 1) -> bytes:
+    """A DICOM of a `rows` x `rows` header holding `frames` JPEGs of 1 KB whose frame header (SOF0) says `side`
+    x `side`: the decoder allocates that, filling what the scan lacks."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="JPEG")
+    jpeg = bytearray(buffer.getvalue())
+    sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    jpeg[sof + 5:sof + 9] = side.to_bytes(2, "big") * 2
+    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.50", [bytes(jpeg)] * frames, rows))
+
+
+def j2k_bomb(side: int) -> bytes:
+    """A 1 KB DICOM of a 100 x 100 header holding a JPEG 2000 codestream whose SIZ marker says `side` x `side`."""
+    import openjpeg
+
+    codestream = bytearray(openjpeg.encode(np.zeros((64, 64), np.uint8), codec_format=0))
+    siz = codestream.index(b"\xff\x51")  # marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz (15444-1 A.5.1)
+    codestream[siz + 6:siz + 14] = side.to_bytes(4, "big") * 2  # the image
+    codestream[siz + 22:siz + 30] = side.to_bytes(4, "big") * 2  # one tile of it
+    return file_bytes(_encapsulated("1.2.840.10008.1.2.4.90", [bytes(codestream)]))
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A deflated DICOM of a 100 x 100 image whose dataset inflates to `inflated` bytes and more (trailing
+    padding, (FFFC,FFFC), of zeros), deflated in a stream: making it costs no more memory than a chunk."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = dataset(np.zeros((100, 100), np.uint8), 8)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta)
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = 2**24
+    parts = [meta.getvalue(), deflater.compress(body.getvalue() + b"\xfc\xff\xfc\xffOB\0\0" +
+                                                struct.pack("<I", inflated // chunk * chunk))]
+    parts += [deflater.compress(bytes(chunk)) for _ in range(inflated // chunk)]
+    return b"".join([*parts, deflater.flush()])
+
+
+def bare_dataset(ds) -> bytes:
+    """`ds` as an old ACR-NEMA export writes it: the dataset alone, implicit VR little endian, with no
+    128-byte preamble, no "DICM" and no file meta information."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    return buffer.getvalue()

@@ -1,6 +1,8 @@
 """Unsupervised site adaptation: batch-norm statistics re-estimated on a site's images, and the
 class prior estimated by EM."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -80,6 +82,42 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
 
     cli.main(["predict", str(site / "0.png"), "--model", "adapted.keras"])
     assert "0.png" in capsys.readouterr().out
+
+
+def test_an_out_that_could_not_be_written_or_would_overwrite_the_model_is_refused_before_adapting(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """Before: `--out models/model.keras` overwrote the input model, the pipeline's DVC output; a path under a
+    file, an unwritable folder, out.h5 or no suffix failed only after adapting, as tracebacks."""
+    from pneumonia import adaptation, cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(adaptation, "adapt_batch_norm", lambda *args: pytest.fail("adapted before checking --out"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.keras").write_bytes(b"the run's model")
+    (tmp_path / "mine.keras").write_bytes(b"another model")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    cmd: x\n    outs:\n      - models/model.keras\n"
+                                       "      - plots/train_history.csv:\n          cache: false\n")
+    cases = {
+        ("--out", "models/model.keras"): "is the model it adapts",
+        ("--out", "./models/../models/model.keras"): "is the model it adapts",
+        ("--model", "mine.keras", "--out", "mine.keras"): "is the model it adapts",
+        ("--model", "mine.keras", "--out", "models/model.keras"): "is an output of the DVC pipeline",
+        ("--out", "out.h5"): "name a .keras file",
+        ("--out", "adapted"): "name a .keras file",
+        ("--out", "a-file/adapted.keras"): "a-file is not a folder this user can write to",
+        ("--out", "missing/adapted.keras"): "missing is not a folder this user can write to",
+    }
+    if os.geteuid() != 0:  # root writes anywhere
+        cases[("--out", "locked/adapted.keras")] = "locked is not a folder this user can write to"
+    for arguments, message in cases.items():
+        with pytest.raises(SystemExit) as refused:
+            cli.main(["adapt", "site", *arguments])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and message in err, (arguments, err)
+    assert (tmp_path / "models" / "model.keras").read_bytes() == b"the run's model"
+    assert (tmp_path / "mine.keras").read_bytes() == b"another model"
 
 
 def test_min_images_below_one_is_refused(tmp_path, capsys):

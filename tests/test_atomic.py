@@ -67,3 +67,37 @@ def test_a_folder_where_a_file_goes_is_refused_and_leaves_nothing(tmp_path):
     with pytest.raises(PipelineError, match=r"out.csv is a folder: name a file"):
         write_csv(tmp_path / "out.csv", ["a"], [[1]])
     assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
+    """issue 33: the evaluate stage wrote metrics/evaluation.json, reports/evaluation/ and plots/figures, then
+    failed in MLflow: the new threshold was used by `pneumonia predict`, the old figures were gone."""
+    from pneumonia.atomic import staged_outputs
+
+    metrics, figures = tmp_path / "metrics" / "evaluation.json", tmp_path / "plots" / "figures"
+    metrics.parent.mkdir()
+    metrics.write_text("old")
+    figures.mkdir(parents=True)
+    (figures / "old.png").write_text("old")
+    (tmp_path / ".evaluate.tmp-stale").mkdir()  # left by a killed run
+    with pytest.raises(RuntimeError, match="the MLflow run was deleted"):
+        with staged_outputs([metrics, figures], "evaluate") as staged:
+            write_json(staged(metrics), {"threshold": 0.1})
+            staged(figures).mkdir()
+            (staged(figures) / "new.png").write_text("new")
+            raise RuntimeError("the MLflow run was deleted")
+    assert metrics.read_text() == "old" and [path.name for path in figures.iterdir()] == ["old.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics", "plots"]  # no scratch, stale or new
+
+    with pytest.raises(ValueError, match="outputs not written: .*figures"):
+        with staged_outputs([metrics, figures], "evaluate") as staged:
+            write_json(staged(metrics), {"threshold": 0.1})
+    assert metrics.read_text() == "old"
+
+    with staged_outputs([metrics, figures], "evaluate") as staged:
+        write_json(staged(metrics), {"threshold": 0.1})
+        staged(figures).mkdir()
+        (staged(figures) / "new.png").write_text("new")
+        assert metrics.read_text() == "old"  # nothing moves before the end
+    assert metrics.read_text() == '{\n  "threshold": 0.1\n}\n' and [p.name for p in figures.iterdir()] == ["new.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics", "plots"]

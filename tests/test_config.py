@@ -72,6 +72,10 @@ def dotted_keys(raw: dict, prefix: str = "") -> set[str]:
         ({"model": {"dropout": float("nan")}}, ["model.dropout = nan", "finite"]),
         ({"data": {"local_path": ""}}, ["data.local_path = ''", "at least 1 character"]),
         ({"data": {"local_path": "  "}}, ["data.local_path = '  '", "at least 1 character"]),
+        # issue 33: a Literal took true for 1 and 3.0 for 3
+        ({"evaluate": {"tta_views": True}}, ["evaluate.tta_views = True", "integer: 1, 3 or 9"]),
+        ({"evaluate": {"tta_views": 3.0}}, ["evaluate.tta_views = 3.0", "integer: 1, 3 or 9"]),
+        ({"evaluate": {"tta_views": 2}}, ["evaluate.tta_views = 2", "1, 3 or 9"]),
     ],
 )
 def test_bad_params_name_key_value_and_what_is_allowed(raw, expected):

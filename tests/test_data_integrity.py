@@ -328,3 +328,32 @@ def test_an_archive_extracts_into_a_folder_that_does_not_exist_yet(tmp_path):
     archive = write_zip(tmp_path / "archive.zip", kaggle_members())
     extract_archive(archive, tmp_path / "new" / "raw")
     assert len(list((tmp_path / "new" / "raw" / "train" / "NORMAL").iterdir())) == 6
+
+
+def test_hash_file_names_keeps_pacs_names_out_of_every_output(tmp_path):
+    """issue 33: a PACS export names files by patient ID or accession number; with data.hash_file_names those
+    names reach neither data/raw (so no manifest, TFRecord or table) nor the external set, and the same name
+    always becomes the same stand-in."""
+    from pneumonia.data.external import write_external
+    from pneumonia.data.layout import hashed_name
+    from test_external import CONFIG
+
+    members = {name.replace("IM-", "PID-7Q3X9-"): data for name, data in kaggle_members().items()}
+    write_zip(tmp_path / "pacs.zip", members)
+    download(DataConfig(source="local", local_path=str(tmp_path / "pacs.zip"), hash_file_names=True), RAW)
+    stored = sorted(path.relative_to(RAW).as_posix() for path in RAW.rglob("*.jpeg"))
+    expected = sorted(f"{'/'.join(name.split('/')[1:3])}/{hashed_name(name)}" for name in members)
+    assert stored == expected and len(stored) == len(members)
+    assert hashed_name("a/PID-7Q3X9-0001-0001.jpeg") == hashed_name("PID-7Q3X9-0001-0001.jpeg")  # base name only
+    prepared = _prepare()
+    assert not [record for split in prepared.splits.values() for record in split if "PID-7Q3X9" in record.path]
+
+    site = tmp_path / "site"
+    for label, name in (("NORMAL", "ACC-8675309-1.jpeg"), ("NORMAL", "ACC-8675309-2.jpeg"),
+                        ("PNEUMONIA", "ACC-8675309-3.jpeg")):
+        (site / label).mkdir(parents=True, exist_ok=True)
+        (site / label / name).write_bytes(jpeg(len(name) * 1000 + int(name[-6]), label == "PNEUMONIA"))
+    write_image_table(tmp_path / "images.csv", [])
+    write_external(site, str(site), tmp_path / "external", tmp_path / "images.csv", 32, CONFIG, 0.0, True)
+    written = [path for path in (tmp_path / "external").rglob("*") if path.is_file()]
+    assert written and not [path for path in written if b"ACC-8675309" in path.read_bytes()]

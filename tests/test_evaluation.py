@@ -176,3 +176,17 @@ def test_model_summary_has_every_column_whatever_the_terminal(monkeypatch):
     assert any("Layer (type)" in line and "Output Shape" in line and "Param #" in line for line in lines), lines
     [dense] = [line for line in lines if "a_rather_long_dense_layer_name (Dense)" in line]
     assert dense.rstrip(" │").endswith(" 15"), dense  # 4 x 3 weights + 3 biases
+
+
+def test_a_model_of_another_image_size_is_a_message(synthetic_data, tmp_path):
+    """issue 33: a valid .keras model trained at another data.image_size gave Keras's ValueError traceback."""
+    from pneumonia.config import ModelConfig
+    from pneumonia.evaluation.evaluate import evaluate
+    from pneumonia.models.build import build_model
+
+    (tmp_path / "meta.json").write_text(json.dumps({"image_size": 48, "splits": {}}))  # no external set
+    with pytest.raises(PipelineError, match=r"the model takes 32 x 32 images, but .*tfrecords holds 48 x 48 ones "
+                                            r"\(data.image_size\): retrain it \(`dvc repro`\), or set data.image_size "
+                                            "to 32"):
+        evaluate(build_model(ModelConfig(crop=0), 32), synthetic_data / "data" / "tfrecords", tmp_path,
+                 EvaluateConfig(), 8)

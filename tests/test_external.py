@@ -99,9 +99,13 @@ def test_an_image_also_in_the_pipelines_data_fails_the_audit(tmp_path, known_ima
 def test_unreadable_images_are_skipped_up_to_the_limit(tmp_path, known_images):
     folder = external_folder(tmp_path / "site")
     (folder / "PNEUMONIA" / "broken.jpeg").write_bytes(jpeg(5)[:200])
-    with pytest.raises(PipelineError, match="1 of 8 image files .* are not readable"):
+    with pytest.raises(PipelineError, match="1 of 8 image files .* are not readable") as refused:
         write(folder, tmp_path / "external", known_images, max_unreadable=0.1)
     assert not (tmp_path / "external").exists()
+    # the user's file and what to do about it: not the scratch copy, not the download stage (issue 33)
+    assert f"  {folder}: PNEUMONIA/broken.jpeg: " in str(refused.value)
+    assert ".copy-" not in str(refused.value) and "download" not in str(refused.value)
+    assert f"Export them again into evaluate.external = '{folder}'" in str(refused.value)
 
     audit = write(folder, tmp_path / "external", known_images, max_unreadable=0.2)
     assert audit["images"] == {"NORMAL": 3, "PNEUMONIA": 4}

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dicoms import dataset, file_bytes
 from pneumonia.classifier import model_input
 from pneumonia.data.audit import inspect_file
-from pneumonia.data.images import MAX_PIXELS, ImageTooLarge, load_resized, resized_jpeg
+from pneumonia.data.images import MAX_PIXELS, BlankImage, ImageTooLarge, load_resized, resized_jpeg
 
 GRADIENT = np.tile(np.linspace(0, 255, 256).round().astype(np.uint8), (256, 1))
 
@@ -103,7 +104,8 @@ def test_a_90_megapixel_image_is_refused_before_decoding(tmp_path):
 
 def test_an_image_at_the_limit_is_decoded():
     side = int(MAX_PIXELS ** 0.5)
-    assert np.asarray(load_resized(huge_png(side, side), 64)).max() == 0
+    with pytest.raises(BlankImage):  # decoded: all black, so refused as blank only then
+        load_resized(huge_png(side, side), 64)
 
 
 @pytest.mark.parametrize("side", [9500, 15000, 60000])
@@ -116,3 +118,26 @@ def test_every_image_over_the_limit_gets_the_projects_message(side):
                    + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
     with pytest.raises(ImageTooLarge, match=rf"{side} x {side} = \d+ megapixels, more than the 36 megapixel limit"):
         load_resized(header_only, 64)
+
+
+@pytest.mark.parametrize("form", ["png", "jpeg", "16-bit png", "dicom"])
+def test_a_blank_image_is_refused_everywhere_an_image_goes_in(form, tmp_path):
+    """A uniform image (nearly: JPEG noise of a grey level) is refused with its reason, by load_resized
+    (`pneumonia predict`, serving, `adapt`, the TFRecords writer) and by the audit (prepare, the external stage);
+    a gradient of 0..255 is not. Before: a label and a probability for an image of nothing."""
+    uniform = np.full((64, 64), 77, np.uint8)
+    uniform[0, 0] = 78  # nearly constant
+    data = {"png": lambda: encoded(Image.fromarray(uniform)), "jpeg": lambda: encoded(Image.fromarray(uniform), "JPEG"),
+            "16-bit png": lambda: encoded(as_16_bit(uniform)), "dicom": lambda: file_bytes(dataset(uniform, 8))}[form]()
+    with pytest.raises(BlankImage, match=r"the image is blank: its grey values vary by 0\.\d+ \(standard deviation"):
+        load_resized(data, 32)
+    (tmp_path / "blank").write_bytes(data)
+    assert inspect_file(tmp_path / "blank", "test", 0).error.startswith("BlankImage: the image is blank")
+    assert np.asarray(load_resized(encoded(Image.fromarray(GRADIENT[:64, :64] * 4)), 32)).std() > 1
+
+
+def test_a_float_image_with_nan_is_refused(tmp_path):
+    pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    pixels[3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"pixel values that are not finite \(NaN or infinity\)"):
+        load_resized(encoded(Image.fromarray(pixels, mode="F"), "TIFF"), 32)

@@ -31,8 +31,11 @@ class MeanBrightness:
 
 
 def save_image(path: Path, mode: str, size: tuple[int, int], value: int, fmt: str) -> Path:
+    """An image of mean grey `value`: its left half 4 darker, its right half 4 brighter (a uniform one is blank)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, (value,) * len(mode) if mode != "L" else value).save(path, format=fmt)
+    grey = np.full(size[::-1], value - 4, np.uint8)
+    grey[:, size[0] // 2:] = value + 4
+    Image.fromarray(grey).convert(mode).save(path, format=fmt)
     return path
 
 

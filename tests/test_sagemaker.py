@@ -3,6 +3,7 @@ environment and /opt/ml layout simulated in a temporary folder, as the SageMaker
 sets them up; nothing reaches AWS."""
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -82,6 +83,28 @@ def test_hyperparameters_are_params_yaml_keys_over_params_yaml():
     assert params.model.weights == "imagenet"  # `auto` resolved for the overridden model, as with -S
     assert job.channels == {"train": REPO / "input" / "data" / "train"}
     assert TrainingJob.from_environ({"PATH": "/usr/bin"}) is None  # not in a job: the DVC stage
+
+
+def test_a_job_whose_hyperparameters_or_folders_are_wrong_stops_before_training(tmp_path):
+    """issue 33: SM_HPS='[]' or 'null' gave an AttributeError traceback, SM_MODEL_DIR= (empty) wrote model.keras
+    into the code folder with exit 0, and unwritable folders were found only after training."""
+    for hyperparameters, kind in (("[]", "list"), ("null", "NoneType"), ('"x"', "str")):
+        with pytest.raises(PipelineError, match=rf"SM_HPS is a JSON {kind}, not an object of hyperparameters"):
+            TrainingJob.from_environ({**job_environment(tmp_path, {}), "SM_HPS": hyperparameters})
+    for variable in ("SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR"):
+        with pytest.raises(PipelineError, match=rf"{variable} is empty: the folder SageMaker uploads from"):
+            TrainingJob.from_environ({**job_environment(tmp_path, {}), variable: ""})
+    (tmp_path / "a-file").write_text("")
+    job = TrainingJob.from_environ({**job_environment(tmp_path, {}), "SM_MODEL_DIR": str(tmp_path / "a-file" / "m")})
+    with pytest.raises(PipelineError, match=r"SM_MODEL_DIR = .*a-file/m is not a folder this job can write to"):
+        job.check_folders()
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        locked = {**job_environment(tmp_path, {}), "SM_OUTPUT_DATA_DIR": str(tmp_path / "locked")}
+        job = TrainingJob.from_environ(locked)
+        with pytest.raises(PipelineError, match=r"SM_OUTPUT_DATA_DIR = .*locked is not a folder this job can write"):
+            job.check_folders()
+    TrainingJob.from_environ(job_environment(tmp_path, {})).check_folders()  # the usual job: fine
 
 
 def test_a_wrong_hyperparameter_or_a_missing_channel_stops_the_job_saying_what_to_do(tmp_path):

@@ -98,6 +98,9 @@ def test_a_failed_stage_leaves_the_previous_results_in_place(project, tmp_path):
                 (project / dep).mkdir() if not Path(dep).suffix else (project / dep).write_text("{}")
     assert {"metrics/train.json", "plots/train_history.csv", "metrics/evaluation.json", "plots/roc.csv",
             "reports/data/summary.json"} <= uncached.keys()
+    # A cached output too: the report (issue 33: any failed evaluate deleted it)
+    (project / "reports" / "evaluation.html").write_text("<html>the last evaluation</html>")
+    uncached["reports/evaluation.html"] = b"<html>the last evaluation</html>"
     commit_all(project)
     # Each stage fails as soon as it starts: a `python` that exits 2 (what fails does not matter to DVC).
     failing = tmp_path / "bin"
@@ -110,3 +113,66 @@ def test_a_failed_stage_leaves_the_previous_results_in_place(project, tmp_path):
                      PATH=os.pathsep.join([str(failing), str(VENV_BIN), os.environ["PATH"]]))
         assert result.returncode != 0 and "error: the stage failed" in result.stderr, result.stderr
     assert {path: (project / path).read_bytes() if (project / path).exists() else None for path in uncached} == uncached
+
+
+def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypatch):
+    """issue 33: MLflow failing after the work (here: the run reopened fails) left the new threshold in
+    metrics/evaluation.json, new reports/evaluation/ and plots/figures beside the old ones. Now nothing moves
+    unless the run has them too; a success moves them all, and MLflow got the files that are then in place."""
+    import importlib.util
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from pneumonia import paths, serving, tracking
+    from pneumonia.errors import PipelineError
+
+    spec = importlib.util.spec_from_file_location("evaluate_stage", Path(__file__).parents[1] / "stages/evaluate.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("{}\n")
+    before = {}
+    for output in stage.OUTPUTS:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix:
+            output.write_text("before")
+        else:
+            output.mkdir()
+            (output / "before.txt").write_text("before")
+        before[output] = sorted((p.as_posix(), p.read_text() if p.is_file() else "")
+                                for p in [output, *output.rglob("*")])
+
+    def report(folder, *args):
+        (folder / "roc.png").write_text("after")
+        return "<html>after</html>"
+
+    table = (["a"], [[1]])
+    split = SimpleNamespace(tables=lambda: {name: table for name in stage.TEST_TABLES}, scores={"threshold": 0.1})
+    result = SimpleNamespace(test=split, external=None, headline={"threshold": 0.1}, report=report, threshold=0.1,
+                             mlflow_metrics=lambda: {})
+    monkeypatch.setattr(stage, "evaluate", lambda *args: result)
+    monkeypatch.setattr(stage, "load_model", lambda path: None)
+    monkeypatch.setattr(tracking, "check_run", lambda run_info: None)
+
+    @contextmanager
+    def deleted_run(run_info):
+        raise PipelineError("the MLflow run was deleted")
+        yield
+
+    monkeypatch.setattr(tracking, "resumed_run", deleted_run)
+    with pytest.raises(PipelineError, match="the MLflow run was deleted"):
+        stage.main()
+    for output, listed in before.items():
+        assert sorted((p.as_posix(), p.read_text() if p.is_file() else "")
+                      for p in [output, *output.rglob("*")]) == listed
+    assert not list(tmp_path.glob(".evaluate*"))
+
+    logged = []
+    monkeypatch.setattr(tracking, "resumed_run", contextmanager(lambda run_info: (yield)))
+    monkeypatch.setattr(serving, "log_model", lambda *args: SimpleNamespace(model_id="m-1"))
+    monkeypatch.setattr(tracking, "log_evaluation", lambda params, model_id, splits, outputs, report:
+                        logged.extend((path.name, path.read_text()) for path in outputs))
+    stage.main()
+    assert paths.EVALUATION_METRICS.read_text() == '{\n  "threshold": 0.1\n}\n'
+    assert [p.name for p in paths.FIGURES.iterdir()] == ["roc.png"] and paths.TEST_SCORES.is_file()
+    assert ("evaluation.html", "<html>after</html>") in logged and ("roc.png", "after") in logged

@@ -250,3 +250,38 @@ def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics["test_auc"] == 0.9
     assert run.data.tags["evaluate.seed"] == "1"
     assert str(client.get_model_version_by_alias("pneumonia-test", "champion").version) == "1"
+
+
+def test_a_deleted_run_or_the_store_of_another_project_is_refused_before_evaluating(tmp_path, monkeypatch):
+    """issue 33: a deleted run failed the evaluate stage after its work (an MlflowException traceback); a copy of
+    the project (cp -r) wrote into the original's store, which models/mlflow_run.json names by absolute path."""
+    from pneumonia.errors import PipelineError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    (original / "manifests").mkdir(parents=True)
+    (original / "manifests" / "train.csv").write_text("path,label\na.jpeg,0\n")
+    monkeypatch.setenv("DVC_ROOT", str(original))
+    with tracking.training_run(parse_params({}).tracking, {"model.name": "custom_cnn"},
+                                                             original / "manifests") as run:
+        tracking.write_run_info(run, original / "run.json")
+    tracking.check_run(original / "run.json")  # the run as the train stage left it: fine
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: a fresh process's
+    copy.mkdir()
+    (copy / "run.json").write_bytes((original / "run.json").read_bytes())
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    for check in (tracking.check_run, lambda info: tracking.resumed_run(info).__enter__()):
+        with pytest.raises(PipelineError, match=rf"records run {run.info.run_id} in the MLflow store of the project "
+                                                rf"at {original}, not in this one \({copy}\): this folder was copied"):
+            check(copy / "run.json")
+    assert not (copy / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{original / 'mlflow.db'}")  # on purpose: allowed
+    tracking.check_run(copy / "run.json")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(original))
+    MlflowClient(tracking.tracking_uri()).delete_run(run.info.run_id)
+    with pytest.raises(PipelineError, match=rf"run {run.info.run_id} that .* was deleted: restore it "
+                                            rf"\(`mlflow runs restore --run-id {run.info.run_id}`"):
+        tracking.check_run(original / "run.json")

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,35 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
     except BaseException:  # the body failed, or the rename did
         _remove(temporary)
         raise
+
+
+@contextmanager
+def staged_outputs(targets: list[Path], name: str) -> Iterator[Callable[[Path], Path]]:
+    """Several outputs (files or folders) all or none: yields `staged`, which gives each target's stand-in
+    in one scratch folder beside them (`.{name}.tmp-*`); only once the body succeeded is each stand-in
+    renamed over its target, folders whole. A failure leaves every target as it was."""
+    targets = [Path(target) for target in targets]
+    root = Path(os.path.commonpath([target.absolute().parent for target in targets]))
+    _remove_stale_temporaries(root / name)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+
+    def staged(target: Path) -> Path:
+        if Path(target) not in targets:
+            raise ValueError(f"{target} is not one of the staged outputs {[str(t) for t in targets]}")
+        stand_in = scratch / Path(target).absolute().relative_to(root)
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        return stand_in
+
+    try:
+        yield staged
+        if missing := [str(target) for target in targets if not staged(target).exists()]:
+            raise ValueError(f"outputs not written: {', '.join(missing)}")  # a fault of the caller: none moved
+        for target in targets:
+            with atomic_path(target, directory=staged(target).is_dir()) as temporary:
+                _remove(temporary)
+                os.replace(staged(target), temporary)
+    finally:
+        _remove(scratch)
 
 
 def write_text(path: Path, text: str) -> None:

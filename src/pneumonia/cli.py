@@ -155,6 +155,43 @@ def add_predict_parser(commands) -> None:
     predict_parser.set_defaults(handler=predict)
 
 
+def pipeline_outputs() -> list[Path]:
+    """The outputs of dvc.yaml's stages (resolved; none without a dvc.yaml): what only `dvc repro` writes."""
+    import yaml
+
+    dvc_file = paths.project_root() / "dvc.yaml"
+    if not dvc_file.is_file():
+        return []
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    outs = [out for stage in stages.values() for out in stage.get("outs", [])]
+    return [(paths.project_root() / (next(iter(out)) if isinstance(out, dict) else out)).resolve() for out in outs]
+
+
+def check_model_output(out: Path, model: Path) -> None:
+    """`pneumonia adapt --out`, before any work: a new .keras file in a writable folder, not the model it
+    reads and not a pipeline output (DVC would find its output changed; the run's model would be lost)."""
+    import os
+
+    from pneumonia.errors import PipelineError
+
+    from pneumonia.model_settings import model_file
+
+    where, model = f"--out {out}", model_file(model)
+    if out.suffix != ".keras":
+        raise PipelineError(f"{where}: name a .keras file (the only format Keras 3 saves a whole model in)")
+    if out.resolve() == model.resolve() or (out.exists() and model.exists() and out.samefile(model)):
+        raise PipelineError(f"{where} is the model it adapts (--model {model}): name another file, e.g. "
+                            "models/adapted.keras")
+    if any(out.resolve() == output or output in out.resolve().parents for output in pipeline_outputs()):
+        raise PipelineError(f"{where} is an output of the DVC pipeline (dvc.yaml), which `dvc repro` alone writes: "
+                            "name another file, e.g. models/adapted.keras")
+    if out.is_dir():
+        raise PipelineError(f"{where} is a folder: name a .keras file")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{where}: {out.parent} is not a folder this user can write to: create it, or name a "
+                            "file in another folder")
+
+
 def adapt(args: argparse.Namespace) -> None:
     import keras
     import numpy as np
@@ -164,6 +201,7 @@ def adapt(args: argparse.Namespace) -> None:
     from pneumonia.errors import PipelineError
     from pneumonia.model_settings import write_bundle
 
+    check_model_output(args.out, args.model)
     classifier = load_classifier(args.model)
     images, unreadable = [], []
     for path in inference.image_files(args.paths):

@@ -86,6 +86,9 @@ class DataConfig(Section):
     seed: Seed = 42
     # prepare skips unreadable images, but fails when more than this fraction of them is unreadable
     max_unreadable_fraction: Float = Field(0.01, ge=0, le=1)
+    # Store images (data/raw, the external set) under a hash of their file name: PACS exports are often
+    # named by patient ID or accession number, and names go into manifests, TFRecords, tables and MLflow
+    hash_file_names: StrictBool = False
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -315,6 +318,14 @@ class EvaluateConfig(Section):
     @classmethod
     def _known_rule(cls, rule: Any) -> float | str:
         return parse_threshold_rule(rule)
+
+    @field_validator("tta_views", mode="before")
+    @classmethod
+    def _an_integer(cls, views: Any) -> Any:
+        # As strict as the other ints: a Literal alone took `true` for 1 and 3.0 for 3
+        if isinstance(views, bool) or not isinstance(views, int):
+            raise ValueError("Input should be a valid integer: 1, 3 or 9")
+        return views
 
 
 class TrackingConfig(Section):

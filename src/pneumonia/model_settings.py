@@ -117,6 +117,10 @@ def read_settings(model: Path) -> ModelSettings:
             f"reference): it was trained before models carried their settings, or copied without them. Copy the "
             f"whole models/ folder ({MODEL_FILE}, model.json, model{OOD_SUFFIX}), or run the evaluate stage again "
             "(`dvc repro`) to write them")
+    return read_settings_file(path)
+
+
+def read_settings_file(path: Path) -> ModelSettings:
     try:
         return ModelSettings.model_validate_json(path.read_bytes())
     except ValidationError as exc:

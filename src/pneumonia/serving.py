@@ -38,7 +38,7 @@ from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.errors import PipelineError
 from pneumonia.inference import prediction
 from pneumonia.logs import redact
-from pneumonia.model_settings import ood_file, read_settings, settings_file
+from pneumonia.model_settings import ood_file, read_settings_file, settings_file
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,26 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
 
 
-def log_model(model_path: Path, name: str | None = None, model_card: Path | None = None) -> ModelInfo:
+def log_model(model_path: Path, name: str | None = None, model_card: Path | None = None,
+              settings: Path | None = None, ood: Path | None = None) -> ModelInfo:
     """Log the model bundle of the .keras file `model_path` (the model, its settings and out-of-distribution
-    reference beside it) as the active run's MLflow model, with the `model_card` file.
+    reference: the files beside it, or `settings` and `ood` named like them, as the evaluate stage stages them)
+    as the active run's MLflow model, with the `model_card` file.
 
     With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
-    settings = read_settings(model_path)
-    artifacts = {KERAS_MODEL: str(model_path), SETTINGS: str(settings_file(model_path)),
-                 OOD_REFERENCE: str(ood_file(model_path)), **({MODEL_CARD: str(model_card)} if model_card else {})}
+    settings, ood = settings or settings_file(model_path), ood or ood_file(model_path)
+    if (settings.name, ood.name) != (settings_file(model_path).name, ood_file(model_path).name):
+        raise ValueError(f"{settings.name} and {ood.name} are not named as {model_path.name}'s settings: the "
+                         "logged model would not find them")
+    shown_settings = read_settings_file(settings)
+    artifacts = {KERAS_MODEL: str(model_path), SETTINGS: str(settings), OOD_REFERENCE: str(ood),
+                 **({MODEL_CARD: str(model_card)} if model_card else {})}
     # the logged model's own params (on its page), not the run's
-    shown = {"threshold": settings.threshold, "threshold_rule": settings.threshold_rule,
-             "jpeg_quality": settings.jpeg_quality, "tta_views": settings.tta_views,
-             "ood_threshold": settings.ood.threshold, "input_checks": settings.input_checks}
+    shown = {"threshold": shown_settings.threshold, "threshold_rule": shown_settings.threshold_rule,
+             "jpeg_quality": shown_settings.jpeg_quality, "tta_views": shown_settings.tta_views,
+             "ood_threshold": shown_settings.ood.threshold, "input_checks": shown_settings.input_checks}
     info = tracking.retry_locked(
         mlflow.pyfunc.log_model,
         name=MODEL_NAME,
@@ -157,10 +163,11 @@ def log_model(model_path: Path, name: str | None = None, model_card: Path | None
         artifacts=artifacts,
         params=shown,
         # Where a user of the served model reads what it is for and not for
-        metadata={"intended_use": settings.intended_use.purpose, "population": settings.intended_use.population,
-                  "not_for": list(settings.intended_use.not_for),
+        metadata={"intended_use": shown_settings.intended_use.purpose,
+                  "population": shown_settings.intended_use.population,
+                  "not_for": list(shown_settings.intended_use.not_for),
                   "model_card": f"artifacts/{model_card.name}" if model_card else
-                  settings.intended_use.model_card},
+                  shown_settings.intended_use.model_card},
         # This package's code goes with the model: it loads and serves without the project installed.
         code_paths=[str(Path(__file__).parent)],
         signature=SIGNATURE,

@@ -240,13 +240,9 @@ def training_run(config: TrackingConfig, params: dict[str, Any], manifests: Path
         yield run
 
 
-@contextmanager
-def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run whose id the train stage handed over in `run_info`.
-
-    The file holds the tracking URI without its password (it is a DVC output, pushed to remotes):
-    MLFLOW_TRACKING_URI supplies the password when it names the same store.
-    """
+def _recorded_store(run_info: Path) -> tuple[str, str]:
+    """(run id, the URI of the store to reopen it in) from the train stage's `run_info`; a PipelineError when
+    that store cannot be used from here."""
     info = json.loads(run_info.read_text())
     recorded = info["tracking_uri"]
     uri = tracking_uri() if shown_uri() == recorded else recorded
@@ -255,8 +251,48 @@ def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
             f"the train stage logged to {recorded}, whose password {run_info} does not keep: set "
             "MLFLOW_TRACKING_URI to that URI with its password, as for the train stage"
         )
+    elsewhere = Path(uri.removeprefix("sqlite:///")).parent
+    if (uri.startswith("sqlite:///") and uri.endswith(f"/{STORE_FILE}") and elsewhere != paths.project_root()
+            and uri != tracking_uri()):
+        # The default store of another folder: this project was copied or moved after training, and
+        # would write into the original's store (whose artifact locations are the original's too).
+        raise PipelineError(
+            f"{run_info} records run {info['run_id']} in the MLflow store of the project at {elsewhere}, not in "
+            f"this one ({paths.project_root()}): this folder was copied or moved after training. Retrain here "
+            f"(`dvc repro -f -s train`) for a run of its own, or set MLFLOW_TRACKING_URI={recorded} to log into "
+            "that project's store on purpose"
+        )
+    return info["run_id"], uri
+
+
+def check_run(run_info: Path) -> None:
+    """Before a stage's work: the run `run_info` records can be reopened (its store reachable and here, the
+    run in it and not deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, uri = _recorded_store(run_info)
+    check_reachable(uri, "Nothing was evaluated.")
+    try:
+        run = retry_locked(mlflow.MlflowClient(uri).get_run, run_id)
+    except MlflowException as exc:
+        raise PipelineError(f"the MLflow run {run_id} that {run_info} records is not in {redact(uri)} "
+                            f"({exc.message.splitlines()[0]}): retrain (`dvc repro -f -s train`)") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise PipelineError(f"the MLflow run {run_id} that {run_info} records was deleted: restore it "
+                            f"(`mlflow runs restore --run-id {run_id}`, with MLFLOW_TRACKING_URI={redact(uri)}), "
+                            "or retrain (`dvc repro -f -s train`)")
+
+
+@contextmanager
+def resumed_run(run_info: Path) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run whose id the train stage handed over in `run_info`.
+
+    The file holds the tracking URI without its password (it is a DVC output, pushed to remotes):
+    MLFLOW_TRACKING_URI supplies the password when it names the same store.
+    """
+    run_id, uri = _recorded_store(run_info)
     use_tracking_uri(uri)
-    with _open_run(run_id=info["run_id"]) as run:
+    with _open_run(run_id=run_id) as run:
         yield run
 
 

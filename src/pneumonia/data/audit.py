@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pneumonia import CLASS_NAMES, SPLITS
 from pneumonia.atomic import write_csv
-from pneumonia.data.images import open_image, to_grey
+from pneumonia.data.images import check_not_blank, open_image, to_grey
 from pneumonia.errors import PipelineError
 
 STATS_SIZE = 128  # pixels a side (at least) of the decode the intensity statistics are taken from
@@ -44,6 +44,7 @@ def inspect_file(path: Path, kaggle_split: str, label: int) -> ImageFacts:
             (width, height), mode = image.size, image.mode
             image.draft("L", (STATS_SIZE, STATS_SIZE))  # JPEG: decode at 1/2 to 1/8 scale, much faster
             pixels = np.asarray(to_grey(image), dtype=np.float64)
+        check_not_blank(pixels)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         # (PIL's own text for an unknown format holds a memory address: not reproducible.)
         unknown = isinstance(exc, UnidentifiedImageError)
@@ -62,17 +63,22 @@ def inspect_raw(raw: Path) -> list[ImageFacts]:
     return [inspect_file(*file) for file in tqdm(files, desc="hashing and decoding", unit="img", mininterval=2)]
 
 
-def check_unreadable(images: list[ImageFacts], max_fraction: float) -> list[ImageFacts]:
-    """The unreadable files; a PipelineError when they are more than `max_fraction` of all files."""
+DOWNLOAD_AGAIN = "The download may be incomplete or the archive damaged: download it again (`dvc repro -f -s download`)"
+
+
+def check_unreadable(images: list[ImageFacts], max_fraction: float, shown: dict[str, str] | None = None,
+                     advice: str = DOWNLOAD_AGAIN) -> list[ImageFacts]:
+    """The unreadable files; a PipelineError when they are more than `max_fraction` of all files, listing
+    them by `shown` names (the user's: {path: name}; default their paths) with `advice`."""
     unreadable = [image for image in images if image.error]
     if images and len(unreadable) / len(images) > max_fraction:
-        listed = "\n".join(f"  {image.path}: {image.error}" for image in unreadable[:20])
+        listed = "\n".join(f"  {(shown or {}).get(image.path, image.path)}: {image.error}"
+                           for image in unreadable[:20])
         more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
         raise PipelineError(
             f"{len(unreadable)} of {len(images)} image files ({len(unreadable) / len(images):.1%}) are not readable "
             f"images, more than data.max_unreadable_fraction = {max_fraction}:\n{listed}{more}\n"
-            "The download may be incomplete or the archive damaged: download it again "
-            "(`dvc repro -f -s download`), or raise data.max_unreadable_fraction to train without them."
+            f"{advice}, or raise data.max_unreadable_fraction to go on without them."
         )
     return unreadable
 

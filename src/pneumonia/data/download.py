@@ -17,7 +17,7 @@ from pneumonia.atomic import atomic_path, write_json
 from pneumonia.config import DataConfig
 from pneumonia.data import synthetic
 from pneumonia.data.archive import check_free_space, extract, open_zip
-from pneumonia.data.layout import in_folder, in_zip, locate_splits
+from pneumonia.data.layout import hashed_name, in_folder, in_zip, locate_splits
 from pneumonia.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ def copy_folder(folder: Path, out: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name in members:
             shutil.copyfile(folder / name, target / PurePosixPath(name).name)
+
+
+def hash_file_names(raw: Path) -> None:
+    """Rename every image of `raw`/split/class/ to layout.hashed_name (data.hash_file_names)."""
+    for split in SPLITS:
+        for class_name in CLASS_NAMES:
+            for path in sorted((raw / split / class_name).glob("*")):
+                path.rename(path.with_name(hashed_name(path.name)))
 
 
 def count_images(raw: Path) -> dict[str, dict[str, int]]:
@@ -171,6 +179,8 @@ def download(config: DataConfig, raw: Path, record: Path | None = None) -> dict:
             else:
                 synthetic.generate(out, config.synthetic, config.seed)
                 origin = {"synthetic": config.synthetic.model_dump(), "seed": config.seed}
+            if config.hash_file_names:
+                hash_file_names(out)
             source = {"source": config.source, **origin, "images": count_images(out)}
             if record is not None:
                 check_against_record(source, record)

@@ -26,7 +26,7 @@ from pneumonia.config import TFRecordsConfig
 from pneumonia.data import input_checks
 from pneumonia.data.archive import check_free_space, extract, open_zip
 from pneumonia.data.audit import check_unreadable, inspect_file, read_image_table
-from pneumonia.data.layout import has_image_suffix, in_folder, in_zip, is_macos_litter
+from pneumonia.data.layout import has_image_suffix, hashed_name, in_folder, in_zip, is_macos_litter
 from pneumonia.data.manifest import Record, write_manifest
 from pneumonia.data.prepare import patient_id
 from pneumonia.data.tfrecords import META, write_records
@@ -165,17 +165,19 @@ def labelled_images(names: list[str], is_image: Callable[[str], bool], read_text
     return csv_labelled_images(names, images, read_text, source)
 
 
-def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]]:
-    """The labelled images of a zip or folder, copied to `out`/<CLASS>/<name> once their sizes are known to
-    fit (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
+def _copy_images(source: Path, display: str, out: Path, hash_names: bool) -> list[tuple[Path, int, str]]:
+    """(copy, label, name in the source) of the labelled images of a zip or folder, copied to
+    `out`/<CLASS>/<name> (its layout.hashed_name with `hash_names`) once their sizes are known to fit
+    (data.archive's guards; symbolic links in a folder are not followed: an external set is files, not
     pointers elsewhere)."""
     def planned(images: list[tuple[str, int]]) -> list[tuple[str, Path, int]]:
         targets = []
         # By class, then file name: the same images give the same records in any layout.
         for name, label in sorted(images, key=lambda image: (image[1], PurePosixPath(image[0]).name)):
-            target = out / CLASS_NAMES[label] / PurePosixPath(name).name
+            base = PurePosixPath(name).name
+            target = out / CLASS_NAMES[label] / (hashed_name(base) if hash_names else base)
             if any(target == other for _, other, _ in targets):
-                raise PipelineError(f"evaluate.external = {display!r} has two images named {target.name!r}: "
+                raise PipelineError(f"evaluate.external = {display!r} has two images named {base!r}: "
                                     "rename one (images are kept by file name).")
             targets.append((name, target, label))
         return targets
@@ -196,11 +198,11 @@ def _copy_images(source: Path, display: str, out: Path) -> list[tuple[Path, int]
             images = planned(labelled_images(list(infos), in_zip(archive),
                                              lambda name: archive.read(name).decode(errors="replace"), display))
             extract(archive, [(infos[name], target) for name, target, _ in images], out, f"the archive {source}")
-    return [(target, label) for _, target, label in images]
+    return [(target, label, name) for name, target, label in images]
 
 
 def read_external(source: Path, display: str, scratch: Path, known_images: Path,
-                  max_unreadable_fraction: float, checks: str = "flag") -> ExternalSet:
+                  max_unreadable_fraction: float, checks: str = "flag", hash_names: bool = False) -> ExternalSet:
     """Copy, hash and decode the external images into `scratch`; check them against the pipeline's
     own images (data/images.csv, every raw file with its sha256) and their DICOM headers against the
     intended use (`checks`, evaluate.input_checks: flagged images are counted, refused ones left out)."""
@@ -210,9 +212,12 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
                             "to evaluate without an external set.")
     if not source.is_dir() and not zipfile.is_zipfile(source):
         raise PipelineError(f"evaluate.external = {display!r} is neither a folder nor a zip archive. " + LAYOUT_HINT)
-    copied = _copy_images(source, display, scratch)
-    facts = [inspect_file(path, SPLIT, label) for path, label in copied]
-    unreadable = check_unreadable(facts, max_unreadable_fraction)
+    copied = _copy_images(source, display, scratch, hash_names)
+    facts = [inspect_file(path, SPLIT, label) for path, label, _ in copied]
+    # Listed as the user knows them (the copies are in a scratch folder that is gone once this fails)
+    shown = {path.as_posix(): f"{display}: {name}" for path, _, name in copied}
+    unreadable = check_unreadable(facts, max_unreadable_fraction, shown,
+                                  f"Export them again into evaluate.external = {display!r}")
     readable = [fact for fact in facts if not fact.error]
     reasons = {} if checks == "ignore" else {
         fact.path: input_checks.header_reasons(fact.path, IntendedUse().age_years) for fact in readable}
@@ -252,7 +257,8 @@ def raise_if_overlapping(audit: dict, display: str) -> None:
 
 
 def write_external(source: Path | None, display: str, target: Path, known_images: Path, image_size: int,
-                   config: TFRecordsConfig, max_unreadable_fraction: float, checks: str = "flag") -> dict:
+                   config: TFRecordsConfig, max_unreadable_fraction: float, checks: str = "flag",
+                   hash_names: bool = False) -> dict:
     """`target`: the external set's TFRecords (split "external"), manifest and audit; with no source,
     only a meta.json that says so. Returns the audit ({} without a source)."""
     if source is None:
@@ -263,7 +269,8 @@ def write_external(source: Path | None, display: str, target: Path, known_images
     for stale in target.parent.glob(f".{target.name}.copy-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.copy-", dir=target.parent) as scratch:
-        external = read_external(source, display, Path(scratch), known_images, max_unreadable_fraction, checks)
+        external = read_external(source, display, Path(scratch), known_images, max_unreadable_fraction, checks,
+                                 hash_names)
         raise_if_overlapping(external.audit, display)
         log.info("external set %s: %s images (NORMAL, PNEUMONIA), %d patients", display,
                  external.audit["images"], external.audit["patients"])

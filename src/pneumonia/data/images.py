@@ -10,24 +10,25 @@ import numpy as np
 from PIL import Image
 
 from pneumonia.data import dicom
+from pneumonia.data.limits import MAX_PIXELS, ImageTooLarge, check_size  # noqa: F401 - MAX_PIXELS: the limit
 
-# Refused before decoding: 6000 x 6000, over 4x the largest chest radiographs (a 43 cm detector at
-# 100 um is 4300 px). PIL alone only warns up to 179 MP, and a 10000 x 10000 PNG of 380 KiB
-# decodes to ~0.5 GB.
-MAX_PIXELS = 36_000_000
 # PIL's own check (a warning from 89 MP, its DecompressionBombError from 179 MP) is off: open_image, the
 # path every image takes, refuses from MAX_PIXELS with the size and what to do, whatever the size.
 Image.MAX_IMAGE_PIXELS = None
+# An image whose grey values barely vary shows nothing (a blank export, a DICOM whose header maps every
+# value to one grey): refused, not given a label. A chest X-ray's vary by ~50 (standard deviation).
+MIN_GREY_STD = 1.0
 
 
-class ImageTooLarge(ValueError):
+class BlankImage(ValueError):
     pass
 
 
-def _check_size(width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageTooLarge(f"{width} x {height} = {width * height / 1e6:.0f} megapixels, more than the "
-                            f"{MAX_PIXELS / 1e6:.0f} megapixel limit: downscale the image first")
+def check_not_blank(grey: np.ndarray) -> None:
+    """A BlankImage when the 8-bit `grey` values vary by less than MIN_GREY_STD (standard deviation)."""
+    if (spread := float(np.std(grey))) < MIN_GREY_STD:
+        raise BlankImage(f"the image is blank: its grey values vary by {spread:.2f} (standard deviation, 0..255), "
+                         f"under {MIN_GREY_STD}; nothing to classify: check the export")
 
 
 def open_image(source: bytes | str) -> Image.Image:
@@ -41,11 +42,11 @@ def open_image(source: bytes | str) -> Image.Image:
         raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
     if dicom.is_dicom(source):
         dataset, width, height = dicom.dimensions(source)
-        _check_size(width, height)
+        check_size(width, height)
         return Image.fromarray(dicom.grey_pixels(dataset))  # uint8 (h, w): mode "L"
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     try:
-        _check_size(*image.size)
+        check_size(*image.size)
     except ImageTooLarge:
         image.close()
         raise
@@ -60,6 +61,8 @@ def to_grey(image: Image.Image) -> Image.Image:
     values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through PIL's
     conversion (1-bit: 0 and 255).
     """
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # 32-bit float (TIFF)
+        raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)  # no overflow of + 128
         return Image.fromarray(np.clip((pixels + 128) // 257, 0, 255).astype(np.uint8))
@@ -68,7 +71,7 @@ def to_grey(image: Image.Image) -> Image.Image:
 
 def load_resized(source: bytes | str, size: int) -> Image.Image:
     """Decode a JPEG/PNG (grayscale or colour, 8 or 16 bit, up to MAX_PIXELS) or a DICOM X-ray to a
-    `size` x `size` grayscale image.
+    `size` x `size` grayscale image; a blank one (check_not_blank) is refused.
 
     Chest X-rays carry no colour information; the few RGB files in the Kaggle set are grey too.
     """
@@ -76,7 +79,9 @@ def load_resized(source: bytes | str, size: int) -> Image.Image:
     # JPEG draft mode decodes at a reduced scale directly: several times faster on the
     # ~2000 px originals, and the result is resized down anyway.
     image.draft("L", (size, size))
-    return to_grey(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    resized = to_grey(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    check_not_blank(np.asarray(resized))
+    return resized
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:

@@ -5,6 +5,7 @@ The real Kaggle archive nests its tree (`chest_xray/train/...`), repeats it
 Works on '/'-separated relative names, so zip members and folder files take the same path.
 """
 
+import hashlib
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,6 +19,13 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 
 # (split, class name) -> relative names of the image files in that folder
 SplitFiles = dict[tuple[str, str], list[str]]
+
+
+def hashed_name(name: str) -> str:
+    """A stable stand-in for a file's name (data.hash_file_names): 16 hex digits of the SHA-256 of its
+    base name, and its suffix. A name stays one name across runs; the original is not kept anywhere."""
+    base = PurePosixPath(name).name
+    return hashlib.sha256(base.encode()).hexdigest()[:16] + PurePosixPath(base).suffix.lower()
 
 
 def is_macos_litter(name: str) -> bool:

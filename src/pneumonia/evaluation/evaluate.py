@@ -19,6 +19,7 @@ from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT, ood
 from pneumonia.config import EvaluateConfig, Params
 from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData
 from pneumonia.data.tfrecords import read_meta
+from pneumonia.errors import PipelineError
 from pneumonia.evaluation import model_card, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
@@ -94,11 +95,24 @@ def model_summary(model: keras.Model) -> str:
     return "\n".join(lines)
 
 
+def check_image_size(model: keras.Model, *folders: Path) -> None:
+    """The model takes the images of each TFRecords folder (with splits) at their size: a model of another
+    data.image_size (one copied in, or trained before a change) failed in Keras with a ValueError traceback."""
+    size = model.input_shape[1]
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta["splits"] and size is not None and meta["image_size"] != size:
+            raise PipelineError(f"the model takes {size} x {size} images, but {folder} holds {meta['image_size']} x "
+                                f"{meta['image_size']} ones (data.image_size): retrain it (`dvc repro`), or set "
+                                f"data.image_size to {size} as it was trained")
+
+
 def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
              batch_size: int) -> Evaluation:
     """`model` on the splits in `tfrecords` and on the external stage's output `external`. Each probability is
     the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
     the Grad-CAM maps and the border audit explain the model on the image itself."""
+    check_image_size(model, tfrecords, external)
     predictor = with_test_time_augmentation(model, config.tta_views)
     features_model = ood.pooled_features_model(model)
     val_inputs = ood.split_inputs(features_model, tfrecords, "val", batch_size)

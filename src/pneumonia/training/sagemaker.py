@@ -14,6 +14,7 @@ release (0.37.1) is built for TensorFlow 2.16 and does not load into this projec
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ CHANNEL = "train"
 # URI for TensorFlow's own checkpoints (unused here: the model goes to SM_MODEL_DIR), unless
 # `model_dir=False`; `sagemaker_*` ones configure the toolkit.
 SDK_HYPERPARAMETERS = ("model_dir",)
+# Where the job's model and outputs go ({variable: its value in SageMaker's containers}): uploaded at its end
+FOLDERS = {"SM_MODEL_DIR": "/opt/ml/model", "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data"}
 # What the estimator's `metric_definitions` read from the log: one line per epoch and one at the end.
 # `\b` keeps `auc` from matching inside `val_auc` and `val_auc` inside `best_val_auc`.
 LOGGED_METRICS = ("loss", "auc", "accuracy", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "best_epoch")
@@ -58,10 +61,30 @@ class TrainingJob:
             hyperparameters = json.loads(environ.get("SM_HPS") or "{}")
         except json.JSONDecodeError as exc:
             raise PipelineError(f"SM_HPS is not JSON ({exc}): run the job with the SageMaker Python SDK") from None
+        if not isinstance(hyperparameters, dict):
+            raise PipelineError(f"SM_HPS is a JSON {type(hyperparameters).__name__}, not an object of "
+                                "hyperparameters ({\"train.epochs\": 20}): run the job with the SageMaker Python SDK")
+        folders = {name: environ.get(name, default) for name, default in FOLDERS.items()}
+        if empty := [name for name, folder in folders.items() if not folder.strip()]:
+            raise PipelineError(f"{' and '.join(empty)} is empty: the folder SageMaker uploads from, "
+                                f"{FOLDERS[empty[0]]} in its containers; unset it or name a folder")
         channels = {name.removeprefix("SM_CHANNEL_").lower(): Path(folder) for name, folder in environ.items()
                     if name.startswith("SM_CHANNEL_")}
-        return cls(hyperparameters, channels, Path(environ["SM_MODEL_DIR"]),
-                   Path(environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")))
+        return cls(hyperparameters, channels, Path(folders["SM_MODEL_DIR"]), Path(folders["SM_OUTPUT_DATA_DIR"]))
+
+    def check_folders(self) -> None:
+        """Before training: the folders the model and the outputs go to are (or can be made) writable."""
+        for name, folder in (("SM_MODEL_DIR", self.model_dir), ("SM_OUTPUT_DATA_DIR", self.output_data_dir)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                writable = os.access(folder, os.W_OK | os.X_OK)
+            except OSError as exc:
+                writable, reason = False, f" ({exc.strerror})"
+            else:
+                reason = ""
+            if not writable:
+                raise PipelineError(f"{name} = {folder} is not a folder this job can write to{reason}: nothing was "
+                                    "trained; give the job's user that folder, or name another")
 
     def params_overrides(self) -> dict[str, Any]:
         """The hyperparameters that set params.yaml keys (all but the SDK's own)."""
@@ -112,6 +135,7 @@ def train_job(job: TrainingJob) -> None:
     model into SM_MODEL_DIR, the history and metrics into SM_OUTPUT_DATA_DIR, a metric line per epoch and
     one at the end (stdout). No backup (a job that stops is started again whole) and no MLflow run."""
     params = load_params(overrides=job.params_overrides())
+    job.check_folders()
     placement = distribute.place(params.train.accelerator, params.train.precision, params.model.backbone)
     result = train(params.model, params.train, job.tfrecords(), job.class_weight(), job.model_dir / paths.MODEL.name,
                    placement, extra_callbacks=[MetricLines()])
