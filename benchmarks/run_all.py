@@ -36,7 +36,7 @@ SUMMARY_MARKERS = ("<!-- performance-summary: made by python -m benchmarks.run_a
 PACKAGES = ("tensorflow", "keras", "dvc", "pillow", "numpy", "psutil")
 
 
-def machine() -> dict:
+def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
     import psutil
 
     cpuinfo = Path("/proc/cpuinfo")
@@ -47,7 +47,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(), "python": platform.python_version(),
-        "versions": {package: version(package) for package in PACKAGES},
+        "versions": {package: version(package) for package in packages},
     }
 
 
