@@ -75,4 +75,4 @@ def load_classifier(model_path: Path, threshold: float, jpeg_quality: int, tta_v
     the mean over `tta_views` views of the image."""
     if not model_path.is_file():
         raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-    return Classifier(load_model(model_path), threshold, jpeg_quality, tta_views)
+    return Classifier(load_model(model_path, compile=False), threshold, jpeg_quality, tta_views)  # predicts only
