@@ -3,6 +3,8 @@
     bash benchmarks/gpu_check.sh OUT                   # bare machine: a venv with the `gpu` extra, then this
     python -m benchmarks.gpu_check --out OUT           # where the project and tensorflow[and-cuda] are installed
     python -m benchmarks.gpu_check --cpu --out OUT     # tiny sizes on a CPU, under a minute: checks that it works
+    python -m benchmarks.gpu_check --jax --out OUT     # no TensorFlow: the model under Keras's JAX backend
+                                                       # (benchmarks/gpu_check_jax.py)
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md (rewritten after each model, so a run stopped at its
 time limit still leaves what it measured):
@@ -354,8 +356,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU: checks that the script works")
+    parser.add_argument("--jax", action="store_true",
+                        help="the model under Keras's JAX backend, no TensorFlow (benchmarks/gpu_check_jax.py)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a model's own process
     args = parser.parse_args()
+    if args.jax:
+        if args.out is None:
+            parser.error("--out is required")
+        os.makedirs(args.out, exist_ok=True)
+        from benchmarks import gpu_check_jax
+
+        gpu_check_jax.main(args)
+        return
     quiet_tensorflow()
     if args.one:
         measure(json.loads(args.one))

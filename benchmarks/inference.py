@@ -68,7 +68,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.build import build_model
-    from pneumonia.training import fit
+    from pneumonia.training import fit, recipe
 
     params = load_params(REPO / "params.yaml")
     size, batch_size = params.data.image_size, params.train.batch_size
@@ -82,7 +82,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
 
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
-    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
+    recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[0], scale.train_steps)
     classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
 
     def training_rate() -> float:

@@ -52,7 +52,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     from pneumonia.data.manifest import read_manifest
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.models.build import build_model
-    from pneumonia.training import fit
+    from pneumonia.training import fit, recipe
 
     params = load_params(REPO / "params.yaml")
     size, batch_size = params.data.image_size, params.train.batch_size
@@ -65,7 +65,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
 
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
-    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], scale.train_steps)
+    recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[0], scale.train_steps)
     batches = dataset.training_batches(tfrecords, batch_size, params.train.seed)
     from_records = fit.labelled_for(params.model.output, batches)
 

@@ -81,7 +81,7 @@ def staleness(report: dict, params: dict) -> str:
     return f"**Figures of another default** ({what}): `python -m benchmarks.run_all` measures today's."
 
 
-def machine() -> dict:
+def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
     import psutil
 
     cpuinfo = Path("/proc/cpuinfo")
@@ -92,7 +92,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(), "python": platform.python_version(),
-        "versions": {package: version(package) for package in PACKAGES},
+        "versions": {package: version(package) for package in packages},
     }
 
 

@@ -101,7 +101,7 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
 
     from pneumonia import distribute
     from pneumonia.models.build import build_model
-    from pneumonia.training import fit
+    from pneumonia.training import fit, recipe
 
     overrides = VARIANTS[name]
     params = variant_params(overrides)
@@ -111,7 +111,7 @@ def fit_rate(name: str, steps: int, epochs: int) -> dict:
     size, batch = params.data.image_size, params.train.batch_size
     model = (keras_augmented_model(params) if overrides.get("augmentation") == "keras"
              else build_model(params.model, size, params.train.augment))
-    fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[-1], steps)
+    recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[-1], steps)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch * 2, size, size, 3)).astype("float32")
     labels = rng.integers(0, 2, (batch * 2, 1)).astype("float32")

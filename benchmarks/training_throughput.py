@@ -39,7 +39,7 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
     from pneumonia import distribute
     from pneumonia.config import parse_params
     from pneumonia.models.build import NO_AUGMENTATION, build_model
-    from pneumonia.training import fit
+    from pneumonia.training import recipe
 
     if strategy_name == "mirrored" and not tf.config.list_physical_devices("GPU"):
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -67,7 +67,7 @@ def measure(model_name: str, precision: str, strategy_name: str, image_size: int
 
     with strategy.scope():
         model = build_model(params.model, image_size, params.train.augment)
-        fit.prepare_stage(model, params.model, params.train, fit.stages(params.train)[0], steps)
+        recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[0], steps)
     times = epoch_timer()
     result = {"model": model_name, "precision": keras.mixed_precision.global_policy().name, "strategy": strategy_name,
               "device": device, "replicas": strategy.num_replicas_in_sync, "image_size": image_size,

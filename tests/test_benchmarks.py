@@ -186,6 +186,35 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert "- cpu mixed_bfloat16: " in page and "failed" not in page
 
 
+@pytest.mark.e2e
+def test_gpu_check_jax_mode_trains_the_recipe_under_jax_without_tensorflow(tmp_path):
+    """benchmarks/gpu_check.py --jax --cpu: the model, recipe and weight averaging under Keras's JAX backend on the
+    CPU, as on a GPU machine that has no TensorFlow: importing TensorFlow fails in its processes here."""
+    blocker = tmp_path / "without_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('the JAX mode imported TensorFlow')\n")
+    run([sys.executable, "-m", "benchmarks.gpu_check", "--jax", "--cpu", "--out", str(tmp_path)], REPO,
+        PYTHONPATH=str(blocker.parent))
+
+    report = json.loads((tmp_path / "gpu_check_jax.json").read_text())
+    assert report["mode"] == "cpu" and report["machine"]["versions"]["jax"]
+    runs = report["runs"]
+    assert [(row["precision"], row["reference"]) for row in runs] == [("mixed_float16", False), ("float32", True)]
+    for row in runs:
+        assert "error" not in row, row["error"]
+        assert row["platform"] == "cpu" and row["jit_compile"]  # XLA compiles the step, augmentation included
+        assert row["epochs"] == report["settings"]["epochs"] == len(row["val_auc"]) == len(row["val_loss"])
+        assert all(0 <= auc <= 1 for auc in row["val_auc"]) and row["train_seconds"] > 0
+    assert [speed["batch_size"] for speed in runs[0]["speed"]] == report["settings"]["batch_sizes"]
+    assert min(speed["images_per_second"] for speed in runs[0]["speed"]) > 0
+    [compared] = report["auc_check"]["runs"]
+    assert compared["precision"] == "mixed_float16" and compared["reference_val_auc"] == max(runs[1]["val_auc"])
+
+    page = (tmp_path / "gpu_check_jax.md").read_text()
+    assert "python -m benchmarks.gpu_check --jax --cpu" in page and "not TensorFlow's GPU path" in page
+    assert "| cpu | cpu | mixed_float16 | True |" in page and "- cpu mixed_float16: " in page
+
+
 @pytest.mark.slow
 def test_gpu_check_wrapper_says_what_to_do_when_it_cannot_install(tmp_path):
     """No package index and no usable wheels: a clear message, exit 1, and no report."""

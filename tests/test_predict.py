@@ -4,6 +4,8 @@ import csv
 import io
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import keras
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bundles import write_settings
+from conftest import tool_env
 from pneumonia import cli, inference
 from pneumonia.classifier import Classifier, model_input
 from pneumonia.config import ModelConfig
@@ -151,6 +154,19 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert sorted(path.name for path in Path("cams").iterdir()) == ["bright.png.gradcam.png", "dark.JPG.gradcam.png"]
     overlay = np.asarray(Image.open("cams/dark.JPG.gradcam.png").convert("RGB")).astype(int)
     assert (overlay.max(axis=-1) - overlay.min(axis=-1)).max() > 20  # coloured by the map, not just the grey X-ray
+
+
+@pytest.mark.slow  # two processes that import TensorFlow
+def test_the_command_prints_its_own_output_and_tensorflow_log_only_with_verbose(project, images):
+    """TensorFlow's native start-up lines (oneDNN's notice, "Could not find cuda drivers", written before its log
+    level applies) printed eight lines on every call; now only with --verbose."""
+    env = {key: value for key, value in tool_env().items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    command = ["pneumonia", "predict", str(images["dark_jpeg_rgb"])]
+    quiet = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert quiet.stderr == "" and quiet.stdout.split()[:3] == ["file", "probability", "label"]
+    verbose = subprocess.run([*command, "--verbose"], env=env, capture_output=True, text=True, check=True)
+    assert re.search(r"^[IWE]\d{4} ", verbose.stderr, re.MULTILINE), verbose.stderr  # absl's log lines
+    assert verbose.stdout == quiet.stdout
 
 
 def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, capsys):

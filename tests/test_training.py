@@ -19,7 +19,7 @@ from pneumonia.evaluation.predictions import predict_split
 from pneumonia.models import backbones
 from pneumonia.models.build import NO_AUGMENTATION, build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
-from pneumonia.training import fit
+from pneumonia.training import fit, recipe
 from pneumonia.training.callbacks import make_callbacks
 
 
@@ -75,7 +75,7 @@ def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(
     params = params_for(tmp_path, {"name": "mobilenetv2", "weights": str(weights), "head_units": 8}, {
         "epochs": 2, "warmup_epochs": 1, "fine_tune": "partial", "fine_tune_layers": 6,
         "fine_tune_learning_rate": 1e-4, "lr_schedule": "plateau", "early_stopping_patience": 3})
-    assert [(s.name, s.epochs, s.learning_rate, s.fine_tune) for s in fit.stages(params.train)] == [
+    assert [(s.name, s.epochs, s.learning_rate, s.fine_tune) for s in recipe.stages(params.train)] == [
         ("warm-up", 1, 1e-3, "frozen"), ("fine-tune", 1, 1e-4, "partial")]
     result, run_id = fitted(params, synthetic_data, tmp_path)
 
@@ -98,8 +98,8 @@ def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(
 def test_learning_rate_schedules_and_callbacks(tmp_path):
     def made(schedule: str):
         params = params_for(tmp_path, {"name": "custom_cnn"}, {"lr_schedule": schedule, "epochs": 4})
-        [stage] = fit.stages(params.train)
-        rate = fit.learning_rate(params.train, stage, steps_per_epoch=10)
+        [stage] = recipe.stages(params.train)
+        rate = recipe.learning_rate(params.train, stage, steps_per_epoch=10)
         callbacks = {type(c).__name__ for c in make_callbacks(params.train, str(tmp_path / "m.keras"))}
         return rate, callbacks
 
@@ -117,7 +117,7 @@ def test_softmax_metrics_equal_the_sigmoid_ones_on_the_same_probabilities():
 
     def results(output: str, y_true, y_pred) -> dict[str, float]:
         found = {}
-        for metric in fit.keras_metrics(output):
+        for metric in recipe.keras_metrics(output):
             metric.update_state(y_true, y_pred)
             found[metric.name] = float(metric.result())
         return found
@@ -196,9 +196,9 @@ def test_the_averaging_momentum_spans_at_most_about_an_epoch():
     about one epoch on the compact sample's 23; a number is used as given; out of (0, 1) is refused."""
     config = parse_params({}).train
     assert (config.weight_averaging, config.ema_momentum) == ("ema", "auto")
-    assert fit.averaging_momentum(config, 113) == 0.99
-    assert fit.averaging_momentum(config, 23) == pytest.approx(1 - 1 / 23)
-    assert fit.averaging_momentum(config.model_copy(update={"ema_momentum": 0.999}), 23) == 0.999
+    assert recipe.averaging_momentum(config, 113) == 0.99
+    assert recipe.averaging_momentum(config, 23) == pytest.approx(1 - 1 / 23)
+    assert recipe.averaging_momentum(config.model_copy(update={"ema_momentum": 0.999}), 23) == 0.999
     for wrong in (1.0, 0, "fast"):
         with pytest.raises(PipelineError, match="train.ema_momentum"):
             parse_params({"train": {"ema_momentum": wrong}})

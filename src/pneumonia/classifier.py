@@ -128,8 +128,8 @@ def load_classifier(path: Path, input_checks_policy: str | None = None) -> Class
     if not ood_file(model).is_file():
         raise PipelineError(f"{ood_file(model)} (the out-of-distribution reference) is missing beside {model}: copy "
                             "the whole models/ folder, or run the evaluate stage again (`dvc repro`)")
-    return classifier_of(load_model(model), settings, OodReference.load(ood_file(model), settings.ood.threshold),
-                         input_checks_policy)
+    return classifier_of(load_model(model, compile=False),  # it only predicts
+                         settings, OodReference.load(ood_file(model), settings.ood.threshold), input_checks_policy)
 
 
 def classifier_of(model, settings: ModelSettings, ood: OodReference, input_checks_policy: str | None = None) -> Classifier:

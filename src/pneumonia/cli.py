@@ -2,11 +2,12 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from pneumonia import paths
-from pneumonia.logs import run_stage
+from pneumonia.logs import import_tensorflow_quietly, run_stage
 
 
 def dvc_experiments(params_file: Path, overrides: list[str]) -> list[tuple[list[str], dict]]:
@@ -152,7 +153,7 @@ def add_predict_parser(commands) -> None:
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
                                 help="also write each image with the Grad-CAM map of its predicted class to DIR")
-    predict_parser.set_defaults(handler=predict)
+    predict_parser.set_defaults(handler=predict, tensorflow=True)
 
 
 def pipeline_outputs() -> list[Path]:
@@ -270,7 +271,7 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("--method", choices=("batch_norm", "self_training"), default="batch_norm",
                               help="default: batch_norm")
     adapt_parser.add_argument("--seed", type=seed, default=0, help="self_training's seed (default 0)")
-    adapt_parser.set_defaults(handler=adapt)
+    adapt_parser.set_defaults(handler=adapt, tensorflow=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,9 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     compared.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in params.yaml)")
     compared.add_argument("--out", type=Path, default=paths.COMPARISON, help="folder for runs.md, runs.csv, runs.png")
     compared.set_defaults(handler=compare_runs)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="also TensorFlow's own log (its C++ start-up notices), hidden by default")
+    parser.set_defaults(tensorflow=False)  # True: the command imports TensorFlow (quietly, unless --verbose)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Before TensorFlow is imported: its C++ log (start-up notices, a missing GPU) only with --verbose
+    if args.verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if args.tensorflow:
+            import_tensorflow_quietly()
     run_stage(lambda: args.handler(args))

@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -54,3 +55,23 @@ def run_stage(main: Callable[[], object]) -> None:
     except PipelineError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up lines held back: oneDNN's notice and "Could not find cuda
+    drivers" are written to file descriptor 2 before TF_CPP_MIN_LOG_LEVEL applies to them. They are shown
+    when the import fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumonia import CLASS_NAMES
 from pneumonia.data.audit import ImageFacts, audit_splits, check_unreadable, inspect_raw
@@ -69,6 +68,10 @@ def split_train_val(pool: list[Record], val_fraction: float, seed: int) -> tuple
                 + (f"raise data.val_fraction to at least {1 / patients:.2f}, or " if patients > 2 else "")
                 + "use a larger dataset."
             )
+    # Imported here: every `pneumonia` command imports this module (through build-sample's defaults), and
+    # scikit-learn's import (1.2 s of CPU) is most of the start-up of those that need no Keras (check-params)
+    from sklearn.model_selection import StratifiedGroupKFold
+
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_index, val_index = next(folds.split(np.zeros(len(pool)), labels, groups))
     return [pool[i] for i in train_index], [pool[i] for i in val_index]

@@ -28,7 +28,9 @@ class RandomAffine(layers.Layer):
         super().__init__(**kwargs)
         self.zoom, self.rotation, self.translation, self.seed = zoom, rotation, translation, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_jit = False  # ImageProjectiveTransformV3 has no XLA kernel: as Keras' RandomZoom and co.
+        # TensorFlow's ImageProjectiveTransformV3 has no XLA kernel; under JAX the whole step compiles (without
+        # it Keras would run JAX's training step op by op)
+        self.supports_jit = keras.backend.backend() != "tensorflow"
 
     def call(self, images, training=None):
         if not training:

@@ -88,11 +88,12 @@ def members_of(model: keras.Model) -> list[keras.Model]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
-def load_model(path) -> keras.Model:
-    """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it.
+def load_model(path, compile: bool = True) -> keras.Model:
+    """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it;
+    `compile=False` for predicting only (no optimizer, loss and metrics rebuilt: faster to load).
     A truncated or corrupt file is a PipelineError (Keras says "File not found" of a truncated zip)."""
     try:
-        return keras.models.load_model(path)
+        return keras.models.load_model(path, compile=compile)
     except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         why = f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path) else "not a whole zip archive, as .keras are"
         raise PipelineError(

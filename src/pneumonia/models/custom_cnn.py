@@ -6,15 +6,18 @@ the data within tens of steps (momentum 0.9, Keras' default is 0.99), because at
 steps per epoch the default left validation predictions constant for the first epochs; and
 batch statistics over the global batch when training on several replicas (`synchronized`, no-op on
 one device), so every worker normalises alike and the saved moving statistics see all of the data.
+Keras allows `synchronized` under TensorFlow only: under its JAX backend (benchmarks/gpu_check_jax.py)
+the statistics are the device's batch's.
 """
 
+import keras
 from keras import layers
 
 BN_MOMENTUM = 0.9
 
 
 def batch_norm():
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True)
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=keras.backend.backend() == "tensorflow")
 
 
 def conv_block(filters: int, inputs):

@@ -7,7 +7,6 @@ averaged weights. The backup's own callbacks (the epoch history, each stage's Ba
 import uuid
 
 import keras
-import tensorflow as tf
 
 from pneumonia.config import TrainConfig
 
@@ -25,6 +24,8 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         return self._saving_to or super()._get_file_path(epoch, batch, logs)
 
     def _save_model(self, epoch, batch, logs):
+        import tensorflow as tf  # here: the recipe's callbacks also run under Keras's JAX backend, without TensorFlow
+
         target = super()._get_file_path(epoch, batch, logs)
         folder, name = target.rsplit("/", 1) if "/" in target else (".", target)
         self._saving_to = f"{folder}/.{uuid.uuid4().hex[:12]}.tmp-{name}"  # keeps the .keras suffix Keras needs
