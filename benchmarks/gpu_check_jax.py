@@ -44,9 +44,8 @@ from pathlib import Path
 
 from benchmarks.common import REPO, prepared_sample, working_directory
 
-SAMPLE = REPO / "data_sample" / "chest-xray-small.zip"  # params.yaml's data.local_path
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-ROW = "gpu_check_jax row: "  # a child process's result line on stdout (Keras prints its epochs there too)
+JAX_ROW = "gpu_check_jax row: "  # a child process's result line on stdout (Keras prints its epochs there too)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Settings:
     budget_seconds: int  # of the whole check
 
 
-MODES = {
+JAX_MODES = {
     # 128 px and 32 images a batch: params.yaml's; 10 epochs as benchmarks.gpu_check
     "gpu": Settings(PRECISIONS, image_size=128, batch_size=32, sample_every=1, epochs=10, batch_sizes=(32, 256, 1024),
                     speed_steps=30, model_seconds=420, budget_seconds=450),
@@ -164,7 +163,7 @@ def measure(spec: dict) -> None:
 
     from benchmarks.gpu_check import pipeline_params
 
-    settings = MODES[spec["mode"]]
+    settings = JAX_MODES[spec["mode"]]
     data = dict(np.load(spec["arrays"]))
     class_weight = {int(label): weight for label, weight in spec["class_weight"].items()}
     device = jax.local_devices()[0]
@@ -181,7 +180,7 @@ def measure(spec: dict) -> None:
             row["speed"] = [images_per_second(params, data, class_weight, batch_size, settings.speed_steps)
                             for batch_size in settings.batch_sizes]
         row["peak_accelerator_memory_mb"] = peak_accelerator_memory_mb()
-        print(ROW + json.dumps(row), flush=True)
+        print(JAX_ROW + json.dumps(row), flush=True)
         keras.backend.clear_session()
 
 
@@ -199,7 +198,7 @@ def sample_arrays(workdir: Path, settings: Settings) -> tuple[Path, dict[int, fl
     from pneumonia.data.manifest import read_manifest
 
     params = load_params(REPO / "params.yaml")
-    sample = prepared_sample(workdir, SAMPLE, settings.sample_every)
+    sample = prepared_sample(workdir, REPO / paths.SAMPLE, settings.sample_every)
     arrays = {}
     with working_directory(sample):
         for split in ("train", "val"):
@@ -232,7 +231,7 @@ def finish(process: subprocess.Popen, spec: dict, deadline: float) -> list[dict]
         process.kill()
         stdout, _ = process.communicate()
         error = f"stopped after its time limit within the check's budget ({seconds} s left)"
-    rows = [json.loads(line[len(ROW):]) for line in stdout.splitlines() if line.startswith(ROW)]
+    rows = [json.loads(line[len(JAX_ROW):]) for line in stdout.splitlines() if line.startswith(JAX_ROW)]
     done = {row["precision"] for row in rows}
     return rows + [{"reference": spec["reference"], "precision": precision, "error": error or "no result"}
                    for precision in spec["precisions"] if precision not in done]
@@ -301,7 +300,7 @@ def write_report(out: Path, report: dict) -> None:
 def run(out: Path, mode: str) -> dict:
     from benchmarks.run_all import machine
 
-    settings = MODES[mode]
+    settings = JAX_MODES[mode]
     deadline = time.monotonic() + settings.budget_seconds
     report = {"mode": mode, "command": "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:]),
               "machine": machine(("keras", "jax", "jaxlib", "numpy", "pillow")), "settings": asdict(settings),

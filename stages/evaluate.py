@@ -15,7 +15,7 @@ from pneumonia.config import load_params
 from pneumonia.evaluation.evaluate import evaluate
 from pneumonia.evaluation.model_card import markdown
 from pneumonia.logs import run_stage
-from pneumonia.model_settings import training_data
+from pneumonia.model_settings import model_digest, training_data
 from pneumonia.models.build import load_model
 
 # The test split's tables (ScoredSplit.tables), beside its figures; the external set's are
@@ -36,14 +36,16 @@ def main() -> None:
     tracking.check_run(paths.RUN_INFO)  # before the work: a deleted run, a store elsewhere, one down
     result = evaluate(load_model(paths.MODEL), paths.TFRECORDS, paths.EXTERNAL, params.evaluate,
                       params.train.batch_size)
-    settings = result.settings(params, training_data(params.data.source, paths.RAW_SOURCE, paths.SPLIT_COUNTS,
-                                                     tracking.manifests_hash(paths.MANIFESTS)), tracking.git_commit())
+    settings = result.settings(params, model_digest(paths.MODEL),
+                               training_data(params.data.source, paths.RAW_SOURCE, paths.SPLIT_COUNTS,
+                                             tracking.manifests_hash(paths.MANIFESTS)), tracking.git_commit())
     card = result.card(settings, paths.SPLIT_COUNTS)
 
     with staged_outputs(OUTPUTS, "evaluate") as staged:
         result.ood.save(staged(paths.OOD_REFERENCE))
         write_text(staged(paths.MODEL_SETTINGS), settings.to_json())
-        write_text(staged(paths.MODEL_CARD), markdown(card, f"Model card: {params.model.name}, pneumonia on chest X-rays"))
+        write_text(staged(paths.MODEL_CARD), markdown(card, f"Model card: {params.model.name}, pneumonia on chest "
+                                                            "X-rays"))
         for name, table in result.test.tables().items():
             write_csv(staged(TEST_TABLES[name]), *table)
         details = staged(paths.EVALUATION_DETAILS)

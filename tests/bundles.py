@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import CLASS_NAMES, ood
-from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData, write_beside
+from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData, model_digest, write_beside
 from pneumonia.models.build import load_model
 
 
@@ -32,7 +32,8 @@ def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, t
     thumbnails = ood.layout(images)
     reference = ood.fit((thumbnails[::2], pooled[::2]), (thumbnails[1::2], pooled[1::2]), 0.05)
     settings = ModelSettings(
-        model_name=model.name, class_names=CLASS_NAMES, image_size=size, input_norm="per_image", crop=0.0,
+        model_sha256=model_digest(model_path), model_name=model.name, class_names=CLASS_NAMES, image_size=size,
+        input_norm="per_image", crop=0.0,
         jpeg_quality=jpeg_quality, tta_views=tta_views, threshold=threshold, threshold_rule=threshold_rule,
         input_checks=input_checks, ood=OodSettings(method=ood.METHOD, threshold=reference.threshold,
                                                    validation_flagged=0.05),

@@ -354,6 +354,7 @@ def test_hash_file_names_keeps_pacs_names_out_of_every_output(tmp_path):
         (site / label).mkdir(parents=True, exist_ok=True)
         (site / label / name).write_bytes(jpeg(len(name) * 1000 + int(name[-6]), label == "PNEUMONIA"))
     write_image_table(tmp_path / "images.csv", [])
-    write_external(site, str(site), tmp_path / "external", tmp_path / "images.csv", 32, CONFIG, 0.0, True)
+    write_external(site, str(site), tmp_path / "external", tmp_path / "images.csv", 32, CONFIG, 0.0,
+                   hash_names=True)
     written = [path for path in (tmp_path / "external").rglob("*") if path.is_file()]
     assert written and not [path for path in written if b"ACC-8675309" in path.read_bytes()]

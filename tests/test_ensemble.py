@@ -191,10 +191,10 @@ def test_an_ensembles_probabilities_stay_float32_under_mixed_precision():
 
 
 def test_pneumonia_compare_tells_an_ensemble_from_one_model():
-    from pneumonia.comparison import PARAMS, label
+    from pneumonia.comparison import PARAM_COLUMNS, label
 
     row = {"model.name": "custom_cnn", "train.fine_tune": "full", "dvc_experiment": "exp", "run_id": "0123456789"}
-    assert "train.ensemble_members" in PARAMS  # a column of runs.csv and runs.md
+    assert "train.ensemble_members" in PARAM_COLUMNS  # a column of runs.csv and runs.md
     assert [label({**row, "train.ensemble_members": members}) for members in ("3", "1", "")] == [
         "custom_cnn x3 exp", "custom_cnn exp", "custom_cnn exp"]
 

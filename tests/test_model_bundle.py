@@ -15,10 +15,10 @@ from mlflow.exceptions import MlflowException
 
 from bundles import smooth_images, write_settings
 from dicoms import SECRETS, dataset, file_bytes, png_bytes, sample_xrays
-from pneumonia import cli, ood, serving
+from pneumonia import cli, ood, paths, serving
 from pneumonia.classifier import load_classifier
 from pneumonia.config import ModelConfig
-from pneumonia.model_settings import read_settings
+from pneumonia.model_settings import model_file, ood_file, read_settings, settings_file
 from pneumonia.models.build import build_model
 
 # Header attributes outside the intended use, and the reason each must give (never the value itself)
@@ -50,6 +50,11 @@ def xrays(tmp_path) -> list[Path]:
     return sorted(folder.iterdir())
 
 
+def test_the_bundle_files_are_where_the_pipeline_writes_them():
+    assert (settings_file(paths.MODEL), ood_file(paths.MODEL)) == (paths.MODEL_SETTINGS, paths.OOD_REFERENCE)
+    assert model_file(paths.MODELS) == paths.MODEL
+
+
 def predicted(*args: str) -> list[dict]:
     out = Path(args[-1])
     cli.main(["predict", *args[:-1], "--json", str(out)])
@@ -77,6 +82,8 @@ def test_a_copy_of_models_predicts_from_an_empty_folder_as_in_the_repository(bun
     (lambda folder: (folder / "model.ood.npz").unlink(), "(the out-of-distribution reference) is missing"),
     (lambda folder: (folder / "model.json").write_text('{"format": 1, "threshold": NaN}'),
      "is not a model settings file of this version"),
+    (lambda folder: build_model(ModelConfig(crop=0), 32).save(folder / "model.keras"),  # another (random) model
+     "belongs to another model (its model_sha256 is not this file's)"),
 ])
 def test_a_model_without_its_settings_gets_a_message_saying_what_to_do(bundle, xrays, capsys, damage, message):
     damage(bundle)

@@ -148,9 +148,15 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
 
     table = (["a"], [[1]])
     split = SimpleNamespace(tables=lambda: {name: table for name in stage.TEST_TABLES}, scores={"threshold": 0.1})
+    settings = SimpleNamespace(to_json=lambda: '{"after": true}\n')
     result = SimpleNamespace(test=split, external=None, headline={"threshold": 0.1}, report=report, threshold=0.1,
-                             mlflow_metrics=lambda: {})
+                             mlflow_metrics=lambda: {}, settings=lambda *args: settings,
+                             card=lambda *args: [("Intended use", ["after"])],
+                             ood=SimpleNamespace(save=lambda path: path.write_text("after")))
     monkeypatch.setattr(stage, "evaluate", lambda *args: result)
+    monkeypatch.setattr(stage, "model_digest", lambda path: "0" * 64)
+    monkeypatch.setattr(stage, "training_data", lambda *args: None)
+    monkeypatch.setattr(tracking, "manifests_hash", lambda path: "0" * 64)
     monkeypatch.setattr(stage, "load_model", lambda path: None)
     monkeypatch.setattr(tracking, "check_run", lambda run_info: None)
 
@@ -169,10 +175,11 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
 
     logged = []
     monkeypatch.setattr(tracking, "resumed_run", contextmanager(lambda run_info: (yield)))
-    monkeypatch.setattr(serving, "log_model", lambda *args: SimpleNamespace(model_id="m-1"))
+    monkeypatch.setattr(serving, "log_model", lambda *args, **kwargs: SimpleNamespace(model_id="m-1"))
     monkeypatch.setattr(tracking, "log_evaluation", lambda params, model_id, splits, outputs, report:
                         logged.extend((path.name, path.read_text()) for path in outputs))
     stage.main()
     assert paths.EVALUATION_METRICS.read_text() == '{\n  "threshold": 0.1\n}\n'
     assert [p.name for p in paths.FIGURES.iterdir()] == ["roc.png"] and paths.TEST_SCORES.is_file()
+    assert paths.MODEL_SETTINGS.read_text() == '{"after": true}\n' and paths.OOD_REFERENCE.read_text() == "after"
     assert ("evaluation.html", "<html>after</html>") in logged and ("roc.png", "after") in logged

@@ -264,7 +264,7 @@ def test_a_deleted_run_or_the_store_of_another_project_is_refused_before_evaluat
     monkeypatch.setenv("DVC_ROOT", str(original))
     with tracking.training_run(parse_params({}).tracking, {"model.name": "custom_cnn"},
                                                              original / "manifests") as run:
-        tracking.write_run_info(run, original / "run.json")
+        tracking.write_run_info(original / "run.json")
     tracking.check_run(original / "run.json")  # the run as the train stage left it: fine
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: a fresh process's

@@ -19,7 +19,7 @@ from pneumonia.data import input_checks
 from pneumonia.data.images import encode_jpeg, load_resized
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
-from pneumonia.model_settings import ModelSettings, model_file, ood_file, read_settings
+from pneumonia.model_settings import ModelSettings, check_belongs, model_file, ood_file, read_settings
 from pneumonia.models.build import load_model
 from pneumonia.ood import OodReference
 
@@ -128,11 +128,14 @@ def load_classifier(path: Path, input_checks_policy: str | None = None) -> Class
     if not ood_file(model).is_file():
         raise PipelineError(f"{ood_file(model)} (the out-of-distribution reference) is missing beside {model}: copy "
                             "the whole models/ folder, or run the evaluate stage again (`dvc repro`)")
-    return classifier_of(load_model(model, compile=False),  # it only predicts
-                         settings, OodReference.load(ood_file(model), settings.ood.threshold), input_checks_policy)
+    keras_model = load_model(model, compile=False)  # it only predicts
+    check_belongs(settings, model)  # after loading: a damaged file is called damaged
+    return classifier_of(keras_model, settings, OodReference.load(ood_file(model), settings.ood.threshold),
+                         input_checks_policy)
 
 
-def classifier_of(model, settings: ModelSettings, ood: OodReference, input_checks_policy: str | None = None) -> Classifier:
+def classifier_of(model, settings: ModelSettings, ood: OodReference,
+                  input_checks_policy: str | None = None) -> Classifier:
     if model.input_shape[1] != settings.image_size:
         raise PipelineError(f"the model takes {model.input_shape[1]} px images but its settings say "
                             f"{settings.image_size}: the settings file belongs to another model; copy the "

@@ -174,7 +174,6 @@ def check_model_output(out: Path, model: Path) -> None:
     import os
 
     from pneumonia.errors import PipelineError
-
     from pneumonia.model_settings import model_file
 
     where, model = f"--out {out}", model_file(model)
@@ -226,7 +225,8 @@ def adapt(args: argparse.Namespace) -> None:
             adapted = adaptation.adapt_batch_norm(classifier.model, np.stack(images))
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
-    how = f"{args.method} on {len(images)} images of a site" + (f", seed {args.seed}" if args.method == "self_training" else "")
+    how = f"{args.method} on {len(images)} images of a site"
+    how += f", seed {args.seed}" if args.method == "self_training" else ""
     write_bundle(args.out, lambda written: keras.saving.save_model(adapted, written),
                  classifier.settings.model_copy(update={"adapted": how}), classifier.ood)
     print(f"adapted to {len(images)} images of the site: {args.out} "

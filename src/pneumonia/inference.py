@@ -4,7 +4,6 @@ of the model's run, the out-of-distribution score and flag, the input checks' re
 overlays, and the results as a table, CSV or JSON.
 """
 
-import json
 import os
 import sys
 from collections import deque

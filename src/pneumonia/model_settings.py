@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pneumonia import paths
 from pneumonia.errors import PipelineError
 
-FORMAT = 1  # of the settings file; a reader refuses others
+SETTINGS_FORMAT = 1  # of the settings file; a reader refuses others
 MODEL_FILE = "model.keras"  # the model in a bundle folder (models/)
 OOD_SUFFIX = ".ood.npz"
 
@@ -72,8 +72,17 @@ def training_data(source: str, raw_source: Path, split_counts: Path, manifests_s
                         images={split: sum(classes.values()) for split, classes in images.items()})
 
 
+def model_digest(model: Path) -> str:
+    """sha256 of a .keras file: binds the settings to the model they were made for."""
+    import hashlib
+
+    with open(model, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 class ModelSettings(Frozen):
-    format: Literal[1] = FORMAT
+    format: Literal[1] = SETTINGS_FORMAT
+    model_sha256: str  # of the .keras file these settings belong to (model_digest)
     model_name: str
     class_names: tuple[str, str]
     image_size: int = Field(ge=1)
@@ -120,6 +129,15 @@ def read_settings(model: Path) -> ModelSettings:
     return read_settings_file(path)
 
 
+def check_belongs(settings: ModelSettings, model: Path) -> None:
+    """A PipelineError when `settings` were not made for the .keras file `model`."""
+    if settings.model_sha256 != model_digest(model):
+        raise PipelineError(
+            f"{settings_file(model).name} beside {model} belongs to another model (its model_sha256 is not this "
+            "file's): the model was replaced after its evaluation, or the files come from different runs. Copy one "
+            "run's whole models/ folder, or run the evaluate stage again (`dvc repro`)")
+
+
 def read_settings_file(path: Path) -> ModelSettings:
     try:
         return ModelSettings.model_validate_json(path.read_bytes())
@@ -140,9 +158,10 @@ def write_beside(model: Path, settings: ModelSettings, ood) -> None:
 
 
 def write_bundle(model: Path, save_model: Callable[[Path], Any], settings: ModelSettings, ood) -> None:
-    """A whole bundle at the .keras path `model`: save_model(path) writes the Keras model, then write_beside."""
+    """A whole bundle at the .keras path `model`: save_model(path) writes the Keras model, then write_beside
+    with `settings` bound to it."""
     from pneumonia import atomic
 
     with atomic.atomic_path(model) as written:
         save_model(written)
-    write_beside(model, settings, ood)
+    write_beside(model, settings.model_copy(update={"model_sha256": model_digest(model)}), ood)

@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the run's model: runs:/<run id>/model
 IMAGE_COLUMN = "image"
 KERAS_MODEL = "keras_model"  # the artifact holding the .keras file; the bundle's other files lie beside it
-SETTINGS = "settings"
-OOD_REFERENCE = "ood_reference"
-MODEL_CARD = "model_card"
+SETTINGS_ARTIFACT = "settings"
+OOD_ARTIFACT = "ood_reference"
+CARD_ARTIFACT = "model_card"
 CANDIDATE = "candidate"  # alias of a newly registered version; promotion moves "champion"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
@@ -69,7 +69,7 @@ REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "pydicom", "
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        if SETTINGS not in context.artifacts:
+        if SETTINGS_ARTIFACT not in context.artifacts:
             raise PipelineError("this MLflow model was logged before models carried their settings (threshold, "
                                 "out-of-distribution reference): evaluate the model again (`dvc repro -f -s "
                                 "evaluate`) and use the new run's model")
@@ -150,8 +150,8 @@ def log_model(model_path: Path, name: str | None = None, model_card: Path | None
         raise ValueError(f"{settings.name} and {ood.name} are not named as {model_path.name}'s settings: the "
                          "logged model would not find them")
     shown_settings = read_settings_file(settings)
-    artifacts = {KERAS_MODEL: str(model_path), SETTINGS: str(settings), OOD_REFERENCE: str(ood),
-                 **({MODEL_CARD: str(model_card)} if model_card else {})}
+    artifacts = {KERAS_MODEL: str(model_path), SETTINGS_ARTIFACT: str(settings), OOD_ARTIFACT: str(ood),
+                 **({CARD_ARTIFACT: str(model_card)} if model_card else {})}
     # the logged model's own params (on its page), not the run's
     shown = {"threshold": shown_settings.threshold, "threshold_rule": shown_settings.threshold_rule,
              "jpeg_quality": shown_settings.jpeg_quality, "tta_views": shown_settings.tta_views,

@@ -17,7 +17,6 @@ import numpy as np
 
 from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT, ood
 from pneumonia.config import EvaluateConfig, Params
-from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import model_card, summary
@@ -26,6 +25,7 @@ from pneumonia.evaluation.gradcam import explained_layer
 from pneumonia.evaluation.predictions import Predictions, predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
+from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData
 from pneumonia.models.augmentation import with_test_time_augmentation
 
 
@@ -52,12 +52,16 @@ class Evaluation:
         """metrics/evaluation.json: the threshold and the headline metrics of each split (summary.headline)."""
         return summary.headline(self.test.scores, self.external.scores if self.external else None)
 
-    def settings(self, params: Params, training_data: TrainingData, git_commit: str | None) -> ModelSettings:
-        """What every user of the model reads (pneumonia.model_settings), from this evaluation and `params`."""
+    def settings(self, params: Params, model_sha256: str, training_data: TrainingData,
+                 git_commit: str | None) -> ModelSettings:
+        """What every user of the model (whose .keras file has `model_sha256`) reads (pneumonia.model_settings),
+        from this evaluation and `params`."""
         return ModelSettings(
-            model_name=params.model.name, class_names=CLASS_NAMES, image_size=params.data.image_size,
+            model_sha256=model_sha256, model_name=params.model.name, class_names=CLASS_NAMES,
+            image_size=params.data.image_size,
             input_norm=params.model.input_norm, crop=params.model.crop, jpeg_quality=params.tfrecords.jpeg_quality,
-            tta_views=params.evaluate.tta_views, threshold=self.threshold, threshold_rule=str(params.evaluate.threshold),
+            tta_views=params.evaluate.tta_views, threshold=self.threshold,
+            threshold_rule=str(params.evaluate.threshold),
             input_checks=params.evaluate.input_checks,
             ood=OodSettings(method=ood.METHOD, threshold=self.ood.threshold,
                             validation_flagged=self.ood_validation_flagged),

@@ -17,8 +17,9 @@ def _interval(scores: dict[str, Any], key: str) -> str:
     if value is None:
         return "n/a"
     interval = scores.get("ci95", {}).get(key)
-    ci = f" (95% CI {interval['low']:.3f} to {interval['high']:.3f})" if interval and None not in interval.values() else ""
-    return f"{value:.3f}{ci}"
+    if not interval or None in interval.values():
+        return f"{value:.3f}"
+    return f"{value:.3f} (95% CI {interval['low']:.3f} to {interval['high']:.3f})"
 
 
 def _metrics(scores: dict[str, Any]) -> str:

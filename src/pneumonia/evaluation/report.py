@@ -103,7 +103,8 @@ spread evidence would give {{ pct(scores.border_share_if_uniform) }}). Markers, 
 collimation edges live there, not lungs.</p>
 {% if "ood_flagged_share" in scores %}
 <p>Out-of-distribution flag: {{ pct(scores.ood_flagged_share) }} of the test images are flagged as unlike the
-training X-rays (threshold {{ fmt(scores.ood.threshold) }}, set to flag {{ pct(ood_flagged) }} of validation images).</p>
+training X-rays (threshold {{ fmt(scores.ood.threshold) }}, set to flag {{ pct(ood_flagged) }} of validation
+images).</p>
 {% endif %}
 
 {% if external %}
@@ -140,7 +141,9 @@ training X-rays (threshold {{ fmt(scores.ood.threshold) }}, set to flag {{ pct(o
 </table>
 {% if external.input_checks and external.input_checks.outside_intended_use %}
 <p>DICOM headers outside the intended use ({{ external.input_checks.policy }}):
-{% for reason, count in external.input_checks.reasons.items() %}{{ count }} {{ reason }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+{% for reason, count in external.input_checks.reasons.items() %}
+{{ count }} {{ reason }}{% if not loop.last %}; {% endif %}
+{% endfor %}.</p>
 {% endif %}
 {% endif %}
 
