@@ -248,6 +248,9 @@ class TrainConfig(Section):
     # auto: 0.99, or 1 - 1/(steps an epoch) when an epoch is shorter than 100 steps (pneumonia.training.fit)
     ema_momentum: Literal["auto"] | Annotated[Float, Field(gt=0, lt=1)] = "auto"
     early_stopping_patience: StrictInt = Field(8, ge=1)
+    # The kept model's epoch is this one or a later one: the checkpoint and early stopping ignore the epochs
+    # before it (1: every epoch). Early epochs win by chance on a small, nearly separable validation split
+    min_epochs: StrictInt = Field(1, ge=1)
     monitor: Literal["val_auc", "val_loss"] = "val_auc"
     seed: Seed = 42
     # N > 1: N members, member k trained as the whole training with seed + k; the model is the mean of their
@@ -280,6 +283,11 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.warmup_epochs = {self.warmup_epochs} leaves no fine-tuning epoch of train.epochs = "
                 f"{self.epochs}; lower it below train.epochs"
+            )
+        if self.min_epochs > self.epochs:
+            raise ValueError(
+                f"train.min_epochs = {self.min_epochs} is more than train.epochs = {self.epochs}: no epoch could "
+                "be kept; lower train.min_epochs or raise train.epochs"
             )
         return self
 
