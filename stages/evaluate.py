@@ -40,7 +40,7 @@ def main() -> None:
     with tracking.resumed_run(paths.RUN_INFO):
         # The model first: each split's metrics are linked to it.
         logged = serving.log_model(paths.MODEL, result.threshold, params.tfrecords.jpeg_quality,  # the servable model
-                                   params.tracking.register_model, params.evaluate.tta_views)
+                                   params.tracking.register_model, params.evaluate.tta_views, result.calibration)
         splits = {name: (*DATASETS[name], metrics) for name, metrics in result.mlflow_metrics().items()}
         outputs = [paths.EVALUATION_METRICS, *sorted(paths.EVALUATION_DETAILS.iterdir()), *TEST_TABLES.values(),
                    paths.EVALUATION_REPORT, *sorted(paths.FIGURES.glob("*.png"))]

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.run_all import BENCHMARKS
 from conftest import REPO, run
+from pneumonia.config import load_params
 
 WITHOUT_SERVER = [name for name in BENCHMARKS if name != "inference"]
 
@@ -91,6 +92,19 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     for row in levers["rows"]:
         assert row["members"] == [42] and 0 <= row["specificity"] <= 1 and 0 <= row["threshold"] <= 1
     assert "| sensitivity@0.9 | 1 | 9 |" in (tmp_path / "prediction_levers-default.md").read_text()
+
+    # Calibration on the kept model: each method fitted on validation, scored on the external set.
+    run([sys.executable, "-m", "benchmarks.calibration", "--models", str(tmp_path / "kept"), "--profile", "default",
+         "--out", str(tmp_path)], REPO)
+    calibration = json.loads((tmp_path / "calibration-default.json").read_text())
+    [methods] = calibration["seeds"].values()
+    assert list(methods) == ["none", "temperature", "platt"]
+    evaluated = methods[load_params(REPO / "params.yaml").evaluate.calibration]  # as the evaluate stage calibrated
+    assert evaluated["ece"] == pytest.approx(result["external"]["ece"], abs=0.01)
+    for found in methods.values():
+        assert found["ece_ci95"][0] <= found["ece"] <= found["ece_ci95"][1] and 0 < found["threshold"] < 1
+        assert found["roc_auc"] == pytest.approx(methods["none"]["roc_auc"])  # calibration keeps the ranking
+    assert "| 42 | platt |" in (tmp_path / "calibration-default.md").read_text()
 
 
 def test_readme_results_table_is_the_external_validity_report():

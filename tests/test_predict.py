@@ -149,6 +149,24 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert (overlay.max(axis=-1) - overlay.min(axis=-1)).max() > 20  # coloured by the map, not just the grey X-ray
 
 
+def test_cli_reports_the_probability_calibrated_as_the_run_calibrated_it(project, images):
+    """evaluate.calibration: the evaluate stage's threshold is on the calibrated probability, so predict reports
+    that probability and labels it at that threshold (parameters from reports/evaluation/test.json)."""
+    from pneumonia.evaluation.calibration import Calibration
+
+    calibration = Calibration("platt", scale=0.5, shift=-0.7)
+    Path("reports/evaluation").mkdir(parents=True)
+    Path("reports/evaluation/test.json").write_text(json.dumps({"calibration": calibration.as_dict()}))
+    good = [images["dark_jpeg_rgb"], images["bright_png_grey"]]
+    cli.main(["predict", *map(str, good), "--json", "out.json"])
+    model = keras.models.load_model("models/model.keras")
+    raw = model.predict(np.stack([model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
+    written = json.loads(Path("out.json").read_text())
+    np.testing.assert_allclose([row["probability"] for row in written], calibration.apply(raw), rtol=1e-5)
+    assert [row["label"] for row in written] == ["PNEUMONIA" if p >= 0.25 else "NORMAL"
+                                                 for p in calibration.apply(raw)]
+
+
 def test_cli_without_a_threshold_warns_and_uses_one_half(project, images, caplog):
     os.remove("metrics/evaluation.json")
     cli.main(["predict", str(images["bright_png_grey"]), "--json", "out.json"])

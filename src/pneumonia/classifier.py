@@ -15,6 +15,7 @@ import numpy as np
 from pneumonia import CLASS_NAMES
 from pneumonia.data.images import encode_jpeg, load_resized
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.models.build import load_model
 
@@ -43,6 +44,7 @@ class Classifier:
     threshold: float
     jpeg_quality: int
     tta_views: int = 1  # each probability the mean over this many views of the image (evaluate.tta_views)
+    calibration: Calibration = UNCALIBRATED  # fitted on validation by the evaluate stage; the threshold is on it
 
     @cached_property
     def predictor(self):
@@ -63,16 +65,18 @@ class Classifier:
             return np.empty(0)
         # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
         batches = [np.stack(images[start:start + BATCH_SIZE]) for start in range(0, len(images), BATCH_SIZE)]
-        return pneumonia_probability(np.concatenate([self.predictor.predict_on_batch(batch) for batch in batches]))
+        return self.calibration.apply(
+            pneumonia_probability(np.concatenate([self.predictor.predict_on_batch(batch) for batch in batches])))
 
     def label(self, probability: float) -> str:
         return CLASS_NAMES[int(probability >= self.threshold)]
 
 
-def load_classifier(model_path: Path, threshold: float, jpeg_quality: int, tta_views: int = 1) -> Classifier:
+def load_classifier(model_path: Path, threshold: float, jpeg_quality: int, tta_views: int = 1,
+                    calibration: Calibration = UNCALIBRATED) -> Classifier:
     """A Keras model file (the pipeline's models/model.keras, one `pneumonia adapt` wrote, or the file inside a
     logged MLflow model) deciding at `threshold`, its input encoded as the TFRecords were, each probability
-    the mean over `tta_views` views of the image."""
+    the mean over `tta_views` views of the image, then calibrated."""
     if not model_path.is_file():
         raise PipelineError(f"{model_path} not found: train a model first (`dvc repro`), or name one with --model-uri")
-    return Classifier(load_model(model_path), threshold, jpeg_quality, tta_views)
+    return Classifier(load_model(model_path), threshold, jpeg_quality, tta_views, calibration)

@@ -86,7 +86,8 @@ def predict(args: argparse.Namespace) -> None:
 
         jpeg_quality = load_params().tfrecords.jpeg_quality
         classifier = load_classifier(args.model, inference.run_threshold(paths.EVALUATION_METRICS), jpeg_quality,
-                                     inference.run_tta_views(paths.EVALUATION_METRICS))
+                                     inference.run_tta_views(paths.EVALUATION_METRICS),
+                                     inference.run_calibration(paths.TEST_SCORES))
     results = inference.predict_files(classifier, inference.image_files(args.paths))
     print(inference.table(results))
     if args.csv:
@@ -173,7 +174,9 @@ def adapt(args: argparse.Namespace) -> None:
                             "few weeks of its studies.")
     try:
         if args.method == "self_training":
-            adapted = adaptation.self_train(classifier.model, np.stack(images), classifier.threshold, args.seed)
+            # the model's own output is pseudo-labelled: at the threshold before calibration
+            threshold = inference.run_calibration(paths.TEST_SCORES).uncalibrated(classifier.threshold)
+            adapted = adaptation.self_train(classifier.model, np.stack(images), threshold, args.seed)
         else:
             adapted = adaptation.adapt_batch_norm(classifier.model, np.stack(images))
     except ValueError as exc:

@@ -310,6 +310,9 @@ class EvaluateConfig(Section):
     # Test-time augmentation: each probability the mean over this many fixed views of the image
     # (models.augmentation.TEST_TIME_VIEWS), in evaluate, `pneumonia predict` and the served model alike
     tta_views: Literal[1, 3, 9] = 1
+    # The probability fitted to the validation labels (pneumonia.evaluation.calibration), in evaluate, predict and
+    # serving alike; the threshold is chosen on it. none | temperature | platt
+    calibration: Literal["none", "temperature", "platt"] = "none"
     # Images of another site ({NORMAL,PNEUMONIA}/ folders, a zip or a folder) scored at the chosen
     # threshold: external validity. "" = none. Never trained, early-stopped or checkpointed on.
     external: str = ""

@@ -22,6 +22,7 @@ from pneumonia import CLASS_NAMES, atomic
 from pneumonia.classifier import BATCH_SIZE, Classifier
 from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
 from pneumonia.models.augmentation import TEST_TIME_VIEWS
 from pneumonia.threshold_rule import DEFAULT_THRESHOLD
 
@@ -155,6 +156,20 @@ def run_threshold(metrics: Path) -> float:
         raise PipelineError(f"{metrics} has threshold {threshold}, not a probability from 0 to 1: rerun the "
                             "evaluate stage (`dvc repro`) or restore the file (`git checkout`)")
     return threshold
+
+
+def run_calibration(scores: Path) -> Calibration:
+    """The calibration the evaluate stage fitted on validation (key "calibration" of reports/evaluation/test.json,
+    evaluate.calibration), which its threshold is a threshold on; none when it says none."""
+    try:
+        values = json.loads(scores.read_text()).get("calibration")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return UNCALIBRATED  # run_threshold says what is wrong with the file
+    try:
+        return Calibration.from_dict(values)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{scores} has calibration {values!r} ({exc}): rerun the evaluate stage (`dvc repro`) "
+                            "or restore the file (`git checkout`)") from None
 
 
 def run_tta_views(metrics: Path) -> int:

@@ -34,6 +34,7 @@ from pneumonia import tracking
 from pneumonia.classifier import Classifier, load_classifier
 from pneumonia.data.images import ImageTooLarge
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
 from pneumonia.logs import redact
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         else:  # models logged before the config became an artifact
             config = context.model_config
         self.classifier = load_classifier(Path(context.artifacts[KERAS_MODEL]), config["threshold"],
-                                          config["jpeg_quality"], config.get("tta_views", 1))
+                                          config["jpeg_quality"], config.get("tta_views", 1),
+                                          Calibration.from_dict(config.get("calibration")))
 
     # The type hint: MLflow warns about a predict() without one each time the model is loaded (a DataFrame
     # changes nothing else: the signature stays SIGNATURE's).
@@ -123,15 +125,16 @@ def input_example() -> pd.DataFrame:
 
 
 def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str | None = None,
-              tta_views: int = 1) -> ModelInfo:
+              tta_views: int = 1, calibration: Calibration = UNCALIBRATED) -> ModelInfo:
     """Log the Keras model at `model_path` as the active run's MLflow model, deciding at `threshold` on
     images encoded at `jpeg_quality` (tfrecords.jpeg_quality), each probability the mean over `tta_views`
-    views of the image (evaluate.tta_views).
+    views of the image (evaluate.tta_views), then calibrated (evaluate.calibration).
 
     With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
-    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality, "tta_views": tta_views}
+    config = {"threshold": float(threshold), "jpeg_quality": jpeg_quality, "tta_views": tta_views,
+              "calibration": calibration.as_dict()}
     with tempfile.TemporaryDirectory() as scratch:
         config_file = Path(scratch) / "config.json"
         config_file.write_text(json.dumps(config))
@@ -140,7 +143,9 @@ def log_model(model_path: Path, threshold: float, jpeg_quality: int, name: str |
             name=MODEL_NAME,
             python_model=PneumoniaModel(),
             artifacts={KERAS_MODEL: str(model_path), CONFIG: str(config_file)},
-            params=config,  # the logged model's own params (on its page), not the run's
+            # the logged model's own params (on its page), not the run's; flat: MLflow's params are not nested
+            params={**{key: value for key, value in config.items() if key != "calibration"},
+                    **{f"calibration_{key}": value for key, value in calibration.as_dict().items()}},
             # This package's code goes with the model: it loads and serves without the project installed.
             code_paths=[str(Path(__file__).parent)],
             signature=SIGNATURE,

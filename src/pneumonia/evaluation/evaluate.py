@@ -6,7 +6,7 @@ plots/, the report, and logs to MLflow.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -16,10 +16,12 @@ import keras
 from pneumonia import EXTERNAL_SPLIT
 from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
+from pneumonia.errors import PipelineError
 from pneumonia.evaluation import summary
+from pneumonia.evaluation.calibration import Calibration, fit_calibration
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
-from pneumonia.evaluation.predictions import predict_split
+from pneumonia.evaluation.predictions import Predictions, predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
 from pneumonia.models.augmentation import with_test_time_augmentation
@@ -28,6 +30,7 @@ from pneumonia.models.augmentation import with_test_time_augmentation
 @dataclass(frozen=True)
 class Evaluation:
     test: ScoredSplit  # reports/evaluation/test.json, its plot tables and figures
+    calibration: Calibration  # fitted on validation; every probability here is calibrated
     external: ScoredSplit | None  # the same of the external set; None without one
     gradcam_layer: str  # the layer the Grad-CAM maps are taken on
     model_summary: str  # the model's layers, for the report
@@ -75,18 +78,37 @@ def model_summary(model: keras.Model) -> str:
 def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
              batch_size: int) -> Evaluation:
     """`model` on the splits in `tfrecords` and on the external stage's output `external`. Each probability is
-    the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
-    the Grad-CAM maps and the border audit explain the model on the image itself."""
+    the mean over evaluate.tta_views views of the image, then calibrated (evaluate.calibration, fitted on
+    validation), as `pneumonia predict` and the served model make it; the Grad-CAM maps and the border audit
+    explain the model on the image itself."""
     predictor = with_test_time_augmentation(model, config.tta_views)
     val = predict_split(predictor, tfrecords, "val", batch_size)
-    test_predictions = predict_split(predictor, tfrecords, "test", batch_size)
+    calibration = calibration_on_validation(val, config)
+
+    def predicted(on: Path, split: str) -> Predictions:
+        found = predict_split(predictor, on, split, batch_size)
+        return replace(found, probabilities=calibration.apply(found.probabilities))
+
+    val = replace(val, probabilities=calibration.apply(val.probabilities))
+    test_predictions = predicted(tfrecords, "test")
     test = score_split(model, tfrecords, "test", test_predictions,
-                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views},
+                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views,
+                        "calibration": calibration.as_dict()},
                        config)
     scored_external = None
     meta = read_meta(external)
     if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
-        external_predictions = predict_split(predictor, external, EXTERNAL_SPLIT, batch_size)
+        external_predictions = predicted(external, EXTERNAL_SPLIT)
         scores = summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"])
         scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
-    return Evaluation(test, scored_external, explained_layer(model), model_summary(model))
+    return Evaluation(test, calibration, scored_external, explained_layer(model), model_summary(model))
+
+
+def calibration_on_validation(val: Predictions, config: EvaluateConfig) -> Calibration:
+    try:
+        return fit_calibration(config.calibration, val.labels, val.probabilities)
+    except ValueError as exc:
+        raise PipelineError(
+            f"params.yaml: evaluate.calibration = {config.calibration!r} cannot be fitted on the validation split "
+            f"({exc}). Use `-S evaluate.calibration=none` or a validation split with both classes (data.val_fraction)."
+        ) from None
