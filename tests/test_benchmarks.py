@@ -235,3 +235,21 @@ def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(m
     for name in ("unadapted", "batch_norm_adapted", "prior_adjusted", "self_trained"):
         assert set(found[name]) >= {"sensitivity", "specificity", "accuracy", "roc_auc"}
         assert all(0 <= value <= 1 for value in found[name].values()), name
+
+
+def test_compact_sample_report_says_which_runs_are_healthy():
+    """benchmarks.compact_sample (issue 36): a newcomer's first run is healthy with in-distribution ROC AUC >= 0.98
+    and a threshold in [0.1, 0.9]; runs recorded before ECE was reported show n/a."""
+    from benchmarks.compact_sample import healthy, markdown
+
+    run_of = {"seed": 42, "roc_auc": 0.985, "sensitivity": 0.9, "specificity": 0.95, "ece": 0.04, "threshold": 0.5,
+              "best_epoch": 20, "epochs_trained": 28, "train_seconds": 300, "load_average": 2.0}
+    low_threshold = {**run_of, "seed": 1, "threshold": 0.041}
+    low_auc = {**run_of, "seed": 2, "roc_auc": 0.978}
+    assert healthy(run_of) and not healthy(low_threshold) and not healthy(low_auc)
+    older = {key: value for key, value in run_of.items() if key != "ece"}
+    report = {"groups": {"default": {"overrides": [], "runs": [run_of, low_threshold, low_auc, older]}},
+              "date": "2026-12-05", "machine": {"cpu": "test CPU", "cores": 2}}
+    table = markdown(report)
+    assert "| default | `none` | 42 | 0.985 | 0.900 | 0.950 | 0.040 | 0.500 | 20 / 28 | 5.0 min | 2.0 | yes |" in table
+    assert "| 0.950 | n/a | 0.500 |" in table and "| 2 of 4 |" in table
