@@ -77,6 +77,8 @@ PROFILES = {
     "per_image": {"train.weight_averaging": "none"},  # intensity standardised per image
     "ema": {"model.input_norm": "scale"},  # the weights' moving average validated and kept
     "per_image_oversample": {"train.weight_averaging": "none", "train.class_balance": "oversample"},
+    # Issue 36: no epoch before the 15th kept or counted by early stopping
+    "min_epochs_15": {"train.min_epochs": 15},
 }
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,

@@ -79,9 +79,9 @@ def make_callbacks(config: TrainConfig, checkpoint: str,
     mode = "min" if config.monitor == "val_loss" else "max"
     callbacks = [
         AtomicModelCheckpoint(checkpoint, monitor=config.monitor, mode=mode, save_best_only=True,
-                              initial_value_threshold=best_so_far, first_epoch=config.min_epochs - 1),
+                              initial_value_threshold=best_so_far, first_epoch=config.first_kept_epoch),
         keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
-                                      restore_best_weights=True, start_from_epoch=config.min_epochs - 1),
+                                      restore_best_weights=True, start_from_epoch=config.first_kept_epoch),
     ]
     if config.weight_averaging == "ema":
         callbacks = [keras.callbacks.SwapEMAWeights(), SwapAveragedWeightsAtEpochEnd(), *callbacks,

@@ -201,8 +201,8 @@ def peak_memory_mb() -> dict[str, float]:
 
 def kept_epoch(monitored: list[float], config: TrainConfig) -> int:
     """The 0-based epoch whose model the checkpoint kept: the best `monitored` value (train.monitor) from epoch
-    train.min_epochs on, the first of equals (the checkpoint saves only on an improvement)."""
-    first = config.min_epochs - 1
+    train.min_epochs (or the last) on, the first of equals (the checkpoint saves only on an improvement)."""
+    first = config.first_kept_epoch
     candidates = monitored[first:]
     return first + candidates.index(min(candidates) if config.monitor == "val_loss" else max(candidates))
 
@@ -300,7 +300,7 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
 
     history = backup.history
     # the best monitored value of the epochs a resumed training already ran that may be kept (train.min_epochs)
-    monitored = [record[config.monitor] for record in history.epochs[config.min_epochs - 1:]]
+    monitored = [record[config.monitor] for record in history.epochs[config.first_kept_epoch:]]
     best_so_far = (min(monitored) if config.monitor == "val_loss" else max(monitored)) if monitored else None
     if history.epochs:
         log.info("resuming: %d epoch(s) recorded in %s", len(history.epochs), backup.folder)
