@@ -74,6 +74,8 @@ PROFILES = {
     "per_image": {"train.weight_averaging": "none"},  # intensity standardised per image
     "ema": {"model.input_norm": "scale"},  # the weights' moving average validated and kept
     "per_image_oversample": {"train.weight_averaging": "none", "train.class_balance": "oversample"},
+    # Issue 36: no epoch before the 15th kept or counted by early stopping
+    "min_epochs_15": {"train.min_epochs": 15},
 }
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
@@ -104,8 +106,7 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
         threshold = json.loads(paths.EVALUATION_METRICS.read_text())["threshold"]
 
     patients = [patient_id(name) for name in external.file_names]
-    # Two fixed halves of the external patients: a rule that wins on the set should win on both.
-    half = np.array([int(hashlib.sha256(patient.encode()).hexdigest(), 16) % 2 for patient in patients])
+    half = patient_halves(external.file_names)
     rules = {}
     for rule in RULES:
         chosen = choose_threshold(val.labels, val.probabilities, rule)
@@ -115,6 +116,14 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
     site = held_out_scores(external.labels, external.probabilities, patients, "youden", halvings, seed=0)
     return {"rules": rules, "site_labelled_youden": {name: site[name]["mean"] for name in site},
             **adaptation_scores(model, threshold, external.labels, images, patients, adapt_halvings)}
+
+
+def patient_halves(file_names: list[str]) -> np.ndarray:
+    """0 or 1 per image: two fixed halves of the external patients, by a hash of the patient. A rule that wins on
+    the set should win on both."""
+    from pneumonia.data.prepare import patient_id
+
+    return np.array([int(hashlib.sha256(patient_id(name).encode()).hexdigest(), 16) % 2 for name in file_names])
 
 
 def scored(labels, probabilities, at) -> dict:
@@ -205,7 +214,7 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
                              for path in (paths.TEST_SCORES, paths.EXTERNAL_SCORES, paths.TRAIN_METRICS))
 
     def split(scores: dict) -> dict:
-        return {**{name: scores[name] for name in (*SCORE_COLUMNS, "threshold", "border_share")},
+        return {**{name: scores[name] for name in (*SCORE_COLUMNS, "ece", "threshold", "border_share")},
                 "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in SCORE_COLUMNS}}
 
     return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "params": params, "test": split(test),
@@ -232,8 +241,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
     if summary_only:
         order = [name for name in order if name in README_PROFILES]
 
-    def cell(runs, where, name):
-        return spread([run[where][name] for run in runs])
+    def cell(runs, where, name):  # n/a for a metric runs made before it was recorded lack (ece)
+        return spread([run[where].get(name) for run in runs])
 
     lines = [
         "External set: 244 X-rays of Kaggle's official test split (another acquisition than training). "
@@ -242,24 +251,26 @@ def markdown(report: dict, summary_only: bool = False) -> str:
         "chose on validation.",
         "",
         "| profile | seeds | external ROC AUC | external accuracy | external sensitivity | external specificity "
-        "| external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity | training |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| external ECE | external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity "
+        "| in-distribution ECE | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in order:
         runs = by_profile[name]
         lines.append(
             f"| {name} | {', '.join(str(run['seed']) for run in runs)} | "
             + " | ".join(cell(runs, "external", metric) for metric in SCORE_COLUMNS)
-            + f" | {cell(runs, 'external', 'border_share')} | {cell(runs, 'test', 'roc_auc')} | "
-            f"{cell(runs, 'test', 'sensitivity')} / {cell(runs, 'test', 'specificity')} | "
+            + f" | {cell(runs, 'external', 'ece')} | {cell(runs, 'external', 'border_share')} | "
+            f"{cell(runs, 'test', 'roc_auc')} | {cell(runs, 'test', 'sensitivity')} / "
+            f"{cell(runs, 'test', 'specificity')} | {cell(runs, 'test', 'ece')} | "
             f"{statistics.fmean(run['train_seconds'] for run in runs) / 60:.0f} min |")
     if summary_only:
         return "\n".join(lines) + ("\n\nPer run, every profile, operating points and adaptation: "
                                     "[benchmarks/external_validity.md](benchmarks/external_validity.md) "
                                     f"(`{report['command']}`).\n")
     lines += ["", "Each run, external set with 95% bootstrap intervals:", "",
-              "| profile | seed | ROC AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity | threshold "
-              "| best epoch / trained |", "|---|---|---|---|---|---|---|---|"]
+              "| profile | seed | ROC AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity | ECE | threshold "
+              "| best epoch / trained |", "|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         for run in by_profile[name]:
             ext = run["external"]
@@ -267,6 +278,7 @@ def markdown(report: dict, summary_only: bool = False) -> str:
                 f"| {name} | {run['seed']} | {ext['roc_auc']:.3f} [{ext['ci95']['roc_auc'][0]:.3f}, "
                 f"{ext['ci95']['roc_auc'][1]:.3f}] | {ext['accuracy']:.3f} [{ext['ci95']['accuracy'][0]:.3f}, "
                 f"{ext['ci95']['accuracy'][1]:.3f}] | {ext['sensitivity']:.3f} | {ext['specificity']:.3f} | "
+                f"{spread([ext.get('ece')])} | "
                 f"{ext['threshold']:.3f} | {run['best_epoch']} / {run['epochs_trained']} |")
     lines += ["", "Operating points on the external set (mean over seeds; sensitivity / specificity / accuracy). "
               "Rules choose on validation; the site's own threshold is chosen on half of the external patients and "

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import CLASS_NAMES, ood
-from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData, model_digest, write_beside
+from pneumonia.model_settings import (
+    CalibrationSettings,
+    ModelSettings,
+    OodSettings,
+    TrainingData,
+    model_digest,
+    write_beside,
+)
 from pneumonia.models.build import load_model
 
 
@@ -22,8 +29,9 @@ def smooth_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, tta_views: int = 1,
                    input_checks: str = "flag", threshold_rule: str = "a test's", images: np.ndarray | None = None,
-                   model=None) -> ModelSettings:
-    """Settings deciding at `threshold` and an OOD reference fitted on `images` (every other one; the flag's
+                   model=None, calibration=None) -> ModelSettings:
+    """Settings deciding at `threshold` (on the probability `calibration`, evaluation.calibration, makes) and an OOD
+    reference fitted on `images` (every other one; the flag's
     threshold on the rest), written beside the .keras file `model_path`."""
     model = model or load_model(model_path)
     size = int(model.input_shape[1])
@@ -35,7 +43,9 @@ def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, t
         model_sha256=model_digest(model_path), model_name=model.name, class_names=CLASS_NAMES, image_size=size,
         input_norm="per_image", crop=0.0,
         jpeg_quality=jpeg_quality, tta_views=tta_views, threshold=threshold, threshold_rule=threshold_rule,
-        input_checks=input_checks, ood=OodSettings(method=ood.METHOD, threshold=reference.threshold,
+        input_checks=input_checks,
+        calibration=CalibrationSettings(**calibration.as_dict()) if calibration else CalibrationSettings(),
+        ood=OodSettings(method=ood.METHOD, threshold=reference.threshold,
                                                    validation_flagged=0.05),
         training_data=TrainingData(source="synthetic", archive_sha256=None, manifests_sha256="0" * 64,
                                    images={"train": len(images)}), git_commit=None)

@@ -1,6 +1,7 @@
 """Unsupervised site adaptation: batch-norm statistics re-estimated on a site's images, and the
 class prior estimated by EM."""
 
+import json
 import os
 
 import keras
@@ -219,8 +220,6 @@ def test_self_training_refuses_too_few_confident_images_of_a_class_and_a_model_w
 @pytest.mark.slow  # two self-trainings of a small model: 10 s
 def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_reads_it(tmp_path, monkeypatch,
                                                                                         capsys):
-    import json
-
     from PIL import Image
 
     from pneumonia import cli
@@ -264,3 +263,33 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
     predicted = json.loads((tmp_path / "predictions.json").read_text())
     np.testing.assert_allclose([row["probability"] for row in sorted(predicted, key=lambda row: row["file"])],
                                expected, rtol=1e-5)
+
+
+def test_self_training_pseudo_labels_the_models_output_at_the_threshold_before_calibration(tmp_path, monkeypatch):
+    """With evaluate.calibration, the run's threshold is on the calibrated probability; self-training labels the
+    model's own output, so `pneumonia adapt` maps the threshold back (Calibration.uncalibrated)."""
+    from PIL import Image
+
+    from pneumonia import cli
+    from pneumonia.evaluation.calibration import Calibration
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    build_model(ModelConfig(crop=0), 32).save(tmp_path / "models" / "model.keras")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.6}')
+    calibration = Calibration("platt", scale=0.5, shift=1.0)
+    (tmp_path / "reports" / "evaluation").mkdir(parents=True)
+    (tmp_path / "reports" / "evaluation" / "test.json").write_text(json.dumps({"calibration": calibration.as_dict()}))
+    (tmp_path / "params.yaml").write_text("{}")
+    site = tmp_path / "site"
+    site.mkdir()
+    for index in range(6):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40), dtype=np.uint8)).save(
+            site / f"{index}.png")
+    thresholds = []
+    monkeypatch.setattr(adaptation, "self_train",
+                        lambda model, images, threshold, seed: thresholds.append(threshold) or model)
+    cli.main(["adapt", str(site), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6"])
+    assert thresholds == [pytest.approx(calibration.uncalibrated(0.6))]
+    assert calibration.apply([thresholds[0]])[0] == pytest.approx(0.6) and thresholds[0] < 0.3

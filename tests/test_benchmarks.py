@@ -14,6 +14,7 @@ import yaml
 
 from benchmarks.run_all import BENCHMARKS, performance_table
 from conftest import REPO, run
+from pneumonia.config import load_params
 
 WITHOUT_SERVER = [name for name in BENCHMARKS if name != "inference"]
 
@@ -92,6 +93,19 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     for row in levers["rows"]:
         assert row["members"] == [42] and 0 <= row["specificity"] <= 1 and 0 <= row["threshold"] <= 1
     assert "| sensitivity@0.9 | 1 | 9 |" in (tmp_path / "prediction_levers-default.md").read_text()
+
+    # Calibration on the kept model: each method fitted on validation, scored on the external set.
+    run([sys.executable, "-m", "benchmarks.calibration", "--models", str(tmp_path / "kept"), "--profile", "default",
+         "--out", str(tmp_path)], REPO)
+    calibration = json.loads((tmp_path / "calibration-default.json").read_text())
+    [methods] = calibration["seeds"].values()
+    assert list(methods) == ["none", "temperature", "platt"]
+    evaluated = methods[load_params(REPO / "params.yaml").evaluate.calibration]  # as the evaluate stage calibrated
+    assert evaluated["ece"] == pytest.approx(result["external"]["ece"], abs=0.01)
+    for found in methods.values():
+        assert found["ece_ci95"][0] <= found["ece"] <= found["ece_ci95"][1] and 0 < found["threshold"] < 1
+        assert found["roc_auc"] == pytest.approx(methods["none"]["roc_auc"])  # calibration keeps the ranking
+    assert "| 42 | platt |" in (tmp_path / "calibration-default.md").read_text()
 
 
 def test_readme_results_table_is_the_external_validity_report():
@@ -306,3 +320,21 @@ def test_ood_benchmark_scores_each_method_on_each_group_and_writes_its_report(tm
         assert all(0 <= row["flagged"] <= 1 and 0 <= row.get("roc_auc", 0) <= 1 for row in groups.values())
     assert report["cost"]["predict"]["with"] > 0 and report["cost"]["model"]["with"] > 0
     assert "python -m benchmarks.ood --smoke" in (tmp_path / "ood-smoke.md").read_text()
+
+
+def test_compact_sample_report_says_which_runs_are_healthy():
+    """benchmarks.compact_sample (issue 36): a newcomer's first run is healthy with in-distribution ROC AUC >= 0.98
+    and a threshold in [0.1, 0.9]; runs recorded before ECE was reported show n/a."""
+    from benchmarks.compact_sample import healthy, markdown
+
+    run_of = {"seed": 42, "roc_auc": 0.985, "sensitivity": 0.9, "specificity": 0.95, "ece": 0.04, "threshold": 0.5,
+              "best_epoch": 20, "epochs_trained": 28, "train_seconds": 300, "load_average": 2.0}
+    low_threshold = {**run_of, "seed": 1, "threshold": 0.041}
+    low_auc = {**run_of, "seed": 2, "roc_auc": 0.978}
+    assert healthy(run_of) and not healthy(low_threshold) and not healthy(low_auc)
+    older = {key: value for key, value in run_of.items() if key != "ece"}
+    report = {"groups": {"default": {"overrides": [], "runs": [run_of, low_threshold, low_auc, older]}},
+              "date": "2026-12-05", "machine": {"cpu": "test CPU", "cores": 2}}
+    table = markdown(report)
+    assert "| default | `none` | 42 | 0.985 | 0.900 | 0.950 | 0.040 | 0.500 | 20 / 28 | 5.0 min | 2.0 | yes |" in table
+    assert "| 0.950 | n/a | 0.500 |" in table and "| 2 of 4 |" in table

@@ -21,7 +21,7 @@ from pneumonia.config import TrainConfig
 from pneumonia.training.callbacks import AtomicModelCheckpoint, make_callbacks
 checkpoint = sys.argv[1]
 model = keras.Sequential([keras.Input((4000,)), keras.layers.Dense(4000), keras.layers.Dense(1)])
-[callback] = [c for c in make_callbacks(TrainConfig(), checkpoint) if isinstance(c, AtomicModelCheckpoint)]
+[callback] = [c for c in make_callbacks(TrainConfig(min_epochs=1), checkpoint) if isinstance(c, AtomicModelCheckpoint)]
 callback.set_model(model)
 epoch = 0
 while True:

@@ -69,7 +69,7 @@ def test_scores_have_headline_metrics_at_top_and_intervals_around_them():
     json.dumps(scores, allow_nan=False)  # strict JSON: no NaN or infinity
 
 
-def test_headline_is_the_threshold_and_four_metrics_of_each_split():
+def test_headline_is_the_threshold_and_five_metrics_of_each_split():
     """metrics/evaluation.json, what `dvc exp show` compares: distinct column names (test.roc_auc,
     external.roc_auc), no external key without an external set."""
     scores = scores_for("youden")
@@ -77,7 +77,7 @@ def test_headline_is_the_threshold_and_four_metrics_of_each_split():
                                               "test": {key: scores[key] for key in summary.HEADLINE_KEYS}}
     both = summary.headline(scores, {**scores, "roc_auc": 0.5})
     assert set(both) == {"threshold", "tta_views", "test", "external"} and both["external"]["roc_auc"] == 0.5
-    assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy")
+    assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
 
 
 def test_undefined_metrics_become_null():

@@ -38,10 +38,11 @@ from pneumonia.model_settings import read_settings
 # experiment identical to one run before would be restored from DVC's run cache and not train.
 SWEEP = {"custom_cnn": ["-S", "train.learning_rate=0.003"], "xception": ["-S", "model.weights=none"]}
 STAGES = ["download", "prepare", "tfrecords", "class_weights", "external", "data_report", "train", "evaluate"]
-TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn"}
-# `dvc exp show`'s metric columns (docs/evaluation.md#metrics): train's 3, the threshold, 4 of test and 4 of an
-# external set
-METRIC_COLUMNS = 12
+TEST_METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "tp", "fp", "tn", "fn", "ece",
+                    "calibration"}
+# `dvc exp show`'s metric columns (docs/evaluation.md#metrics): train's 3, the threshold, the test-time views, 5 of
+# test and 5 of an external set
+METRIC_COLUMNS = 15
 
 pytestmark = pytest.mark.e2e
 
@@ -114,7 +115,7 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     headline = json.loads((synthetic_project / "metrics/evaluation.json").read_text())
     assert headline == {"threshold": test_metrics["threshold"], "tta_views": 1,
                         "test": {key: test_metrics[key] for key in ("roc_auc", "sensitivity", "specificity",
-                                                                    "accuracy")}}
+                                                                    "accuracy", "ece")}}
     # The model's settings, beside it: what predict, serving and adapt read (tests/test_model_bundle.py)
     settings = read_settings(synthetic_project / "models/model.keras")
     assert (settings.threshold, settings.threshold_rule) == (test_metrics["threshold"], test_metrics["threshold_rule"])
@@ -438,7 +439,7 @@ def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external
     assert isinstance(shown["threshold"], float)
     for split in ("test", *(["external"] if external else [])):
         assert {key: type(value) for key, value in shown[split].items()} == {
-            "roc_auc": float, "sensitivity": float, "specificity": float, "accuracy": float}, shown
+            "roc_auc": float, "sensitivity": float, "specificity": float, "accuracy": float, "ece": float}, shown
 
     loaded, total = open_in_chromium(project / "reports/evaluation.html", scratch / "report.png")
     assert loaded == total == figure_count["plots/figures"]

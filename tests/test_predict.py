@@ -169,6 +169,25 @@ def test_the_command_prints_its_own_output_and_tensorflow_log_only_with_verbose(
     assert verbose.stdout == quiet.stdout
 
 
+def test_cli_reports_the_probability_calibrated_as_the_run_calibrated_it(project, images):
+    """evaluate.calibration: the evaluate stage's threshold is on the calibrated probability, so predict reports
+    that probability and labels it at that threshold (parameters from the model's settings)."""
+    from pneumonia.evaluation.calibration import Calibration
+
+    calibration = Calibration("platt", scale=0.5, shift=-0.7)
+    write_settings(Path("models/model.keras"), 0.25, jpeg_quality=90, calibration=calibration)
+    good = [images["dark_jpeg_rgb"], images["bright_png_grey"]]
+    cli.main(["predict", *map(str, good), "--json", "out.json"])
+    model = keras.models.load_model("models/model.keras")
+    raw = model.predict(np.stack([model_input(file, 32, 90) for file in good]), verbose=0).reshape(-1)
+    written = json.loads(Path("out.json").read_text())
+    np.testing.assert_allclose([row["probability"] for row in written], calibration.apply(raw), rtol=1e-5)
+    assert [row["label"] for row in written] == ["PNEUMONIA" if p >= 0.25 else "NORMAL"
+                                                 for p in calibration.apply(raw)]
+
+
+
+
 def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text("{}\n")

@@ -31,7 +31,9 @@ def finished_epochs(backup: Path | None) -> int:
 @pytest.mark.e2e
 def test_a_killed_training_resumes_after_its_last_finished_epoch(synthetic_data, tmp_path, backup_uri, chief_backup):
     uri = {"backup_uri": f"file://{tmp_path / backup_uri}"} if backup_uri else {}
-    project = prepared_project(synthetic_data, tmp_path, epochs=EPOCHS, early_stopping_patience=EPOCHS, **uri)
+    # min_epochs 1: every epoch may be checkpointed, so the killed run has a best model to resume beside
+    project = prepared_project(synthetic_data, tmp_path, epochs=EPOCHS, early_stopping_patience=EPOCHS, min_epochs=1,
+                               **uri)
 
     def backup() -> Path | None:
         return next(tmp_path.glob(chief_backup), None)

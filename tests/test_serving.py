@@ -354,14 +354,16 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
 
     from pneumonia.classifier import Classifier, load_classifier
     from pneumonia.errors import PipelineError
+    from pneumonia.evaluation.calibration import Calibration
     from pneumonia.evaluation.gallery import images_at
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.models.augmentation import with_test_time_augmentation
     from pneumonia.models.build import ensemble_of, members_of
 
+    calibration = Calibration("platt", scale=0.7, shift=-0.4)
     model = random_convolution(0) if members == 1 else ensemble_of([random_convolution(seed) for seed in (0, 10)])
     model.save(tmp_path / "model.keras")
-    write_settings(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY, tta_views=9)
+    write_settings(tmp_path / "model.keras", THRESHOLD, JPEG_QUALITY, tta_views=9, calibration=calibration)
     model = load_classifier(tmp_path / "model.keras").model  # as `pneumonia predict` has it
     tfrecords = synthetic_data / "data/tfrecords"
     evaluated = predict_split(with_tta := with_test_time_augmentation(model, 9), tfrecords, "test", 8)
@@ -375,9 +377,13 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     served = mlflow.pyfunc.load_model(info.model_uri).predict(
         pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
     preprocessed = [classifier.preprocess(file) for file in xrays]
-    np.testing.assert_allclose(served["probability"], classifier.probabilities(preprocessed), rtol=1e-5)
+    # served: the mean over the views, then the run's calibration (evaluate.calibration), as evaluate makes it
+    np.testing.assert_allclose(served["probability"], calibration.apply(classifier.probabilities(preprocessed)),
+                               rtol=1e-5)
+    assert served["probability"].tolist() == pytest.approx(
+        Classifier(model, THRESHOLD, JPEG_QUALITY, 9, calibration).probabilities(preprocessed).tolist(), rel=1e-5)
     plain = Classifier(model, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
-    assert not np.allclose(served["probability"], plain, rtol=1e-5)  # the views change the probabilities
+    assert not np.allclose(classifier.probabilities(preprocessed), plain, rtol=1e-5)  # the views change them
     if members > 1:  # the mean of the members' probabilities, as benchmarks/prediction_levers averages them
         by_member = [Classifier(member, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
                      for member in members_of(model)]

@@ -20,7 +20,7 @@ from pneumonia.models import backbones
 from pneumonia.models.build import NO_AUGMENTATION, build_model
 from pneumonia.models.fine_tuning import backbone_of, set_trainable
 from pneumonia.training import fit, recipe
-from pneumonia.training.callbacks import make_callbacks
+from pneumonia.training.callbacks import AtomicModelCheckpoint, make_callbacks
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,42 @@ def test_the_averaging_momentum_spans_at_most_about_an_epoch():
     for wrong in (1.0, 0, "fast"):
         with pytest.raises(PipelineError, match="train.ema_momentum"):
             parse_params({"train": {"ema_momentum": wrong}})
+
+
+def test_min_epochs_keeps_no_earlier_epoch_and_stops_no_earlier(tmp_path, monkeypatch):
+    """train.min_epochs: an early epoch that wins by chance on a small validation split (the compact sample's
+    seed 42 kept its epoch 7 of 15) is neither checkpointed nor counted by early stopping. The callbacks of a
+    training, driven with a scripted validation history: the first epoch scores best."""
+    history = [0.97, 0.90, 0.91, 0.93, 0.92, 0.92, 0.92, 0.92]
+    saved = []
+    should_save = AtomicModelCheckpoint._should_save_model
+
+    def spied(self, epoch, batch, logs, filepath) -> bool:
+        if decided := should_save(self, epoch, batch, logs, filepath):
+            saved.append(epoch + 1)
+        return decided
+
+    monkeypatch.setattr(AtomicModelCheckpoint, "_should_save_model", spied)
+
+    def run(min_epochs: int) -> tuple[list[int], int, int]:
+        config = parse_params({"train": {"epochs": 8, "early_stopping_patience": 2, "weight_averaging": "none",
+                                         "min_epochs": min_epochs}}).train
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        callbacks = keras.callbacks.CallbackList(make_callbacks(config, str(tmp_path / f"{min_epochs}.keras")),
+                                                 model=model)
+        saved.clear()
+        model.stop_training = False  # as fit sets it
+        callbacks.on_train_begin()
+        for epoch, value in enumerate(history, start=1):
+            callbacks.on_epoch_end(epoch - 1, {"val_auc": value})
+            if model.stop_training:
+                break
+        return list(saved), epoch, fit.kept_epoch(history[:epoch], config) + 1
+
+    assert run(1) == ([1], 3, 1)  # epoch 1 kept; stopped after 2 epochs without a better one
+    # epochs 1 and 2 ignored: 0.91 saved, then 0.93, kept; stopped after the 2 epochs of patience that follow it
+    assert run(3) == ([3, 4], 6, 4)
+    assert run(20) == ([8], 8, 8)  # more than train.epochs: the last epoch is kept
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.data import input_checks
 from pneumonia.data.images import encode_jpeg, load_resized
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.model_settings import ModelSettings, check_belongs, model_file, ood_file, read_settings
 from pneumonia.models.build import load_model
@@ -54,6 +55,7 @@ class Classifier:
     threshold: float
     jpeg_quality: int
     tta_views: int = 1  # each probability the mean over this many views of the image (evaluate.tta_views)
+    calibration: Calibration = UNCALIBRATED  # fitted on validation by the evaluate stage; the threshold is on it
     ood: OodReference | None = None  # None: no out-of-distribution score (a model without its bundle, in tests)
     input_checks: str = "flag"  # evaluate.input_checks: flag, refuse or ignore
     age_years: tuple[int, int] = (0, 5)  # of the intended use (model_settings.IntendedUse)
@@ -104,7 +106,7 @@ class Classifier:
                 outputs = self.predictor.predict_on_batch(batch)
             probabilities.append(pneumonia_probability(outputs))
             scores.append(self.ood.scores(layout(batch), features))
-        return Predicted(np.concatenate(probabilities), np.concatenate(scores))
+        return Predicted(self.calibration.apply(np.concatenate(probabilities)), np.concatenate(scores))
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict(images).probabilities
@@ -140,5 +142,6 @@ def classifier_of(model, settings: ModelSettings, ood: OodReference,
         raise PipelineError(f"the model takes {model.input_shape[1]} px images but its settings say "
                             f"{settings.image_size}: the settings file belongs to another model; copy the "
                             "model's own bundle")
-    return Classifier(model, settings.threshold, settings.jpeg_quality, settings.tta_views, ood,
+    return Classifier(model, settings.threshold, settings.jpeg_quality, settings.tta_views,
+                      Calibration(**settings.calibration.model_dump()), ood,
                       input_checks_policy or settings.input_checks, settings.intended_use.age_years, settings)

@@ -220,7 +220,9 @@ def adapt(args: argparse.Namespace) -> None:
                             "few weeks of its studies.")
     try:
         if args.method == "self_training":
-            adapted = adaptation.self_train(classifier.model, np.stack(images), classifier.threshold, args.seed)
+            # the model's own output is pseudo-labelled: at the threshold before calibration
+            threshold = classifier.calibration.uncalibrated(classifier.threshold)
+            adapted = adaptation.self_train(classifier.model, np.stack(images), threshold, args.seed)
         else:
             adapted = adaptation.adapt_batch_norm(classifier.model, np.stack(images))
     except ValueError as exc:

@@ -49,6 +49,14 @@ class IntendedUse(Frozen):
     model_card: str = paths.MODEL_CARD.as_posix()  # in the repository that trained the model
 
 
+class CalibrationSettings(Frozen):
+    """`logit(p') = scale * logit(p) + shift` (pneumonia.evaluation.calibration): the threshold is on p'."""
+
+    method: Literal["none", "temperature", "platt"] = "none"
+    scale: float = Field(1.0, gt=0)
+    shift: float = 0.0
+
+
 class OodSettings(Frozen):
     method: str
     threshold: float = Field(gt=0)  # a score above it is flagged
@@ -92,6 +100,7 @@ class ModelSettings(Frozen):
     tta_views: Literal[1, 3, 9]
     threshold: float = Field(ge=0, le=1)
     threshold_rule: str  # evaluate.threshold, chosen on validation
+    calibration: CalibrationSettings = CalibrationSettings()  # evaluate.calibration, fitted on validation
     input_checks: InputCheckPolicy  # what a DICOM header outside the intended use does
     ood: OodSettings
     intended_use: IntendedUse = IntendedUse()

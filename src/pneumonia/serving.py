@@ -153,8 +153,10 @@ def log_model(model_path: Path, name: str | None = None, model_card: Path | None
     artifacts = {KERAS_MODEL: str(model_path), SETTINGS_ARTIFACT: str(settings), OOD_ARTIFACT: str(ood),
                  **({CARD_ARTIFACT: str(model_card)} if model_card else {})}
     # the logged model's own params (on its page), not the run's
+    # flat: MLflow's params are not nested
     shown = {"threshold": shown_settings.threshold, "threshold_rule": shown_settings.threshold_rule,
              "jpeg_quality": shown_settings.jpeg_quality, "tta_views": shown_settings.tta_views,
+             **{f"calibration_{key}": value for key, value in shown_settings.calibration.model_dump().items()},
              "ood_threshold": shown_settings.ood.threshold, "input_checks": shown_settings.input_checks}
     info = tracking.retry_locked(
         mlflow.pyfunc.log_model,

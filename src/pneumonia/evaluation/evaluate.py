@@ -20,18 +20,20 @@ from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import model_card, summary
+from pneumonia.evaluation.calibration import Calibration, fit_calibration
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
 from pneumonia.evaluation.predictions import Predictions, predict_split
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scoring import ScoredSplit, score_split
-from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData
+from pneumonia.model_settings import CalibrationSettings, ModelSettings, OodSettings, TrainingData
 from pneumonia.models.augmentation import with_test_time_augmentation
 
 
 @dataclass(frozen=True)
 class Evaluation:
     test: ScoredSplit  # reports/evaluation/test.json, its plot tables and figures
+    calibration: Calibration  # fitted on validation; every probability here is calibrated
     external: ScoredSplit | None  # the same of the external set; None without one
     gradcam_layer: str  # the layer the Grad-CAM maps are taken on
     model_summary: str  # the model's layers, for the report
@@ -63,6 +65,7 @@ class Evaluation:
             tta_views=params.evaluate.tta_views, threshold=self.threshold,
             threshold_rule=str(params.evaluate.threshold),
             input_checks=params.evaluate.input_checks,
+            calibration=CalibrationSettings(**self.calibration.as_dict()),
             ood=OodSettings(method=ood.METHOD, threshold=self.ood.threshold,
                             validation_flagged=self.ood_validation_flagged),
             training_data=training_data, git_commit=git_commit)
@@ -114,8 +117,9 @@ def check_image_size(model: keras.Model, *folders: Path) -> None:
 def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: EvaluateConfig,
              batch_size: int) -> Evaluation:
     """`model` on the splits in `tfrecords` and on the external stage's output `external`. Each probability is
-    the mean over evaluate.tta_views views of the image, as `pneumonia predict` and the served model make it;
-    the Grad-CAM maps and the border audit explain the model on the image itself."""
+    the mean over evaluate.tta_views views of the image, then calibrated (evaluate.calibration, fitted on
+    validation), as `pneumonia predict` and the served model make it; the Grad-CAM maps and the border audit
+    explain the model on the image itself."""
     check_image_size(model, tfrecords, external)
     predictor = with_test_time_augmentation(model, config.tta_views)
     features_model = ood.pooled_features_model(model)
@@ -128,18 +132,34 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
         return replace(predictions, ood_scores=scores), summary.ood_summary(scores, reference.threshold)
 
     val = predict_split(predictor, tfrecords, "val", batch_size)
-    test_predictions, test_ood = scored_ood(predict_split(predictor, tfrecords, "test", batch_size), tfrecords, "test")
+    calibration = calibration_on_validation(val, config)
+
+    def predicted(on: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
+        found = predict_split(predictor, on, split, batch_size)
+        return scored_ood(replace(found, probabilities=calibration.apply(found.probabilities)), on, split)
+
+    val = replace(val, probabilities=calibration.apply(val.probabilities))
+    test_predictions, test_ood = predicted(tfrecords, "test")
     test = score_split(model, tfrecords, "test", test_predictions,
                        {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views,
-                        **test_ood}, config)
+                        "calibration": calibration.as_dict(), **test_ood}, config)
     scored_external = None
     meta = read_meta(external)
     if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
-        external_predictions, external_ood = scored_ood(predict_split(predictor, external, EXTERNAL_SPLIT, batch_size),
-                                                        external, EXTERNAL_SPLIT)
+        external_predictions, external_ood = predicted(external, EXTERNAL_SPLIT)
         scores = {**summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"]),
                   **external_ood}
         scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
     validation_flagged = float(np.mean(reference.scores(*val_inputs) > reference.threshold))
-    return Evaluation(test, scored_external, explained_layer(model), model_summary(model), reference,
+    return Evaluation(test, calibration, scored_external, explained_layer(model), model_summary(model), reference,
                       validation_flagged)
+
+
+def calibration_on_validation(val: Predictions, config: EvaluateConfig) -> Calibration:
+    try:
+        return fit_calibration(config.calibration, val.labels, val.probabilities)
+    except ValueError as exc:
+        raise PipelineError(
+            f"params.yaml: evaluate.calibration = {config.calibration!r} cannot be fitted on the validation split "
+            f"({exc}). Use `-S evaluate.calibration=none` or a validation split with both classes (data.val_fraction)."
+        ) from None

@@ -85,7 +85,7 @@ def external_scores(external: Predictions, threshold: float, config: EvaluateCon
 
 # What `dvc exp show` compares of each split: its columns test.roc_auc, ..., external.accuracy (distinct names:
 # the same key in two metrics files would be shown as metrics/test.json:roc_auc, too wide for one screen).
-HEADLINE_KEYS = ("roc_auc", "sensitivity", "specificity", "accuracy")
+HEADLINE_KEYS = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
 
 
 def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str, Any]:

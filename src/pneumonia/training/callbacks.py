@@ -19,6 +19,13 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     _saving_to: str | None = None
 
+    def __init__(self, *args, first_epoch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_epoch = first_epoch  # 0-based: the epochs before it are never saved (train.min_epochs)
+
+    def _should_save_model(self, epoch, batch, logs, filepath):
+        return epoch >= self.first_epoch and super()._should_save_model(epoch, batch, logs, filepath)
+
     def _get_file_path(self, epoch, batch, logs):
         # Keras's one hook for where it saves; _save_model below sets the temporary name.
         return self._saving_to or super()._get_file_path(epoch, batch, logs)
@@ -73,9 +80,9 @@ def make_callbacks(config: TrainConfig, checkpoint: str,
     mode = "min" if config.monitor == "val_loss" else "max"
     callbacks = [
         AtomicModelCheckpoint(checkpoint, monitor=config.monitor, mode=mode, save_best_only=True,
-                              initial_value_threshold=best_so_far),
+                              initial_value_threshold=best_so_far, first_epoch=config.first_kept_epoch),
         keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
-                                      restore_best_weights=True),
+                                      restore_best_weights=True, start_from_epoch=config.first_kept_epoch),
     ]
     if config.weight_averaging == "ema":
         callbacks = [keras.callbacks.SwapEMAWeights(), SwapAveragedWeightsAtEpochEnd(), *callbacks,

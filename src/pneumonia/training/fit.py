@@ -115,6 +115,14 @@ def peak_memory_mb() -> dict[str, float]:
     return usage
 
 
+def kept_epoch(monitored: list[float], config: TrainConfig) -> int:
+    """The 0-based epoch whose model the checkpoint kept: the best `monitored` value (train.monitor) from epoch
+    train.min_epochs (or the last) on, the first of equals (the checkpoint saves only on an improvement)."""
+    first = config.first_kept_epoch
+    candidates = monitored[first:]
+    return first + candidates.index(min(candidates) if config.monitor == "val_loss" else max(candidates))
+
+
 def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class_weight: dict[int, float] | None,
           model_path: Path, placement: distribute.Placement | None = None,
           backup: TrainingBackup | None = None,
@@ -205,7 +213,8 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
     rate_scale = placement.replicas if config.scale_learning_rate else 1
 
     history = backup.history
-    monitored = [record[config.monitor] for record in history.epochs]
+    # the best monitored value of the epochs a resumed training already ran that may be kept (train.min_epochs)
+    monitored = [record[config.monitor] for record in history.epochs[config.first_kept_epoch:]]
     best_so_far = (min(monitored) if config.monitor == "val_loss" else max(monitored)) if monitored else None
     if history.epochs:
         log.info("resuming: %d epoch(s) recorded in %s", len(history.epochs), backup.folder)
@@ -241,11 +250,9 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
                             "check the data and learning rate")
 
     result_history = history.as_lists()
-    values = result_history[config.monitor]
-    best_epoch = values.index(min(values) if config.monitor == "val_loss" else max(values))
     return TrainingResult(
         history=result_history,
-        best_epoch=best_epoch,
+        best_epoch=kept_epoch(result_history[config.monitor], config),
         seconds=seconds,
         total_params=model.count_params(),
         trainable_params=sum(int(keras.ops.size(w)) for w in model.trainable_weights),
