@@ -104,8 +104,13 @@ def test_a_validation_split_of_one_class_stops_evaluate_with_what_to_do():
 
 def test_the_models_settings_carry_the_calibration_and_refuse_a_broken_one(tmp_path):
     """Predict and serving read the calibration from the model's settings (pneumonia.model_settings)."""
-    from pneumonia.model_settings import (CalibrationSettings, ModelSettings, OodSettings, TrainingData,
-                                          read_settings_file)
+    from pneumonia.model_settings import (
+        CalibrationSettings,
+        ModelSettings,
+        OodSettings,
+        TrainingData,
+        read_settings_file,
+    )
 
     fitted = Calibration("temperature", scale=0.5)
     assert Calibration(**CalibrationSettings(**fitted.as_dict()).model_dump()) == fitted
