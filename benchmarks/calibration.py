@@ -14,7 +14,6 @@ Results go to <out>/calibration-<profile>.json and .md.
 """
 
 import argparse
-import json
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +24,9 @@ from benchmarks.common import REPO, load_during
 from benchmarks.external_validity import patient_halves
 from benchmarks.prediction_levers import kept_seeds, kept_split, view_probabilities
 from benchmarks.run_all import machine
+from pneumonia.atomic import write_json, write_text
 
-METHODS = ("none", "temperature", "platt")
+COMPARED_METHODS = ("none", "temperature", "platt")
 BOOTSTRAP = 2000
 ECE_TARGET = 0.08  # issue 34: on every seed, external set
 
@@ -56,7 +56,7 @@ def seed_scores(val: tuple, external: tuple, halves: np.ndarray, rule) -> dict:
 
     (val_labels, val_probabilities), (labels, probabilities) = val, external
     found = {}
-    for method in METHODS:
+    for method in COMPARED_METHODS:
         calibration = fit_calibration(method, val_labels, val_probabilities)
         calibrated_val, calibrated = calibration.apply(val_probabilities), calibration.apply(probabilities)
         threshold = choose_threshold(val_labels, calibrated_val, rule)
@@ -100,7 +100,7 @@ def markdown(report: dict) -> str:
     def spread(values: list[float]) -> str:
         return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
-    for method in METHODS:
+    for method in COMPARED_METHODS:
         eces = [methods[method]["ece"] for methods in seeds.values()]
         thresholds = [methods[method]["threshold"] for methods in seeds.values()]
         log_odds = [float(np.log(t / (1 - t))) for t in thresholds]
@@ -140,8 +140,8 @@ def main() -> None:
                 halves, rule)
     report.update(load_before=timing["load_average"]["before"], load_after=timing["load_average"]["after"])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"calibration-{args.profile}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"calibration-{args.profile}.md").write_text(markdown(report))
+    write_json(args.out / f"calibration-{args.profile}.json", report, sort_keys=False)
+    write_text(args.out / f"calibration-{args.profile}.md", markdown(report))
     print(markdown(report))
 
 

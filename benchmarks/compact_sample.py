@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import harness  # project copies and the environment for tools (this venv, no outside DVC)
 from benchmarks.common import REPO, load_average
 from benchmarks.run_all import machine
-
-sys.path.insert(0, str(REPO / "tests"))
-import conftest  # the tests' project copy, and their environment for tools (this venv, no outside DVC)
+from pneumonia.atomic import write_json, write_text
 
 HEALTHY_ROC_AUC = 0.98
 HEALTHY_THRESHOLDS = (0.1, 0.9)
@@ -33,7 +31,7 @@ HEALTHY_THRESHOLDS = (0.1, 0.9)
 
 def run_one(project: Path, seed: int, overrides: list[str]) -> dict:
     settings = [arg for setting in [*overrides, f"train.seed={seed}"] for arg in ("-S", setting)]
-    conftest.run(["dvc", "exp", "run", *settings], project, PYTHONPATH=str(project / "src"))
+    harness.run(["dvc", "exp", "run", *settings], project, PYTHONPATH=str(project / "src"))
     evaluation = json.loads((project / "metrics/evaluation.json").read_text())
     train = json.loads((project / "metrics/train.json").read_text())
     test = evaluation["test"]
@@ -92,14 +90,14 @@ def main() -> None:
     report.update(date=datetime.now(UTC).strftime("%Y-%m-%d"), machine=machine())
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pneumonia-compact-sample-") as temporary:
-        project = conftest.copy_project(Path(temporary) / "project")
-        conftest.commit_all(project)
+        project = harness.copy_project(Path(temporary) / "project")
+        harness.commit_all(project)
         for seed in args.seeds:
             run = run_one(project, seed, args.overrides)
             group["runs"] = [old for old in group["runs"] if old["seed"] != seed] + [run]
             print(json.dumps(run), flush=True)
-            report_path.write_text(json.dumps(report, indent=2) + "\n")  # kept run by run
-            (args.out / "compact_sample.md").write_text(markdown(report))
+            write_json(report_path, report, sort_keys=False)  # kept run by run
+            write_text(args.out / "compact_sample.md", markdown(report))
     print(markdown(report))
 
 

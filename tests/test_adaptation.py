@@ -275,13 +275,10 @@ def test_self_training_pseudo_labels_the_models_output_at_the_threshold_before_c
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    build_model(ModelConfig(crop=0), 32).save(tmp_path / "models" / "model.keras")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "evaluation.json").write_text('{"threshold": 0.6}')
+    model = build_model(ModelConfig(crop=0), 32)
+    model.save(tmp_path / "models" / "model.keras")
     calibration = Calibration("platt", scale=0.5, shift=1.0)
-    (tmp_path / "reports" / "evaluation").mkdir(parents=True)
-    (tmp_path / "reports" / "evaluation" / "test.json").write_text(json.dumps({"calibration": calibration.as_dict()}))
-    (tmp_path / "params.yaml").write_text("{}")
+    write_settings(tmp_path / "models" / "model.keras", 0.6, model=model, calibration=calibration)
     site = tmp_path / "site"
     site.mkdir()
     for index in range(6):
