@@ -66,8 +66,9 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
         ("Known limits", [
             "Adults and older children: never seen in training; on adult X-rays it calls most normal images "
             "pneumonia. Lateral and other views, other body parts: not frontal chest X-rays, outside its use.",
-            "Other sites: the external set's figures above, not the test split's, are what to expect; its "
-            "probabilities are not calibrated for another acquisition.",
+            ("Other sites: the external set's figures above, not the test split's, are what to expect"
+             if external else "Other sites: expect less than the test split's figures (docs/results.md measures "
+             "another acquisition)") + "; the probability is not calibrated for another acquisition.",
             f"Shortcut share: {_interval(test, 'border_share')} of the Grad-CAM evidence on test images lies in "
             "the image border (markers, collimation), not the lungs"
             + (f"; {_interval(external, 'border_share')} on the external set." if external else "."),
