@@ -67,6 +67,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     from pneumonia.data import dataset
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.model_settings import write_beside
     from pneumonia.models.build import build_model
     from pneumonia.training import fit, recipe
 
@@ -83,7 +84,10 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     keras.utils.set_random_seed(params.train.seed)
     model = build_model(params.model, size, params.train.augment)
     recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[0], scale.train_steps)
-    classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality)
+    # predict as it runs: with the out-of-distribution score (a reference of the stand-ins: its values do not
+    # change the work)
+    reference = stand_in_reference(model, tfrecords, batch_size)
+    classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality, ood=reference)
 
     def training_rate() -> float:
         timer = epoch_timer()
@@ -115,7 +119,8 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         rounds = [{side: measure() for side, measure in sides.items()} for _ in range(scale.repeats)]
         model_path = workdir / "inference-model.keras"
         model.save(model_path)
-        served = serve_and_load(workdir, model_path, params.tfrecords.jpeg_quality, files[0].read_bytes(), scale)
+        write_beside(model_path, stand_in_settings(model_path, params, reference, len(records)), reference)
+        served = serve_and_load(workdir, model_path, files[0].read_bytes(), scale)
     rates = {side: median([r[side] for r in rounds]) for side in sides}
     ratios = {side: rates[side] / rates["training"] for side in ("predict", "evaluate")}
     one_client = served["clients"][str(scale.serve_clients[0])]
@@ -138,7 +143,30 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     }
 
 
-def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: bytes, scale: Scale) -> dict:
+def stand_in_reference(model, tfrecords: Path, batch_size: int):
+    """An out-of-distribution reference fitted (and scaled) on the stand-ins' split, as evaluate fits one."""
+    from pneumonia import ood
+
+    inputs = ood.split_inputs(ood.pooled_features_model(model), tfrecords, "train", batch_size)
+    return ood.fit(inputs, inputs, 0.01)
+
+
+def stand_in_settings(model_path: Path, params, reference, images: int):
+    """The settings the evaluate stage would write for the benchmark's model (threshold 0.5, no calibration)."""
+    from pneumonia import CLASS_NAMES, ood
+    from pneumonia.model_settings import ModelSettings, OodSettings, TrainingData, model_digest
+
+    return ModelSettings(
+        model_sha256=model_digest(model_path), model_name=params.model.name, class_names=CLASS_NAMES,
+        image_size=params.data.image_size, input_norm=params.model.input_norm, crop=params.model.crop,
+        jpeg_quality=params.tfrecords.jpeg_quality, tta_views=1, threshold=0.5, threshold_rule="0.5",
+        input_checks=params.evaluate.input_checks,
+        ood=OodSettings(method=ood.METHOD, threshold=reference.threshold, validation_flagged=0.01),
+        training_data=TrainingData(source="stand-ins", archive_sha256=None, manifests_sha256="0" * 64,
+                                   images={"train": images}), git_commit=None)
+
+
+def serve_and_load(workdir: Path, model_path: Path, image: bytes, scale: Scale) -> dict:
     """Log the model with serving.log_model into a store of its own, serve it, and time one-image
     requests from each number of concurrent clients: latency percentiles (ms) and images/s."""
     import mlflow
@@ -153,7 +181,7 @@ def serve_and_load(workdir: Path, model_path: Path, jpeg_quality: int, image: by
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("inference", artifact_location=(store / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        serving.log_model(model_path, 0.5, jpeg_quality)
+        serving.log_model(model_path)  # the bundle: the settings beside it
     body = json.dumps({"dataframe_split": {"columns": [serving.IMAGE_COLUMN], "data": [[serving.encode_image(image)]]}})
 
     def client(url: str, count: int) -> list[float]:
