@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, load_during
+from benchmarks.common import REPO, load_during, write_report
 from benchmarks.external_validity import patient_halves
 from benchmarks.prediction_levers import kept_seeds, kept_split, view_probabilities
 from benchmarks.run_all import machine
-from pneumonia.atomic import write_json, write_text
 
 COMPARED_METHODS = ("none", "temperature", "platt")
 BOOTSTRAP = 2000
@@ -139,9 +138,7 @@ def main() -> None:
                 (val_labels, view_probabilities(model, val_images, 1)), (labels, view_probabilities(model, images, 1)),
                 halves, rule)
     report.update(load_before=timing["load_average"]["before"], load_after=timing["load_average"]["after"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"calibration-{args.profile}.json", report, sort_keys=False)
-    write_text(args.out / f"calibration-{args.profile}.md", markdown(report))
+    write_report(args.out, f"calibration-{args.profile}", report, markdown(report))
     print(markdown(report))
 
 

@@ -200,6 +200,13 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+def write_report(folder: Path, name: str, report: dict, table: str) -> None:
+    """A benchmark's report: <folder>/<name>.json (the measurements) and <name>.md (their table), atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{name}.json", report, sort_keys=False)
+    write_text(folder / f"{name}.md", table)
+
+
 def replace_block(page: Path, start: str, end: str, text: str) -> None:
     """Put `text` between the marker lines `start` and `end` of `page` (a README table made by a benchmark)."""
     content = page.read_text()

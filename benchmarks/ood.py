@@ -20,7 +20,6 @@ Also the flag's cost: `pneumonia predict`'s model images/s with and without it.
 
 import argparse
 import io
-import json
 import os
 import time
 import zipfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, quiet_tensorflow
+from benchmarks.common import REPO, quiet_tensorflow, write_report
 from benchmarks.external_validity import EXTERNAL_ZIP
 from benchmarks.run_all import machine
 
@@ -314,9 +313,7 @@ def main() -> None:
                "command": "python -m benchmarks.ood" + (" --smoke" if args.smoke else
                                                          f" --model {args.model} --tfrecords {args.tfrecords}")}
     name = "ood-smoke" if args.smoke else "ood"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(report))
+    write_report(args.out, name, report, markdown(report))
     print(markdown(report))
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, SCORE_COLUMNS
-from pneumonia.atomic import write_json, write_text
+from benchmarks.common import REPO, SCORE_COLUMNS, write_report
+from pneumonia.atomic import write_text
 
 
 def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
@@ -127,9 +127,7 @@ def main() -> None:
                              **scores(splits["val"][0], mean["val"], splits["external"][0], mean["external"], rule)})
     report = {"profile": args.profile, "rules": [str(rule) for rule in rules], "views": list(TEST_TIME_VIEWS),
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"prediction_levers-{args.profile}.json", report, sort_keys=False)
-    write_text(args.out / f"prediction_levers-{args.profile}.md", markdown(report))
+    write_report(args.out, f"prediction_levers-{args.profile}", report, markdown(report))
     print(markdown(report))
 
 

@@ -22,7 +22,7 @@ from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
 from pneumonia.evaluation.predictions import pneumonia_probability
 from pneumonia.model_settings import ModelSettings, check_belongs, model_file, ood_file, read_settings
 from pneumonia.models.build import load_model
-from pneumonia.ood import OodReference
+from pneumonia.ood import OodReference, layout, pooled_features_model
 
 IMAGES_PER_PASS = 32  # images a forward pass: bounds memory whatever the number of files
 
@@ -71,8 +71,6 @@ class Classifier:
     @cached_property
     def with_features(self):
         """The model and its pooled features in one forward pass (the out-of-distribution score's input)."""
-        from pneumonia.ood import pooled_features_model
-
         return pooled_features_model(self.model)
 
     @property
@@ -99,8 +97,6 @@ class Classifier:
                 probabilities.append(pneumonia_probability(self.predictor.predict_on_batch(batch)))
                 scores.append(np.full(len(batch), np.nan))
                 continue
-            from pneumonia.ood import layout
-
             outputs, features = self.with_features.predict_on_batch(batch)
             if self.tta_views > 1:
                 outputs = self.predictor.predict_on_batch(batch)
