@@ -51,7 +51,8 @@ def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, 
 def seed_scores(val: tuple, external: tuple, halves: np.ndarray, rule) -> dict:
     """One model's validation and external probabilities, each method: {method: scores}."""
     from pneumonia.evaluation.calibration import fit_calibration
-    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics, expected_calibration_error
+    from pneumonia.evaluation.metrics import classification_metrics, expected_calibration_error
+    from pneumonia.evaluation.threshold import choose_threshold
 
     (val_labels, val_probabilities), (labels, probabilities) = val, external
     found = {}

@@ -92,9 +92,8 @@ def analyse(project: Path, halvings: int, adapt_halvings: int) -> dict:
     from pneumonia.config import load_params
     from pneumonia.data.external import SPLIT
     from pneumonia.data.prepare import patient_id
-    from pneumonia.evaluation.gallery import images_at
-    from pneumonia.evaluation.metrics import choose_threshold
-    from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.evaluation.predictions import images_at, predict_split
+    from pneumonia.evaluation.threshold import choose_threshold
     from pneumonia.models.build import load_model
 
     with working_directory(project.resolve()):

@@ -36,7 +36,7 @@ def view_probabilities(model, images: np.ndarray, views: int, batch_size: int = 
 def kept_split(tfrecords: Path, split: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """A split external_validity kept: its labels, file names and images (uint8), in file order."""
     from pneumonia.data import dataset
-    from pneumonia.evaluation.gallery import images_at
+    from pneumonia.evaluation.predictions import images_at
 
     labels, names = dataset.labels_and_names(tfrecords, split)
     return np.array(labels), names, images_at(tfrecords, split, list(range(len(labels))))
@@ -48,7 +48,8 @@ def kept_seeds(models: Path, profile: str) -> list[int]:
 
 
 def scores(val_labels, val_probabilities, labels, probabilities, rule) -> dict:
-    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
+    from pneumonia.evaluation.metrics import classification_metrics
+    from pneumonia.evaluation.threshold import choose_threshold
 
     threshold = choose_threshold(val_labels, val_probabilities, rule)
     found = classification_metrics(labels, probabilities, threshold)

@@ -35,7 +35,7 @@ def seed_scores(model_path: Path, data: Path, rule, halvings: int) -> dict:
     """One kept model: its threshold on validation and the adaptations' scores on the external set."""
     from pneumonia.data.external import SPLIT
     from pneumonia.data.prepare import patient_id
-    from pneumonia.evaluation.metrics import choose_threshold
+    from pneumonia.evaluation.threshold import choose_threshold
     from pneumonia.models.build import load_model
 
     model = load_model(model_path)

@@ -24,7 +24,8 @@ RULES = ("youden", "sensitivity@0.95", "sensitivity@0.97", "sensitivity@0.99", 0
 
 def held_out_scores(labels: np.ndarray, probabilities: np.ndarray, patients: list[str], rule, repeats: int,
                     seed: int) -> dict:
-    from pneumonia.evaluation.metrics import choose_threshold, classification_metrics
+    from pneumonia.evaluation.metrics import classification_metrics
+    from pneumonia.evaluation.threshold import choose_threshold
 
     unique = sorted(set(patients))
     patient_index = np.array([unique.index(patient) for patient in patients])

@@ -10,9 +10,9 @@ from scipy.special import expit
 from pneumonia.config import parse_params
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import metrics
-from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration, fit_calibration
-from pneumonia.evaluation.evaluate import calibration_on_validation
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration, calibration_on_validation, fit_calibration
 from pneumonia.evaluation.predictions import Predictions
+from pneumonia.evaluation.threshold import choose_threshold
 
 
 def drawn(n: int, seed: int, scale: float, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +50,8 @@ def test_calibration_keeps_the_ranking_and_the_operating_point_only_the_threshol
     new_labels, new_probabilities = drawn(300, seed=4, scale=4.0, shift=2.0)
     fitted = fit_calibration("platt", labels, probabilities)
     for rule in ("youden", "sensitivity@0.93"):
-        raw = metrics.choose_threshold(labels, probabilities, rule)
-        calibrated = metrics.choose_threshold(labels, fitted.apply(probabilities), rule)
+        raw = choose_threshold(labels, probabilities, rule)
+        calibrated = choose_threshold(labels, fitted.apply(probabilities), rule)
         assert calibrated == pytest.approx(float(fitted.apply([raw])[0]))  # midway in log-odds either way
         assert fitted.uncalibrated(calibrated) == pytest.approx(raw)
         before = metrics.classification_metrics(new_labels, new_probabilities, raw)
@@ -96,10 +96,9 @@ def test_impossible_parameters_are_refused(bad):
 
 def test_a_validation_split_of_one_class_stops_evaluate_with_what_to_do():
     val = Predictions(["a", "b"], np.array([1, 1]), np.array([0.3, 0.9]))
-    config = parse_params({"evaluate": {"calibration": "platt"}}).evaluate
     with pytest.raises(PipelineError, match=r"evaluate.calibration = 'platt'.*evaluate.calibration=none"):
-        calibration_on_validation(val, config)
-    assert calibration_on_validation(val, parse_params({"evaluate": {"calibration": "none"}}).evaluate) is UNCALIBRATED
+        calibration_on_validation(val, "platt")
+    assert calibration_on_validation(val, "none") is UNCALIBRATED
 
 
 def test_the_models_settings_carry_the_calibration_and_refuse_a_broken_one(tmp_path):

@@ -1,6 +1,7 @@
 """One way to do each small thing (issue 35): figures, CSV and JSON files each written by one helper, MLflow
-called from tracking.py (and the MLflow model it logs), no constant name with two meanings, and benchmarks
-that import nothing from tests/. Reads the source only."""
+called from tracking.py (and the MLflow model it logs), no constant name with two meanings, benchmarks
+that import nothing from tests/, and an evaluation package handed values rather than params. Reads the
+source only."""
 
 import ast
 from collections import defaultdict
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SRC
+from conftest import REPO, SRC, imported_modules
 
 LIBRARY = sorted((SRC / "pneumonia").rglob("*.py"))
 CODE = LIBRARY + sorted((REPO / "stages").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")) + [
@@ -109,3 +110,14 @@ def test_benchmarks_import_nothing_from_tests(file):
             imported.add(node.module.split(".")[0])
     assert not imported & test_modules, f"{file.name} imports from tests/: {sorted(imported & test_modules)}"
     assert '"tests"' not in file.read_text(), f"{file.name} names the tests folder (sys.path?)"
+
+
+EVALUATION = sorted(file for file in (SRC / "pneumonia" / "evaluation").glob("*.py") if file.name != "__init__.py")
+
+
+def test_only_the_evaluate_entry_of_the_evaluation_takes_params():
+    """evaluation/evaluate.py reads the evaluate section and hands each function the values it needs
+    (score_split a seed, not the whole EvaluateConfig): what a function depends on is in its signature."""
+    takers = [relative(file) for file in EVALUATION
+              if file.name != "evaluate.py" and "pneumonia.config" in imported_modules(file)]
+    assert not takers, f"these evaluation modules import the params schema (pneumonia.config): {takers}"

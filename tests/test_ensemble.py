@@ -13,7 +13,7 @@ from pneumonia import adaptation
 from pneumonia.config import parse_params
 from pneumonia.errors import PipelineError
 from pneumonia.evaluation import gradcam
-from pneumonia.evaluation.gallery import images_at
+from pneumonia.evaluation.predictions import images_at
 from pneumonia.models.build import NO_AUGMENTATION, ensemble_of, load_model, members_of
 from pneumonia.training import fit
 from pneumonia.training.backup import TrainingBackup

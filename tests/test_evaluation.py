@@ -9,8 +9,25 @@ import pytest
 
 from pneumonia.config import EvaluateConfig
 from pneumonia.errors import PipelineError
-from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.predictions import Predictions
+from pneumonia.evaluation.scores import (
+    AT_DEFAULT,
+    CI_METRICS,
+    HEADLINE_KEYS,
+    MLFLOW_KEYS,
+    OUTCOMES,
+    curves,
+    evaluation_scores,
+    finite_or_none,
+    header_and_rows,
+    headline,
+    load_images,
+    mlflow_metrics,
+    ood_summary,
+    pick_cases,
+    predictions_table,
+)
+from pneumonia.evaluation.threshold import threshold_on_validation
 
 # Validation: perfectly separable, negatives 0.1-0.3, positives 0.6-0.8.
 VAL = Predictions([f"v{i}" for i in range(6)], np.array([0, 0, 0, 1, 1, 1]),
@@ -22,7 +39,9 @@ TEST = Predictions([f"t{i}" for i in range(8)], np.array(TEST_LABELS), np.array(
 
 
 def scores_for(rule, val=VAL, test=TEST):
-    return summary.evaluation_scores(val, test, EvaluateConfig(threshold=rule, bootstrap_samples=200))
+    """The test split's scores as the evaluate stage makes them: the threshold `rule` chose on validation."""
+    return evaluation_scores(val, test, threshold_on_validation(val, rule), rule, bootstrap_samples=200,
+                             seed=EvaluateConfig().seed)
 
 
 def midway(low, high):
@@ -46,7 +65,7 @@ def test_threshold_chosen_on_validation_and_applied_to_test(rule, threshold, sen
     assert scores["sensitivity"] == pytest.approx(sensitivity)
     assert scores["specificity"] == pytest.approx(specificity)
     # The same test metrics at 0.5: all four pneumonia cases, two of four normal ones.
-    at_half = scores[summary.AT_DEFAULT]
+    at_half = scores[AT_DEFAULT]
     assert at_half["threshold"] == 0.5
     assert (at_half["tp"], at_half["fn"], at_half["tn"], at_half["fp"]) == (4, 0, 2, 2)
     # What the chosen threshold does on validation (where it was chosen).
@@ -64,7 +83,7 @@ def test_scores_have_headline_metrics_at_top_and_intervals_around_them():
     scores = scores_for("youden")
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn", "n"):
         assert isinstance(scores[key], (int, float)), key
-    for name in summary.CI_METRICS:
+    for name in CI_METRICS:
         assert scores["ci95"][name]["low"] <= scores[name] <= scores["ci95"][name]["high"]
     json.dumps(scores, allow_nan=False)  # strict JSON: no NaN or infinity
 
@@ -73,15 +92,15 @@ def test_headline_is_the_threshold_and_five_metrics_of_each_split():
     """metrics/evaluation.json, what `dvc exp show` compares: distinct column names (test.roc_auc,
     external.roc_auc), no external key without an external set."""
     scores = scores_for("youden")
-    assert summary.headline(scores, None) == {"threshold": scores["threshold"], "tta_views": 1,
-                                              "test": {key: scores[key] for key in summary.HEADLINE_KEYS}}
-    both = summary.headline(scores, {**scores, "roc_auc": 0.5})
+    assert headline(scores, None) == {"threshold": scores["threshold"], "tta_views": 1,
+                                              "test": {key: scores[key] for key in HEADLINE_KEYS}}
+    both = headline(scores, {**scores, "roc_auc": 0.5})
     assert set(both) == {"threshold", "tta_views", "test", "external"} and both["external"]["roc_auc"] == 0.5
-    assert summary.HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
+    assert HEADLINE_KEYS == ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
 
 
 def test_undefined_metrics_become_null():
-    assert summary.finite_or_none({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {
+    assert finite_or_none({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {
         "a": None, "b": [1.0, None], "c": {"d": 2}}
 
 
@@ -99,30 +118,30 @@ def test_one_class_test_split_is_a_clear_error():
 
 
 def test_mlflow_metrics_are_the_headline_numbers_with_their_intervals():
-    scores = {**scores_for("youden"), "border_share": 0.2, **summary.ood_summary(np.array([1.0, 5.0, 2.0, 9.0]), 4.0)}
-    flat = summary.mlflow_metrics(scores, prefix="external")
+    scores = {**scores_for("youden"), "border_share": 0.2, **ood_summary(np.array([1.0, 5.0, 2.0, 9.0]), 4.0)}
+    flat = mlflow_metrics(scores, prefix="external")
     assert flat["external_ood_flagged_share"] == 0.5
     assert flat["external_roc_auc"] == scores["roc_auc"] and flat["external_border_share"] == 0.2
     assert {"external_threshold", "external_sensitivity", "external_specificity", "external_ci95_roc_auc_low",
             "external_ci95_roc_auc_high", "external_ci95_accuracy_high"} <= flat.keys()
     # one clean name each: no counts, no metrics at 0.5 or on validation (they stay in metrics/*.json)
     assert not [key for key in flat if "at_0.5" in key or "validation" in key or key.endswith(("_tp", "_n"))]
-    assert len(flat) == len(summary.MLFLOW_KEYS) + 2 * len(summary.CI_METRICS)
+    assert len(flat) == len(MLFLOW_KEYS) + 2 * len(CI_METRICS)
     assert all(isinstance(value, float) for value in flat.values())
 
 
 def test_plot_tables_are_finite_and_complete():
-    curves = summary.curves(TEST)
-    header, rows = summary.header_and_rows(curves["roc"])
+    tables = curves(TEST)
+    header, rows = header_and_rows(tables["roc"])
     assert header == ["fpr", "tpr", "threshold"]
     assert all(math.isfinite(value) for row in rows for value in row)
     assert rows[0][:2] == [0.0, 0.0] and rows[0][2] == 1.0  # "nobody positive" end, threshold clipped
     assert rows[-1][:2] == [1.0, 1.0]
-    assert summary.header_and_rows(curves["precision_recall"])[0] == ["recall", "precision", "threshold"]
-    calibration = curves["calibration"]
+    assert header_and_rows(tables["precision_recall"])[0] == ["recall", "precision", "threshold"]
+    calibration = tables["calibration"]
     assert sum(calibration["count"]) == 8
 
-    predictions = summary.predictions_table(TEST, 0.6)
+    predictions = predictions_table(TEST, 0.6)
     assert predictions["actual"] == ["NORMAL"] * 4 + ["PNEUMONIA"] * 4
     assert predictions["predicted"][3] == "PNEUMONIA" and predictions["predicted"][4] == "NORMAL"
     assert predictions["predicted_at_0_5"][4] == "PNEUMONIA"
@@ -132,9 +151,9 @@ def test_cases_shown_cover_each_outcome_most_confident_errors_first():
     labels = np.array([1] * 6 + [0] * 6)
     probs = np.array([0.9, 0.8, 0.7, 0.4, 0.1, 0.3] + [0.2, 0.1, 0.3, 0.6, 0.95, 0.7])
     predictions = Predictions([f"f{i}" for i in range(12)], labels, probs)
-    cases = gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=0)
-    by_outcome = {name: [case for case in cases if case.outcome == name] for name, _, _ in gallery.OUTCOMES}
-    assert [case.outcome for case in cases] == [name for name, _, _ in gallery.OUTCOMES for _ in range(2)]
+    cases = pick_cases(predictions, 0.5, per_outcome=2, seed=0)
+    by_outcome = {name: [case for case in cases if case.outcome == name] for name, _, _ in OUTCOMES}
+    assert [case.outcome for case in cases] == [name for name, _, _ in OUTCOMES for _ in range(2)]
     assert [case.probability for case in by_outcome["false negative"]] == [0.1, 0.3]  # most confidently wrong
     assert [case.probability for case in by_outcome["false positive"]] == [0.95, 0.7]
     assert {case.index for case in by_outcome["true positive"]} <= {0, 1, 2}
@@ -142,9 +161,9 @@ def test_cases_shown_cover_each_outcome_most_confident_errors_first():
     for case in cases:
         assert case.file_name == f"f{case.index}" and case.label == labels[case.index]
         assert case.predicted == int(probs[case.index] >= 0.5)
-    assert gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=0) == cases  # reproducible
+    assert pick_cases(predictions, 0.5, per_outcome=2, seed=0) == cases  # reproducible
     # Fewer cases than asked: all of them.
-    assert len(gallery.pick_cases(predictions, 0.5, per_outcome=10, seed=0)) == 12
+    assert len(pick_cases(predictions, 0.5, per_outcome=10, seed=0)) == 12
 
 
 def test_images_read_back_in_case_order(synthetic_data):
@@ -153,8 +172,8 @@ def test_images_read_back_in_case_order(synthetic_data):
     tfrecords = synthetic_data / "data" / "tfrecords"
     labels, names = dataset.labels_and_names(tfrecords, "test")
     predictions = Predictions(names, np.array(labels), np.linspace(0.01, 0.99, len(names)))
-    cases = gallery.pick_cases(predictions, 0.5, per_outcome=2, seed=1)
-    images = gallery.load_images(tfrecords, "test", cases)
+    cases = pick_cases(predictions, 0.5, per_outcome=2, seed=1)
+    images = load_images(tfrecords, "test", cases)
     assert images.shape == (len(cases), 48, 48, 3) and images.dtype == np.uint8
     everything = list(dataset.records(tfrecords, "test").as_numpy_iterator())
     for case, image in zip(cases, images):

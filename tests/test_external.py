@@ -215,7 +215,7 @@ def test_rsna_and_labels_csv_layouts_score_as_the_same_images_in_class_folders(t
     from dicoms import SECRETS
     from pneumonia.config import EvaluateConfig, ModelConfig
     from pneumonia.evaluation.predictions import predict_split
-    from pneumonia.evaluation.summary import external_scores
+    from pneumonia.evaluation.scores import external_scores
     from pneumonia.models.build import build_model
 
     caplog.set_level(logging.DEBUG)
@@ -227,8 +227,8 @@ def test_rsna_and_labels_csv_layouts_score_as_the_same_images_in_class_folders(t
         assert audit["images"] == {"NORMAL": 2, "PNEUMONIA": 2} and audit["patients"] == 4
         written[layout] = {name: (target / name).read_bytes()
                            for name in ("manifest.csv", f"{SPLIT}-00000-of-00001.tfrecord")}
-        config = EvaluateConfig(external=str(source), bootstrap_samples=100)
-        scores[layout] = external_scores(predict_split(model, target, SPLIT, 4), 0.5, config, audit)
+        scores[layout] = external_scores(predict_split(model, target, SPLIT, 4), 0.5, 0.5, str(source), audit,
+                                         bootstrap_samples=100, seed=EvaluateConfig().seed)
         assert scores[layout].pop("source") == str(source)
         everything = b"".join(path.read_bytes() for path in target.rglob("*") if path.is_file())
         assert not [secret for secret in SECRETS if secret.encode() in everything + json.dumps(scores).encode()]

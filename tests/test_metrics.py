@@ -1,4 +1,4 @@
-"""Tests for pneumonia.evaluation.metrics: hand-counted values, scikit-learn agreement,
+"""Tests for pneumonia.evaluation.metrics and .threshold: hand-counted values, scikit-learn agreement,
 threshold rules with known answers, bootstrap behaviour and degenerate inputs."""
 
 import math
@@ -24,12 +24,12 @@ from pneumonia.evaluation import metrics as M
 from pneumonia.evaluation.metrics import (
     bootstrap_ci,
     calibration_points,
-    choose_threshold,
     classification_metrics,
     confusion,
     pr_points,
     roc_points,
 )
+from pneumonia.evaluation.threshold import choose_threshold
 from pneumonia.threshold_rule import parse_threshold_rule
 
 # Ten cases small enough to count by hand (no probability sits on a 0.1 bin edge).

@@ -12,11 +12,19 @@ from PIL import Image
 
 from browser import assert_not_blank, open_in_chromium
 from pneumonia.config import Params
-from pneumonia.evaluation import gallery, summary
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.predictions import Predictions
 from pneumonia.evaluation.report import render
-from pneumonia.evaluation.scoring import ScoredSplit
+from pneumonia.evaluation.scores import (
+    AT_DEFAULT,
+    CI_METRICS,
+    ScoredSplit,
+    curves,
+    evaluation_scores,
+    external_scores,
+    pick_cases,
+)
+from pneumonia.evaluation.threshold import threshold_on_validation
 
 SPLIT_FIGURES = {"confusion_matrix.png", "roc.png", "precision_recall.png", "calibration.png", "gradcam.png"}
 FIGURE_FILES = {"training_curves.png", "test_images.png", "external_images.png", *SPLIT_FIGURES,
@@ -42,14 +50,17 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     params = Params()
     val, test, external = predictions(120, seed=1), predictions(300, seed=2), predictions(90, seed=3)
-    scores = {**summary.evaluation_scores(val, test, params.evaluate), **BORDER}
-    external_scores = {**summary.external_scores(external, scores["threshold"], params.evaluate, {"patients": 70}),
-                       **BORDER, "border_share": 0.47}
+    config = params.evaluate
+    threshold = threshold_on_validation(val, config.threshold)
+    scores = {**evaluation_scores(val, test, threshold, config.threshold, config.bootstrap_samples, config.seed),
+              **BORDER}
+    other_site = {**external_scores(external, threshold, config.threshold, config.external, {"patients": 70},
+                                    config.bootstrap_samples, config.seed), **BORDER, "border_share": 0.47}
     rng = np.random.default_rng(0)
 
     def scored(name, split_scores, split_predictions):
-        cases = gallery.pick_cases(split_predictions, scores["threshold"], params.evaluate.images_per_outcome, seed=0)
-        return ScoredSplit(name, split_scores, split_predictions, summary.curves(split_predictions), cases,
+        cases = pick_cases(split_predictions, scores["threshold"], params.evaluate.images_per_outcome, seed=0)
+        return ScoredSplit(name, split_scores, split_predictions, curves(split_predictions), cases,
                            rng.integers(0, 255, (len(cases), 48, 48, 3), dtype=np.uint8),
                            rng.random((len(cases), 48, 48)))
 
@@ -57,9 +68,9 @@ def report(tmp_path_factory):
     history_csv.write_text("epoch,loss,val_loss,accuracy,val_accuracy,auc,val_auc\n"
                            "1,0.6,0.55,0.7,0.72,0.8,0.82\n2,0.4,0.45,0.8,0.79,0.9,0.88\n3,0.3,0.42,0.86,0.8,0.94,0.9\n")
     figures = draw_figures(root / "figures", read_history(history_csv),
-                           [scored("test", scores, test), scored("external", external_scores, external)], "conv2d_7")
+                           [scored("test", scores, test), scored("external", other_site, external)], "conv2d_7")
     page = root / "evaluation.html"
-    page.write_text(render(scores=scores, external=external_scores, figures=figures, params=params.model_dump(),
+    page.write_text(render(scores=scores, external=other_site, figures=figures, params=params.model_dump(),
                            data=DATA, training=TRAINING, model_summary=MODEL_SUMMARY))
     return page, scores
 
@@ -98,10 +109,10 @@ def test_report_shows_metrics_intervals_data_params_and_model(report):
     html = page.read_text()
     text = re.sub(r"<[^>]+>", " ", html)
     assert f"p(pneumonia) &ge; {scores['threshold']:.3f}" in html
-    for key in summary.CI_METRICS:
+    for key in CI_METRICS:
         interval = scores["ci95"][key]
         assert f"{interval['low']:.3f} &ndash; {interval['high']:.3f}" in html, key
-    assert f"{scores['sensitivity']:.3f}" in text and f"{scores[summary.AT_DEFAULT]['specificity']:.3f}" in text
+    assert f"{scores['sensitivity']:.3f}" in text and f"{scores[AT_DEFAULT]['specificity']:.3f}" in text
     for phrase in ("Sensitivity", "Specificity", "ROC AUC", "Expected calibration error", "Brier",
                    "threshold: sensitivity@0.93", "bootstrap_samples: 1000", "2700", "best_val_auc", "Grad-CAM"):
         assert phrase in text, phrase

@@ -355,8 +355,7 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     from pneumonia.classifier import Classifier, load_classifier
     from pneumonia.errors import PipelineError
     from pneumonia.evaluation.calibration import Calibration
-    from pneumonia.evaluation.gallery import images_at
-    from pneumonia.evaluation.predictions import predict_split
+    from pneumonia.evaluation.predictions import images_at, predict_split
     from pneumonia.models.augmentation import with_test_time_augmentation
     from pneumonia.models.build import ensemble_of, members_of
 
@@ -409,8 +408,7 @@ def test_a_self_trained_model_gives_evaluate_predict_and_the_served_model_its_ow
 
     from pneumonia import adaptation
     from pneumonia.classifier import Classifier, load_classifier
-    from pneumonia.evaluation.gallery import images_at
-    from pneumonia.evaluation.predictions import pneumonia_probability, predict_split
+    from pneumonia.evaluation.predictions import images_at, pneumonia_probability, predict_split
     from pneumonia.models.build import load_model
     from test_adaptation import site_model
 

@@ -15,6 +15,7 @@ validation split the model nearly separates (validation ROC AUC ~0.998) would ot
 without bound, i.e. the probabilities to 0 and 1.
 
 Pure NumPy and SciPy: no TensorFlow, so predict and serving apply it without the evaluation's imports.
+`calibration_on_validation` is the evaluate stage's fit, with its error in terms of params.yaml.
 """
 
 import math
@@ -24,6 +25,9 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logit
+
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation.predictions import Predictions
 
 Method = Literal["none", "temperature", "platt"]
 METHODS: tuple[Method, ...] = ("none", "temperature", "platt")
@@ -100,3 +104,14 @@ def fit_calibration(method: Method, labels, probabilities) -> "Calibration":
     start = np.zeros(2 if method == "platt" else 1)
     found = minimize(negative_log_likelihood, start, method="L-BFGS-B")
     return Calibration(method, scale=float(np.exp(found.x[0])), shift=float(found.x[1]) if method == "platt" else 0.0)
+
+
+def calibration_on_validation(val: Predictions, method: Method) -> Calibration:
+    """The calibration of `method` (evaluate.calibration) fitted on the validation predictions."""
+    try:
+        return fit_calibration(method, val.labels, val.probabilities)
+    except ValueError as exc:
+        raise PipelineError(
+            f"params.yaml: evaluate.calibration = {method!r} cannot be fitted on the validation split "
+            f"({exc}). Use `-S evaluate.calibration=none` or a validation split with both classes (data.val_fraction)."
+        ) from None

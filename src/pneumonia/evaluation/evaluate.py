@@ -3,6 +3,10 @@ the out-of-distribution reference fitted on the training split (its flag's thres
 test split (read here and nowhere else) and the external set, if the external stage holds one, scored at
 them, with what the figures, the report and MLflow show of them, and the model's settings. The stage
 writes the settings beside the model, metrics/, plots/, the report and the model card, and logs to MLflow.
+
+The one entry of the package that takes params (EvaluateConfig); what it calls takes the values it needs.
+Where to look: threshold.py (the operating point), metrics.py (every metric and its interval), scores.py
+(a split's scores, tables and cases shown), figures.py, report.py (the HTML page), model_card.py.
 """
 
 import json
@@ -19,13 +23,14 @@ from pneumonia import CLASS_NAMES, EXTERNAL_SPLIT, ood
 from pneumonia.config import EvaluateConfig, Params
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
-from pneumonia.evaluation import model_card, summary
-from pneumonia.evaluation.calibration import Calibration, fit_calibration
+from pneumonia.evaluation import model_card, scores
+from pneumonia.evaluation.calibration import Calibration, calibration_on_validation
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
 from pneumonia.evaluation.predictions import Predictions, predict_split
 from pneumonia.evaluation.report import render
-from pneumonia.evaluation.scoring import ScoredSplit, score_split
+from pneumonia.evaluation.scores import ScoredSplit, score_split
+from pneumonia.evaluation.threshold import threshold_on_validation
 from pneumonia.model_settings import CalibrationSettings, ModelSettings, OodSettings, TrainingData
 from pneumonia.models.augmentation import with_test_time_augmentation
 
@@ -51,8 +56,8 @@ class Evaluation:
 
     @property
     def headline(self) -> dict[str, Any]:
-        """metrics/evaluation.json: the threshold and the headline metrics of each split (summary.headline)."""
-        return summary.headline(self.test.scores, self.external.scores if self.external else None)
+        """metrics/evaluation.json: the threshold and the headline metrics of each split (scores.headline)."""
+        return scores.headline(self.test.scores, self.external.scores if self.external else None)
 
     def settings(self, params: Params, model_sha256: str, training_data: TrainingData,
                  git_commit: str | None) -> ModelSettings:
@@ -72,7 +77,7 @@ class Evaluation:
 
     def mlflow_metrics(self) -> dict[str, dict[str, float]]:
         """{split name: its headline metrics for MLflow} of each scored split."""
-        return {split.name: summary.mlflow_metrics(split.scores, prefix=split.name) for split in self.scored}
+        return {split.name: scores.mlflow_metrics(split.scores, prefix=split.name) for split in self.scored}
 
     def card(self, settings: ModelSettings, split_counts: Path) -> model_card.Sections:
         return model_card.sections(settings, self.test.scores, self.external.scores if self.external else None,
@@ -128,11 +133,11 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
                         val_inputs, config.ood_flagged)
 
     def scored_ood(predictions: Predictions, records: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
-        scores = reference.scores(*ood.split_inputs(features_model, records, split, batch_size))
-        return replace(predictions, ood_scores=scores), summary.ood_summary(scores, reference.threshold)
+        ood_scores = reference.scores(*ood.split_inputs(features_model, records, split, batch_size))
+        return replace(predictions, ood_scores=ood_scores), scores.ood_summary(ood_scores, reference.threshold)
 
     val = predict_split(predictor, tfrecords, "val", batch_size)
-    calibration = calibration_on_validation(val, config)
+    calibration = calibration_on_validation(val, config.calibration)
 
     def predicted(on: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
         found = predict_split(predictor, on, split, batch_size)
@@ -140,26 +145,21 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
 
     val = replace(val, probabilities=calibration.apply(val.probabilities))
     test_predictions, test_ood = predicted(tfrecords, "test")
+    threshold = threshold_on_validation(val, config.threshold)
+    test_scores = scores.evaluation_scores(val, test_predictions, threshold, config.threshold,
+                                           config.bootstrap_samples, config.seed)
     test = score_split(model, tfrecords, "test", test_predictions,
-                       {**summary.evaluation_scores(val, test_predictions, config), "tta_views": config.tta_views,
-                        "calibration": calibration.as_dict(), **test_ood}, config)
+                       {**test_scores, "tta_views": config.tta_views, "calibration": calibration.as_dict(), **test_ood},
+                       config.seed, config.images_per_outcome)
     scored_external = None
     meta = read_meta(external)
     if EXTERNAL_SPLIT in meta["splits"]:  # the external stage wrote one: evaluate.external is set
         external_predictions, external_ood = predicted(external, EXTERNAL_SPLIT)
-        scores = {**summary.external_scores(external_predictions, test.scores["threshold"], config, meta["audit"]),
-                  **external_ood}
-        scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions, scores, config)
+        external_scores = scores.external_scores(external_predictions, threshold, config.threshold, config.external,
+                                                 meta["audit"], config.bootstrap_samples, config.seed)
+        scored_external = score_split(model, external, EXTERNAL_SPLIT, external_predictions,
+                                      {**external_scores, **external_ood}, config.seed, config.images_per_outcome)
     validation_flagged = float(np.mean(reference.scores(*val_inputs) > reference.threshold))
     return Evaluation(test, calibration, scored_external, explained_layer(model), model_summary(model), reference,
                       validation_flagged)
 
-
-def calibration_on_validation(val: Predictions, config: EvaluateConfig) -> Calibration:
-    try:
-        return fit_calibration(config.calibration, val.labels, val.probabilities)
-    except ValueError as exc:
-        raise PipelineError(
-            f"params.yaml: evaluate.calibration = {config.calibration!r} cannot be fitted on the validation split "
-            f"({exc}). Use `-S evaluate.calibration=none` or a validation split with both classes (data.val_fraction)."
-        ) from None

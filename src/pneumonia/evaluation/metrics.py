@@ -1,4 +1,7 @@
-"""Metrics for a binary pneumonia classifier, computed from labels and probabilities.
+"""Where each metric is computed: sensitivity, specificity, ROC AUC, ECE and the rest at one threshold,
+their bootstrap confidence intervals, and the points of the ROC, precision-recall and calibration
+curves, from labels and probabilities only (no files, no params; the threshold is chosen in
+threshold.py, a split's scores assembled in scores.py).
 
 Conventions used throughout:
 
@@ -34,12 +37,10 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pneumonia.threshold_rule import SENSITIVITY_PREFIX, parse_threshold_rule
-
 # --------------------------------------------------------------------------- inputs
 
 
-def _check_inputs(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels as int 0/1, probabilities as float), or raise ValueError."""
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob, dtype=float)
@@ -61,67 +62,9 @@ def _both_classes(y_true: np.ndarray) -> bool:
     return 0 < y_true.sum() < len(y_true)
 
 
-def _require_both_classes(y_true: np.ndarray, what: str) -> None:
+def require_both_classes(y_true: np.ndarray, what: str) -> None:
     if not _both_classes(y_true):
         raise ValueError(f"{what} needs both NORMAL (0) and PNEUMONIA (1) cases in y_true")
-
-
-# ----------------------------------------------------------------------- thresholds
-
-
-def choose_threshold(y_true, y_prob, rule) -> float:
-    """Turn a threshold rule into a probability threshold (predict positive if prob >= it).
-
-    * number in (0, 1): returned as is.
-    * "youden": the ROC point maximising sensitivity + specificity - 1; among ties the
-      one with the fewest false alarms, so the result is deterministic.
-    * "sensitivity@X": the ROC point with the best specificity whose sensitivity is >= X.
-
-    A ROC point is reached by any threshold between the lowest score it calls positive
-    and the next lower score (see `_midway_below`): the threshold returned is halfway
-    between them, so applying it to the same data reproduces the chosen point exactly.
-    """
-    rule = parse_threshold_rule(rule)
-    if isinstance(rule, float):
-        return rule
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    _require_both_classes(y_true, f"threshold rule {rule!r}")
-
-    # Keep every distinct score as a candidate, highest first; drop sklearn's leading
-    # +inf ("predict nobody positive"), which is not a usable threshold.
-    fpr, tpr, thresholds = roc_curve(y_true, y_prob, drop_intermediate=False)
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-
-    if rule == "youden":
-        # Compare J on integer counts (tp*N - fp*P) so float rounding cannot break ties.
-        n_pos, n_neg = y_true.sum(), len(y_true) - y_true.sum()
-        tp, fp = np.rint(tpr * n_pos), np.rint(fpr * n_neg)
-        best = int(np.argmax(tp * n_neg - fp * n_pos))  # argmax: first = highest threshold
-        return _midway_below(thresholds, best)
-
-    target = float(rule[len(SENSITIVITY_PREFIX):])
-    # tpr only grows as the threshold falls, so the first hit is the highest threshold.
-    # The tolerance keeps e.g. 7/10 >= 0.7 true despite binary floating point.
-    meets = tpr >= target - 1e-12
-    return _midway_below(thresholds, int(np.argmax(meets)))  # tpr ends at 1, so a hit exists
-
-
-def _midway_below(thresholds: np.ndarray, index: int) -> float:
-    """The threshold halfway, in log-odds, between candidate `index` and the next lower score.
-
-    Every threshold in (next lower score, thresholds[index]] gives the same ROC point on the
-    data it was chosen on. The score itself sits right at the edge of the positives, so new
-    positives scoring a little lower are missed; the middle of the gap keeps an equal margin to
-    both classes. Log-odds, because a confident model's scores crowd near 0 and 1.
-    """
-    high = float(thresholds[index])
-    if index + 1 == len(thresholds):  # the lowest score: every case is called positive
-        return high
-    low = float(thresholds[index + 1])
-    eps = 1e-7  # keeps log-odds finite for scores of exactly 0 or 1
-    logit_low, logit_high = (math.log(p / (1 - p)) for p in np.clip([low, high], eps, 1 - eps))
-    middle = 1 / (1 + math.exp(-(logit_low + logit_high) / 2))
-    return min(max(middle, float(np.nextafter(low, 1.0))), high)  # strictly above low despite clipping
 
 
 # -------------------------------------------------------------------------- metrics
@@ -152,7 +95,7 @@ def _calibration_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int):
 
 def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
     """ECE: mean |mean predicted - fraction positive| over bins, weighted by bin count."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
+    y_true, y_prob = check_inputs(y_true, y_prob)
     sum_prob, n_positive, _ = _calibration_bins(y_true, y_prob, n_bins)
     # count * |sum_prob/count - n_positive/count| == |sum_prob - n_positive|; empty bins add 0.
     return float(np.abs(sum_prob - n_positive).sum() / len(y_true))
@@ -160,7 +103,7 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
 
 def classification_metrics(y_true, y_prob, threshold: float) -> dict[str, float]:
     """All headline metrics at one threshold (see the module docstring for NaN cases)."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
+    y_true, y_prob = check_inputs(y_true, y_prob)
     if not (isinstance(threshold, numbers.Real) and 0 <= threshold <= 1):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     y_pred = (y_prob >= threshold).astype(int)
@@ -294,8 +237,8 @@ def bootstrap_ci(
     the original numbers of positives and negatives and all metrics stay defined.
     The same inputs and seed give the same intervals.
     """
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    _require_both_classes(y_true, "bootstrap_ci")
+    y_true, y_prob = check_inputs(y_true, y_prob)
+    require_both_classes(y_true, "bootstrap_ci")
     unknown = [m for m in metrics if m not in _BOOTSTRAP_METRICS]
     if unknown:
         raise ValueError(f"unknown bootstrap metric(s) {unknown}; choose from {sorted(_BOOTSTRAP_METRICS)}")
@@ -333,8 +276,8 @@ def bootstrap_ci(
 
 def roc_points(y_true, y_prob) -> dict[str, list[float]]:
     """ROC curve: fpr, tpr, threshold. The first row (0, 0) has threshold inf (nobody positive)."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    _require_both_classes(y_true, "roc_points")
+    y_true, y_prob = check_inputs(y_true, y_prob)
+    require_both_classes(y_true, "roc_points")
     fpr, tpr, thresholds = roc_curve(y_true, y_prob)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": thresholds.tolist()}
 
@@ -345,8 +288,8 @@ def pr_points(y_true, y_prob) -> dict[str, list[float]]:
     sklearn's last point (recall 0, precision 1) has no threshold; it gets inf, which
     (as on the ROC curve) means nobody is predicted positive.
     """
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    _require_both_classes(y_true, "pr_points")
+    y_true, y_prob = check_inputs(y_true, y_prob)
+    require_both_classes(y_true, "pr_points")
     precision, recall, thresholds = precision_recall_curve(y_true, y_prob)
     return {
         "recall": recall.tolist(),
@@ -357,7 +300,7 @@ def pr_points(y_true, y_prob) -> dict[str, list[float]]:
 
 def calibration_points(y_true, y_prob, n_bins: int = 10) -> dict[str, list[float]]:
     """Reliability diagram: mean_predicted, fraction_positive, count for each non-empty bin."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
+    y_true, y_prob = check_inputs(y_true, y_prob)
     sum_prob, n_positive, count = _calibration_bins(y_true, y_prob, n_bins)
     full = count > 0  # empty bins have no mean; sklearn's calibration_curve drops them too
     return {

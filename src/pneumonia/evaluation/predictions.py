@@ -1,6 +1,7 @@
-"""Model predictions on a TFRecords split, in file order.
+"""A TFRecords split read back: the model's predictions on it, in file order, and its images at given
+positions (for the cases shown and the border audit).
 
-TensorFlow is imported only to predict, so the metrics code can use `Predictions` without it.
+TensorFlow is imported only to read and predict, so the metrics code can use `Predictions` without it.
 """
 
 from __future__ import annotations
@@ -46,3 +47,21 @@ def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: i
         outputs = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0,
                                 callbacks=[Progress()])
     return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))
+
+
+def images_at(tfrecords: Path, split: str, indices: list[int], names: list[str] | None = None) -> np.ndarray:
+    """The split's images at positions `indices` (file order) as uint8 (n, height, width, 3), in the
+    order given; `names`, when given, are checked against the records' file names."""
+    from pneumonia.data import dataset
+
+    wanted = dict(zip(indices, names or [None] * len(indices)))
+    found = {}
+    for index, example in enumerate(dataset.records(tfrecords, split).as_numpy_iterator()):
+        if index in wanted:
+            name = example["file_name"].decode()
+            if wanted[index] is not None and name != wanted[index]:
+                raise RuntimeError(f"{split} record {index} is {name}, predictions say {wanted[index]}")
+            found[index] = example["image"]
+            if len(found) == len(wanted):
+                break
+    return np.stack([found[index] for index in indices]) if indices else np.zeros((0, 1, 1, 3), np.uint8)

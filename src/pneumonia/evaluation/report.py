@@ -14,7 +14,7 @@ import jinja2
 import yaml
 
 from pneumonia import CLASS_NAMES, SPLITS
-from pneumonia.evaluation.summary import AT_DEFAULT
+from pneumonia.evaluation.scores import AT_DEFAULT
 
 # (key in a split's scores, reports/evaluation/test.json, what a reader calls it)
 METRIC_ROWS = (
