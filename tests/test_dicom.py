@@ -27,6 +27,7 @@ from dicoms import (
     j2k_bomb,
     jpeg_bomb,
     png_bytes,
+    rle_bomb,
     sample_xrays,
 )
 from pneumonia import inference
@@ -187,6 +188,9 @@ BOMBS = {  # case: (the file, the refusal)
                                                    r"component\(s\), its header says 100 x 100 greyscale"),
     # one frame by its header, 30 in its offset table: pydicom decoded them all
     "jpeg-30-frames-of-4000": (lambda: jpeg_bomb(4000, rows=4000, frames=30), "BlankImage: the image is blank"),
+    # pydicom's RLE decoder expands a segment whole before comparing it with the header's size
+    "rle-640-mb-in-100": (lambda: rle_bomb(640 * 2**20), r"DicomError: the DICOM file's RLE image decodes to more "
+                                                          r"than 2 times its header's 100 x 100 pixels"),
     "deflated-to-320-mb": (lambda: deflate_bomb(320 * 2**20), "DicomError: the DICOM file's deflated dataset "
                                                               "inflates to more than 77 MiB"),
     "deflated-without-preamble": (lambda: deflate_bomb(320 * 2**20)[132:], "DicomError: the DICOM file's deflated "
