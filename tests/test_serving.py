@@ -206,6 +206,18 @@ def test_json_nested_past_any_request_gets_a_400_and_the_server_keeps_serving(se
     assert invoke(server, request_for(xrays[:1])).status_code == 200
 
 
+@pytest.mark.parametrize(("body", "depth"), [
+    ('{"dataframe_split": {"columns": ["image"], "data": [["abc"]]}}', 4),
+    ('{"dataframe_records": [{"image": "[[[["}]}', 3),
+    ('[["a \\" [[[ \\\\", "]]"]]', 2),  # an escaped quote, then an escaped backslash, inside strings
+    ('[["unterminated [[[[[[', 2),  # the parser stops at the string: what follows is not nesting
+    ("[]" * 1000, 1),
+    ("", 0),
+], ids=["request", "records-brackets-in-a-string", "escapes", "unterminated-string", "flat", "empty"])
+def test_json_depth_counts_brackets_outside_strings(body, depth):
+    assert serving.json_depth(body.encode()) == depth
+
+
 def test_base64_wrapped_at_76_columns_is_accepted(server, xrays):
     wrapped = base64.encodebytes(xrays[0].read_bytes()).decode()  # what GNU `base64` prints: 76 columns
     assert "\n" in wrapped
