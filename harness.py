@@ -78,22 +78,27 @@ def wait_until_answering(process: subprocess.Popen, url: str, what: str, log: Pa
         time.sleep(0.5)
 
 
+MLFLOW_SERVE = ("mlflow", "models", "serve", "--env-manager", "local")
+PNEUMONIA_SERVE = ("pneumonia", "serve")  # the same app, JSON depth checked (pneumonia.serving.serve)
+
+
 @contextmanager
-def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path,
-                        start_seconds: float = 180) -> Iterator[tuple[str, int, float]]:
-    """The real `mlflow models serve` of `model_uri` in this venv on a free loopback port (one worker, its
-    output in `log`): yields its URL, its process group (the CLI and its uvicorn worker) and the seconds it
-    took to answer /ping; stopped on exit. Used by the serving tests and benchmarks/inference.py."""
+def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path, start_seconds: float = 180,
+                        command: tuple[str, ...] = MLFLOW_SERVE) -> Iterator[tuple[str, int, float]]:
+    """The real `mlflow models serve` (or `command`: PNEUMONIA_SERVE) of `model_uri` in this venv on a free
+    loopback port (one worker, its output in `log`): yields its URL, its process group (the CLI and its uvicorn
+    worker) and the seconds it took to answer /ping; stopped on exit. Used by the serving tests and
+    benchmarks/inference.py."""
     url = f"http://127.0.0.1:{free_port()}"
     with log.open("w") as output:
         process = subprocess.Popen(
-            ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1],
-             "--env-manager", "local", "--workers", "1"],
+            [*command, "--model-uri", model_uri, "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+             "--workers", "1"],
             env=tool_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the uvicorn worker goes down with it
         )
     try:
-        seconds = wait_until_answering(process, f"{url}/ping", "mlflow models serve", log, start_seconds)
+        seconds = wait_until_answering(process, f"{url}/ping", " ".join(command[:3]), log, start_seconds)
         yield url, process.pid, seconds
     finally:
         stop_group(process)

@@ -176,6 +176,15 @@ def j2k_bomb(side: int) -> bytes:
     return file_bytes(_encapsulated("1.2.840.10008.1.2.4.90", [bytes(codestream)]))
 
 
+def rle_bomb(decoded: int) -> bytes:
+    """An RLE DICOM of a 100 x 100 header (8-bit: one segment) whose segment's PackBits runs each repeat a
+    byte 128 times (2 bytes each): it decodes to `decoded` bytes, from a file of 1/64 of that."""
+    import struct
+
+    header = struct.pack("<16L", 1, 64, *[0] * 14)  # one segment, at offset 64
+    return file_bytes(_encapsulated("1.2.840.10008.1.2.5", [header + b"\x81\x00" * (decoded // 128)]))
+
+
 def deflate_bomb(inflated: int) -> bytes:
     """A deflated DICOM of a 100 x 100 image whose dataset inflates to `inflated` bytes and more (trailing
     padding, (FFFC,FFFC), of zeros), deflated in a stream: making it costs no more memory than a chunk."""

@@ -27,6 +27,7 @@ from dicoms import (
     j2k_bomb,
     jpeg_bomb,
     png_bytes,
+    rle_bomb,
     sample_xrays,
 )
 from pneumonia import inference
@@ -119,6 +120,8 @@ def bad_dicoms(xray: np.ndarray) -> dict[str, tuple[bytes, str]]:
     frames = dataset(np.concatenate([xray, xray]), 8, NumberOfFrames=2, Rows=xray.shape[0])
     colour = dataset(np.repeat(xray[..., None], 3, axis=2), 8, "RGB", SamplesPerPixel=3, PlanarConfiguration=0)
     whole, _ = dicom_file(xray, "mono1_12bit_rescaled")
+    rle_of_two_segments = pydicom.dcmread(io.BytesIO(dicom_file(xray, "rle")[0]))  # 16 bits: a segment a byte
+    rle_of_two_segments.BitsAllocated = rle_of_two_segments.BitsStored = 8
     return {
         "no-pixel-data": (file_bytes(no_pixels), r"holds no \(integer\) Pixel Data"),
         "multi-frame": (file_bytes(frames), "holds 2 frames: send single-frame images"),
@@ -137,12 +140,15 @@ def bad_dicoms(xray: np.ndarray) -> dict[str, tuple[bytes, str]]:
                                r"modality LUT, VOI LUT or window cannot be applied \(error\): its LUT data"),
         "32-bits-allocated": (file_bytes(wide),
                               "allocates 32 bits a pixel; greyscale radiographs allocate 1, 8, 16"),
+        "rle-segments-not-bits": (file_bytes(rle_of_two_segments),
+                                  r"RLE image has 2 segment\(s\), its header's bits allocated say 1"),
     }
 
 
 @pytest.mark.parametrize("case", ["no-pixel-data", "multi-frame", "colour", "ct", "truncated-pixels",
                                   "truncated-header", "slope-nan", "slope-inf", "slope-0", "window-centre-nan",
-                                  "frames-not-a-number", "short-modality-lut", "32-bits-allocated"])
+                                  "frames-not-a-number", "short-modality-lut", "32-bits-allocated",
+                                  "rle-segments-not-bits"])
 def test_a_bad_dicom_is_refused_with_its_reason_and_no_patient_data(xray, case):
     data, message = bad_dicoms(xray)[case]
     with pytest.raises(dicom.DicomError, match=message) as refused:
@@ -187,6 +193,9 @@ BOMBS = {  # case: (the file, the refusal)
                                                    r"component\(s\), its header says 100 x 100 greyscale"),
     # one frame by its header, 30 in its offset table: pydicom decoded them all
     "jpeg-30-frames-of-4000": (lambda: jpeg_bomb(4000, rows=4000, frames=30), "BlankImage: the image is blank"),
+    # pydicom's RLE decoder expands a segment whole before comparing it with the header's size
+    "rle-640-mb-in-100": (lambda: rle_bomb(640 * 2**20), r"DicomError: the DICOM file's RLE image decodes to more "
+                                                          r"than 2 times its header's 100 x 100 pixels"),
     "deflated-to-320-mb": (lambda: deflate_bomb(320 * 2**20), "DicomError: the DICOM file's deflated dataset "
                                                               "inflates to more than 77 MiB"),
     "deflated-without-preamble": (lambda: deflate_bomb(320 * 2**20)[132:], "DicomError: the DICOM file's deflated "

@@ -1,5 +1,6 @@
-"""The run's MLflow model: logged and registered as `candidate`, served by the real `mlflow models serve`
-on 127.0.0.1, answering real X-rays exactly as `pneumonia predict` does."""
+"""The run's MLflow model: logged and registered as `candidate`, served by `pneumonia serve` (the app of the real
+`mlflow models serve`, JSON depth checked) on 127.0.0.1, answering real X-rays exactly as `pneumonia predict`
+does."""
 
 import base64
 import json
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from bundles import write_settings
 from conftest import mlflow_model_server, tool_env
 from dicoms import FORMS, SECRETS, dataset, dicom_file, file_bytes, png_bytes, sample_xrays
+from harness import PNEUMONIA_SERVE
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training.fit import train
@@ -71,10 +73,10 @@ def server(served) -> str:
 
 @pytest.fixture(scope="module")
 def served(store, tmp_path_factory) -> tuple[str, int, Path]:
-    """`mlflow models serve` of the registered candidate, its process group and its output; stopped at teardown."""
+    """`pneumonia serve` of the registered candidate, its process group and its output; stopped at teardown."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with mlflow_model_server(f"models:/{REGISTERED}@candidate", store["uri"], log, SERVER_START_SECONDS) as (
-            url, group, _):
+    with mlflow_model_server(f"models:/{REGISTERED}@candidate", store["uri"], log, SERVER_START_SECONDS,
+                             PNEUMONIA_SERVE) as (url, group, _):
         yield url, group, log
 
 
@@ -187,6 +189,33 @@ def test_a_malformed_request_gets_a_4xx_with_a_message_and_the_server_keeps_serv
     assert message in answer.json()["message"]
 
     assert invoke(server, request_for(xrays[:1])).status_code == 200
+
+
+def test_json_nested_past_any_request_gets_a_400_and_the_server_keeps_serving(server, xrays):
+    """100,000 levels of arrays, alone or inside a request: a 400 naming the limit (Python's JSON parser, which
+    MLflow's scoring server calls before the model sees the request, recursed into a RecursionError: HTTP 500).
+    Brackets inside a string are no nesting: that request gets the model's own answer."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for body in (deep, '{"dataframe_split": {"columns": ["image"], "data": ' + deep + "}}"):
+        answer = invoke(server, body)
+        assert answer.status_code == 400, answer.text[:300]
+        assert f"nested more than {serving.MAX_JSON_DEPTH} levels deep" in answer.json()["message"]
+    brackets_in_a_string = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["[" * 100_000]]}})
+    assert "is not base64" in invoke(server, brackets_in_a_string).json()["message"]
+
+    assert invoke(server, request_for(xrays[:1])).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "depth"), [
+    ('{"dataframe_split": {"columns": ["image"], "data": [["abc"]]}}', 4),
+    ('{"dataframe_records": [{"image": "[[[["}]}', 3),
+    ('[["a \\" [[[ \\\\", "]]"]]', 2),  # an escaped quote, then an escaped backslash, inside strings
+    ('[["unterminated [[[[[[', 2),  # the parser stops at the string: what follows is not nesting
+    ("[]" * 1000, 1),
+    ("", 0),
+], ids=["request", "records-brackets-in-a-string", "escapes", "unterminated-string", "flat", "empty"])
+def test_json_depth_counts_brackets_outside_strings(body, depth):
+    assert serving.json_depth(body.encode()) == depth
 
 
 def test_base64_wrapped_at_76_columns_is_accepted(server, xrays):

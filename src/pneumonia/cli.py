@@ -107,6 +107,12 @@ def promote(args: argparse.Namespace) -> None:
     print(f"{args.name}@{args.target} -> version {version}")
 
 
+def serve_model(args: argparse.Namespace) -> None:
+    from pneumonia.serving import serve
+
+    serve(args.model_uri, args.host, args.port, args.workers)
+
+
 def build_sample(args: argparse.Namespace) -> None:
     from pneumonia.data.sample import build_sample as build
 
@@ -315,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     promoted.add_argument("--to", dest="target", default="champion", help="alias to move to it")
     promoted.add_argument("--version", help="promote this version number instead of the --from alias")
     promoted.set_defaults(handler=promote)
+
+    served = commands.add_parser(
+        "serve", help="serve a logged model over HTTP: `mlflow models serve`'s app, refusing over-nested JSON",
+        description="Serve a logged model as `mlflow models serve --env-manager local` does (MLflow's scoring "
+                    "server: POST /invocations, GET /ping; the same requests and answers, docs/serving.md), with a "
+                    "JSON body nested deeper than any request refused with HTTP 400 (MLflow's server answers it "
+                    "500). Store: MLFLOW_TRACKING_URI, else mlflow.db at the repository root.")
+    served.add_argument("-m", "--model-uri", required=True,
+                        help="runs:/<run id>/model, models:/<name>@<alias>, or a logged model's folder")
+    served.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    served.add_argument("-p", "--port", type=int, default=5000, help="default 5000")
+    served.add_argument("-w", "--workers", type=int, default=1, help="server processes (default 1)")
+    served.set_defaults(handler=serve_model, tensorflow=True)
 
     from pneumonia.data.sample import DEFAULT_FRACTIONS, DEFAULT_SEED
 

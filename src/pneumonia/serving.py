@@ -3,24 +3,33 @@ out-of-distribution score and flag, and the reasons an image is outside the inte
 
 The evaluate stage logs it: it carries the model bundle (the Keras model, its settings and its
 out-of-distribution reference: pneumonia.model_settings), the model card and this package's code, and
-preprocesses like training (pneumonia.classifier). `mlflow models serve -m <uri>` serves it; a request is a
-DataFrame with a column "image" of base64 strings, e.g.
+preprocesses like training (pneumonia.classifier). `pneumonia serve -m <uri>` (serve, below) or
+`mlflow models serve -m <uri>` serves it; a request is a DataFrame with a column "image" of base64 strings, e.g.
 
     {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
 
 and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA", "ood_score": 2.1,
 "out_of_distribution": false, "flags": ""}, ...]}.
+
+`pneumonia serve` serves the app `mlflow models serve` serves (MLflow's scoring server: the same routes,
+requests and answers) behind a check MLflow's lacks: a JSON body nested deeper than any request gets HTTP 400,
+not the 500 of a RecursionError (MLflow's server parses the body with Python's json module, which recurses a
+level a call, before the model sees the request).
 """
 
+import asyncio
 import base64
 import binascii
 import dataclasses
 import io
 import logging
 import os
+import re
 import threading
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -41,6 +50,7 @@ from pneumonia.logs import redact
 from pneumonia.model_settings import ood_file, read_settings_file, settings_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_NAME = "model"  # the run's model: runs:/<run id>/model
 IMAGE_COLUMN = "image"
@@ -207,20 +217,114 @@ def promote(name: str, source: str = CANDIDATE, target: str = CHAMPION, version:
     return chosen.version
 
 
-def logged_classifier(model_uri: str, input_checks_policy: str | None = None) -> Classifier:
-    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path;
-    `input_checks_policy` overrides its input checks."""
+def fetch_logged_model(model_uri: str, fetch: Callable[[str], T], nothing_done: str) -> T:
+    """fetch(model_uri) of a logged model (runs:/<run id>/model, models:/<name>@<alias>, a path) from the
+    tracking store, checked reachable first (else a message ending with `nothing_done`); MLflow's failure a
+    message."""
     if model_uri.startswith(("runs:", "models:")):  # found through the tracking store
-        tracking.check_reachable(tracking.tracking_uri(), "Nothing was predicted.")
+        tracking.check_reachable(tracking.tracking_uri(), nothing_done)
     tracking.use_tracking_uri(tracking.tracking_uri())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact: noise for a model
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        return fetch(model_uri)
     except (MlflowException, OSError) as exc:
         raise PipelineError(
             f"cannot load the MLflow model {model_uri!r} from {tracking.shown_uri()}: {redact(str(exc))}") from None
+
+
+def logged_classifier(model_uri: str, input_checks_policy: str | None = None) -> Classifier:
+    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path;
+    `input_checks_policy` overrides its input checks."""
+    model = fetch_logged_model(model_uri, mlflow.pyfunc.load_model, "Nothing was predicted.")
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, PneumoniaModel):
         raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")
     classifier = python_model.classifier
     return dataclasses.replace(classifier, input_checks=input_checks_policy) if input_checks_policy else classifier
+
+
+# A request nests 4 levels ({"dataframe_split": {"data": [["..."]]}}); Python's json parser fails near 1000.
+MAX_JSON_DEPTH = 32
+SERVED_MODEL = "PNEUMONIA_SERVED_MODEL"  # the local copy of the model, for the server's worker processes
+# A JSON string, or an unterminated one up to the end: it always matches where a string starts, so a body of
+# quotes costs one pass. Escaped characters (\" among them) stay inside.
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+OPENING = np.frombuffer(b"[{", np.uint8)
+BRACKETS_A_STEP = 2**20  # counted at once: 8 MB of levels
+
+
+def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep `body`'s arrays and objects nest (brackets inside strings do not count), without parsing it;
+    counting stops past `limit` (then the depth found so far)."""
+    brackets = np.frombuffer(JSON_STRING.sub(b"", body).translate(None, NOT_BRACKETS), np.uint8)
+    deepest = depth = 0
+    for start in range(0, len(brackets), BRACKETS_A_STEP):
+        levels = depth + np.cumsum(np.where(np.isin(brackets[start:start + BRACKETS_A_STEP], OPENING), 1, -1))
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        if deepest > limit:
+            break
+    return deepest
+
+
+class JsonDepthLimit:
+    """ASGI middleware: a JSON request body nested more than MAX_JSON_DEPTH levels gets HTTP 400 with MLflow's
+    error body (error_code, message); any other request goes on to `app` as it came."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not dict(scope["headers"]).get(b"content-type", b"").lower().startswith(
+                b"application/json"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:  # MLflow's scoring server reads the body whole too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        del chunks
+        if await asyncio.to_thread(json_depth, body) > MAX_JSON_DEPTH:
+            return await self.refuse(send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(send):
+        refused = MlflowException.invalid_parameter_value(
+            f"the request's JSON is nested more than {MAX_JSON_DEPTH} levels deep; a request is 4 levels deep: "
+            '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}')
+        content = refused.serialize_as_json().encode()
+        await send({"type": "http.response.start", "status": refused.get_http_status_code(),
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+
+def served_app():
+    """The app of each server process: MLflow's scoring server of the model at $PNEUMONIA_SERVED_MODEL
+    (what `mlflow models serve` runs), behind JsonDepthLimit."""
+    from mlflow.pyfunc import scoring_server
+
+    return JsonDepthLimit(scoring_server.init(mlflow.pyfunc.load_model(os.environ[SERVED_MODEL])))
+
+
+def serve(model_uri: str, host: str, port: int, workers: int) -> None:
+    """Serve the logged model `model_uri` (runs:/<run id>/model, models:/<name>@<alias>, a path) on host:port
+    until stopped, in `workers` processes, as `mlflow models serve --env-manager local` does."""
+    import uvicorn
+
+    # once, for every worker
+    os.environ[SERVED_MODEL] = fetch_logged_model(model_uri, mlflow.artifacts.download_artifacts, "Nothing was served.")
+    uvicorn.run(f"{__name__}:served_app", factory=True, host=host, port=port, workers=workers)

@@ -12,8 +12,9 @@ Only pixel attributes are read: no header value (patient, dates, institution) go
 and pydicom's checks of header values, its warnings and its log records, which quote values, are off.
 
 What a file may cost is bounded before anything is decoded (pneumonia.data.limits): a deflated dataset
-is inflated in a capped stream first, and a compressed image's own codestream header (JPEG, JPEG-LS,
-JPEG 2000), which is what the decoder allocates for, must agree with the DICOM header's size.
+is inflated in a capped stream first, a compressed image's own codestream header (JPEG, JPEG-LS,
+JPEG 2000), which is what the decoder allocates for, must agree with the DICOM header's size, and an RLE
+image's segments must decode to no more than that size (counted, not decoded).
 """
 
 import io
@@ -34,7 +35,11 @@ MAGIC_OFFSET, MAGIC = 128, b"DICM"  # a DICOM file: a 128-byte preamble, then "D
 # element of the identifying group (0008), or of the file meta group (0002), little endian.
 BARE_DATASET_GROUPS = (0x0002, 0x0008)
 FILE_META_GROUP = b"\x02\x00"  # (0002,xxxx), little endian as the file meta always is
-BITS_ALLOCATED = (1, 8, 16)  # a greyscale radiograph's; pydicom allocates the decoded image by it
+BITS_ALLOCATED = (1, 8, 16)
+RLE_HEADER_BYTES = 64  # the segment count and 15 offsets (PS3.5 Annex G)
+# pydicom accepts RLE segments padded past Rows x Columns (some encoders pad); at most this many times
+# that is decoded: 72 MB a segment for the largest image accepted.
+RLE_SEGMENT_SLACK = 2  # a greyscale radiograph's; pydicom allocates the decoded image by it
 # pydicom's warnings and log records (an odd NumberOfFrames, extra frames, a failing decoder) quote
 # header values and bytes, and reach stderr past `pneumonia predict`'s table: the checks here say what
 # is wrong instead.
@@ -189,15 +194,24 @@ def _check_codestream(dataset) -> None:
     allocates what the codestream says, whatever the header (a 100 x 100 header held 12000 x 12000)."""
     from pydicom.encaps import get_frame
     from pydicom.pixels.utils import _get_jpg_parameters  # what pydicom's decoders read of a JPEG frame
-    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGExtended12Bit, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+    from pydicom.uid import (
+        JPEG2000TransferSyntaxes,
+        JPEGExtended12Bit,
+        JPEGLSTransferSyntaxes,
+        JPEGTransferSyntaxes,
+        RLELossless,
+    )
 
     syntax = dataset.file_meta.TransferSyntaxUID
-    if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
-        return  # native pixels are as large as the file; RLE decodes into the header's size
+    if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes, RLELossless):
+        return  # native pixels are as large as the file
     try:
         frame = get_frame(dataset.PixelData, 0, number_of_frames=1)
     except Exception:  # noqa: BLE001 - pydicom's encapsulation parser raises many types
         frame = b""
+    if syntax == RLELossless:
+        _check_rle_segments(dataset, frame)
+        return
     if syntax in JPEG2000TransferSyntaxes:
         import openjpeg
 
@@ -222,6 +236,48 @@ def _check_codestream(dataset) -> None:
         raise DicomError(f"the DICOM file's {syntax.name} image is {width} x {height} with {components} component(s), "
                          f"its header says {expected[0]} x {expected[1]} greyscale: the file is inconsistent "
                          "(damaged, or made to exhaust memory); export it again")
+
+
+def _check_rle_segments(dataset, frame: bytes) -> None:
+    """An RLE frame has a segment for each byte of a sample, each decoding to at most Rows x Columns bytes.
+    pydicom's RLE decoder expands a whole segment before comparing its length with the header's size, and
+    PackBits expands 2 bytes to 128: a 100 x 100 header with 8 MB of segment decoded to 512 MB."""
+    if len(frame) < RLE_HEADER_BYTES:
+        raise DicomError("the DICOM file's RLE image has no readable RLE header: the file is damaged or cut "
+                         "short; export it again")
+    bits = _integer(dataset, "BitsAllocated", 0)
+    if bits % 8:
+        return  # pydicom refuses RLE of 1 bit a pixel before decoding anything
+    count, expected = struct.unpack_from("<L", frame)[0], bits // 8  # one sample a pixel (_check); a segment a byte
+    if count != expected:
+        raise DicomError(f"the DICOM file's RLE image has {count} segment(s), its header's bits allocated say "
+                         f"{expected}: the file is inconsistent (damaged?); export it again")
+    # where pydicom's decoder takes each segment from: from its offset to the next one's, the last to the end
+    offsets = [*struct.unpack_from(f"<{count}L", frame, 4), len(frame)]
+    pixels = _integer(dataset, "Rows", 0) * _integer(dataset, "Columns", 0)
+    for start, end in zip(offsets, offsets[1:]):
+        if _packbits_length(memoryview(frame)[start:end], RLE_SEGMENT_SLACK * pixels) > RLE_SEGMENT_SLACK * pixels:
+            raise DicomError(f"the DICOM file's RLE image decodes to more than {RLE_SEGMENT_SLACK} times its header's "
+                             f"{_integer(dataset, 'Columns', 0)} x {_integer(dataset, 'Rows', 0)} pixels: the "
+                             "file is inconsistent (damaged, or made to exhaust memory); export it again")
+
+
+def _packbits_length(segment: memoryview, limit: int) -> int:
+    """The length a PackBits segment decodes to (PS3.5 Annex G), counted up to just past `limit` without
+    decoding it, as pydicom's decoder reads it (a run cut short by the segment's end gives what is there)."""
+    decoded = position = 0
+    end = len(segment)
+    while position < end and decoded <= limit:
+        header = segment[position]
+        if header < 128:  # the next header + 1 bytes, literally
+            decoded += min(header + 1, end - position - 1)
+            position += header + 2
+        elif header > 128:  # the next byte, 257 - header times
+            decoded += (257 - header) if position + 1 < end else 0
+            position += 2
+        else:  # 128: no operation
+            position += 1
+    return decoded
 
 
 def _grey_table(dataset, signed: bool, bits: int) -> tuple[np.ndarray, int]:
