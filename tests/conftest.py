@@ -74,7 +74,8 @@ def pytest_collection_modifyitems(items) -> None:
 
     The tests run on every core (pytest-xdist, `--dist loadgroup` in pyproject.toml); the tests of a
     module that share a module-scoped fixture (a trained project they only read) go to one worker, so
-    it is made once."""
+    it is made once. The longest work goes first (end-to-end, then slow, then the rest; pyproject.toml turns
+    off pytest-xdist's own reordering by group size), so that no long group starts last and runs alone."""
     for item in items:
         function = getattr(item, "function", None)
         if "sample_zip" in getattr(item, "fixturenames", ()) or (
@@ -86,6 +87,7 @@ def pytest_collection_modifyitems(items) -> None:
         if fixtures and any(definition.scope in ("module", "class") for definitions in
                             fixtures.name2fixturedefs.values() for definition in definitions):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2)
 
 
 @pytest.fixture(autouse=True)
