@@ -1,6 +1,6 @@
 """The `evaluate.threshold` rule: parsed here without numeric imports, so params validate fast.
 
-Bottom layer, like pneumonia.config which validates the rule with it; pneumonia.evaluation.metrics applies it.
+Bottom layer, like pneumonia.config which validates the rule with it; pneumonia.evaluation.threshold applies it.
 """
 
 import math
