@@ -52,9 +52,16 @@ def test_manifests_hash_changes_with_content(tmp_path):
     assert tracking.manifests_hash(tmp_path) != first
 
 
+# MLflow's 20 s SQLite busy timeout cut to 0.2 s in a process that writes (the test's lock is held past it)
+SHORT_BUSY_TIMEOUT = """
+from mlflow.store.db import utils
+from sqlalchemy import sql
+utils.sql = type("sql", (), {"text": staticmethod(lambda text: sql.text(text.replace("= 20000", "= 200")))})
+"""
+
 # One queued experiment's training: its run opened as the train stage opens it (on a store that may not
 # exist yet), then per-epoch metrics as tracking.epoch_metrics_callback logs them.
-LOGGER = """
+LOGGER = SHORT_BUSY_TIMEOUT + """
 import sys, time
 from pathlib import Path
 from pneumonia import tracking
@@ -74,8 +81,9 @@ with tracking.training_run(config, {"model.name": "custom_cnn"}, folder) as run:
 def test_four_processes_start_on_a_new_store_and_log_per_epoch_metrics_while_it_is_locked(tmp_path):
     """4 trainings start at once on a project with no MLflow store yet, as a queued sweep does (before,
     MLflow's schema migrations broke when two ran at once); then each logs every epoch while another
-    process holds the store's write lock longer than MLflow's 20 s busy timeout (a long write of another
-    experiment, a backup, `mlflow gc`): before, each failed with "database is locked"."""
+    process holds the store's write lock longer than MLflow's busy timeout (a long write of another
+    experiment, a backup, `mlflow gc`; the timeout, 20 s, is cut to 0.2 s here): before, each failed with
+    "database is locked"."""
     import sqlite3
     import subprocess
     import sys
@@ -94,7 +102,7 @@ def test_four_processes_start_on_a_new_store_and_log_per_epoch_metrics_while_it_
         lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         (tmp_path / "locked").touch()
-        time.sleep(25)
+        time.sleep(3)
         lock.execute("COMMIT")
         lock.close()
         outputs = [p.communicate(timeout=240)[0] for p in loggers]
@@ -155,13 +163,10 @@ def test_commands_fail_fast_on_a_dead_tracking_server(monkeypatch, capsys, comma
 
 # The evaluate stage's MLflow writes (stages/evaluate.py) and `pneumonia promote`, on a run the train stage
 # opened; before each write it waits until the test holds the store's write lock. MLflow's 20 s busy
-# timeout is cut to 0.2 s here, so that a lock held 3 s is one held past it.
-EVALUATE_WRITES = """
+# timeout is cut to 0.2 s here, so that a lock held 1.5 s is one held past it.
+EVALUATE_WRITES = SHORT_BUSY_TIMEOUT + """
 import sys, time
 from pathlib import Path
-from mlflow.store.db import utils
-from sqlalchemy import sql
-utils.sql = type("sql", (), {"text": staticmethod(lambda text: sql.text(text.replace("= 20000", "= 200")))})
 
 import keras, mlflow
 from pneumonia import serving, tracking
@@ -235,7 +240,7 @@ def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
             lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
             lock.execute("BEGIN EXCLUSIVE")
             (tmp_path / f"locked-{step}").touch()
-            time.sleep(3)
+            time.sleep(1.5)
             lock.execute("COMMIT")
             lock.close()
         process.wait(timeout=240)
