@@ -76,6 +76,8 @@ PROFILES = {
     "per_image_oversample": {"train.weight_averaging": "none", "train.class_balance": "oversample"},
     # Issue 36: no epoch before the 15th kept or counted by early stopping
     "min_epochs_15": {"train.min_epochs": 15},
+    # Issue 36: probabilities of the training prior, not of balanced classes (the threshold's place on [0, 1])
+    "no_class_weights": {"train.class_balance": "none"},
 }
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
