@@ -61,8 +61,9 @@ class Scale:
 FULL = Scale()
 SMOKE = replace(
     FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, speed_rounds=1, speed_steps=2,
-    every_speed_variant=False, speed_processes=False, standins=12, standin_size=(360, 300), read_batches=4, folder_passes=1,
-    conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8, memory_copies=(1, 2),
+    every_speed_variant=False, speed_processes=False, standins=12, standin_size=(360, 300), read_batches=4,
+    folder_passes=1, conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8,
+    memory_copies=(1, 2),
     # val_fraction 0.25: with 6 patients a class, 0.15 leaves no validation fold (prepare refuses it)
     # the smallest custom_cnn takes after model.crop, and the evaluate stage's fewest resamples and images shown
     dvc_params=("data.source=synthetic", "data.image_size=40", "data.synthetic.patients_per_class=6",
