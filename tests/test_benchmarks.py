@@ -1,8 +1,9 @@
 """Smoke test of the benchmarks: every one runs at tiny sizes and the report is written.
 
 Checks that they work, not the targets (speed is measured by `python -m benchmarks.run_all`, not
-asserted here). About two minutes, most of it the DVC benchmark's pipeline runs; the inference
-benchmark, which starts a model server, about one more (`-k inference`).
+asserted here). `--smoke` runs them all in one process at their smallest sizes: about two and a half
+minutes on 2 busy cores, most of it the DVC benchmark's pipeline runs; the inference benchmark, which
+starts a model server, about half a minute more (`-k inference`).
 """
 
 import json
