@@ -112,12 +112,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, required=True, help="external_validity's --keep-models folder")
     parser.add_argument("--profile", default="default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from pneumonia.config import load_params
     from pneumonia.data.external import SPLIT

@@ -37,6 +37,7 @@ class Scale:
     speed_rounds: int = 3
     speed_steps: int = 10
     every_speed_variant: bool = True  # False: the previous and the default profile only
+    speed_processes: bool = True  # each variant fitted in a process of its own (its precision policy); False: here
     # full-resolution stand-ins (tfrecords_vs_folders, conversion_scaling)
     standins: int = 400
     standin_size: tuple[int, int] = (1800, 1500)  # width, height: the Kaggle images' typical size
@@ -60,12 +61,14 @@ class Scale:
 FULL = Scale()
 SMOKE = replace(
     FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, speed_rounds=1, speed_steps=2,
-    every_speed_variant=False, standins=12, standin_size=(360, 300), read_batches=4, folder_passes=1,
-    conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8, memory_copies=(1, 2),
+    every_speed_variant=False, speed_processes=False, standins=12, standin_size=(360, 300), read_batches=4,
+    folder_passes=1, conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8,
+    memory_copies=(1, 2),
     # val_fraction 0.25: with 6 patients a class, 0.15 leaves no validation fold (prepare refuses it)
-    dvc_params=("data.source=synthetic", "data.image_size=72", "data.synthetic.patients_per_class=6",
-                "data.synthetic.image_size=72", "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=8",
-                "tfrecords.workers=2"),
+    # the smallest custom_cnn takes after model.crop, and the evaluate stage's fewest resamples and images shown
+    dvc_params=("data.source=synthetic", "data.image_size=40", "data.synthetic.patients_per_class=6",
+                "data.synthetic.image_size=40", "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=8",
+                "tfrecords.workers=1", "evaluate.bootstrap_samples=100", "evaluate.images_per_outcome=1"),
     dvc_experiment=("model.dropout=0.2",),
 )
 

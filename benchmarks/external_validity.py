@@ -79,9 +79,11 @@ PROFILES = {
     # Issue 36: probabilities of the training prior, not of balanced classes (the threshold's place on [0, 1])
     "no_class_weights": {"train.class_balance": "none"},
 }
-SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 64, "data.synthetic.image_size": 64,
+# The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
+SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
                 "data.synthetic.patients_per_class": 40, "data.synthetic.images_per_patient": 1,
-                "train.epochs": 1, "train.batch_size": 8, "evaluate.bootstrap_samples": 100}
+                "tfrecords.workers": 1, "train.epochs": 1, "train.batch_size": 8, "evaluate.bootstrap_samples": 100,
+                "evaluate.images_per_outcome": 1}
 
 
 def settings(overrides: dict) -> list[str]:
@@ -365,7 +367,7 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
             from pneumonia.data import synthetic
 
             synthetic.generate(Path(temporary) / "site", SyntheticConfig(patients_per_class=10, images_per_patient=1,
-                                                                         image_size=64), seed=99)
+                                                                         image_size=40), seed=99)
             overrides = {**SMOKE_PARAMS, "evaluate.external": str(Path(temporary) / "site" / "train")}
             seeds = args.seeds[:1]
         else:

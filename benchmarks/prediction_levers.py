@@ -84,7 +84,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, help="external_validity's --keep-models folder")
     parser.add_argument("--profile", required=True)
@@ -92,7 +92,7 @@ def main() -> None:
                         help="threshold rules (default: params.yaml's evaluate.threshold)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     parser.add_argument("--tables-only", action="store_true", help="no predictions: the .md from the existing .json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tables_only:
         report = json.loads((args.out / f"prediction_levers-{args.profile}.json").read_text())
         write_text(args.out / f"prediction_levers-{args.profile}.md", markdown(report))

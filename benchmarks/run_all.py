@@ -1,7 +1,7 @@
 """Run every benchmark, each in its own process, and write benchmarks/results.json and results.md.
 
     python -m benchmarks.run_all            # full: 10 to 20 minutes on 2 CPU cores, depending on load
-    python -m benchmarks.run_all --smoke    # tiny sizes: checks that every benchmark works
+    python -m benchmarks.run_all --smoke    # tiny sizes, all in one process: checks that every benchmark works
     python -m benchmarks.run_all --copies   # measure nothing: the README's and docs' copies of results.json
                                             # written again against today's params.yaml
 
@@ -97,6 +97,8 @@ def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
 
 
 def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    if args.smoke:
+        return run_in_this_process(name, args.sample, workdir)
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
         command = [sys.executable, "-m", f"benchmarks.{name}", "--workdir", str(workdir), "--sample", str(args.sample),
                    "--json", output.name, *(["--smoke"] if args.smoke else [])]
@@ -106,6 +108,24 @@ def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         if completed.returncode != 0:
             return {"met": False, "error": completed.stderr[-3000:], "measured": "failed (see error)"}
         return {**json.loads(Path(output.name).read_text()), "benchmark_seconds": round(time.perf_counter() - started)}
+
+
+def run_in_this_process(name: str, sample: Path, workdir: Path) -> dict:
+    """--smoke: the benchmark's `run` at smoke sizes in this process, not a process of its own (each of which
+    would import TensorFlow again: seconds that check nothing); a failure is its result, as in a full run."""
+    import importlib
+    import traceback
+
+    from benchmarks.common import SMOKE, quiet_tensorflow
+
+    quiet_tensorflow()
+    print(f"== {name}", flush=True)
+    started = time.perf_counter()
+    try:
+        result = importlib.import_module(f"benchmarks.{name}").run(workdir, SMOKE, sample)
+    except Exception:  # noqa: BLE001 - any failure is the benchmark's, reported like a full run's
+        return {"met": False, "error": traceback.format_exc()[-3000:], "measured": "failed (see error)"}
+    return {**result, "benchmark_seconds": round(time.perf_counter() - started)}
 
 
 def table(results: dict) -> str:

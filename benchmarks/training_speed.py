@@ -5,7 +5,8 @@ Variants, each fitted in a process of its own (a precision policy holds for a wh
 after the other in `speed_rounds` rounds; every figure is the median of its rounds, the ratio the median
 of the per-round ratios. Random images held in memory, so this is the model's compute (the input
 pipeline keeps up: target 1). Every variant trains as the train stage does: params.yaml with its
-overrides, train.deterministic's settings, the first epoch of each fit (tracing) not counted.
+overrides, train.deterministic's settings, the first epoch of each fit (tracing) not counted. `--smoke`
+fits the previous and the default profile only, both float32, in the calling process.
 
   previous default   160 px; zoom, rotation and translation as Keras' three layers (params.yaml before)
   + one transform    160 px; the three as one RandomAffine (pneumonia.models.augmentation)
@@ -157,10 +158,14 @@ def in_process(args: list[str]) -> dict:
 
 def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     names = tuple(VARIANTS) if scale.every_speed_variant else SMOKE_VARIANTS
-    step_args = ["--steps", str(scale.speed_steps), "--epochs", str(scale.train_epochs)]
+    if scale.speed_processes:
+        step_args = ["--steps", str(scale.speed_steps), "--epochs", str(scale.train_epochs)]
+        fitted, peak_of = (lambda name: in_process(["--one", name, *step_args])), (lambda: in_process(["--peak"]))
+    else:  # smoke: SMOKE_VARIANTS, both float32 on a CPU, so one precision policy does for them: this process
+        fitted, peak_of = (lambda name: fit_rate(name, scale.speed_steps, scale.train_epochs)), peak_gflops
     load_before = load_average()
-    rounds = [{name: in_process(["--one", name, *step_args]) for name in names} for _ in range(scale.speed_rounds)]
-    peak = in_process(["--peak"])
+    rounds = [{name: fitted(name) for name in names} for _ in range(scale.speed_rounds)]
+    peak = peak_of()
     load_after = load_average()
 
     variants = {}

@@ -1,8 +1,9 @@
 """Smoke test of the benchmarks: every one runs at tiny sizes and the report is written.
 
 Checks that they work, not the targets (speed is measured by `python -m benchmarks.run_all`, not
-asserted here). About two minutes, most of it the DVC benchmark's pipeline runs; the inference
-benchmark, which starts a model server, about one more (`-k inference`).
+asserted here). `--smoke` runs them all in one process at their smallest sizes: about two and a half
+minutes on 2 busy cores, most of it the DVC benchmark's pipeline runs; the inference benchmark, which
+starts a model server, about half a minute more (`-k inference`).
 """
 
 import json
@@ -85,8 +86,11 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     assert "python -m benchmarks.external_validity --smoke" in table
 
     # The levers that need no training, on the kept model: each rule and number of views a row of its own.
-    run([sys.executable, "-m", "benchmarks.prediction_levers", "--models", str(tmp_path / "kept"), "--profile",
-         "default", "--rules", "youden", "sensitivity@0.9", "--out", str(tmp_path)], REPO)
+    # This one and the calibration below run here, not as processes of their own: a TensorFlow import each saved.
+    from benchmarks import calibration, prediction_levers
+
+    prediction_levers.main(["--models", str(tmp_path / "kept"), "--profile", "default", "--rules", "youden",
+                            "sensitivity@0.9", "--out", str(tmp_path)])
     levers = json.loads((tmp_path / "prediction_levers-default.json").read_text())
     assert [(row["rule"], row["views"]) for row in levers["rows"]] == [
         (rule, views) for rule in ("youden", "sensitivity@0.9") for views in levers["views"]]
@@ -95,8 +99,7 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     assert "| sensitivity@0.9 | 1 | 9 |" in (tmp_path / "prediction_levers-default.md").read_text()
 
     # Calibration on the kept model: each method fitted on validation, scored on the external set.
-    run([sys.executable, "-m", "benchmarks.calibration", "--models", str(tmp_path / "kept"), "--profile", "default",
-         "--out", str(tmp_path)], REPO)
+    calibration.main(["--models", str(tmp_path / "kept"), "--profile", "default", "--out", str(tmp_path)])
     calibration = json.loads((tmp_path / "calibration-default.json").read_text())
     [methods] = calibration["seeds"].values()
     assert list(methods) == ["none", "temperature", "platt"]
@@ -243,7 +246,7 @@ def test_gpu_check_wrapper_says_what_to_do_when_it_cannot_install(tmp_path):
     assert not (tmp_path / "out" / "gpu_check.json").exists()
 
 
-@pytest.mark.slow  # four small self-trainings: 15 s
+@pytest.mark.slow  # two small self-trainings: 10 s
 def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(monkeypatch):
     """benchmarks.external_validity.adaptation_scores (external_validity's runs and benchmarks.site_adaptation):
     every adaptation is fitted on the images of half the patients, never on those it is scored on."""
@@ -279,11 +282,11 @@ def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(m
 
     monkeypatch.setattr(keras.Model, "predict", recording_predict)
 
-    found = adaptation_scores(site_model(), 0.3, labels, images, patients, halvings=2)
+    found = adaptation_scores(site_model(), 0.3, labels, images, patients, halvings=1)
     everything = frozenset(range(80))
     assert events[0] == ("predict", everything)  # the model unadapted, once
-    halves = [events[1 + 6 * index:7 + 6 * index] for index in range(4)]  # 2 halvings, both ways
-    assert len(events) == 1 + 6 * 4
+    halves = [events[1 + 6 * index:7 + 6 * index] for index in range(2)]  # 1 halving, both ways
+    assert len(events) == 1 + 6 * 2
     for (_, fitted), *steps in halves:
         scored = everything - fitted
         # batch norm fitted, scored; self-training fitted (its batch norm too, its pseudo-labels), scored
