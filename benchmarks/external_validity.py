@@ -247,11 +247,13 @@ def markdown(report: dict, summary_only: bool = False) -> str:
     def cell(runs, where, name):  # n/a for a metric runs made before it was recorded lack (ece)
         return spread([run[where].get(name) for run in runs])
 
+    trained_on = ("the larger sample these runs train on (1,025 images; the compact sample's has 409)"
+                  if report.get("sample", SAMPLE_ZIP.name) == SAMPLE_ZIP.name else
+                  f"{report['sample']}, the sample these runs train on")
     lines = [
         "External set: 244 X-rays of Kaggle's official test split (another acquisition than training). "
-        "In-distribution: the test split of the larger sample these runs train on (1,025 images; the compact "
-        "sample's has 409), same acquisition as training. Mean ± sd over seeds, at the threshold the pipeline "
-        "chose on validation.",
+        f"In-distribution: the test split of {trained_on}, same acquisition as training. Mean ± sd over seeds, at "
+        "the threshold the pipeline chose on validation.",
         "",
         "| profile | seeds | external ROC AUC | external accuracy | external sensitivity | external specificity "
         "| external ECE | external border share | in-distribution ROC AUC | in-distribution sensitivity / specificity "
@@ -358,7 +360,9 @@ def measure(report: dict, args: argparse.Namespace) -> dict:
     halvings, adapt_halvings = (4, 1) if args.smoke else (HALVINGS, ADAPT_HALVINGS)
     report = {**report, "params": yaml.safe_load((REPO / "params.yaml").read_text()), "halvings": halvings,
               "adapt_halvings": adapt_halvings, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
-              "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "")}
+              "command": "python -m benchmarks.external_validity" + (" --smoke" if args.smoke else "") + (
+                  f" --sample {args.sample}" if args.sample != SAMPLE_ZIP and not args.smoke else ""),
+              **({"sample": args.sample.name} if not args.smoke else {})}
     with tempfile.TemporaryDirectory(prefix="pneumonia-external-validity-") as temporary:
         project = harness.copy_project(Path(temporary) / "project")
         harness.commit_all(project)
