@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.calibration import BOOTSTRAP
 from benchmarks.common import REPO, load_during, write_report
 from benchmarks.external_validity import patient_halves
 from benchmarks.prediction_levers import kept_seeds, kept_split, view_probabilities
 from benchmarks.run_all import machine
 
 COMPARED = ("roc_auc", "sensitivity", "specificity", "ece")
-BOOTSTRAP = 2000
 
 
 def scores_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
