@@ -89,6 +89,13 @@ def load_during(result: dict) -> Iterator[None]:
     result["load_average"] = {"before": before, "after": load_average()}
 
 
+def measured_on(report: dict) -> str:
+    """A report's last line: how to reproduce it, when and where it was measured, and the load (load_during's)."""
+    machine, load = report["machine"], report["load_average"]
+    return (f"Reproduce: `{report['command']}`. Measured {report['date']} on {machine['cpu']} ({machine['cores']} "
+            f"cores), load average {load['before']:.1f} before, {load['after']:.1f} after.")
+
+
 def timed(function: Callable[[], object]) -> float:
     started = time.perf_counter()
     function()

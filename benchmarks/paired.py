@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.calibration import BOOTSTRAP
-from benchmarks.common import REPO, load_during, write_report
+from benchmarks.common import REPO, load_during, measured_on, write_report
 from benchmarks.external_validity import patient_halves
 from benchmarks.prediction_levers import kept_seeds, kept_split, view_probabilities
 from benchmarks.run_all import machine
@@ -77,9 +77,7 @@ def markdown(report: dict) -> str:
         gains = sum(better * found["difference_ci95"][name][0 if better > 0 else 1] > 0 for found in seeds)
         losses = sum(better * found["difference_ci95"][name][1 if better > 0 else 0] < 0 for found in seeds)
         lines.append(f"| {name} | {statistics.fmean(differences):+.3f} | {gains} / {losses} of {len(differences)} |")
-    lines += ["", f"Reproduce: `{report['command']}`. Measured {report['date']} on {report['machine']['cpu']} "
-              f"({report['machine']['cores']} cores), load average {report['load_average']['before']} before, "
-              f"{report['load_average']['after']} after."]
+    lines += ["", measured_on(report)]
     return "\n".join(lines) + "\n"
 
 

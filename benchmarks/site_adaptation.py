@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.common import REPO, load_during
+from benchmarks.common import REPO, load_during, measured_on
 from benchmarks.external_validity import ADAPT_HALVINGS, adaptation_scores
 from benchmarks.prediction_levers import kept_seeds, kept_split, view_probabilities
 from benchmarks.run_all import machine
@@ -73,9 +73,7 @@ def markdown(report: dict) -> str:
         took = f"{found['self_training_seconds']:.1f}" if found["self_training_seconds"] else "n/a"
         lines.append(f"| {seed} | {found['threshold']:.3f} | " + " | ".join(points)
                      + f" | {found['self_training_refused']} of {2 * report['halvings']} | {took} |")
-    lines += ["", f"Reproduce: `{report['command']}`. Measured {report['date']} on {report['machine']['cpu']} "
-              f"({report['machine']['cores']} cores), load average {report['load_average']['before']:.1f} before, "
-              f"{report['load_average']['after']:.1f} after."]
+    lines += ["", measured_on(report)]
     return "\n".join(lines) + "\n"
 
 
