@@ -149,7 +149,8 @@ def readme_summary(report: dict, params: dict) -> str:
              for name in IN_README if (result := report["results"].get(name))]
     stale = staleness(report, params)
     return "\n".join([*([stale, ""] if stale else []), *lines, "",
-                      f"Measured {report['finished'][:10]} on {report['machine']['cores']} CPU cores "
+                      f"Measured {report['finished'][:10]} on {report['machine']['cores']} cores of an "
+                      f"{report['machine']['cpu']} "
                       f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
 
 
