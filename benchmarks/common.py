@@ -69,7 +69,8 @@ SMOKE = replace(
     dvc_params=("data.source=synthetic", "data.image_size=40", "data.synthetic.patients_per_class=6",
                 "data.synthetic.image_size=40", "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=8",
                 "tfrecords.workers=1", "evaluate.bootstrap_samples=100", "evaluate.images_per_outcome=1"),
-    dvc_experiment=("model.dropout=0.2",),
+    # no experiment: `dvc exp run -S` rerunning train and evaluate only is checked by tests/test_pipeline_e2e.py
+    dvc_experiment=(),
 )
 
 
@@ -261,8 +262,9 @@ def python() -> str:
 
 # --- running one benchmark --------------------------------------------------------------------
 
-def main(run: Callable[[Path, Scale, Path], dict]) -> None:
-    """Command line of every benchmark script: run it, print or write its result as JSON."""
+def main(run: Callable[..., dict], options: dict[str, type] | None = None) -> None:
+    """Command line of every benchmark script: run it, print or write its result as JSON. `options`: the
+    script's own, {name: type}, each `--name VALUE` passed to `run` as a keyword when given."""
     import argparse
     import json
     import tempfile
@@ -272,10 +274,13 @@ def main(run: Callable[[Path, Scale, Path], dict]) -> None:
     parser.add_argument("--workdir", type=Path, help="reusable scratch folder (default: a temporary one)")
     parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the chest X-ray sample zip")
     parser.add_argument("--json", type=Path, help="write the result here instead of printing it")
+    for name, kind in (options or {}).items():
+        parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
+    given = {name: value for name in options or {} if (value := getattr(args, name)) is not None}
     quiet_tensorflow()
     with tempfile.TemporaryDirectory(prefix="pneumonia-bench-") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = run(workdir.resolve(), SMOKE if args.smoke else FULL, args.sample.resolve())
+        result = run(workdir.resolve(), SMOKE if args.smoke else FULL, args.sample.resolve(), **given)
     write_json(args.json, result, sort_keys=False) if args.json else print(json.dumps(result, indent=2))

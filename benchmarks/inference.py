@@ -18,7 +18,10 @@
   images/s. Target: p99 <= 500 ms with one client, the latency of a clinician's single upload.
 
 The model is the default profile's network (params.yaml), fitted for the few steps that time training:
-its weights do not change the speed. Reproduce: `python -m benchmarks.inference [--smoke]`.
+its weights do not change the speed. Reproduce: `python -m benchmarks.inference [--smoke]`. With
+`--members N` (or train.ensemble_members > 1 in params.yaml) it is an ensemble of N such networks
+(models.build.ensemble_of) in predict, evaluate and the served model, and its training images/s are a
+member's divided by N (the members train one after another).
 
 What an ensemble (train.ensemble_members) costs when predicting: `python -m benchmarks.inference --ensemble
 A.keras B.keras C.keras [--json FILE]` times the ensembles of the first 1, 2, 3 of the trained models
@@ -57,7 +60,7 @@ TARGET_P99_MS = 500.0
 SERVER_START_SECONDS = 300  # TensorFlow import and model load on a busy 2-core machine
 
 
-def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
+def run(workdir: Path, scale: Scale, sample_zip: Path, members: int | None = None) -> dict:
     import keras
     import numpy as np
 
@@ -68,10 +71,11 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     from pneumonia.data.tfrecords import write_tfrecords
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.model_settings import write_beside
-    from pneumonia.models.build import build_model
+    from pneumonia.models.build import build_model, ensemble_of
     from pneumonia.training import fit, recipe
 
     params = load_params(REPO / "params.yaml")
+    members = members or params.train.ensemble_members
     size, batch_size = params.data.image_size, params.train.batch_size
     _, records = standins(workdir, prepared_sample(workdir, sample_zip, scale.sample_every),
                           scale.predict_images, scale.standin_size)
@@ -82,19 +86,21 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
                         params.tfrecords)
 
     keras.utils.set_random_seed(params.train.seed)
-    model = build_model(params.model, size, params.train.augment)
-    recipe.prepare_stage(model, params.model, params.train, recipe.stages(params.train)[0], scale.train_steps)
+    networks = [build_model(params.model, size, params.train.augment) for _ in range(members)]
+    for network in networks:
+        recipe.prepare_stage(network, params.model, params.train, recipe.stages(params.train)[0], scale.train_steps)
+    model = networks[0] if members == 1 else ensemble_of(networks)
     # predict as it runs: with the out-of-distribution score (a reference of the stand-ins: its values do not
     # change the work)
     reference = stand_in_reference(model, tfrecords, batch_size)
     classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality, ood=reference)
 
-    def training_rate() -> float:
+    def training_rate() -> float:  # of the whole model: an ensemble trains its members one after another
         timer = epoch_timer()
         batches = dataset.training_batches(tfrecords, batch_size, params.train.seed)
-        model.fit(fit.labelled_for(params.model.output, batches),
-                  epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, callbacks=[timer], verbose=0)
-        return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]])
+        networks[0].fit(fit.labelled_for(params.model.output, batches),
+                        epochs=scale.train_epochs, steps_per_epoch=scale.train_steps, callbacks=[timer], verbose=0)
+        return median([scale.train_steps * batch_size / seconds for seconds in timer.seconds[1:]]) / members
 
     def before(chosen: list[Path]) -> None:  # predict_files before: each batch decoded in this thread, model.predict
         step = IMAGES_PER_PASS
@@ -113,27 +119,23 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         "predict": lambda: len(files) / timed(lambda: after(files)),
         "evaluate": lambda: len(files) / timed(lambda: predict_split(model, tfrecords, "train", batch_size)),
     }
-    result: dict = {"model": params.model.name, "image_size": size, "predict_images": len(files),
+    result: dict = {"model": params.model.name, "members": members, "image_size": size, "predict_images": len(files),
                     "standin_size": list(scale.standin_size)}
     with load_during(result):
         rounds = [{side: measure() for side, measure in sides.items()} for _ in range(scale.repeats)]
-        model_path = workdir / "inference-model.keras"
+        model_path = workdir / f"inference-model-{members}.keras"  # each its own MLflow store (serve_and_load)
         model.save(model_path)
         write_beside(model_path, stand_in_settings(model_path, params, reference, len(records)), reference)
         served = serve_and_load(workdir, model_path, files[0].read_bytes(), scale)
     rates = {side: median([r[side] for r in rounds]) for side in sides}
     ratios = {side: rates[side] / rates["training"] for side in ("predict", "evaluate")}
     one_client = served["clients"][str(scale.serve_clients[0])]
-    busiest = served["clients"][str(scale.serve_clients[-1])]
     return {
-        "target": (f"`pneumonia predict` (full-resolution JPEGs) and the evaluate stage's prediction images/s "
+        "target": (f"the same for an ensemble of {members}" if members > 1 else
+                   f"`pneumonia predict` (full-resolution JPEGs) and the evaluate stage's prediction images/s "
                    f">= {TARGET_RATIO:g} x the training input rate; served p99 latency of one image "
                    f"<= {TARGET_P99_MS:g} ms (1 client)"),
-        "measured": (f"predict {ratios['predict']:.2f} x ({rates['predict']:.0f} vs {rates['training']:.0f} images/s; "
-                     f"{rates['predict'] / rates['predict_before']:.2f} x before), evaluate "
-                     f"{ratios['evaluate']:.2f} x ({rates['evaluate']:.0f}); served p50 / p99 "
-                     f"{one_client['p50_ms']:.0f} / {one_client['p99_ms']:.0f} ms, {busiest['images_per_second']:.1f} "
-                     f"images/s at {scale.serve_clients[-1]} clients"),
+        "measured": measured(rates, served["clients"]),
         "met": min(ratios.values()) >= TARGET_RATIO and one_client["p99_ms"] <= TARGET_P99_MS,
         "images_per_second": {side: round(rate, 1) for side, rate in rates.items()},
         "ratios_to_training": {side: round(ratio, 2) for side, ratio in ratios.items()},
@@ -141,6 +143,18 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         "served": served,
         **result,
     }
+
+
+def measured(rates: dict[str, float], clients: dict[str, dict]) -> str:
+    """The report's line: the images/s of each side (`rates`), the served latencies with the fewest and the
+    most concurrent `clients` ({number: its level of serve_and_load})."""
+    fewest, most = min(clients, key=int), max(clients, key=int)
+    return (f"predict {rates['predict'] / rates['training']:.2f} x ({rates['predict']:.0f} vs "
+            f"{rates['training']:.0f} images/s; {rates['predict'] / rates['predict_before']:.2f} x before), evaluate "
+            f"{rates['evaluate'] / rates['training']:.2f} x ({rates['evaluate']:.0f}); served p50 / p99 "
+            f"{clients[fewest]['p50_ms']:.0f} / {clients[fewest]['p99_ms']:.0f} ms at {fewest} client, "
+            f"{clients[most]['p50_ms']:.0f} / {clients[most]['p99_ms']:.0f} ms at {most} "
+            f"({clients[most]['images_per_second']:.1f} images/s)")
 
 
 def stand_in_reference(model, tfrecords: Path, batch_size: int):
@@ -174,7 +188,7 @@ def serve_and_load(workdir: Path, model_path: Path, image: bytes, scale: Scale) 
 
     from pneumonia import serving
 
-    store = workdir / "inference-mlflow"
+    store = workdir / f"{model_path.stem}-mlflow"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -254,4 +268,4 @@ def ensemble_main() -> None:
 
 
 if __name__ == "__main__":
-    ensemble_main() if "--ensemble" in sys.argv else main(run)
+    ensemble_main() if "--ensemble" in sys.argv else main(run, {"members": int})

@@ -35,7 +35,10 @@ BENCHMARKS = {  # module: what it measures, in the issue's order
     "memory": "5. Memory",
     "training_speed": "6. Training speed",
     "inference": "7. Inference",
+    "inference_ensemble": "8. Inference, 2-member ensemble",
 }
+# Benchmarks that are another one's module with options: name: (module, {option: value})
+RUNS_OF = {"inference_ensemble": ("inference", {"members": 2})}
 # Where the report is copied: the table into docs/performance.md, the summary into README.md.
 TABLE_MARKERS = ("<!-- performance-table: made by python -m benchmarks.run_all -->", "<!-- /performance-table -->")
 SUMMARY_MARKERS = ("<!-- performance-summary: made by python -m benchmarks.run_all -->",
@@ -99,9 +102,11 @@ def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
 def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     if args.smoke:
         return run_in_this_process(name, args.sample, workdir)
+    module, options = RUNS_OF.get(name, (name, {}))
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
-        command = [sys.executable, "-m", f"benchmarks.{name}", "--workdir", str(workdir), "--sample", str(args.sample),
-                   "--json", output.name, *(["--smoke"] if args.smoke else [])]
+        command = [sys.executable, "-m", f"benchmarks.{module}", "--workdir", str(workdir),
+                   "--sample", str(args.sample), "--json", output.name, *(["--smoke"] if args.smoke else []),
+                   *(arg for option, value in options.items() for arg in (f"--{option}", str(value)))]
         print(f"== {name}", flush=True)
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True, check=False)
@@ -120,9 +125,10 @@ def run_in_this_process(name: str, sample: Path, workdir: Path) -> dict:
 
     quiet_tensorflow()
     print(f"== {name}", flush=True)
+    module, options = RUNS_OF.get(name, (name, {}))
     started = time.perf_counter()
     try:
-        result = importlib.import_module(f"benchmarks.{name}").run(workdir, SMOKE, sample)
+        result = importlib.import_module(f"benchmarks.{module}").run(workdir, SMOKE, sample, **options)
     except Exception:  # noqa: BLE001 - any failure is the benchmark's, reported like a full run's
         return {"met": False, "error": traceback.format_exc()[-3000:], "measured": "failed (see error)"}
     return {**result, "benchmark_seconds": round(time.perf_counter() - started)}
@@ -139,7 +145,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-IN_README = ("training_speed", "inference", "input_vs_compute", "incremental_dvc")  # what a user asks first
+# what a user asks first
+IN_README = ("training_speed", "inference", "inference_ensemble", "input_vs_compute", "incremental_dvc")
 
 
 def readme_summary(report: dict, params: dict) -> str:
@@ -186,7 +193,7 @@ def markdown(report: dict) -> str:
          "work: the load average shows how busy it was (2.0 = both cores busy). Target 1's ratio is the median "
          "of the per-round ratios, each round fitting both sides; the images/s beside it are each side's median."),
         "",
-        ("Full-resolution stand-ins (targets 2, 3, 7): the sample's 224 px training images upscaled to 1800x1500 "
+        ("Full-resolution stand-ins (targets 2, 3, 7, 8): the sample's 224 px training images upscaled to 1800x1500 "
          f"grayscale JPEGs with film grain (mean {standin_mb} MB, like the Kaggle originals' ~0.15-0.2 MB), since "
          "the originals cannot be downloaded here."),
     ]
