@@ -4,7 +4,7 @@
 In a copy of the project (as the end-to-end tests make it) with the sample as data, one training
 epoch and 88 px images (the no-op repro does not depend on the image size; the trainings are short):
 a first full `dvc repro`, then `repeats` timed no-op repros, then an experiment
-on another model; which stages ran is read from DVC's own output.
+on another model (not in the smoke run); which stages ran is read from DVC's own output.
 """
 
 import re
@@ -45,21 +45,25 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         result["first_repro"] = {"seconds": round(seconds, 1), "stages_run": stages_run(output)}
         harness.commit_all(project, "baseline")
         noop = [dvc(project, "repro") for _ in range(scale.repeats)]
-        seconds, output = dvc(project, "exp", "run", *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
+        experiment = scale.dvc_experiment and dvc(project, "exp", "run",
+                                                  *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
     noop_seconds = median([seconds for seconds, _ in noop])
     up_to_date = all("Data and pipelines are up to date" in out and not stages_run(out) for _, out in noop)
-    experiment_stages = stages_run(output)
-    skipped = re.findall(r"Stage '([\w-]+)' didn't change, skipping", output)
-    data_stages_run = [stage for stage in experiment_stages if stage in DATA_STAGES]
-    met = noop_seconds <= TARGET_SECONDS and up_to_date and not data_stages_run
+    experiment_run = None
+    if experiment:
+        seconds, output = experiment
+        experiment_run = {"seconds": round(seconds, 1), "stages_run": stages_run(output),
+                          "stages_skipped": re.findall(r"Stage '([\w-]+)' didn't change, skipping", output),
+                          "data_stages_run": [stage for stage in stages_run(output) if stage in DATA_STAGES]}
+    ran = (", ".join(experiment_run["stages_run"]) or "nothing") if experiment_run else "not run (smoke)"
+    met = (noop_seconds <= TARGET_SECONDS and up_to_date and experiment_run is not None
+           and not experiment_run["data_stages_run"])
     return {
         "target": f"no-op `dvc repro` <= {TARGET_SECONDS:g} s; `dvc exp run -S model.*` runs no data stage",
-        "measured": f"no-op repro {noop_seconds:.2f} s; experiment ran {', '.join(experiment_stages) or 'nothing'}",
+        "measured": f"no-op repro {noop_seconds:.2f} s; experiment ran {ran}",
         "met": met,
         "noop_repro_seconds": round(noop_seconds, 2), "noop_repro_runs": [round(s, 2) for s, _ in noop],
-        "noop_up_to_date": up_to_date,
-        "experiment_run": {"seconds": round(seconds, 1), "stages_run": experiment_stages, "stages_skipped": skipped,
-                           "data_stages_run": data_stages_run},
+        "noop_up_to_date": up_to_date, "experiment_run": experiment_run,
         **result,
     }
 
