@@ -4,7 +4,8 @@
 In a copy of the project (as the end-to-end tests make it) with the sample as data, one training
 epoch and 88 px images (the no-op repro does not depend on the image size; the trainings are short):
 a first full `dvc repro`, then `repeats` timed no-op repros, then an experiment
-on another model (not in the smoke run); which stages ran is read from DVC's own output.
+on another model; which stages ran is read from DVC's own output. The smoke run repros the data stages
+up to class_weights only (none imports TensorFlow) and makes no experiment: it checks that the script works.
 """
 
 import re
@@ -39,12 +40,13 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
     harness.set_params(project, **settings, **{"data.local_path": str(sample_zip)})
     harness.commit_all(project)
 
-    result: dict = {"params": list(scale.dvc_params), "experiment": [f"-S {item}" for item in scale.dvc_experiment]}
+    result: dict = {"params": list(scale.dvc_params), "experiment": [f"-S {item}" for item in scale.dvc_experiment],
+                    "repro_target": scale.dvc_target or "every stage"}
     with load_during(result):
-        seconds, output = dvc(project, "repro")
+        seconds, output = dvc(project, "repro", *filter(None, [scale.dvc_target]))
         result["first_repro"] = {"seconds": round(seconds, 1), "stages_run": stages_run(output)}
         harness.commit_all(project, "baseline")
-        noop = [dvc(project, "repro") for _ in range(scale.repeats)]
+        noop = [dvc(project, "repro", *filter(None, [scale.dvc_target])) for _ in range(scale.repeats)]
         experiment = scale.dvc_experiment and dvc(project, "exp", "run",
                                                   *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
     noop_seconds = median([seconds for seconds, _ in noop])
@@ -55,12 +57,13 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
         experiment_run = {"seconds": round(seconds, 1), "stages_run": stages_run(output),
                           "stages_skipped": re.findall(r"Stage '([\w-]+)' didn't change, skipping", output),
                           "data_stages_run": [stage for stage in stages_run(output) if stage in DATA_STAGES]}
-    ran = (", ".join(experiment_run["stages_run"]) or "nothing") if experiment_run else "not run (smoke)"
+    ran = (f"experiment ran {', '.join(experiment_run['stages_run']) or 'nothing'}" if experiment_run
+           else "no experiment")
     met = (noop_seconds <= TARGET_SECONDS and up_to_date and experiment_run is not None
            and not experiment_run["data_stages_run"])
     return {
         "target": f"no-op `dvc repro` <= {TARGET_SECONDS:g} s; `dvc exp run -S model.*` runs no data stage",
-        "measured": f"no-op repro {noop_seconds:.2f} s; experiment ran {ran}",
+        "measured": f"no-op repro {noop_seconds:.2f} s; {ran}",
         "met": met,
         "noop_repro_seconds": round(noop_seconds, 2), "noop_repro_runs": [round(s, 2) for s, _ in noop],
         "noop_up_to_date": up_to_date, "experiment_run": experiment_run,
