@@ -42,13 +42,14 @@ def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
 
     result: dict = {"params": list(scale.dvc_params), "experiment": [f"-S {item}" for item in scale.dvc_experiment],
                     "repro_target": scale.dvc_target or "every stage"}
+    repro = ["repro", *([scale.dvc_target] if scale.dvc_target else [])]
     with load_during(result):
-        seconds, output = dvc(project, "repro", *filter(None, [scale.dvc_target]))
+        seconds, output = dvc(project, *repro)
         result["first_repro"] = {"seconds": round(seconds, 1), "stages_run": stages_run(output)}
         harness.commit_all(project, "baseline")
-        noop = [dvc(project, "repro", *filter(None, [scale.dvc_target])) for _ in range(scale.repeats)]
-        experiment = scale.dvc_experiment and dvc(project, "exp", "run",
-                                                  *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
+        noop = [dvc(project, *repro) for _ in range(scale.repeats)]
+        experiment = (dvc(project, "exp", "run", *(arg for item in scale.dvc_experiment for arg in ("-S", item)))
+                      if scale.dvc_experiment else None)
     noop_seconds = median([seconds for seconds, _ in noop])
     up_to_date = all("Data and pipelines are up to date" in out and not stages_run(out) for _, out in noop)
     experiment_run = None

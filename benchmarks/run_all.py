@@ -105,7 +105,7 @@ def run_benchmark(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     module, options = RUNS_OF.get(name, (name, {}))
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
         command = [sys.executable, "-m", f"benchmarks.{module}", "--workdir", str(workdir),
-                   "--sample", str(args.sample), "--json", output.name, *(["--smoke"] if args.smoke else []),
+                   "--sample", str(args.sample), "--json", output.name,
                    *(arg for option, value in options.items() for arg in (f"--{option}", str(value)))]
         print(f"== {name}", flush=True)
         started = time.perf_counter()
