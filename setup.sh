@@ -20,7 +20,7 @@ fi
 # The exact versions the project was last tested with (requirements.lock, made by `uv pip compile`;
 # docs/decisions.md "Dependency versions" says how to refresh it). uv, itself pinned there, installs the
 # project within them: the same packages as pip, in a quarter of the time (it downloads and unpacks in parallel).
-.venv/bin/python -m pip install --quiet -c requirements.lock uv
+[ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet -c requirements.lock uv
 # uv reads no pip configuration: a package mirror set for pip is handed on
 if [ -n "${PIP_INDEX_URL:-}" ] && [ -z "${UV_DEFAULT_INDEX:-}" ]; then export UV_DEFAULT_INDEX=$PIP_INDEX_URL; fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c requirements.lock -e ".[dev]"
