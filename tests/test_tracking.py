@@ -226,21 +226,27 @@ def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
 
     from conftest import tool_env
 
-    writes, log = 8, tmp_path / "log"
+    writes, log, waiting = 8, tmp_path / "log", "the MLflow store is locked by another process"
+
+    def wait_for(reached, what: str) -> None:
+        deadline = time.monotonic() + 180
+        while not reached():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"{what} not reached:\n{log.read_text()}"
+            time.sleep(0.05)
+
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-c", EVALUATE_WRITES, str(tmp_path), str(Path(__file__).parent)],
                                    env=tool_env(DVC_ROOT=str(tmp_path)), stdout=output, stderr=subprocess.STDOUT)
     try:
         for step in range(1, writes + 1):
-            deadline = time.monotonic() + 180
-            while not (tmp_path / f"ready-{step}").exists():
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, f"write {step} not reached:\n{log.read_text()}"
-                time.sleep(0.05)
+            wait_for((tmp_path / f"ready-{step}").exists, f"write {step}")
+            waited = log.read_text().count(waiting)
             lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
             lock.execute("BEGIN EXCLUSIVE")
             (tmp_path / f"locked-{step}").touch()
-            time.sleep(1.5)
+            # Held until the write has met it past the busy timeout and said it waits: released, it succeeds
+            wait_for(lambda waited=waited: log.read_text().count(waiting) > waited, f"the wait of write {step}")
             lock.execute("COMMIT")
             lock.close()
         process.wait(timeout=240)
@@ -249,7 +255,7 @@ def test_every_write_of_evaluate_and_promote_waits_out_a_locked_store(tmp_path):
         process.kill()
     assert process.returncode == 0, output
     assert "promoted to version 1" in output
-    assert output.count("the MLflow store is locked by another process") >= writes
+    assert output.count(waiting) >= writes
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.metrics["test_auc"] == 0.9
