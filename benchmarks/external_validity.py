@@ -78,6 +78,9 @@ PROFILES = {
     "min_epochs_1": {"train.min_epochs": 1},
     # Issue 36: probabilities of the training prior, not of balanced classes (the threshold's place on [0, 1])
     "no_class_weights": {"train.class_balance": "none"},
+    # Issue 34's untried regularisers: targets 0.05 / 0.95, so that the other site's normal X-rays are not scored
+    # with the training site's confidence
+    "label_smoothing": {"train.label_smoothing": 0.1},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
