@@ -21,7 +21,7 @@ fi
 # docs/decisions.md "Dependency versions" says how to refresh it). uv, itself pinned there, installs the
 # project within them: the same packages as pip, in a quarter of the time (it downloads and unpacks in parallel).
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet -c requirements.lock uv
-# uv reads no pip configuration: a package mirror set for pip is handed on
+# uv reads no pip configuration: a mirror in PIP_INDEX_URL is handed on (a pip.conf one is not: set UV_DEFAULT_INDEX)
 if [ -n "${PIP_INDEX_URL:-}" ] && [ -z "${UV_DEFAULT_INDEX:-}" ]; then export UV_DEFAULT_INDEX=$PIP_INDEX_URL; fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c requirements.lock -e ".[dev]"
 echo "set-up done: activate with  . .venv/bin/activate"

@@ -81,7 +81,7 @@ PROFILES = {
     # Issue 34's untried regularisers: targets 0.05 / 0.95, so that the other site's normal X-rays are not scored
     # with the training site's confidence
     "label_smoothing": {"train.label_smoothing": 0.1},
-    # ... and the learning rate to 0 by the last epoch instead of x0.9 an epoch (0.05 of it left at epoch 30)
+    # Issue 34: the learning rate to 0 by the last epoch, instead of x0.9 an epoch (0.05 of it left at epoch 30)
     "cosine": {"train.lr_schedule": "cosine"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
