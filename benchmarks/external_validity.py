@@ -83,6 +83,8 @@ PROFILES = {
     "label_smoothing": {"train.label_smoothing": 0.1},
     # Issue 34: the learning rate to 0 by the last epoch, instead of x0.9 an epoch (0.05 of it left at epoch 30)
     "cosine": {"train.lr_schedule": "cosine"},
+    # Issue 34: mixup (alpha 0.2, the usual choice) on top of the cosine schedule, judged paired against cosine
+    "cosine_mixup": {"train.lr_schedule": "cosine", "train.augment.mixup": 0.2},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

@@ -112,3 +112,48 @@ def test_test_time_augmentation_averages_fixed_views_and_is_the_model_for_one_vi
         np.testing.assert_allclose(found, expected, rtol=1e-6)
         assert not np.allclose(found, model.predict_on_batch(images))  # the views are not the image
     np.testing.assert_array_equal(np.asarray(FixedAffine()(images.astype("float32"))), images)  # the identity
+
+
+def mixup_batches(seed: int, labels: list, class_weight=None) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    import tensorflow as tf
+
+    from pneumonia.data.dataset import mixed_up
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)  # three batches of four
+    label_batches = np.tile(np.array(labels, "float32")[None], (3, 1, 1))
+    batches = tf.data.Dataset.from_tensor_slices((images, label_batches))
+    return [tuple(map(np.asarray, batch)) for batch in mixed_up(batches, 0.4, seed, class_weight)], images
+
+
+@pytest.mark.parametrize("labels", [[[0.0], [1.0], [1.0], [1.0]],  # sigmoid
+                                    [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])  # softmax, one-hot
+def test_mixup_blends_each_image_its_label_and_its_class_weight_by_one_share(labels):
+    mixed, images = mixup_batches(7, labels, {0: 2.0, 1: 0.5})
+    pneumonia, weights = np.array(labels)[:, -1], np.array([2.0, 0.5, 0.5, 0.5])
+    shares = []
+    for (image, label, weight), original in zip(mixed, images, strict=True):
+        # label = s y + (1 - s) y_mirrored: the NORMAL image's pair (0 and 3) gives its share directly
+        share = 1 - label[[0, 3], -1] if label.shape[-1] == 1 else label[[0, 3], 0]
+        share = np.array([share[0], 0.0, 0.0, 1 - share[1]])  # pairs 1 and 2 are both PNEUMONIA: no share to read
+        for i in (0, 3):
+            expected = share[i] * original[i] + (1 - share[i]) * original[3 - i].astype("float32")
+            np.testing.assert_allclose(image[i], expected, rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(weight[i], share[i] * weights[i] + (1 - share[i]) * weights[3 - i], rtol=1e-5)
+            np.testing.assert_allclose(label[i, -1], share[i] * pneumonia[i] + (1 - share[i]) * pneumonia[3 - i],
+                                       rtol=1e-5)
+        np.testing.assert_allclose(weight[1:3], 0.5)  # PNEUMONIA with PNEUMONIA: its weight
+        assert ((0 <= image) & (image <= 255)).all() and image.dtype == np.float32
+        shares.append(share[0])
+    assert len(set(np.round(shares, 6))) == 3 and all(0 < s < 1 for s in shares)  # a new draw each batch
+
+
+def test_mixup_draws_depend_on_the_seed_only():
+    labels = [[0.0], [1.0], [0.0], [1.0]]
+    first, _ = mixup_batches(7, labels)
+    again, _ = mixup_batches(7, labels)
+    other, _ = mixup_batches(8, labels)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    assert not np.allclose(first[0][0], other[0][0])
+    np.testing.assert_allclose(first[0][2], 1.0)  # no class weights: every weight 1

@@ -47,7 +47,8 @@ def fitted(params, synthetic_data, tmp_path) -> tuple[fit.TrainingResult, str]:
 def test_softmax_head_with_cosine_schedule_and_augmentation(tracking_store, synthetic_data, tmp_path, capsys):
     params = params_for(tmp_path, {"name": "custom_cnn", "output": "softmax"}, {
         "lr_schedule": "cosine",
-        "augment": {"flip": "horizontal", "zoom": 0.1, "rotation": 0.05, "translation": 0.1, "contrast": 0.2}})
+        "augment": {"flip": "horizontal", "zoom": 0.1, "rotation": 0.05, "translation": 0.1, "contrast": 0.2,
+                    "mixup": 0.2}})
     result, run_id = fitted(params, synthetic_data, tmp_path)
 
     assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc", "val_loss"} <= result.history.keys()

@@ -226,6 +226,7 @@ class AugmentConfig(Section):
     rotation: Float = Field(0.03, ge=0, le=0.5)  # up to this fraction of a full turn either way
     translation: Float = Field(0.08, ge=0, lt=1)  # up to this fraction of the image size, each axis
     contrast: Float = Field(0.2, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
+    mixup: Float = Field(0, ge=0)  # > 0: pairs of images and their labels blended by a Beta(mixup, mixup) share
 
 
 class TrainConfig(Section):

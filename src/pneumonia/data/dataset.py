@@ -106,6 +106,31 @@ def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bo
     )
 
 
+def mixed_up(batches: tf.data.Dataset, alpha: float, seed: int,
+             class_weight: dict[int, float] | None = None) -> tf.data.Dataset:
+    """Mixup (Zhang et al. 2018) of (image, label) batches into (image, label, sample weight) batches: each
+    image blended with the image at the mirrored place of its batch (batches are shuffled), by a share drawn
+    from Beta(alpha, alpha) per pair, and its label alike (a sigmoid's (n, 1) or a softmax's one-hot). The
+    class weights are blended the same way into each pair's weight: Keras' `class_weight` would round a
+    blended label to one class. Reproducible: the draws depend on `seed` and the batch's number only."""
+    weight_of_class = tf.constant([class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0], tf.float32)
+
+    def mixed(values: tf.Tensor, share: tf.Tensor) -> tf.Tensor:
+        return share * values + (1 - share) * tf.reverse(values, axis=[0])
+
+    def blend(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        images, labels = tf.cast(batch[0], tf.float32), batch[1]
+        count = tf.shape(images)[0]
+        first, second = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, step]), 2))
+        draws = [tf.random.stateless_gamma([count], seed=part, alpha=alpha) for part in (first, second)]
+        share = draws[0] / (draws[0] + draws[1])  # Beta(alpha, alpha)
+        classes = tf.cast(labels[:, -1] > 0.5, tf.int32)  # the PNEUMONIA column of either output
+        weights = tf.gather(weight_of_class, classes)
+        return (mixed(images, share[:, None, None, None]), mixed(labels, share[:, None]), mixed(weights, share))
+
+    return batches.enumerate().map(blend, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def evaluation_batches(tfrecords: Path, split: str, batch_size: int) -> tf.data.Dataset:
     """(image, label) batches in file order, every image once; decoded once and cached."""
     serialized = (_serialized(tfrecords, split)

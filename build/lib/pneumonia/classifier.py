@@ -1,0 +1,143 @@
+"""A trained model as it is used on images: the preprocessing of training, the model's probability
+of pneumonia, the label at the decision threshold of the model's run, the input checks of its intended
+use and how unlike the training X-rays each image is (the out-of-distribution score and flag).
+
+Shared by `pneumonia predict` (pneumonia.inference), `pneumonia adapt` and the served MLflow model
+(pneumonia.serving), so all give the probability the evaluate stage gave the same image. Every setting
+comes from the model's bundle (pneumonia.model_settings): `load_classifier` reads it.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia import CLASS_NAMES
+from pneumonia.data import input_checks
+from pneumonia.data.images import encode_jpeg, load_resized
+from pneumonia.errors import PipelineError
+from pneumonia.evaluation.calibration import UNCALIBRATED, Calibration
+from pneumonia.evaluation.predictions import pneumonia_probability
+from pneumonia.model_settings import ModelSettings, check_belongs, model_file, ood_file, read_settings
+from pneumonia.models.build import load_model
+from pneumonia.ood import OodReference, layout, pooled_features_model
+
+IMAGES_PER_PASS = 32  # images a forward pass: bounds memory whatever the number of files
+
+
+def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) -> np.ndarray:
+    """An encoded image (bytes) or image file as training saw its images: uint8 (size, size, 3).
+
+    The exact path of a training image: load_resized, the JPEG re-encode of the TFRecords writer
+    at tfrecords.jpeg_quality, and TensorFlow's JPEG decoder as in data.dataset (PIL's decoder
+    differs from it by up to ~14 grey levels: another IDCT). So a test image gets exactly the
+    probability the evaluate stage gave it.
+    """
+    import tensorflow as tf
+
+    image = load_resized(source if isinstance(source, bytes) else str(source), image_size)
+    return tf.io.decode_jpeg(encode_jpeg(image, jpeg_quality), channels=3).numpy()
+
+
+@dataclass(frozen=True)
+class Predicted:
+    probabilities: np.ndarray  # of pneumonia
+    ood_scores: np.ndarray  # NaN without an out-of-distribution reference
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A trained Keras model with the preprocessing, decision threshold and checks of its run."""
+
+    model: object  # keras.Model: plain [0, 255] RGB in, a sigmoid or [NORMAL, PNEUMONIA] softmax out
+    threshold: float
+    jpeg_quality: int
+    tta_views: int = 1  # each probability the mean over this many views of the image (evaluate.tta_views)
+    calibration: Calibration = UNCALIBRATED  # fitted on validation by the evaluate stage; the threshold is on it
+    ood: OodReference | None = None  # None: no out-of-distribution score (a model without its bundle, in tests)
+    input_checks: str = "flag"  # evaluate.input_checks: flag, refuse or ignore
+    age_years: tuple[int, int] = (0, 5)  # of the intended use (model_settings.IntendedUse)
+    settings: ModelSettings | None = field(default=None, compare=False)  # the bundle's, when loaded from one
+
+    @cached_property
+    def predictor(self):
+        """The model as the evaluate stage predicted with it: over `tta_views` views of each image."""
+        from pneumonia.models.augmentation import with_test_time_augmentation
+
+        return with_test_time_augmentation(self.model, self.tta_views)
+
+    @cached_property
+    def with_features(self):
+        """The model and its pooled features in one forward pass (the out-of-distribution score's input)."""
+        return pooled_features_model(self.model)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.input_shape[1])
+
+    def preprocess(self, source: bytes | str | Path) -> np.ndarray:
+        return model_input(source, self.image_size, self.jpeg_quality)
+
+    def flags(self, source: bytes | str | Path) -> list[str]:
+        """Why `source`'s DICOM header puts it outside the intended use (raises under input_checks: refuse)."""
+        return input_checks.checked(source, self.input_checks, self.age_years)
+
+    def predict(self, images: Sequence[np.ndarray]) -> Predicted:
+        """Probabilities and out-of-distribution scores of preprocessed images, a batch a forward pass (two
+        with test-time views: the score is of the image itself)."""
+        if not len(images):
+            return Predicted(np.empty(0), np.empty(0))
+        probabilities, scores = [], []
+        for start in range(0, len(images), IMAGES_PER_PASS):
+            # predict_on_batch, not predict: predict's per-call setup costs more than a batch's forward pass
+            batch = np.stack(images[start:start + IMAGES_PER_PASS])
+            if self.ood is None:
+                probabilities.append(pneumonia_probability(self.predictor.predict_on_batch(batch)))
+                scores.append(np.full(len(batch), np.nan))
+                continue
+            outputs, features = self.with_features.predict_on_batch(batch)
+            if self.tta_views > 1:
+                outputs = self.predictor.predict_on_batch(batch)
+            probabilities.append(pneumonia_probability(outputs))
+            scores.append(self.ood.scores(layout(batch), features))
+        return Predicted(self.calibration.apply(np.concatenate(probabilities)), np.concatenate(scores))
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.predict(images).probabilities
+
+    def label(self, probability: float) -> str:
+        return CLASS_NAMES[int(probability >= self.threshold)]
+
+    def out_of_distribution(self, score: float) -> bool:
+        return self.ood is not None and bool(score > self.ood.threshold)
+
+
+def load_classifier(path: Path, input_checks_policy: str | None = None) -> Classifier:
+    """The model bundle at `path` (a folder such as models/, or its .keras file with <stem>.json and
+    <stem>.ood.npz beside it: the pipeline's, one `pneumonia adapt` wrote, or one inside a logged MLflow
+    model), used with every setting of its run; `input_checks_policy` overrides its input checks."""
+    model = model_file(path)
+    if not model.is_file():
+        raise PipelineError(f"{model} not found: train a model first (`dvc repro`), name a model file or a folder "
+                            "holding model.keras with --model, or an MLflow model with --model-uri")
+    settings = read_settings(model)
+    if not ood_file(model).is_file():
+        raise PipelineError(f"{ood_file(model)} (the out-of-distribution reference) is missing beside {model}: copy "
+                            "the whole models/ folder, or run the evaluate stage again (`dvc repro`)")
+    keras_model = load_model(model, compile=False)  # it only predicts
+    check_belongs(settings, model)  # after loading: a damaged file is called damaged
+    return classifier_of(keras_model, settings, OodReference.load(ood_file(model), settings.ood.threshold),
+                         input_checks_policy)
+
+
+def classifier_of(model, settings: ModelSettings, ood: OodReference,
+                  input_checks_policy: str | None = None) -> Classifier:
+    if model.input_shape[1] != settings.image_size:
+        raise PipelineError(f"the model takes {model.input_shape[1]} px images but its settings say "
+                            f"{settings.image_size}: the settings file belongs to another model; copy the "
+                            "model's own bundle")
+    return Classifier(model, settings.threshold, settings.jpeg_quality, settings.tta_views,
+                      Calibration(**settings.calibration.model_dump()), ood,
+                      input_checks_policy or settings.input_checks, settings.intended_use.age_years, settings)

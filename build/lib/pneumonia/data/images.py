@@ -1,0 +1,103 @@
+"""Image decoding and resizing shared by the TFRecords writer and prediction, so a model sees
+new images exactly as it saw its training images. JPEG and PNG through PIL; DICOM, known by its
+content, through pneumonia.data.dicom, to the same 8-bit greyscale."""
+
+import io
+import os
+import stat
+
+import numpy as np
+from PIL import Image
+
+from pneumonia.data import dicom
+from pneumonia.data.limits import MAX_PIXELS, ImageTooLarge, check_size  # noqa: F401 - MAX_PIXELS: the limit
+
+# PIL's own check (a warning from 89 MP, its DecompressionBombError from 179 MP) is off: open_image, the
+# path every image takes, refuses from MAX_PIXELS with the size and what to do, whatever the size.
+Image.MAX_IMAGE_PIXELS = None
+# An image whose grey values barely vary shows nothing (a blank export, a DICOM whose header maps every
+# value to one grey): refused, not given a label. A chest X-ray's vary by ~50 (standard deviation).
+MIN_GREY_STD = 1.0
+
+
+class BlankImage(ValueError):
+    pass
+
+
+def check_not_blank(grey: np.ndarray) -> None:
+    """A BlankImage when the 8-bit `grey` values vary by less than MIN_GREY_STD (standard deviation)."""
+    if (spread := float(np.std(grey))) < MIN_GREY_STD:
+        raise BlankImage(f"the image is blank: its grey values vary by {spread:.2f} (standard deviation, 0..255), "
+                         f"under {MIN_GREY_STD}; nothing to classify: check the export")
+
+
+def open_image(source: bytes | str) -> Image.Image:
+    """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header, a path that is
+    not a regular file (a FIFO would block the reader until something writes to it) before it is opened.
+
+    A DICOM file is refused the same way, then decoded to 8-bit greyscale ("L") at once
+    (dicom.DicomError when it is not a single greyscale X-ray it can decode).
+    """
+    if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+        raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
+    if dicom.is_dicom(source):
+        dataset, width, height = dicom.dimensions(source)
+        check_size(width, height)
+        return Image.fromarray(dicom.grey_pixels(dataset))  # uint8 (h, w): mode "L"
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    try:
+        check_size(*image.size)
+    except ImageTooLarge:
+        image.close()
+        raise
+    return image
+
+
+def to_grey(image: Image.Image) -> Image.Image:
+    """8-bit grayscale ("L") of any PIL mode a JPEG or PNG opens as.
+
+    16-bit (I;16*) and 32-bit (I) grey are scaled from their full range to 0..255 (PIL's own
+    convert clips everything above 255 to white). Alpha (LA, RGBA, PA) is dropped: the grey
+    values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through PIL's
+    conversion (1-bit: 0 and 255).
+    """
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # 32-bit float (TIFF)
+        raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)  # no overflow of + 128
+        return Image.fromarray(np.clip((pixels + 128) // 257, 0, 255).astype(np.uint8))
+    return image.convert("L")
+
+
+def load_resized(source: bytes | str, size: int) -> Image.Image:
+    """Decode a JPEG/PNG (grayscale or colour, 8 or 16 bit, up to MAX_PIXELS) or a DICOM X-ray to a
+    `size` x `size` grayscale image; a blank one (check_not_blank) is refused.
+
+    Chest X-rays carry no colour information; the few RGB files in the Kaggle set are grey too.
+    """
+    image = open_image(source)
+    # JPEG draft mode decodes at a reduced scale directly: several times faster on the
+    # ~2000 px originals, and the result is resized down anyway.
+    image.draft("L", (size, size))
+    resized = to_grey(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    check_not_blank(np.asarray(resized))
+    return resized
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def resized_jpeg(path: str, size: int, quality: int) -> tuple[bytes | None, str]:
+    """(JPEG bytes, "") for a readable image, (None, reason) otherwise; safe to run in a worker."""
+    try:
+        return encode_jpeg(load_resized(path, size), quality), ""
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def resized_jpegs(paths: list[str], size: int, quality: int) -> list[tuple[bytes | None, str]]:
+    """resized_jpeg of several files: one inter-process round trip for a chunk of images."""
+    return [resized_jpeg(path, size, quality) for path in paths]

@@ -1,0 +1,1 @@
+"""Model definitions: `build` constructs the networks that pneumonia.architectures names."""

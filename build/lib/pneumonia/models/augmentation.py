@@ -1,0 +1,124 @@
+"""Random image augmentation as layers at the model's input.
+
+Keras applies them only when training (fit); predict and evaluate pass images through unchanged,
+so the saved model needs no switch. They work on the [0, 255] images, before any input scaling.
+
+Zoom, rotation and translation are one affine transform per image (`RandomAffine`), not Keras'
+three layers in a row: one resampling instead of three, about 10% of a custom_cnn training step at
+128 px (benchmarks/results.md), and one interpolation blurs less than three.
+"""
+
+import math
+
+import keras
+from keras import layers, ops
+
+from pneumonia.config import AugmentConfig
+
+
+@keras.saving.register_keras_serializable(package="pneumonia")
+class RandomAffine(layers.Layer):
+    """Zoom in or out by up to `zoom`, rotate by up to `rotation` of a full turn and shift by up to
+    `translation` of the size, each drawn per image, about the image centre; the corners that come
+    from outside the image are 0, as with Keras' `fill_mode="constant"`. The same ranges as Keras'
+    RandomZoom(zoom), RandomRotation(rotation) and RandomTranslation(translation, translation)."""
+
+    def __init__(self, zoom: float = 0.0, rotation: float = 0.0, translation: float = 0.0, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.zoom, self.rotation, self.translation, self.seed = zoom, rotation, translation, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        # TensorFlow's ImageProjectiveTransformV3 has no XLA kernel; under JAX the whole step compiles (without
+        # it Keras would run JAX's training step op by op)
+        self.supports_jit = keras.backend.backend() != "tensorflow"
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        batch = ops.shape(images)[0]
+
+        def uniform(limit):
+            return keras.random.uniform((batch,), -limit, limit, seed=self.seed_generator)
+
+        # Drawn in this order (scale, angle, x, y): the same seed gives the same augmentation as before.
+        scale, angle = 1.0 + uniform(self.zoom), uniform(self.rotation * 2 * math.pi)
+        shift = ops.stack([uniform(self.translation), uniform(self.translation)], axis=1)
+        return affine(images, scale, angle, shift)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "zoom": self.zoom, "rotation": self.rotation,
+                "translation": self.translation, "seed": self.seed}
+
+
+def affine(images, scale, angle, shift):
+    """`images` (batch, height, width, channels) each scaled by `scale` (> 1 samples a larger area: zooms
+    out), rotated by `angle` (radians) about the centre, then shifted by `shift` (batch, 2: x and y, in
+    fractions of the size); the corners that come from outside the image are 0."""
+    height, width = ops.cast(ops.shape(images)[1], "float32"), ops.cast(ops.shape(images)[2], "float32")
+    shift_x, shift_y = shift[:, 0] * width, shift[:, 1] * height
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and scale about
+    # the centre, then shift.
+    cos, sin = scale * ops.cos(angle), scale * ops.sin(angle)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    zeros = ops.zeros_like(cos)
+    transform = ops.stack([cos, -sin, centre_x - cos * centre_x + sin * centre_y - shift_x,
+                           sin, cos, centre_y - sin * centre_x - cos * centre_y - shift_y, zeros, zeros], axis=1)
+    return ops.image.affine_transform(images, transform, fill_mode="constant")
+
+
+# Test-time augmentation (evaluate.tta_views): the mean probability over fixed views of each image, each
+# (scale, rotation in fractions of a turn, shift x, shift y); small moves inside the training augmentation's
+# range. Measured on the external set: docs/results.md.
+TEST_TIME_VIEWS = {
+    1: [(1.0, 0.0, 0.0, 0.0)],
+    3: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0)],
+    9: [(1.0, 0.0, 0.0, 0.0), (0.9, 0.0, 0.0, 0.0), (1.1, 0.0, 0.0, 0.0),
+        (1.0, 0.0, 0.04, 0.0), (1.0, 0.0, -0.04, 0.0), (1.0, 0.0, 0.0, 0.04), (1.0, 0.0, 0.0, -0.04),
+        (1.0, 0.015, 0.0, 0.0), (1.0, -0.015, 0.0, 0.0)],
+}
+
+
+@keras.saving.register_keras_serializable(package="pneumonia")
+class FixedAffine(layers.Layer):
+    """One view of test-time augmentation: every image scaled, rotated and shifted alike (see `affine`)."""
+
+    def __init__(self, scale: float = 1.0, turn: float = 0.0, shift_x: float = 0.0, shift_y: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.turn, self.shift_x, self.shift_y = scale, turn, shift_x, shift_y
+
+    def call(self, images):
+        if (self.scale, self.turn, self.shift_x, self.shift_y) == (1.0, 0.0, 0.0, 0.0):
+            return images
+        batch = ops.shape(images)[0]
+        shift = ops.tile(ops.convert_to_tensor([[self.shift_x, self.shift_y]], "float32"), (batch, 1))
+        return affine(ops.cast(images, "float32"), ops.full((batch,), self.scale),
+                      ops.full((batch,), self.turn * 2 * math.pi), shift)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "turn": self.turn, "shift_x": self.shift_x,
+                "shift_y": self.shift_y}
+
+
+def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
+    """`model` predicting the mean of its outputs over TEST_TIME_VIEWS[views] of each image (the model
+    itself for 1 view). Only for predicting: its weights are the model's."""
+    if views == 1:
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = [model(FixedAffine(*view, name=f"view_{number}")(inputs))
+               for number, view in enumerate(TEST_TIME_VIEWS[views])]
+    return keras.Model(inputs, layers.Average(name="mean_over_views")(outputs), name=f"{model.name}_tta{views}")
+
+
+def augment(config: AugmentConfig, inputs):
+    x = inputs
+    if config.flip != "none":
+        x = layers.RandomFlip(config.flip, name="random_flip")(x)
+    if config.zoom or config.rotation or config.translation:
+        x = RandomAffine(config.zoom, config.rotation, config.translation, name="random_affine")(x)
+    if config.contrast:
+        x = layers.RandomContrast(config.contrast, value_range=(0, 255), name="random_contrast")(x)
+    return x

@@ -1,0 +1,54 @@
+"""The separable-conv network of the keras.io "Pneumonia classification on TPU" recipe.
+
+Changed from the recipe: global average pooling instead of Flatten, so the network takes any
+image size and has far fewer parameters to overfit with; batch-norm moving statistics that follow
+the data within tens of steps (momentum 0.9, Keras' default is 0.99), because at about a hundred
+steps per epoch the default left validation predictions constant for the first epochs; and
+batch statistics over the global batch when training on several replicas (`synchronized`, no-op on
+one device), so every worker normalises alike and the saved moving statistics see all of the data.
+Keras allows `synchronized` under TensorFlow only: under its JAX backend (benchmarks/gpu_check_jax.py)
+the statistics are the device's batch's.
+"""
+
+import keras
+from keras import layers
+
+BN_MOMENTUM = 0.9
+
+
+def batch_norm():
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=keras.backend.backend() == "tensorflow")
+
+
+def conv_block(filters: int, inputs):
+    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(inputs)
+    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
+    x = batch_norm()(x)
+    return layers.MaxPool2D()(x)
+
+
+def dense_block(units: int, dropout_rate: float, inputs):
+    x = layers.Dense(units, activation="relu")(inputs)
+    x = batch_norm()(x)
+    return layers.Dropout(dropout_rate)(x)
+
+
+def features(inputs, dropout: float, input_norm: str = "scale"):
+    """Plain [0, 255] RGB images in, the features the output layer classifies out."""
+    if input_norm == "per_image":  # each image to zero mean and unit variance over all its pixels
+        x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, name="per_image_norm")(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 255)(inputs)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.MaxPool2D()(x)
+    x = conv_block(32, x)
+    x = conv_block(64, x)
+    x = conv_block(128, x)
+    x = layers.Dropout(0.2)(x)
+    x = conv_block(256, x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = dense_block(512, 0.7, x)
+    x = dense_block(128, 0.5, x)
+    return dense_block(64, dropout, x)

@@ -1,0 +1,161 @@
+"""How unlike the training X-rays an image is: the out-of-distribution (OOD) score and its flag.
+
+The score adds two Mahalanobis distances (Lee et al., NeurIPS 2018), each to a Gaussian fitted on the
+training split with a Ledoit-Wolf shrunk covariance (scikit-learn):
+
+* layout: the model's input image as a 16 x 16 greyscale thumbnail, standardised per image. Frontal chest
+  X-rays share one layout (two dark lungs, the mediastinum between them, the diaphragm below); other body
+  parts, CT and MR slices, documents, photographs, rotated, inverted, cropped or padded images do not.
+* features: the model's last convolutional feature map, globally average-pooled (the pooling layer's
+  output; each member's, side by side, for an ensemble): textures and contents the network never saw.
+
+Each distance is divided by its median on validation images and the score is the sum of their squares,
+so neither term dominates by its dimension. The flag is set above the score's quantile on validation
+images (evaluate.ood_flagged: the share of them flagged). Why these two and not the penultimate layer
+alone, and what each catches: docs/decisions.md "Out-of-distribution score", measured in
+benchmarks/ood.md.
+
+Ledoit-Wolf, not the sample covariance: 256 dimensions from a few hundred images is singular
+without shrinkage (Anthony & Kamnitsas 2023 found shrunk Mahalanobis on pooled features the most
+reliable OOD score for medical images among those that need no outlier data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+THUMBNAIL = 16  # pixels a side of the layout thumbnail
+METHOD = "mahalanobis: layout thumbnail 16x16 + pooled features (Ledoit-Wolf), validation-normalised sum of squares"
+
+
+def layout(images: np.ndarray) -> np.ndarray:
+    """(n, THUMBNAIL**2): each model input image (uint8 or float, (n, h, w, 3)) as a greyscale thumbnail
+    (box-averaged), standardised to zero mean and unit variance; a blank image is all zeros."""
+    images = np.asarray(images)
+    count, height, width, channels = images.shape
+    if height % THUMBNAIL or width % THUMBNAIL:
+        import tensorflow as tf
+
+        grey = images.astype(np.float32).mean(axis=-1, keepdims=True)
+        thumbnails = tf.image.resize(grey, (THUMBNAIL, THUMBNAIL), method="area").numpy()
+    else:  # the same box average, summed in integers: ten times faster than float means, beside each prediction
+        blocks = images.reshape(count, THUMBNAIL, height // THUMBNAIL, THUMBNAIL, width // THUMBNAIL, channels)
+        summed = blocks.sum(axis=(2, 4, 5), dtype=np.uint64 if images.dtype.kind in "ui" else np.float64)
+        thumbnails = summed.astype(np.float32) / (height * width * channels / THUMBNAIL**2)
+    thumbnails = thumbnails.reshape(count, -1)
+    centred = thumbnails - thumbnails.mean(axis=1, keepdims=True)
+    # 1% of the grey range: a near-constant image stays near zero instead of amplifying its noise
+    return centred / (centred.std(axis=1, keepdims=True) + 2.55)
+
+
+def pooled_features_model(model: keras.Model) -> keras.Model:
+    """The model with two outputs: its own output and its pooled last feature map (each member's, side by
+    side, for an ensemble of models.build.ensemble_of), in one forward pass."""
+    import keras
+
+    from pneumonia.models.build import members_of
+
+    def tapped(single: keras.Model) -> keras.Model:
+        pooling = [layer for layer in single.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+        if len(pooling) != 1:
+            raise ValueError(f"model {single.name!r} has {len(pooling)} global pooling layers, not 1: the "
+                             "out-of-distribution score needs the pooled feature map of models.build")
+        return keras.Model(single.input, [single.output, pooling[0].output], name=f"{single.name}_features")
+
+    members = members_of(model)
+    if not members:
+        return tapped(model)
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = [tapped(member)(inputs) for member in members]
+    return keras.Model(inputs, [keras.layers.Average(dtype="float32")([output for output, _ in outputs]),
+                                keras.layers.Concatenate(dtype="float32")([pooled for _, pooled in outputs])],
+                       name=f"{model.name}_features")
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """A Gaussian fitted on training vectors; distances are divided by `scale` (their median on validation)."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+    scale: float = 1.0
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray) -> Gaussian:
+        from sklearn.covariance import LedoitWolf
+
+        fitted = LedoitWolf().fit(np.asarray(vectors, dtype=np.float64))
+        return cls(fitted.location_, fitted.precision_)
+
+    def distance(self, vectors: np.ndarray) -> np.ndarray:
+        centred = np.asarray(vectors, dtype=np.float64) - self.mean
+        # einsum's own loop, not BLAS: a 32 x 256 by 256 x 256 product is ~1 ms either way, but multi-threaded
+        # BLAS beside TensorFlow's threads on a busy CPU took 30-70 ms, more than the forward pass
+        squared = np.einsum("ij,ij->i", np.einsum("ij,jk->ik", centred, self.precision, optimize=False), centred)
+        return np.sqrt(np.maximum(squared, 0)) / self.scale
+
+
+@dataclass(frozen=True)
+class OodReference:
+    """What the score needs of the training and validation images: the Gaussians are stored with the model
+    (<model>.ood.npz), the threshold in its settings (<model>.json, beside the validation share it flags)."""
+
+    layout: Gaussian
+    features: Gaussian
+    threshold: float  # a score above it is flagged
+
+    def scores(self, thumbnails: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self.layout.distance(thumbnails) ** 2 + self.features.distance(features) ** 2
+
+    def save(self, path: Path) -> None:
+        from pneumonia import atomic
+
+        with atomic.atomic_path(path) as temporary, open(temporary, "wb") as file:
+            np.savez(file, **{f"{part}_{name}": getattr(getattr(self, part), name)
+                              for part in ("layout", "features") for name in ("mean", "precision", "scale")})
+
+    @classmethod
+    def load(cls, path: Path, threshold: float) -> OodReference:
+        with np.load(path) as stored:
+            parts = {part: Gaussian(stored[f"{part}_mean"], stored[f"{part}_precision"],
+                                    float(stored[f"{part}_scale"])) for part in ("layout", "features")}
+        return cls(**parts, threshold=threshold)
+
+
+def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+        flagged: float) -> OodReference:
+    """The reference from (thumbnails, features) of training images, each distance scaled by its median on
+    validation images, the flag above the validation scores' 1 - `flagged` quantile."""
+    scaled = {}
+    for part, fitted_on, scaled_on in zip(("layout", "features"), train, validation):
+        gaussian = Gaussian.fit(fitted_on)
+        scaled[part] = Gaussian(gaussian.mean, gaussian.precision, float(np.median(gaussian.distance(scaled_on))))
+    unthresholded = OodReference(**scaled, threshold=np.inf)
+    return OodReference(**scaled, threshold=float(np.quantile(unthresholded.scores(*validation), 1 - flagged)))
+
+
+MAX_FITTED_IMAGES = 5000  # training images the Gaussians are fitted on: all of Kaggle's 5,216 but a few
+
+
+def split_inputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnails, pooled features) of a TFRecords split's images in file order, at most `limit` of them;
+    `features_model` is pooled_features_model's."""
+    from pneumonia.data.dataset import evaluation_batches
+
+    thumbnails, features, seen = [], [], 0
+    for images, _ in evaluation_batches(tfrecords, split, batch_size):
+        if limit is not None and seen >= limit:
+            break
+        images = images.numpy()
+        thumbnails.append(layout(images))
+        features.append(features_model.predict_on_batch(images)[1])
+        seen += len(images)
+    return np.concatenate(thumbnails)[:limit], np.concatenate(features)[:limit]
