@@ -69,6 +69,7 @@ def run(workdir: Path, scale: Scale, sample_zip: Path, members: int | None = Non
     from pneumonia.config import load_params
     from pneumonia.data import dataset
     from pneumonia.data.tfrecords import write_tfrecords
+    from pneumonia.engines import KerasEngine
     from pneumonia.evaluation.predictions import predict_split
     from pneumonia.model_settings import write_beside
     from pneumonia.models.build import build_model, ensemble_of
@@ -93,7 +94,8 @@ def run(workdir: Path, scale: Scale, sample_zip: Path, members: int | None = Non
     # predict as it runs: with the out-of-distribution score (a reference of the stand-ins: its values do not
     # change the work)
     reference = stand_in_reference(model, tfrecords, batch_size)
-    classifier = Classifier(model, threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality, ood=reference)
+    classifier = Classifier(KerasEngine(model), threshold=0.5, jpeg_quality=params.tfrecords.jpeg_quality,
+                            ood=reference)
 
     def training_rate() -> float:  # of the whole model: an ensemble trains its members one after another
         timer = epoch_timer()
@@ -233,12 +235,14 @@ def ensemble_speed(model_files: list[Path], images: int = 512, repeats: int = 5)
     import numpy as np
 
     from pneumonia.classifier import IMAGES_PER_PASS, Classifier
+    from pneumonia.engines import KerasEngine
     from pneumonia.models.build import ensemble_of, load_model
 
     models = [load_model(path) for path in model_files]
     size = int(models[0].input_shape[1])
     batch = list(np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8))
-    classifiers = {members: Classifier(models[0] if members == 1 else ensemble_of(models[:members]), 0.5, 95)
+    classifiers = {members: Classifier(KerasEngine(models[0] if members == 1 else ensemble_of(models[:members])),
+                                       0.5, 95)
                    for members in range(1, len(models) + 1)}
     for classifier in classifiers.values():
         classifier.probabilities(batch[:IMAGES_PER_PASS])  # warm-up: tracing the predict function

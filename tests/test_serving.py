@@ -382,6 +382,7 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     import pandas as pd
 
     from pneumonia.classifier import Classifier, load_classifier
+    from pneumonia.engines import KerasEngine
     from pneumonia.errors import PipelineError
     from pneumonia.evaluation.calibration import Calibration
     from pneumonia.evaluation.predictions import images_at, predict_split
@@ -395,10 +396,10 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     model = load_classifier(tmp_path / "model.keras").model  # as `pneumonia predict` has it
     tfrecords = synthetic_data / "data/tfrecords"
     evaluated = predict_split(with_tta := with_test_time_augmentation(model, 9), tfrecords, "test", 8)
-    classifier = Classifier(model, THRESHOLD, JPEG_QUALITY, tta_views=9)
+    classifier = Classifier(KerasEngine(model, tta_views=9), THRESHOLD, JPEG_QUALITY)
     images = images_at(tfrecords, "test", list(range(len(evaluated.labels))))
     np.testing.assert_allclose(classifier.probabilities(list(images)), evaluated.probabilities, rtol=1e-5)
-    assert classifier.predictor is not model and with_tta is not model
+    assert classifier.engine.predictor is not model and with_tta is not model
 
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serving").experiment_id):
         info = serving.log_model(tmp_path / "model.keras")
@@ -409,11 +410,12 @@ def test_test_time_augmentation_gives_evaluate_predict_and_the_served_model_the_
     np.testing.assert_allclose(served["probability"], calibration.apply(classifier.probabilities(preprocessed)),
                                rtol=1e-5)
     assert served["probability"].tolist() == pytest.approx(
-        Classifier(model, THRESHOLD, JPEG_QUALITY, 9, calibration).probabilities(preprocessed).tolist(), rel=1e-5)
-    plain = Classifier(model, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
+        Classifier(KerasEngine(model, 9), THRESHOLD, JPEG_QUALITY, calibration).probabilities(preprocessed).tolist(),
+        rel=1e-5)
+    plain = Classifier(KerasEngine(model), THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
     assert not np.allclose(classifier.probabilities(preprocessed), plain, rtol=1e-5)  # the views change them
     if members > 1:  # the mean of the members' probabilities, as benchmarks/prediction_levers averages them
-        by_member = [Classifier(member, THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
+        by_member = [Classifier(KerasEngine(member), THRESHOLD, JPEG_QUALITY).probabilities(preprocessed)
                      for member in members_of(model)]
         assert len(by_member) == members and not np.allclose(*by_member)
         np.testing.assert_allclose(plain, np.mean(by_member, axis=0), rtol=1e-5)
@@ -437,6 +439,7 @@ def test_a_self_trained_model_gives_evaluate_predict_and_the_served_model_its_ow
 
     from pneumonia import adaptation
     from pneumonia.classifier import Classifier, load_classifier
+    from pneumonia.engines import KerasEngine
     from pneumonia.evaluation.predictions import images_at, pneumonia_probability, predict_split
     from pneumonia.models.build import load_model
     from test_adaptation import site_model
@@ -457,8 +460,8 @@ def test_a_self_trained_model_gives_evaluate_predict_and_the_served_model_its_ow
         info = serving.log_model(tmp_path / "adapted.keras")
     served = mlflow.pyfunc.load_model(info.model_uri).predict(
         pd.DataFrame({serving.IMAGE_COLUMN: [serving.encode_image(file.read_bytes()) for file in xrays]}))
-    classifier = Classifier(adapted, THRESHOLD, JPEG_QUALITY)
+    classifier = Classifier(KerasEngine(adapted), THRESHOLD, JPEG_QUALITY)
     expected = classifier.probabilities([classifier.preprocess(file) for file in xrays])
     np.testing.assert_allclose(served["probability"], expected, rtol=1e-5)
-    assert not np.allclose(expected, Classifier(site_model(48), THRESHOLD, JPEG_QUALITY).probabilities(
+    assert not np.allclose(expected, Classifier(KerasEngine(site_model(48)), THRESHOLD, JPEG_QUALITY).probabilities(
         [classifier.preprocess(file) for file in xrays]), rtol=1e-3)  # self-training changed the model
