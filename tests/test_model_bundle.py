@@ -228,6 +228,19 @@ def test_the_served_model_flags_or_refuses_the_same_headers(bundle, dicoms, tmp_
         served(refusing.model_uri, [dicoms["adult"]])
 
 
+@pytest.mark.parametrize("size", [32, 150, 299])
+def test_the_layout_thumbnail_is_tensorflows_area_resize_at_any_image_size(size):
+    """issue 36: the layout thumbnail of an image size not a multiple of 16 was TensorFlow's area resize, so a
+    prediction at such a size imported TensorFlow; NumPy gives the same thumbnail."""
+    import tensorflow as tf
+
+    images = np.random.default_rng(size).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    grey = tf.image.resize(images.astype(np.float32).mean(axis=-1, keepdims=True), (16, 16), method="area")
+    thumbnails = grey.numpy().reshape(3, -1)
+    centred = thumbnails - thumbnails.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(ood.layout(images), centred / (centred.std(axis=1, keepdims=True) + 2.55), atol=1e-5)
+
+
 def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_images_and_saved_whole(tmp_path):
     from sklearn.covariance import LedoitWolf
 
