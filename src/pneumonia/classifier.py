@@ -119,8 +119,8 @@ class Classifier:
 
 
 def load_classifier(path: Path, input_checks_policy: str | None = None) -> Classifier:
-    """The model bundle at `path` (a folder such as models/, or its .keras file with <stem>.json and
-    <stem>.ood.npz beside it: the pipeline's, one `pneumonia adapt` wrote, or one inside a logged MLflow
+    """The model bundle at `path` (a folder such as models/, or its .keras file with <stem>.json,
+    <stem>.ood.npz and <stem>.onnx beside it: the pipeline's, one `pneumonia adapt` wrote, or one inside a logged MLflow
     model), used with every setting of its run; `input_checks_policy` overrides its input checks.
 
     It predicts with ONNX Runtime when the bundle holds its <stem>.onnx and each probability is of one view

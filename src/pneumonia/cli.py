@@ -151,13 +151,14 @@ def add_predict_parser(commands) -> None:
                     "out-of-distribution score and flag (how unlike the training X-rays it is), and why it is "
                     "outside the model's intended use (DICOM header: body part, view, patient age). Intended use: "
                     "frontal chest X-rays of children aged 1 to 5; decision support, not a diagnosis "
-                    f"({paths.MODEL_CARD}). Every setting comes with the model (model.json and model.ood.npz beside "
-                    "model.keras): a copy of models/ works from any folder. "
+                    f"({paths.MODEL_CARD}). Every setting comes with the model (model.json, model.ood.npz and "
+                    "model.onnx beside model.keras): a copy of models/ works from any folder. "
                     "Exit code 1 when some file could not be predicted.")
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     predict_parser.add_argument("--model", default=str(paths.MODELS),
-                                help="the model: a folder holding model.keras, model.json and model.ood.npz "
-                                     "(default models/), a .keras file with its .json and .ood.npz beside it "
+                                help="the model: a folder holding model.keras, model.json, model.ood.npz and "
+                                     "model.onnx (default models/), a .keras file with its .json, .ood.npz and .onnx "
+                                     "beside it "
                                      "(e.g. one `pneumonia adapt` wrote), or an MLflow model: runs:/<run id>/model, "
                                      "models:/<name>@champion")
     predict_parser.add_argument("--model-uri", help="an MLflow model (the same as --model runs:/... or models:/...)")
@@ -282,7 +283,7 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("--model", type=Path, default=paths.MODELS,
                               help="the model's folder or .keras file (default models/)")
     adapt_parser.add_argument("--out", type=Path, required=True,
-                              help="where to write the adapted .keras model (its .json and .ood.npz beside it)")
+                              help="where to write the adapted .keras model (its .json, .ood.npz and .onnx beside it)")
     adapt_parser.add_argument("--min-images", type=at_least_one, default=50,
                               help="refuse fewer images than this (default 50)")
     adapt_parser.add_argument("--method", choices=("batch_norm", "self_training"), default="batch_norm",

@@ -147,8 +147,8 @@ def read_settings(model: Path) -> ModelSettings:
         raise PipelineError(
             f"{model} has no settings file {path.name} beside it (threshold, input size, out-of-distribution "
             f"reference): it was trained before models carried their settings, or copied without them. Copy the "
-            f"whole models/ folder ({MODEL_FILE}, model.json, model{OOD_SUFFIX}), or run the evaluate stage again "
-            "(`dvc repro`) to write them")
+            f"whole models/ folder ({MODEL_FILE}, model.json, model{OOD_SUFFIX}, model{ONNX_SUFFIX}), or run the "
+            "evaluate stage again (`dvc repro`) to write them")
     return read_settings_file(path)
 
 
