@@ -6,9 +6,9 @@ score (pneumonia.ood) from one forward pass.
 ONNX Runtime, where it applies (one view an image), so that `pneumonia predict` and the served model need not
 import TensorFlow: its import is most of a one-image prediction's time (docs/performance.md). The `.onnx` is
 ood.pooled_features_model's graph exported by tf2onnx (`onnx_model`); its probabilities and features equal
-Keras's to float rounding (tests/test_serving.py, on real X-rays). Keras stays where ONNX cannot follow: test-time views
-(evaluate.tta_views > 1: their affine warps have no ONNX operator), Grad-CAM maps (gradients) and `pneumonia
-adapt` (training); an OnnxEngine loads the Keras model only when one of them asks for it.
+Keras's to float rounding (tests/test_serving.py, on real X-rays). Keras stays where ONNX cannot follow:
+test-time views (evaluate.tta_views > 1: their affine warps have no ONNX operator), Grad-CAM maps (gradients)
+and `pneumonia adapt` (training); an OnnxEngine loads the Keras model only when one of them asks for it.
 """
 
 from __future__ import annotations
