@@ -49,6 +49,8 @@ class Scale:
     predict_images: int = 1000
     serve_clients: tuple[int, ...] = (1, 4, 8)
     serve_requests: int = 200
+    # `pneumonia predict` on one image, a fresh process each: with the bundle's model.onnx, and without (Keras)
+    startup_engines: tuple[str, ...] = ("onnx", "keras")
     # memory
     memory_copies: tuple[int, int] = (1, 4)
     # incremental_dvc
@@ -64,6 +66,7 @@ SMOKE = replace(
     FULL, repeats=1, sample_every=25, train_rounds=1, train_steps=2, train_epochs=2, speed_rounds=1, speed_steps=2,
     every_speed_variant=False, speed_processes=False, standins=12, standin_size=(360, 300), read_batches=4,
     folder_passes=1, conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8,
+    startup_engines=("onnx",),
     memory_copies=(1, 2),
     # The data stages that import no TensorFlow, and no experiment (that `dvc exp run -S` reruns train and evaluate
     # only is checked by tests/test_pipeline_e2e.py). val_fraction 0.25: with 6 patients a class, 0.15 leaves no

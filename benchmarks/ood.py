@@ -213,9 +213,11 @@ def prediction_cost(model, images: np.ndarray, files: list[Path], reference, rep
     decoding, resizing, the model) and of the model alone on decoded inputs. The two alternated, the fastest
     of `repeats` rounds each, so that other load on the machine hits both alike."""
     from pneumonia.classifier import Classifier
+    from pneumonia.engines import KerasEngine
     from pneumonia.inference import predict_files
 
-    classifiers = {"without": Classifier(model, 0.5, 95), "with": Classifier(model, 0.5, 95, ood=reference)}
+    classifiers = {"without": Classifier(KerasEngine(model), 0.5, 95),
+                   "with": Classifier(KerasEngine(model), 0.5, 95, ood=reference)}
     ways = {"predict": (lambda classifier: predict_files(classifier, files), len(files)),
             "model": (lambda classifier: classifier.predict(list(images)), len(images))}
     for classifier in classifiers.values():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia import CLASS_NAMES, ood
+from pneumonia import CLASS_NAMES, engines, ood
 from pneumonia.model_settings import (
     CalibrationSettings,
     ModelSettings,
@@ -29,10 +29,10 @@ def smooth_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, tta_views: int = 1,
                    input_checks: str = "flag", threshold_rule: str = "a test's", images: np.ndarray | None = None,
-                   model=None, calibration=None) -> ModelSettings:
+                   model=None, calibration=None, onnx: bool = True) -> ModelSettings:
     """Settings deciding at `threshold` (on the probability `calibration`, evaluation.calibration, makes) and an OOD
-    reference fitted on `images` (every other one; the flag's
-    threshold on the rest), written beside the .keras file `model_path`."""
+    reference fitted on `images` (every other one; the flag's threshold on the rest), written beside the .keras file
+    `model_path` with the model's ONNX graph (as the evaluate stage writes them; without it for `onnx=False`)."""
     model = model or load_model(model_path)
     size = int(model.input_shape[1])
     images = smooth_images(48, size) if images is None else images
@@ -49,5 +49,5 @@ def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, t
                                                    validation_flagged=0.05),
         training_data=TrainingData(source="synthetic", archive_sha256=None, manifests_sha256="0" * 64,
                                    images={"train": len(images)}), git_commit=None)
-    write_beside(model_path, settings, reference)
+    write_beside(model_path, settings, reference, engines.onnx_model(model) if onnx else None)
     return settings

@@ -257,12 +257,13 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
     images = [classifier.preprocess(path) for path in sorted(site.iterdir())]
     in_memory = adaptation.self_train(site_model(), np.stack(images), 0.3, seed=3)
     expected = pneumonia_probability(in_memory.predict(np.stack(images).astype(np.float32), verbose=0))
-    np.testing.assert_allclose(classifier.probabilities(images), expected, rtol=1e-6)
+    # predicted with adapted.onnx, exported with it: ONNX Runtime's float rounding is not Keras's (~1e-7 apart)
+    np.testing.assert_allclose(classifier.probabilities(images), expected, rtol=1e-6, atol=1e-6)
     # `pneumonia predict --model` reads it as any model.
     cli.main(["predict", str(site), "--model", "adapted.keras", "--json", "predictions.json"])
     predicted = json.loads((tmp_path / "predictions.json").read_text())
     np.testing.assert_allclose([row["probability"] for row in sorted(predicted, key=lambda row: row["file"])],
-                               expected, rtol=1e-5)
+                               expected, rtol=1e-5, atol=1e-6)
 
 
 def test_self_training_pseudo_labels_the_models_output_at_the_threshold_before_calibration(tmp_path, monkeypatch):

@@ -66,6 +66,7 @@ def test_inference_benchmarks_time_predict_evaluate_and_the_served_model_and_ens
         for clients, level in result["served"]["clients"].items():  # every request answered 200, else it fails
             assert level["requests"] >= int(clients) and 0 < level["p50_ms"] <= level["p99_ms"], clients
             assert level["images_per_second"] > 0, clients
+        assert 0 < min(result["startup"]["onnx"]["cpu_seconds"])  # one-image predict with ONNX Runtime, timed
         assert sum(line.startswith(f"| {BENCHMARKS[name]}:") for line in rows) == 1
 
 

@@ -131,14 +131,14 @@ def test_the_models_settings_carry_the_calibration_and_refuse_a_broken_one(tmp_p
 def test_the_classifier_reports_the_calibrated_probability():
     """What predict and serving return: the model's probability through the run's calibration."""
     from pneumonia.classifier import Classifier
+    from pneumonia.engines import KerasEngine
 
     class Constant:  # a model whose probability of pneumonia is 0.9 for every image
         def predict_on_batch(self, batch):
             return np.full((len(batch), 1), 0.9, "float32")
 
     fitted = Calibration("platt", scale=0.5, shift=-1.5)
-    classifier = Classifier(Constant(), threshold=0.5, jpeg_quality=95, calibration=fitted)
-    classifier.__dict__["predictor"] = classifier.model  # no test-time views: the model itself
+    classifier = Classifier(KerasEngine(Constant()), threshold=0.5, jpeg_quality=95, calibration=fitted)
     [probability] = classifier.probabilities([np.zeros((8, 8, 3), "uint8")])
     assert probability == pytest.approx(expit(0.5 * np.log(0.9 / 0.1) - 1.5))
     assert classifier.label(probability) == "NORMAL"  # 0.9 uncalibrated, 0.40 calibrated

@@ -289,11 +289,11 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
 
 def test_the_predict_cli_exits_non_zero_naming_the_bad_dicom(xray, tmp_path, monkeypatch, capsys):
     from pneumonia import classifier, cli
-    from test_predict import MeanBrightness
+    from test_predict import by_brightness
 
     data, message = bad_dicoms(xray)["ct"]
     (tmp_path / "ct.dcm").write_bytes(data)
-    monkeypatch.setattr(classifier, "load_classifier", lambda *args: classifier.Classifier(MeanBrightness(), 0.5, 90))
+    monkeypatch.setattr(classifier, "load_classifier", lambda *args: by_brightness(jpeg_quality=90))
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text("{}\n")
     with pytest.raises(SystemExit) as exit_info:

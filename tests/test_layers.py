@@ -21,8 +21,8 @@ LAYERS = (
     ("data and models", {"pneumonia.data", "pneumonia.models", "pneumonia.distribute", "pneumonia.keras_compat"}),
     ("training, evaluation and tracking", {"pneumonia.training", "pneumonia.evaluation", "pneumonia.tracking",
                                            "pneumonia.ood"}),
-    ("using a trained model", {"pneumonia.classifier", "pneumonia.inference", "pneumonia.serving",
-                               "pneumonia.adaptation", "pneumonia.comparison"}),
+    ("using a trained model", {"pneumonia.classifier", "pneumonia.engines", "pneumonia.inference",
+                               "pneumonia.serving", "pneumonia.adaptation", "pneumonia.comparison"}),
     ("the command line", {"pneumonia.cli"}),
 )
 

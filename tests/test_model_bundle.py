@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from bundles import smooth_images, write_settings
 from dicoms import SECRETS, dataset, file_bytes, png_bytes, sample_xrays
-from pneumonia import cli, ood, paths, serving
+from pneumonia import cli, engines, ood, paths, serving
 from pneumonia.classifier import load_classifier
 from pneumonia.config import ModelConfig
 from pneumonia.model_settings import model_file, ood_file, read_settings, settings_file
@@ -84,6 +84,11 @@ def test_a_copy_of_models_predicts_from_an_empty_folder_as_in_the_repository(bun
      "is not a model settings file of this version"),
     (lambda folder: build_model(ModelConfig(crop=0), 32).save(folder / "model.keras"),  # another (random) model
      "belongs to another model (its model_sha256 is not this file's)"),
+    (lambda folder: (folder / "model.onnx").write_bytes(engines.onnx_model(build_model(ModelConfig(crop=0), 32))),
+     "model.onnx belongs to another model (its sha256 is not the onnx_sha256 of model.json)"),
+    (lambda folder: (folder / "model.json").write_text(  # a bundle written without one, and a stray model.onnx
+        json.dumps({**json.loads((folder / "model.json").read_text()), "onnx_sha256": None})),
+     "model.onnx belongs to another model (its sha256 is not the onnx_sha256 of model.json)"),
 ])
 def test_a_model_without_its_settings_gets_a_message_saying_what_to_do(bundle, xrays, capsys, damage, message):
     damage(bundle)
@@ -92,6 +97,22 @@ def test_a_model_without_its_settings_gets_a_message_saying_what_to_do(bundle, x
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and ("Copy the whole models/ folder" in err or "dvc repro" in err), err
+
+
+def test_a_bundle_without_its_onnx_predicts_with_keras_as_with_it(bundle, xrays, tmp_path, monkeypatch):
+    """issue 36: model.onnx is what predict runs where it can (ONNX Runtime, no TensorFlow); a bundle copied
+    without it, or written before bundles had one, predicts with the Keras model: the same answers."""
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(load_classifier(bundle).engine, engines.OnnxEngine)
+    with_onnx = predicted(*map(str, xrays), "--model", str(bundle), "onnx.json")
+    (bundle / "model.onnx").unlink()
+    assert isinstance(load_classifier(bundle).engine, engines.KerasEngine)
+    with_keras = predicted(*map(str, xrays), "--model", str(bundle), "keras.json")
+    assert [row["label"] for row in with_onnx] == [row["label"] for row in with_keras]
+    np.testing.assert_allclose([row["probability"] for row in with_onnx], [row["probability"] for row in with_keras],
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose([row["ood_score"] for row in with_onnx], [row["ood_score"] for row in with_keras],
+                               rtol=1e-4)  # rounded to 4 decimals
 
 
 def served(model_uri: str, files: list[Path]) -> pd.DataFrame:
@@ -124,7 +145,8 @@ def test_predict_adapt_and_the_mlflow_model_follow_the_settings_the_evaluate_sta
         adapted = read_settings(tmp_path / "site.keras")
         assert (adapted.threshold, adapted.threshold_rule, adapted.jpeg_quality) == (threshold, rule, 90)
         assert adapted.adapted.startswith("batch_norm on 4 images")
-        assert load_classifier(tmp_path / "site.keras").threshold == threshold
+        site = load_classifier(tmp_path / "site.keras")
+        assert site.threshold == threshold and isinstance(site.engine, engines.OnnxEngine)  # its own site.onnx
 
         with mlflow.start_run(experiment_id=experiment):
             info = serving.log_model(bundle / "model.keras")
@@ -132,7 +154,8 @@ def test_predict_adapt_and_the_mlflow_model_follow_the_settings_the_evaluate_sta
         assert list(answer["label"]) == expected
         np.testing.assert_allclose(answer["probability"], probabilities, rtol=1e-5)
         np.testing.assert_allclose(answer["ood_score"], [row["ood_score"] for row in rows], rtol=1e-3)
-        assert serving.logged_classifier(info.model_uri).threshold == threshold
+        logged_classifier = serving.logged_classifier(info.model_uri)
+        assert logged_classifier.threshold == threshold and isinstance(logged_classifier.engine, engines.OnnxEngine)
         logged = mlflow.models.get_model_info(info.model_uri)
         assert "children aged 1 to 5" in logged.metadata["population"]
 
@@ -203,6 +226,19 @@ def test_the_served_model_flags_or_refuses_the_same_headers(bundle, dicoms, tmp_
     with pytest.raises(MlflowException, match="row 0 of column 'image' is outside the model's intended use: "
                                               "patient age outside 0-5 years"):
         served(refusing.model_uri, [dicoms["adult"]])
+
+
+@pytest.mark.parametrize("size", [32, 150, 299])
+def test_the_layout_thumbnail_is_tensorflows_area_resize_at_any_image_size(size):
+    """issue 36: the layout thumbnail of an image size not a multiple of 16 was TensorFlow's area resize, so a
+    prediction at such a size imported TensorFlow; NumPy gives the same thumbnail."""
+    import tensorflow as tf
+
+    images = np.random.default_rng(size).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    grey = tf.image.resize(images.astype(np.float32).mean(axis=-1, keepdims=True), (16, 16), method="area")
+    thumbnails = grey.numpy().reshape(3, -1)
+    centred = thumbnails - thumbnails.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(ood.layout(images), centred / (centred.std(axis=1, keepdims=True) + 2.55), atol=1e-5)
 
 
 def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_images_and_saved_whole(tmp_path):

@@ -31,7 +31,7 @@ from conftest import (
 from pneumonia import SPLITS
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
-from pneumonia.model_settings import read_settings
+from pneumonia.model_settings import onnx_digest, read_settings
 
 # A sweep of two models (docs/models.md): the model swap of the README (`-S model.name=xception`, from
 # scratch: no ImageNet weights here), and the custom CNN at another learning rate than the baseline's, as an
@@ -123,6 +123,8 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     assert settings.training_data.images == {"train": sum(data_counts["train"].values()),
                                              "val": sum(data_counts["val"].values()), "test": 12}
     assert 0 < settings.ood.validation_flagged <= 0.2 and test_metrics["ood"]["images"] == test_metrics["n"]
+    # ... and its ONNX graph, what predict runs (issue 36), bound to the settings
+    assert settings.onnx_sha256 == onnx_digest((synthetic_project / "models/model.onnx").read_bytes())
     card = (synthetic_project / "docs/model_card.md").read_text()
     assert "children aged 1 to 5" in card and f"{settings.threshold:.4f}" in card
     train_metrics = json.loads((synthetic_project / "metrics/train.json").read_text())

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -20,6 +21,7 @@ from pneumonia.classifier import Classifier, model_input
 from pneumonia.config import ModelConfig
 from pneumonia.data import dataset
 from pneumonia.data.manifest import read_manifest
+from pneumonia.engines import KerasEngine
 from pneumonia.errors import PipelineError
 from pneumonia.models.build import build_model
 
@@ -31,6 +33,10 @@ class MeanBrightness:
 
     def predict_on_batch(self, images):
         return images.reshape(len(images), -1).mean(axis=1, keepdims=True) / 255
+
+
+def by_brightness(threshold: float = 0.5, jpeg_quality: int = 95) -> Classifier:
+    return Classifier(KerasEngine(MeanBrightness()), threshold, jpeg_quality)
 
 
 def save_image(path: Path, mode: str, size: tuple[int, int], value: int, fmt: str) -> Path:
@@ -79,7 +85,7 @@ def test_model_input_is_the_training_image(synthetic_data):
 
 
 def test_every_readable_file_is_predicted_and_each_bad_one_gets_its_error(images):
-    classifier = Classifier(MeanBrightness(), threshold=0.5, jpeg_quality=95)
+    classifier = by_brightness()
     files = [images["dark_jpeg_rgb"], images["not_an_image"], images["bright_png_grey"],
              images["truncated"], images["folder"] / "missing.png"]
     results = inference.predict_files(classifier, files)
@@ -96,9 +102,9 @@ def test_every_readable_file_is_predicted_and_each_bad_one_gets_its_error(images
 
 def test_label_follows_the_threshold(images):
     bright = [images["bright_png_grey"]]
-    probability = inference.predict_files(Classifier(MeanBrightness(), 0.5, 95), bright)[0].probability
-    assert inference.predict_files(Classifier(MeanBrightness(), probability, 95), bright)[0].label == "PNEUMONIA"
-    assert inference.predict_files(Classifier(MeanBrightness(), probability + 1e-6, 95), bright)[0].label == "NORMAL"
+    probability = inference.predict_files(by_brightness(), bright)[0].probability
+    assert inference.predict_files(by_brightness(probability), bright)[0].label == "PNEUMONIA"
+    assert inference.predict_files(by_brightness(probability + 1e-6), bright)[0].label == "NORMAL"
 
 
 def test_folders_give_their_jpeg_and_png_files_recursively(images):
@@ -156,10 +162,39 @@ def test_cli_prints_writes_csv_and_json_and_fails_for_a_bad_file(project, images
     assert (overlay.max(axis=-1) - overlay.min(axis=-1)).max() > 20  # coloured by the map, not just the grey X-ray
 
 
+# `pneumonia predict ...` run as `python -c WITH_IMPORTS predict ...`: on exit, stderr's last line names the
+# TensorFlow and Keras modules the command imported
+WITH_IMPORTS = ("import atexit, sys; from pneumonia.cli import main; atexit.register(lambda: print('imported:', "
+                "sorted({name.split('.')[0] for name in sys.modules} & {'tensorflow', 'keras'}), file=sys.stderr)); "
+                "main(sys.argv[1:])")
+
+
+@pytest.mark.slow  # three processes, one without TensorFlow
+def test_predict_with_onnx_runtime_imports_neither_tensorflow_nor_keras(project, images):
+    """issue 36: TensorFlow's import was most of a one-image prediction's 7.5 s. With the bundle's model.onnx
+    nothing imports it; Grad-CAM maps and a bundle without model.onnx still do."""
+    command = [sys.executable, "-c", WITH_IMPORTS, "predict", str(images["dark_jpeg_rgb"]), "--json", "out.json"]
+    onnx = subprocess.run(command, env=tool_env(), capture_output=True, text=True, check=True)
+    assert onnx.stderr.splitlines()[-1] == "imported: []", onnx.stderr
+    gradcam = subprocess.run([*command, "--gradcam", "cams"], env=tool_env(), capture_output=True, text=True,
+                             check=True)
+    assert gradcam.stderr.splitlines()[-1] == "imported: ['keras', 'tensorflow']", gradcam.stderr
+    assert gradcam.stdout == onnx.stdout and len(list(Path("cams").iterdir())) == 1  # predicted with ONNX Runtime
+    by_onnx = json.loads(Path("out.json").read_text())
+    Path("models/model.onnx").unlink()
+    by_keras = subprocess.run(command, env=tool_env(), capture_output=True, text=True, check=True)
+    assert by_keras.stderr.splitlines()[-1] == "imported: ['keras', 'tensorflow']", by_keras.stderr
+    [onnx_row], [keras_row] = by_onnx, json.loads(Path("out.json").read_text())
+    assert onnx_row["probability"] == pytest.approx(keras_row["probability"], abs=1e-5)
+    assert onnx_row["ood_score"] == pytest.approx(keras_row["ood_score"], abs=1e-3)  # rounded to 4 decimals
+
+
 @pytest.mark.slow  # two processes that import TensorFlow
 def test_the_command_prints_its_own_output_and_tensorflow_log_only_with_verbose(project, images):
     """TensorFlow's native start-up lines (oneDNN's notice, "Could not find cuda drivers", written before its log
-    level applies) printed eight lines on every call; now only with --verbose."""
+    level applies) printed eight lines on every call; now only with --verbose. Predicting with Keras (a bundle
+    without model.onnx): with ONNX Runtime TensorFlow is not imported at all."""
+    Path("models/model.onnx").unlink()
     env = {key: value for key, value in tool_env().items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     command = ["pneumonia", "predict", str(images["dark_jpeg_rgb"])]
     quiet = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -268,7 +303,7 @@ def test_a_fifo_is_refused_not_waited_on(images):
     watchdog.start()
     started = time.monotonic()
     try:
-        results = inference.predict_files(Classifier(MeanBrightness(), 0.5, 95), [fifo, images["bright_png_grey"]])
+        results = inference.predict_files(by_brightness(), [fifo, images["bright_png_grey"]])
     finally:
         watchdog.cancel()
     assert time.monotonic() - started < 5

@@ -64,6 +64,21 @@ def paths_used(script: Path) -> set[str]:
             and node.attr.isupper()}
 
 
+# model_settings' functions giving a file of a model's bundle from its .keras path
+BUNDLE_FILES = {"settings_file", "ood_file", "onnx_file"}
+
+
+def bundle_files_named(script: Path) -> set[PurePosixPath]:
+    """The bundle files `script` names as `<model_settings function>(paths.NAME)`, e.g. onnx_file(paths.MODEL)."""
+    from pneumonia import model_settings
+
+    return {PurePosixPath(getattr(model_settings, node.func.id)(getattr(paths, node.args[0].attr)).as_posix())
+            for node in ast.walk(ast.parse(script.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in BUNDLE_FILES
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Attribute)
+            and isinstance(node.args[0].value, ast.Name) and node.args[0].value.id == "paths"}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_module_a_stage_imports_is_a_dep(name):
     stage = STAGES[name]
@@ -83,10 +98,11 @@ def test_every_path_a_stage_script_uses_is_declared(name):
     stage = STAGES[name]
     listed = declared(stage, "deps", "outs", "metrics", "plots")
     missing = {}
-    for constant in sorted(paths_used(script_of(stage)) - UNDECLARED_PATHS.keys()):
-        path = PurePosixPath(getattr(paths, constant).as_posix())
+    used = {constant: PurePosixPath(getattr(paths, constant).as_posix())
+            for constant in sorted(paths_used(script_of(stage)) - UNDECLARED_PATHS.keys())}
+    for name_or_path, path in [*used.items(), *((str(path), path) for path in bundle_files_named(script_of(stage)))]:
         if not any(covers(entry, path) or covers(path, entry) for entry in listed):
-            missing[constant] = str(path)
+            missing[name_or_path] = str(path)
     assert not missing, f"stage {name} uses paths not in its deps, outs, metrics or plots: {missing}"
 
 
@@ -96,7 +112,8 @@ def test_every_output_of_a_stage_is_named_by_its_script(name):
     declares, and writes it or hands its path to the library function that streams it to disk; no
     library function picks an output's place itself."""
     stage = STAGES[name]
-    named = [PurePosixPath(getattr(paths, constant).as_posix()) for constant in paths_used(script_of(stage))]
+    named = [*(PurePosixPath(getattr(paths, constant).as_posix()) for constant in paths_used(script_of(stage))),
+             *bundle_files_named(script_of(stage))]
     unnamed = [str(out) for out in declared(stage, "outs", "metrics", "plots")
                if not any(covers(path, out) or covers(out, path) for path in named)]
     assert not unnamed, f"stage {name}: its script does not name these outputs (paths.*): {unnamed}"

@@ -149,6 +149,7 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
     table = (["a"], [[1]])
     split = SimpleNamespace(tables=lambda: {name: table for name in stage.TEST_TABLES}, scores={"threshold": 0.1})
     settings = SimpleNamespace(to_json=lambda: '{"after": true}\n')
+    settings.model_copy = lambda update: settings
     result = SimpleNamespace(test=split, external=None, headline={"threshold": 0.1}, report=report, threshold=0.1,
                              mlflow_metrics=lambda: {}, settings=lambda *args: settings,
                              card=lambda *args: [("Intended use", ["after"])],
@@ -158,6 +159,7 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
     monkeypatch.setattr(stage, "training_data", lambda *args: None)
     monkeypatch.setattr(tracking, "manifests_hash", lambda path: "0" * 64)
     monkeypatch.setattr(stage, "load_model", lambda path: None)
+    monkeypatch.setattr(stage.engines, "onnx_model", lambda model: b"after")
     monkeypatch.setattr(tracking, "check_run", lambda run_info: None)
 
     @contextmanager
@@ -182,4 +184,5 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
     assert paths.EVALUATION_METRICS.read_text() == '{\n  "threshold": 0.1\n}\n'
     assert [p.name for p in paths.FIGURES.iterdir()] == ["roc.png"] and paths.TEST_SCORES.is_file()
     assert paths.MODEL_SETTINGS.read_text() == '{"after": true}\n' and paths.OOD_REFERENCE.read_text() == "after"
+    assert (paths.MODELS / "model.onnx").read_text() == "after"
     assert ("evaluation.html", "<html>after</html>") in logged and ("roc.png", "after") in logged

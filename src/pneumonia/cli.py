@@ -100,6 +100,15 @@ def predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def predict_imports_tensorflow(args: argparse.Namespace) -> bool:
+    """Whether `pneumonia predict` needs TensorFlow: for Grad-CAM maps, an MLflow model (loaded by MLflow), and a
+    bundle that ONNX Runtime does not predict with (classifier.predicts_with_onnx)."""
+    from pneumonia.classifier import predicts_with_onnx
+
+    model = args.model_uri or args.model
+    return bool(args.gradcam) or is_mlflow_uri(model) or not predicts_with_onnx(Path(model))
+
+
 def promote(args: argparse.Namespace) -> None:
     from pneumonia import serving
 
@@ -142,13 +151,14 @@ def add_predict_parser(commands) -> None:
                     "out-of-distribution score and flag (how unlike the training X-rays it is), and why it is "
                     "outside the model's intended use (DICOM header: body part, view, patient age). Intended use: "
                     "frontal chest X-rays of children aged 1 to 5; decision support, not a diagnosis "
-                    f"({paths.MODEL_CARD}). Every setting comes with the model (model.json and model.ood.npz beside "
-                    "model.keras): a copy of models/ works from any folder. "
+                    f"({paths.MODEL_CARD}). Every setting comes with the model (model.json, model.ood.npz and "
+                    "model.onnx beside model.keras): a copy of models/ works from any folder. "
                     "Exit code 1 when some file could not be predicted.")
     predict_parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     predict_parser.add_argument("--model", default=str(paths.MODELS),
-                                help="the model: a folder holding model.keras, model.json and model.ood.npz "
-                                     "(default models/), a .keras file with its .json and .ood.npz beside it "
+                                help="the model: a folder holding model.keras, model.json, model.ood.npz and "
+                                     "model.onnx (default models/), a .keras file with its .json, .ood.npz and .onnx "
+                                     "beside it "
                                      "(e.g. one `pneumonia adapt` wrote), or an MLflow model: runs:/<run id>/model, "
                                      "models:/<name>@champion")
     predict_parser.add_argument("--model-uri", help="an MLflow model (the same as --model runs:/... or models:/...)")
@@ -159,7 +169,7 @@ def add_predict_parser(commands) -> None:
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
                                 help="also write each image with the Grad-CAM map of its predicted class to DIR")
-    predict_parser.set_defaults(handler=predict, tensorflow=True)
+    predict_parser.set_defaults(handler=predict, tensorflow=predict_imports_tensorflow)
 
 
 def pipeline_outputs() -> list[Path]:
@@ -202,7 +212,7 @@ def adapt(args: argparse.Namespace) -> None:
     import keras
     import numpy as np
 
-    from pneumonia import adaptation, inference
+    from pneumonia import adaptation, engines, inference
     from pneumonia.classifier import load_classifier
     from pneumonia.errors import PipelineError
     from pneumonia.model_settings import write_bundle
@@ -236,7 +246,7 @@ def adapt(args: argparse.Namespace) -> None:
     how = f"{args.method} on {len(images)} images of a site"
     how += f", seed {args.seed}" if args.method == "self_training" else ""
     write_bundle(args.out, lambda written: keras.saving.save_model(adapted, written),
-                 classifier.settings.model_copy(update={"adapted": how}), classifier.ood)
+                 classifier.settings.model_copy(update={"adapted": how}), classifier.ood, engines.onnx_model(adapted))
     print(f"adapted to {len(images)} images of the site: {args.out} "
           f"(use it with `pneumonia predict --model {args.out} ...`)")
 
@@ -273,7 +283,7 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("--model", type=Path, default=paths.MODELS,
                               help="the model's folder or .keras file (default models/)")
     adapt_parser.add_argument("--out", type=Path, required=True,
-                              help="where to write the adapted .keras model (its .json and .ood.npz beside it)")
+                              help="where to write the adapted .keras model (its .json, .ood.npz and .onnx beside it)")
     adapt_parser.add_argument("--min-images", type=at_least_one, default=50,
                               help="refuse fewer images than this (default 50)")
     adapt_parser.add_argument("--method", choices=("batch_norm", "self_training"), default="batch_norm",
@@ -363,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in commands.choices.values():
         command.add_argument("--verbose", action="store_true",
                              help="also TensorFlow's own log (its C++ start-up notices), hidden by default")
-    parser.set_defaults(tensorflow=False)  # True: the command imports TensorFlow (quietly, unless --verbose)
+    # True (or a function of the arguments that says so): the command imports TensorFlow (quietly, unless --verbose)
+    parser.set_defaults(tensorflow=False)
     return parser
 
 
@@ -374,6 +385,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        if args.tensorflow:
+        if args.tensorflow(args) if callable(args.tensorflow) else args.tensorflow:
             import_tensorflow_quietly()
     run_stage(lambda: args.handler(args))

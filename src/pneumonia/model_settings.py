@@ -1,12 +1,13 @@
 """Everything needed to use a trained model as the pipeline evaluated it, written once beside the model.
 
-A model is a bundle of three files sharing a stem: `<stem>.keras` (the train stage's Keras model),
+A model is a bundle of four files sharing a stem: `<stem>.keras` (the train stage's Keras model),
 `<stem>.json` (these settings: threshold and the rule that chose it, input size, normalisation, test-time
 views, the TFRecords' JPEG quality, class names, input checks, the out-of-distribution flag's threshold,
-intended use, training data digest, git commit) and `<stem>.ood.npz` (the out-of-distribution reference,
-pneumonia.ood). The evaluate stage writes the last two as models/model.json and models/model.ood.npz;
-`pneumonia predict`, serving, the MLflow model and `adapt` read them from there, and a copy of models/
-works anywhere (docs/decisions.md "The model bundle").
+intended use, training data digest, git commit), `<stem>.ood.npz` (the out-of-distribution reference,
+pneumonia.ood) and `<stem>.onnx` (the same network for ONNX Runtime, pneumonia.engines; a bundle without it
+predicts with Keras). The evaluate stage writes the last three as models/model.json, models/model.ood.npz and
+models/model.onnx; `pneumonia predict`, serving, the MLflow model and `adapt` read them from there, and a copy
+of models/ works anywhere (docs/decisions.md "The model bundle").
 
 Bottom layer: pydantic only, no TensorFlow.
 """
@@ -25,6 +26,7 @@ from pneumonia.errors import PipelineError
 SETTINGS_FORMAT = 1  # of the settings file; a reader refuses others
 MODEL_FILE = "model.keras"  # the model in a bundle folder (models/)
 OOD_SUFFIX = ".ood.npz"
+ONNX_SUFFIX = ".onnx"
 
 InputCheckPolicy = Literal["flag", "refuse", "ignore"]
 
@@ -88,9 +90,17 @@ def model_digest(model: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+def onnx_digest(onnx: bytes) -> str:
+    """sha256 of a .onnx file's bytes: binds it to the settings, and so to the .keras file, it was exported with."""
+    import hashlib
+
+    return hashlib.sha256(onnx).hexdigest()
+
+
 class ModelSettings(Frozen):
     format: Literal[1] = SETTINGS_FORMAT
     model_sha256: str  # of the .keras file these settings belong to (model_digest)
+    onnx_sha256: str | None = None  # of the <stem>.onnx exported from it (onnx_digest); None: written without one
     model_name: str
     class_names: tuple[str, str]
     image_size: int = Field(ge=1)
@@ -125,6 +135,10 @@ def ood_file(model: Path) -> Path:
     return model.with_suffix(OOD_SUFFIX)
 
 
+def onnx_file(model: Path) -> Path:
+    return model.with_suffix(ONNX_SUFFIX)
+
+
 def read_settings(model: Path) -> ModelSettings:
     """The settings beside the .keras file `model`; a PipelineError saying what to do when they are missing or
     not this version's."""
@@ -133,18 +147,44 @@ def read_settings(model: Path) -> ModelSettings:
         raise PipelineError(
             f"{model} has no settings file {path.name} beside it (threshold, input size, out-of-distribution "
             f"reference): it was trained before models carried their settings, or copied without them. Copy the "
-            f"whole models/ folder ({MODEL_FILE}, model.json, model{OOD_SUFFIX}), or run the evaluate stage again "
-            "(`dvc repro`) to write them")
+            f"whole models/ folder ({MODEL_FILE}, model.json, model{OOD_SUFFIX}, model{ONNX_SUFFIX}), or run the "
+            "evaluate stage again (`dvc repro`) to write them")
     return read_settings_file(path)
 
 
+def damaged_model(model: Path, why: str) -> PipelineError:
+    """The error of a .keras file that is not a whole model (`why`: what is wrong with it); models.build.load_model
+    says the same of a file Keras cannot load."""
+    return PipelineError(f"{model} is damaged or not a Keras model file ({why}): copy it again, restore the "
+                         f"pipeline's model with `dvc checkout {paths.MODEL}` or train it again with `dvc repro`")
+
+
 def check_belongs(settings: ModelSettings, model: Path) -> None:
-    """A PipelineError when `settings` were not made for the .keras file `model`."""
+    """A PipelineError when `settings` were not made for the .keras file `model` (or it is not a whole one)."""
+    import zipfile
+
     if settings.model_sha256 != model_digest(model):
+        if not zipfile.is_zipfile(model):
+            raise damaged_model(model, "not a whole zip archive, as .keras are")
         raise PipelineError(
             f"{settings_file(model).name} beside {model} belongs to another model (its model_sha256 is not this "
             "file's): the model was replaced after its evaluation, or the files come from different runs. Copy one "
             "run's whole models/ folder, or run the evaluate stage again (`dvc repro`)")
+
+
+def checked_onnx(settings: ModelSettings, model: Path) -> bytes | None:
+    """The bytes of the .onnx file beside the .keras file `model`, None without one; a PipelineError when it
+    was not exported with the model `settings` belong to (a stray or stale copy)."""
+    path = onnx_file(model)
+    if not path.is_file():
+        return None
+    onnx = path.read_bytes()
+    if settings.onnx_sha256 != onnx_digest(onnx):
+        raise PipelineError(
+            f"{path} belongs to another model (its sha256 is not the onnx_sha256 of {settings_file(model).name}): "
+            "it was copied from another run or left from an earlier one. Copy one run's whole models/ folder, "
+            f"run the evaluate stage again (`dvc repro`), or delete {path.name} to predict with {model.name}")
+    return onnx
 
 
 def read_settings_file(path: Path) -> ModelSettings:
@@ -157,20 +197,28 @@ def read_settings_file(path: Path) -> ModelSettings:
                             "run the evaluate stage again (`dvc repro`) or restore the file") from None
 
 
-def write_beside(model: Path, settings: ModelSettings, ood) -> None:
-    """The settings and out-of-distribution reference (pneumonia.ood.OodReference) of the .keras file `model`,
-    beside it, each file atomically; the settings last, so settings that exist belong to a whole bundle."""
+def write_beside(model: Path, settings: ModelSettings, ood, onnx: bytes | None = None) -> None:
+    """The settings, out-of-distribution reference (pneumonia.ood.OodReference) and ONNX graph
+    (engines.onnx_model's; None: none, and an earlier one removed) of the .keras file `model`, beside it, each
+    file atomically; the settings last, so settings that exist belong to a whole bundle."""
     from pneumonia import atomic
 
     ood.save(ood_file(model))
+    if onnx is None:
+        onnx_file(model).unlink(missing_ok=True)
+    else:
+        with atomic.atomic_path(onnx_file(model)) as temporary:
+            temporary.write_bytes(onnx)
+    settings = settings.model_copy(update={"onnx_sha256": None if onnx is None else onnx_digest(onnx)})
     atomic.write_text(settings_file(model), settings.to_json())
 
 
-def write_bundle(model: Path, save_model: Callable[[Path], Any], settings: ModelSettings, ood) -> None:
+def write_bundle(model: Path, save_model: Callable[[Path], Any], settings: ModelSettings, ood,
+                 onnx: bytes | None) -> None:
     """A whole bundle at the .keras path `model`: save_model(path) writes the Keras model, then write_beside
     with `settings` bound to it."""
     from pneumonia import atomic
 
     with atomic.atomic_path(model) as written:
         save_model(written)
-    write_beside(model, settings.model_copy(update={"model_sha256": model_digest(model)}), ood)
+    write_beside(model, settings.model_copy(update={"model_sha256": model_digest(model)}), ood, onnx)

@@ -35,16 +35,24 @@ THUMBNAIL = 16  # pixels a side of the layout thumbnail
 METHOD = "mahalanobis: layout thumbnail 16x16 + pooled features (Ledoit-Wolf), validation-normalised sum of squares"
 
 
+def area_weights(size: int) -> np.ndarray:
+    """(THUMBNAIL, size): the share of each of `size` pixels in each thumbnail pixel along one axis, as TensorFlow's
+    area resize (tf.image.resize(method="area")) weighs them: the length of their spans' overlap over a thumbnail
+    pixel's span."""
+    span = size / THUMBNAIL
+    starts = np.arange(THUMBNAIL)[:, None] * span
+    pixels = np.arange(size)[None, :]
+    return np.clip(np.minimum(starts + span, pixels + 1) - np.maximum(starts, pixels), 0, None) / span
+
+
 def layout(images: np.ndarray) -> np.ndarray:
     """(n, THUMBNAIL**2): each model input image (uint8 or float, (n, h, w, 3)) as a greyscale thumbnail
     (box-averaged), standardised to zero mean and unit variance; a blank image is all zeros."""
     images = np.asarray(images)
     count, height, width, channels = images.shape
-    if height % THUMBNAIL or width % THUMBNAIL:
-        import tensorflow as tf
-
-        grey = images.astype(np.float32).mean(axis=-1, keepdims=True)
-        thumbnails = tf.image.resize(grey, (THUMBNAIL, THUMBNAIL), method="area").numpy()
+    if height % THUMBNAIL or width % THUMBNAIL:  # thumbnail pixels straddle image pixels: weighed by their overlap
+        grey = images.astype(np.float64).mean(axis=-1)
+        thumbnails = area_weights(height) @ grey @ area_weights(width).T
     else:  # the same box average, summed in integers: ten times faster than float means, beside each prediction
         blocks = images.reshape(count, THUMBNAIL, height // THUMBNAIL, THUMBNAIL, width // THUMBNAIL, channels)
         summed = blocks.sum(axis=(2, 4, 5), dtype=np.uint64 if images.dtype.kind in "ui" else np.float64)

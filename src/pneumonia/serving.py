@@ -1,8 +1,8 @@
 """The MLflow model of a run: base64-encoded JPEG/PNG/DICOM images in; probability of pneumonia, label,
 out-of-distribution score and flag, and the reasons an image is outside the intended use out.
 
-The evaluate stage logs it: it carries the model bundle (the Keras model, its settings and its
-out-of-distribution reference: pneumonia.model_settings), the model card and this package's code, and
+The evaluate stage logs it: it carries the model bundle (the Keras model, its settings, its
+out-of-distribution reference and its ONNX graph: pneumonia.model_settings), the model card and this package's code, and
 preprocesses like training (pneumonia.classifier). `pneumonia serve -m <uri>` (serve, below) or
 `mlflow models serve -m <uri>` serves it; a request is a DataFrame with a column "image" of base64 strings, e.g.
 
@@ -47,7 +47,7 @@ from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.errors import PipelineError
 from pneumonia.inference import prediction
 from pneumonia.logs import redact
-from pneumonia.model_settings import ood_file, read_settings_file, settings_file
+from pneumonia.model_settings import onnx_file, ood_file, read_settings_file, settings_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +57,7 @@ IMAGE_COLUMN = "image"
 KERAS_MODEL = "keras_model"  # the artifact holding the .keras file; the bundle's other files lie beside it
 SETTINGS_ARTIFACT = "settings"
 OOD_ARTIFACT = "ood_reference"
+ONNX_ARTIFACT = "onnx_model"  # the bundle's .onnx: the served model predicts with ONNX Runtime (pneumonia.engines)
 CARD_ARTIFACT = "model_card"
 CANDIDATE = "candidate"  # alias of a newly registered version; promotion moves "champion"
 SIGNATURE = ModelSignature(
@@ -73,8 +74,8 @@ MAX_IMAGE_BYTES = 16 * 2**20
 MAX_ENCODED_CHARS = MAX_IMAGE_BYTES * 4 // 3 * 77 // 76 + 4  # with GNU base64's line breaks
 DECODING = threading.BoundedSemaphore(2)
 # Needed to load and run the model where it is served; mlflow adds itself.
-REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg",
-                "python-gdcm")
+REQUIREMENTS = ("tensorflow", "keras", "onnxruntime", "simplejpeg", "numpy", "pandas", "pillow", "pydicom", "pylibjpeg",
+                "pylibjpeg-openjpeg", "python-gdcm")
 
 
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
@@ -147,20 +148,23 @@ def input_example() -> pd.DataFrame:
 
 
 def log_model(model_path: Path, name: str | None = None, model_card: Path | None = None,
-              settings: Path | None = None, ood: Path | None = None) -> ModelInfo:
-    """Log the model bundle of the .keras file `model_path` (the model, its settings and out-of-distribution
-    reference: the files beside it, or `settings` and `ood` named like them, as the evaluate stage stages them)
-    as the active run's MLflow model, with the `model_card` file.
+              settings: Path | None = None, ood: Path | None = None, onnx: Path | None = None) -> ModelInfo:
+    """Log the model bundle of the .keras file `model_path` (the model, its settings, out-of-distribution
+    reference and ONNX graph if it has one: the files beside it, or `settings`, `ood` and `onnx` named like them,
+    as the evaluate stage stages them) as the active run's MLflow model, with the `model_card` file.
 
     With a `name` (tracking.register_model), the model is also registered under it and the new
     version gets the alias "candidate".
     """
     settings, ood = settings or settings_file(model_path), ood or ood_file(model_path)
-    if (settings.name, ood.name) != (settings_file(model_path).name, ood_file(model_path).name):
-        raise ValueError(f"{settings.name} and {ood.name} are not named as {model_path.name}'s settings: the "
-                         "logged model would not find them")
+    onnx = onnx or onnx_file(model_path)
+    if (settings.name, ood.name, onnx.name) != (settings_file(model_path).name, ood_file(model_path).name,
+                                                onnx_file(model_path).name):
+        raise ValueError(f"{settings.name}, {ood.name} and {onnx.name} are not named as {model_path.name}'s bundle: "
+                         "the logged model would not find them")
     shown_settings = read_settings_file(settings)
     artifacts = {KERAS_MODEL: str(model_path), SETTINGS_ARTIFACT: str(settings), OOD_ARTIFACT: str(ood),
+                 **({ONNX_ARTIFACT: str(onnx)} if onnx.is_file() else {}),
                  **({CARD_ARTIFACT: str(model_card)} if model_card else {})}
     # the logged model's own params (on its page), not the run's
     # flat: MLflow's params are not nested
