@@ -53,7 +53,7 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
         ("Model", [f"{settings.model_name}, {settings.image_size} px input ({settings.input_norm} input "
                    f"normalisation), {settings.tta_views} test-time view(s).",
                    f"Git commit {settings.git_commit or 'unknown'}; settings travel with the model "
-                   "(model.json and model.ood.npz beside model.keras)."
+                   "(model.json, model.ood.npz and model.onnx beside model.keras)."
                    + (f" Adapted: {settings.adapted}." if settings.adapted else "")]),
         ("Training data", [f"Source: {data.source}; images per split: {counts}.",
                            f"Archive sha256 {data.archive_sha256 or 'n/a'}; split manifests sha256 "
