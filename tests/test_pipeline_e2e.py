@@ -370,6 +370,8 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     set_params(project, **{
         "data.source": "local", "data.local_path": str(sample_zip), "data.image_size": 64,
         "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(external_zip),
+        # one epoch at the full learning rate: the default cosine schedule would take it to 0 within the epoch
+        "train.lr_schedule": "exponential",
     })
     commit_all(project)
     result = run(["dvc", "repro"], project)
