@@ -1,1 +1,0 @@
-"""Model definitions: `build` constructs the networks that pneumonia.architectures names."""
