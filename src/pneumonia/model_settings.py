@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pneumonia import paths
-from pneumonia.errors import PipelineError
+from pneumonia.errors import NOT_A_ZIP, PipelineError, damaged_model
 
 SETTINGS_FORMAT = 1  # of the settings file; a reader refuses others
 MODEL_FILE = "model.keras"  # the model in a bundle folder (models/)
@@ -152,20 +152,13 @@ def read_settings(model: Path) -> ModelSettings:
     return read_settings_file(path)
 
 
-def damaged_model(model: Path, why: str) -> PipelineError:
-    """The error of a .keras file that is not a whole model (`why`: what is wrong with it); models.build.load_model
-    says the same of a file Keras cannot load."""
-    return PipelineError(f"{model} is damaged or not a Keras model file ({why}): copy it again, restore the "
-                         f"pipeline's model with `dvc checkout {paths.MODEL}` or train it again with `dvc repro`")
-
-
 def check_belongs(settings: ModelSettings, model: Path) -> None:
     """A PipelineError when `settings` were not made for the .keras file `model` (or it is not a whole one)."""
     import zipfile
 
     if settings.model_sha256 != model_digest(model):
         if not zipfile.is_zipfile(model):
-            raise damaged_model(model, "not a whole zip archive, as .keras are")
+            raise damaged_model(model, NOT_A_ZIP)
         raise PipelineError(
             f"{settings_file(model).name} beside {model} belongs to another model (its model_sha256 is not this "
             "file's): the model was replaced after its evaluation, or the files come from different runs. Copy one "

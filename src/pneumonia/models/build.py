@@ -17,7 +17,7 @@ from keras import layers
 from pneumonia import paths
 from pneumonia.architectures import BACKBONES, CUSTOM_CNN
 from pneumonia.config import AugmentConfig, ModelConfig
-from pneumonia.errors import PipelineError
+from pneumonia.errors import NOT_A_ZIP, PipelineError, damaged_model
 from pneumonia.models import backbones, custom_cnn
 from pneumonia.models.augmentation import augment
 
@@ -95,7 +95,5 @@ def load_model(path, compile: bool = True) -> keras.Model:
     try:
         return keras.models.load_model(path, compile=compile)
     except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        why = f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path) else "not a whole zip archive, as .keras are"
-        raise PipelineError(
-            f"{path} is damaged or not a Keras model file ({why}): copy it again, restore the pipeline's model "
-            f"with `dvc checkout {paths.MODEL}` or train it again with `dvc repro`") from None
+        why = f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path) else NOT_A_ZIP
+        raise damaged_model(path, why) from None
