@@ -186,26 +186,24 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert report["mode"] == "cpu" and report["devices"]["tensorflow"] and report["machine"]["cores"] >= 1
     assert set(report["devices"]["auto_precision"]) == {"custom_cnn", "mobilenetv2"}
     runs = report["runs"]
+    # No reference process on the CPU: the float32 run is the CPU's training (cross-process determinism is
+    # test_training.py::test_same_seed_gives_the_same_model_and_another_seed_does_not)
     assert [(r["model"], r["precision"], r["reference"]) for r in runs] == [
-        ("custom_cnn", "float32", False), ("custom_cnn", "mixed_bfloat16", False), ("custom_cnn", "float32", True),
-        ("mobilenetv2", "float32", False)]
+        ("custom_cnn", "float32", False), ("custom_cnn", "mixed_bfloat16", False), ("mobilenetv2", "float32", False)]
     for row in runs:
         assert "error" not in row, row["error"]
         assert row["device"] == "cpu" and row["epochs"] == report["settings"]["epochs"] == len(row["val_auc"])
         assert all(0 <= auc <= 1 for auc in row["val_auc"]) and row["train_seconds"] > 0 and row["peak_memory_mb"] > 0
-        if not row["reference"]:
-            assert min(row["images_per_second"].values()) > 0
-            assert row["step_ms"]["training"] > 0 and row["step_ms"]["compute"] > 0
-            assert row["step_ms"]["waiting_for_input"] >= 0
-    # The CPU reference is the first run again in a process of its own: deterministic ops, the same training
-    assert runs[2]["val_loss"] == runs[0]["val_loss"]
+        assert min(row["images_per_second"].values()) > 0
+        assert row["step_ms"]["training"] > 0 and row["step_ms"]["compute"] > 0
+        assert row["step_ms"]["waiting_for_input"] >= 0
     check = report["auc_check"]
-    assert [row["precision"] for row in check["runs"]] == ["float32", "mixed_bfloat16"]
-    assert check["runs"][0]["difference"] == 0 and check["runs"][0]["within_tolerance"]
+    [compared] = check["runs"]
+    assert compared["precision"] == "mixed_bfloat16" and compared["reference_val_auc"] == max(runs[0]["val_auc"])
 
     page = (tmp_path / "gpu_check.md").read_text()
     assert "python -m benchmarks.gpu_check --cpu" in page
-    assert sum(line.startswith("| custom_cnn | cpu | ") for line in page.splitlines()) == 3
+    assert sum(line.startswith("| custom_cnn | cpu | ") for line in page.splitlines()) == 2
     assert "- cpu mixed_bfloat16: " in page and "failed" not in page
 
 
