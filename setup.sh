@@ -24,4 +24,8 @@ fi
 # uv reads no pip configuration: a mirror in PIP_INDEX_URL is handed on (a pip.conf one is not: set UV_DEFAULT_INDEX)
 if [ -n "${PIP_INDEX_URL:-}" ] && [ -z "${UV_DEFAULT_INDEX:-}" ]; then export UV_DEFAULT_INDEX=$PIP_INDEX_URL; fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c requirements.lock -e ".[dev]"
+# jax (the `jax` extra, the GPU check's JAX mode) apart, its dependencies being TensorFlow's: with jax importable,
+# every TensorFlow import takes 0.7 s more (pyproject.toml). Its test puts .venv/jax on PYTHONPATH.
+.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c requirements.lock --no-deps \
+  --target .venv/jax jax jaxlib
 echo "set-up done: activate with  . .venv/bin/activate"

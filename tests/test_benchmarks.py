@@ -8,6 +8,7 @@ cores; the two inference benchmarks, which start a model server each, about a mi
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -214,8 +215,10 @@ def test_gpu_check_jax_mode_trains_the_recipe_under_jax_without_tensorflow(tmp_p
     blocker = tmp_path / "without_tensorflow" / "tensorflow"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('the JAX mode imported TensorFlow')\n")
+    jax_site = Path(sys.prefix) / "jax"  # setup.sh installs jax there, apart (pyproject.toml's `jax` extra says why)
+    assert (jax_site / "jax").is_dir(), f"no jax in {jax_site}: run `bash setup.sh`"
     run([sys.executable, "-m", "benchmarks.gpu_check", "--jax", "--cpu", "--out", str(tmp_path)], REPO,
-        PYTHONPATH=str(blocker.parent))
+        PYTHONPATH=os.pathsep.join([str(blocker.parent), str(jax_site)]))
 
     report = json.loads((tmp_path / "gpu_check_jax.json").read_text())
     assert report["mode"] == "cpu" and report["machine"]["versions"]["jax"]
