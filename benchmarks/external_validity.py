@@ -86,6 +86,8 @@ PROFILES = {
     "label_smoothing": {"train.label_smoothing": 0.1},
     # Issue 34: mixup (alpha 0.2, the usual choice), judged paired against the default
     "mixup": {"train.augment.mixup": 0.2},
+    # Issue 34: a larger input with per_image (128 px was chosen on input scaled to [0, 1], default_160px)
+    "160px": {"data.image_size": 160},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
