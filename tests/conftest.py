@@ -26,12 +26,6 @@ from harness import (  # noqa: F401
     wait_until_answering,
 )
 
-# As many xdist workers as cores, each starting TensorFlow processes: one intra-op thread each, or their thread pools
-# oversubscribe the cores (two train and evaluate stages at once on 2 cores: 37-40 s with TensorFlow's default
-# threads, 34 s with one). Set before any TensorFlow import; subprocesses inherit it (harness.tool_env).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= max(2, os.cpu_count() or 1):
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-
 SRC = REPO / "src"
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 SAMPLE_ZIP = SHARED_DATASETS / "chest-xray-sample.zip"
