@@ -97,7 +97,7 @@ def main() -> None:
     for profile in args.profiles:
         data = args.models / profile / "data"
         splits[profile] = kept_split(data / "tfrecords", "val"), kept_split(data / SPLIT, SPLIT)
-    (val_labels, _, val_images), (labels, names, images) = splits[args.profiles[0]]
+    (val_labels, _, _), (labels, names, _) = splits[args.profiles[0]]
     for (other_val, _, _), (other_labels, other_names, _) in splits.values():
         if other_names != names or not (np.array_equal(other_val, val_labels) and np.array_equal(other_labels, labels)):
             raise SystemExit("the two profiles' kept models were trained on different data: nothing to pair")
@@ -108,6 +108,7 @@ def main() -> None:
     def at_threshold(profile: str, seed: int) -> tuple[np.ndarray, float]:
         from pneumonia.evaluation.threshold import choose_threshold
 
+        (_, _, val_images), (_, _, images) = splits[profile]  # its own images: a lever may change data.image_size
         model = load_model(args.models / f"{profile}-{seed}.keras")
         validation = view_probabilities(model, val_images, params.tta_views)
         return view_probabilities(model, images, params.tta_views), choose_threshold(val_labels, validation,

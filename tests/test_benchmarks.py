@@ -350,6 +350,40 @@ def test_compact_sample_report_says_which_runs_are_healthy():
     assert "| 0.950 | n/a | 0.500 |" in table and "| 2 of 4 |" in table
 
 
+def test_paired_comparison_gives_each_profiles_models_their_own_images(monkeypatch, tmp_path):
+    """A lever may change data.image_size (profile 160px): each profile's models predict the images kept with that
+    profile, not the first profile's (a 160 px model was handed 128 px images)."""
+    import functools
+
+    import numpy as np
+
+    import pneumonia.models.build
+    from benchmarks import paired
+
+    labels = np.array([0, 1] * 10)
+
+    def kept_split(folder: Path, split: str):
+        size = 160 if "/b/" in folder.as_posix() else 128
+        return labels, [f"person{i}_virus_{i}.jpeg" for i in range(len(labels))], np.zeros((len(labels), size, size, 3))
+
+    seen = set()
+
+    def view_probabilities(model: str, images, views: int):
+        seen.add((model, images.shape[1]))
+        return np.linspace(0.01, 0.99, len(images))
+
+    monkeypatch.setattr(paired, "kept_split", kept_split)
+    monkeypatch.setattr(paired, "kept_seeds", lambda models, profile: [42])
+    monkeypatch.setattr(paired, "paired", functools.partial(paired.paired, resamples=20))
+    monkeypatch.setattr(paired, "view_probabilities", view_probabilities)
+    monkeypatch.setattr(pneumonia.models.build, "load_model", lambda path: path.stem.split("-")[0])  # the profile
+    monkeypatch.setattr(sys, "argv", ["paired", "--models", str(tmp_path), "--profiles", "a", "b", "--out",
+                                      str(tmp_path)])
+    paired.main()
+    assert seen == {("a", 128), ("b", 160)}
+    assert (tmp_path / "paired-a-b.md").is_file()
+
+
 def test_paired_comparison_cancels_the_images_noise_and_reports_both_halves():
     """benchmarks.paired: B against A on the same images. A model against itself differs by exactly 0 on every
     resample; a model that ranks better gains ROC AUC with an interval above 0, on both halves."""
