@@ -254,12 +254,14 @@ def run_model(spec: dict, deadline: float) -> list[dict]:
 
 def auc_check(runs: list[dict]) -> dict | None:
     """custom_cnn's best validation AUC over the same epochs: each accelerator run against the CPU reference."""
-    def is_reference(run: dict) -> bool:  # --cpu: the first run's float32, which is the CPU's training (see run)
-        return run["reference"] or (run["model"] == "custom_cnn" and run["accelerator"] == "cpu"
-                                    and run["precision"] == "float32")
+    # The reference is custom_cnn's float32 training on the CPU: a process of its own on a GPU machine, the first
+    # run itself with --cpu (see run)
+    def is_reference(run: dict) -> bool:
+        return run["accelerator"] == "cpu" and run["precision"] == "float32"
 
-    reference = next((run for run in runs if is_reference(run) and "error" not in run), None)
-    compared = [run for run in runs if run["model"] == "custom_cnn" and not is_reference(run) and "error" not in run]
+    custom_cnn = [run for run in runs if run["model"] == "custom_cnn" and "error" not in run]
+    reference = next((run for run in custom_cnn if is_reference(run)), None)
+    compared = [run for run in custom_cnn if not is_reference(run)]
     if reference is None or not compared:
         return None
     rows = []

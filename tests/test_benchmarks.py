@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from benchmarks.run_all import BENCHMARKS, performance_table
-from conftest import REPO, run
+from conftest import REPO, VENV_BIN, run
 from pneumonia.config import load_params
 
 SERVED = ["inference", "inference_ensemble"]  # each starts a model server
@@ -215,7 +215,7 @@ def test_gpu_check_jax_mode_trains_the_recipe_under_jax_without_tensorflow(tmp_p
     blocker = tmp_path / "without_tensorflow" / "tensorflow"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('the JAX mode imported TensorFlow')\n")
-    jax_site = Path(sys.prefix) / "jax"  # setup.sh installs jax there, apart (pyproject.toml's `jax` extra says why)
+    jax_site = VENV_BIN.parent / "jax"  # setup.sh installs jax there, apart (pyproject.toml's `jax` extra says why)
     assert (jax_site / "jax").is_dir(), f"no jax in {jax_site}: run `bash setup.sh`"
     run([sys.executable, "-m", "benchmarks.gpu_check", "--jax", "--cpu", "--out", str(tmp_path)], REPO,
         PYTHONPATH=os.pathsep.join([str(blocker.parent), str(jax_site)]))
