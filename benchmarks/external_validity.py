@@ -88,6 +88,8 @@ PROFILES = {
     "mixup": {"train.augment.mixup": 0.2},
     # Issue 34: a larger input with per_image (128 px was chosen on input scaled to [0, 1], default_160px)
     "160px": {"data.image_size": 160},
+    # Issue 34: each image's histogram equalised instead of standardised (any increasing change of gray levels gone)
+    "equalize": {"model.input_norm": "equalize"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

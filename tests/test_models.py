@@ -134,6 +134,33 @@ def test_custom_cnn_has_no_backbone_and_trains_whole():
     assert trainable_layers(model.layers) == len(model.layers)
 
 
+def test_equalized_input_ignores_increasing_gray_level_changes_and_exports_to_onnx():
+    """input_norm equalize: an image and the same image through an increasing gray-level curve (another
+    site's contrast and gamma) give one input to the network; each image alone; unit variance; and the
+    histogram (bincount) survives the bundle's ONNX export."""
+    import onnxruntime
+
+    from pneumonia import engines
+    from pneumonia.models.custom_cnn import HistogramEqualization
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 100, (2, 24, 24, 1)).astype("float32")
+    curved = np.round(gray + gray**2 / 100)  # increasing, and no two of 0..99 land on one level
+    equalize = HistogramEqualization()
+    equalized = np.asarray(equalize(np.repeat(gray, 3, axis=-1)))
+    assert equalized.shape == (2, 24, 24, 1)
+    np.testing.assert_allclose(np.asarray(equalize(np.repeat(curved, 3, axis=-1))), equalized, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(equalize(np.repeat(gray[:1], 3, axis=-1))), equalized[:1], atol=1e-6)
+    assert abs(equalized.mean()) < 0.05 and abs(equalized.std() - 1) < 0.05
+    assert not np.allclose(equalized, (gray - gray.mean()) / gray.std(), atol=0.05)  # not per_image's
+
+    model = build_model(ModelConfig(crop=0, input_norm="equalize"), 32)
+    session = onnxruntime.InferenceSession(engines.onnx_model(model))
+    images = rng.integers(0, 256, (3, 32, 32, 3)).astype("float32")
+    [exported, _] = session.run(None, {engines.INPUT_NAME: images})
+    np.testing.assert_allclose(exported, model.predict(images, verbose=0), atol=1e-5)
+
+
 def write_backbone_weights(path, name: str = "mobilenetv2", size: int = 32):
     """A backbone's weights as a file, as an ImageNet no-top download would be (here: random)."""
     spec = BACKBONES[name]

@@ -175,10 +175,11 @@ class ModelConfig(Section):
     # Share of the image cut off each side before the network sees it: burned-in markers and
     # collimation edges sit in the border, and are a shortcut to the acquisition, not the lungs.
     crop: Float = Field(0.08, ge=0, lt=0.4)
-    # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]) or "per_image" (zero mean, unit
-    # variance per image: brightness and contrast of the acquisition removed); backbones: "scale" only,
+    # custom_cnn's input scaling: "scale" ([0, 255] -> [0, 1]), "per_image" (zero mean, unit
+    # variance per image: brightness and contrast of the acquisition removed) or "equalize" (each image's
+    # histogram equalised: any increasing change of gray levels removed); backbones: "scale" only,
     # their own preprocessing (params.yaml: also "auto")
-    input_norm: Literal["scale", "per_image"] = "per_image"
+    input_norm: Literal["scale", "per_image", "equalize"] = "per_image"
 
     @model_validator(mode="before")
     @classmethod

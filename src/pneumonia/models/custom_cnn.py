@@ -10,8 +10,10 @@ Keras allows `synchronized` under TensorFlow only: under its JAX backend (benchm
 the statistics are the device's batch's.
 """
 
+import math
+
 import keras
-from keras import layers
+from keras import layers, ops
 
 BN_MOMENTUM = 0.9
 
@@ -33,10 +35,36 @@ def dense_block(units: int, dropout_rate: float, inputs):
     return layers.Dropout(dropout_rate)(x)
 
 
+@keras.saving.register_keras_serializable(package="pneumonia")
+class HistogramEqualization(layers.Layer):
+    """Each image's gray levels (0-255, the mean of its channels) replaced by their mid-rank among its own
+    pixels, the share below plus half the share equal, then centred and scaled to unit variance: one gray
+    channel out. Any increasing change of brightness, contrast or gamma between sites is gone, where
+    per_image removes only an offset and a scale. A histogram (bincount) per image, which tf2onnx exports."""
+
+    LEVELS = 256
+
+    def call(self, images):
+        shape = ops.shape(images)
+        gray = ops.cast(ops.clip(ops.round(ops.mean(ops.cast(images, "float32"), axis=-1)), 0, self.LEVELS - 1),
+                        "int32")
+        flat = ops.reshape(gray, (shape[0], -1))
+        share = ops.cast(ops.bincount(flat, minlength=self.LEVELS), "float32")
+        share = share / ops.sum(share, axis=1, keepdims=True)
+        mid_rank = ops.cumsum(share, axis=1) - share / 2
+        uniform = ops.take_along_axis(mid_rank, flat, axis=1)  # in (0, 1)
+        return ops.reshape((uniform - 0.5) * math.sqrt(12.0), (shape[0], shape[1], shape[2], 1))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:3], 1)
+
+
 def features(inputs, dropout: float, input_norm: str = "scale"):
     """Plain [0, 255] RGB images in, the features the output layer classifies out."""
     if input_norm == "per_image":  # each image to zero mean and unit variance over all its pixels
         x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, name="per_image_norm")(inputs)
+    elif input_norm == "equalize":
+        x = HistogramEqualization(name="histogram_equalization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255)(inputs)
     x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
