@@ -90,6 +90,8 @@ PROFILES = {
     "160px": {"data.image_size": 160},
     # Issue 34: each image's histogram equalised instead of standardised (any increasing change of gray levels gone)
     "equalize": {"model.input_norm": "equalize"},
+    # Issue 34: decoupled weight decay (AdamW), 0.05 as usual for convnets trained from scratch
+    "weight_decay": {"train.weight_decay": 0.05},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

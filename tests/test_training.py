@@ -205,6 +205,25 @@ def test_the_averaging_momentum_spans_at_most_about_an_epoch():
             parse_params({"train": {"ema_momentum": wrong}})
 
 
+def test_weight_decay_shrinks_the_kernels_and_leaves_biases_and_batch_norm_alone():
+    """train.weight_decay: one step with zero gradients multiplies each kernel by 1 - rate x decay (decoupled,
+    AdamW), and leaves biases, batch-norm scales and offsets as they were; 0 (the default) decays nothing."""
+    model = build_model(parse_params({}).model.model_copy(update={"crop": 0}), 32)
+    for decay, kernel_factor in ((0.05, 1 - 0.01 * 0.05), (0, 1.0)):
+        config = parse_params({"train": {"weight_decay": decay, "weight_averaging": "none"}}).train
+        optimizer = recipe.optimizer(config, 0.01, steps_per_epoch=10)
+        before = [np.array(variable) for variable in model.trainable_variables]
+        optimizer.apply([keras.ops.zeros_like(variable) for variable in model.trainable_variables],
+                        model.trainable_variables)
+        after = {variable.path: (np.array(variable), old) for variable, old in zip(model.trainable_variables, before)}
+        kernels = [path for path in after if path.endswith("kernel")]
+        others = [path for path in after if not path.endswith("kernel")]
+        assert kernels and {path.rsplit("/", 1)[1] for path in others} >= {"bias", "gamma", "beta"}
+        for path, (new, old) in after.items():
+            factor = kernel_factor if path in kernels else 1.0
+            np.testing.assert_allclose(new, old * factor, rtol=1e-6, atol=1e-9, err_msg=path)
+
+
 def test_min_epochs_keeps_no_earlier_epoch_and_stops_no_earlier(tmp_path, monkeypatch):
     """train.min_epochs: an early epoch that wins by chance on a small validation split (the compact sample's
     seed 42 kept its epoch 7 of 15) is neither checkpointed nor counted by early stopping. The callbacks of a

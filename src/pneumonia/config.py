@@ -247,6 +247,9 @@ class TrainConfig(Section):
     # class seen more often, each time augmented anew), loss unweighted; none: neither
     class_balance: Literal["weights", "oversample", "none"] = "weights"
     label_smoothing: Float = Field(0, ge=0, lt=0.5)  # targets 0/1 become s/2 and 1 - s/2
+    # decoupled weight decay (AdamW): each step, every kernel x (1 - learning rate x this); biases and
+    # normalisation parameters are not decayed
+    weight_decay: Float = Field(0, ge=0, lt=1)
     # ema: validation, the checkpoint and early stopping see an exponential moving average of the weights
     # (Polyak averaging, the optimizer's own), updated each step with this momentum
     weight_averaging: Literal["none", "ema"] = "ema"

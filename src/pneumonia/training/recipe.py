@@ -74,10 +74,20 @@ def averaging_momentum(config: TrainConfig, steps_per_epoch: int) -> float:
     return min(0.99, 1 - 1 / steps_per_epoch)
 
 
+def optimizer(config: TrainConfig, rate, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam, with train.weight_decay decoupled (AdamW) on the kernels only, as is usual: decaying biases and
+    batch-norm scales and offsets only shifts what the next normalisation undoes."""
+    adam = keras.optimizers.Adam(rate, weight_decay=config.weight_decay or None,
+                                 use_ema=config.weight_averaging == "ema",
+                                 ema_momentum=averaging_momentum(config, steps_per_epoch))
+    if config.weight_decay:
+        adam.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return adam
+
+
 def compile_model(model: keras.Model, output: str, config: TrainConfig, rate, steps_per_epoch: int) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(rate, use_ema=config.weight_averaging == "ema",
-                                        ema_momentum=averaging_momentum(config, steps_per_epoch)),
+        optimizer=optimizer(config, rate, steps_per_epoch),
         loss=(keras.losses.CategoricalCrossentropy if output == "softmax"
               else keras.losses.BinaryCrossentropy)(label_smoothing=config.label_smoothing),
         metrics=keras_metrics(output),
