@@ -62,12 +62,18 @@ def measured_params(params: dict, prefix: str = "") -> dict:
 
 def changed_since(report: dict, params: dict) -> tuple[list[str], int] | None:
     """The MEASURED_WITH keys of both the report's params and `params` whose values differ, and how many keys
-    only one of them has (added or renamed since); None for a report from before reports recorded params."""
+    only one of them has (added or renamed since); None for a report from before reports recorded params.
+    A key added since at the value a params.yaml without it gets from the schema (a new setting, off) is no change:
+    the figures were measured with it."""
+    from pneumonia.config import Params
+
     if "params" not in report:
         return None
     then, now = measured_params(report["params"]), measured_params(params)
+    defaults = measured_params(Params().model_dump())
+    added_as_before = {key for key in now.keys() - then.keys() if key in defaults and defaults[key] == now[key]}
     return (sorted(key for key in then.keys() & now.keys() if then[key] != now[key]),
-            len(then.keys() ^ now.keys()))
+            len((then.keys() ^ now.keys()) - added_as_before))
 
 
 def staleness(report: dict, params: dict) -> str:

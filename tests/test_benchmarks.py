@@ -173,7 +173,12 @@ def test_speed_figures_say_when_they_are_of_another_default():
     assert "another default" in readme_summary({**report, "params": before}, params)
     renamed = {**params, "train": {("old_name" if key == "seed" else key): value
                                    for key, value in params["train"].items()}}
-    assert "2 keys added or renamed" in staleness({**report, "params": renamed}, params)
+    assert "1 keys added or renamed" in staleness({**report, "params": renamed}, params)  # old_name; seed is as before
+    # A setting added since, off (its schema default): the figures were measured with it; on, they were not
+    without = {**params, "train": {key: value for key, value in params["train"].items() if key != "weight_decay"}}
+    assert params["train"]["weight_decay"] == 0 and staleness({**report, "params": without}, params) == ""
+    decayed = {**params, "train": {**params["train"], "weight_decay": 0.05}}
+    assert "1 keys added or renamed" in staleness({**report, "params": without}, decayed)
     unrecorded = {key: value for key, value in report.items() if key != "params"}
     assert "measured before reports recorded their params" in staleness(unrecorded, params)
 
