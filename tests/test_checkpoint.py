@@ -75,6 +75,37 @@ def test_a_truncated_best_checkpoint_is_refused_not_promoted(tmp_path):
     assert zipfile.ZipFile(model).testzip() is None
 
 
+def test_the_promoted_model_holds_no_optimizer_state_and_predicts_as_the_checkpoint(tmp_path):
+    """models/model.keras is for predicting: the best checkpoint of a training holds Adam's moments and the
+    weights' average too (three quarters of a custom_cnn file); the promoted file holds the network alone."""
+    import io
+
+    import h5py
+    import keras
+    import numpy as np
+
+    from pneumonia.training.backup import TrainingBackup
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(use_ema=True), loss="binary_crossentropy")
+    inputs = np.random.default_rng(0).normal(size=(16, 8))
+    model.fit(inputs, np.ones((16, 1)), verbose=0)
+    backup = TrainingBackup(tmp_path / "backup")
+    Path(backup.folder).mkdir()
+    model.save(backup.checkpoint)
+    promoted = tmp_path / "models" / "model.keras"
+    backup.promote(promoted)
+
+    def weight_groups(path) -> set[str]:
+        with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+            return set(weights)
+
+    assert "optimizer" in weight_groups(backup.checkpoint) and "optimizer" not in weight_groups(promoted)
+    assert promoted.stat().st_size < Path(backup.checkpoint).stat().st_size
+    np.testing.assert_array_equal(keras.saving.load_model(promoted).predict(inputs, verbose=0),
+                                  model.predict(inputs, verbose=0))
+
+
 # The same model (seeded, with a layer used twice: a shared object in its config) saved as the best
 # checkpoint and promoted to the model file, as a training does; then its prediction on fixed input.
 PROMOTED = """

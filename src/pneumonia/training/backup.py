@@ -248,11 +248,13 @@ class TrainingBackup:
             )
 
     def promote(self, model_path: Path) -> None:
-        """Copy the best checkpoint to `model_path` (atomically, its bytes made stable: stable_keras_bytes),
-        once it is known to be whole."""
+        """Save the best checkpoint's model to `model_path` (atomically, its bytes made stable: save_stable),
+        once it is known to be whole, without what only training reads: the optimizer's state (Adam's moments
+        and the weights' average, three quarters of a custom_cnn file) and the compile settings."""
+        from pneumonia.models.build import load_model
+
         self.check_checkpoint(model_path)
-        with tf.io.gfile.GFile(self.checkpoint, "rb") as checkpoint:
-            write_stable(checkpoint.read(), model_path)
+        save_stable(load_model(self.checkpoint, compile=False), model_path)
 
     def member(self, number: int) -> "TrainingBackup":
         """The backup of ensemble member `number` (0-based, train.ensemble_members): a training of its own in

@@ -183,7 +183,7 @@ def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Pa
         for number in range(config.ensemble_members):
             member_backup = backup.member(number)
             member_backup.check_checkpoint(model_path)
-            members.append(load_model(member_backup.checkpoint))
+            members.append(load_model(member_backup.checkpoint, compile=False))
         save_stable(ensemble_of(members), model_path)
     return replace(results[0], seconds=sum(result.seconds for result in results),
                    total_params=sum(result.total_params for result in results),
