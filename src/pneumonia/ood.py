@@ -152,18 +152,27 @@ def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.n
 MAX_FITTED_IMAGES = 5000  # training images the Gaussians are fitted on: all of Kaggle's 5,216 but a few
 
 
-def split_inputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
-                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(thumbnails, pooled features) of a TFRecords split's images in file order, at most `limit` of them;
-    `features_model` is pooled_features_model's."""
+def split_outputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the model's outputs, thumbnails, pooled features) of a TFRecords split's images in file order, at most
+    `limit` of them, in one forward pass; `features_model` is pooled_features_model's."""
     from pneumonia.data.dataset import evaluation_batches
 
-    thumbnails, features, seen = [], [], 0
+    outputs, thumbnails, features, seen = [], [], [], 0
     for images, _ in evaluation_batches(tfrecords, split, batch_size):
         if limit is not None and seen >= limit:
             break
         images = images.numpy()
         thumbnails.append(layout(images))
-        features.append(features_model.predict_on_batch(images)[1])
+        output, pooled = features_model.predict_on_batch(images)
+        outputs.append(output)
+        features.append(pooled)
         seen += len(images)
-    return np.concatenate(thumbnails)[:limit], np.concatenate(features)[:limit]
+    return np.concatenate(outputs)[:limit], np.concatenate(thumbnails)[:limit], np.concatenate(features)[:limit]
+
+
+def split_inputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnails, pooled features) of split_outputs: what `Reference` fits and scores."""
+    _, thumbnails, features = split_outputs(features_model, tfrecords, split, batch_size, limit)
+    return thumbnails, features

@@ -27,7 +27,7 @@ from pneumonia.evaluation import model_card, scores
 from pneumonia.evaluation.calibration import Calibration, calibration_on_validation
 from pneumonia.evaluation.figures import draw_figures, read_history
 from pneumonia.evaluation.gradcam import explained_layer
-from pneumonia.evaluation.predictions import Predictions, predict_split
+from pneumonia.evaluation.predictions import Predictions, predict_split, split_predictions
 from pneumonia.evaluation.report import render
 from pneumonia.evaluation.scores import ScoredSplit, score_split
 from pneumonia.evaluation.threshold import threshold_on_validation
@@ -128,20 +128,24 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
     check_image_size(model, tfrecords, external)
     predictor = with_test_time_augmentation(model, config.tta_views)
     features_model = ood.pooled_features_model(model)
-    val_inputs = ood.split_inputs(features_model, tfrecords, "val", batch_size)
+
+    def passed(on: Path, split: str) -> tuple[Predictions, tuple[np.ndarray, np.ndarray]]:
+        """A split's predictions and out-of-distribution inputs; with one view, both of one forward pass."""
+        outputs, *inputs = ood.split_outputs(features_model, on, split, batch_size)
+        found = (split_predictions(outputs, on, split) if config.tta_views == 1
+                 else predict_split(predictor, on, split, batch_size))
+        return found, tuple(inputs)
+
+    val, val_inputs = passed(tfrecords, "val")
     reference = ood.fit(ood.split_inputs(features_model, tfrecords, "train", batch_size, ood.MAX_FITTED_IMAGES),
                         val_inputs, config.ood_flagged)
-
-    def scored_ood(predictions: Predictions, records: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
-        ood_scores = reference.scores(*ood.split_inputs(features_model, records, split, batch_size))
-        return replace(predictions, ood_scores=ood_scores), scores.ood_summary(ood_scores, reference.threshold)
-
-    val = predict_split(predictor, tfrecords, "val", batch_size)
     calibration = calibration_on_validation(val, config.calibration)
 
     def predicted(on: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
-        found = predict_split(predictor, on, split, batch_size)
-        return scored_ood(replace(found, probabilities=calibration.apply(found.probabilities)), on, split)
+        found, inputs = passed(on, split)
+        ood_scores = reference.scores(*inputs)
+        return (replace(found, probabilities=calibration.apply(found.probabilities), ood_scores=ood_scores),
+                scores.ood_summary(ood_scores, reference.threshold))
 
     val = replace(val, probabilities=calibration.apply(val.probabilities))
     test_predictions, test_ood = predicted(tfrecords, "test")

@@ -31,6 +31,14 @@ def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:
     return (outputs[:, 1] if outputs.shape[-1] == 2 else outputs.reshape(-1)).astype(float)
 
 
+def split_predictions(outputs: np.ndarray, tfrecords: Path, split: str) -> Predictions:
+    """The model's `outputs` on a TFRecords split's images (in file order) as its Predictions."""
+    from pneumonia.data import dataset
+
+    labels, names = dataset.labels_and_names(tfrecords, split)
+    return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))
+
+
 def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: int) -> Predictions:
     import keras
     from tqdm import tqdm
