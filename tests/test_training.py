@@ -261,7 +261,8 @@ def test_min_epochs_keeps_no_earlier_epoch_and_stops_no_earlier(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_weight_averaging_validates_checkpoints_and_stops_on_the_averaged_weights(synthetic_data, tmp_path):
+def test_weight_averaging_validates_checkpoints_and_stops_on_the_averaged_weights(synthetic_data, tmp_path,
+                                                                                 monkeypatch):
     """train.weight_averaging: ema. The averaged weights are what validation scores, the checkpoint saves and
     the model file holds; with a momentum of 0 the average is the live weights, and the run is the plain one."""
     def trained(name: str, **train) -> tuple[fit.TrainingResult, keras.Model]:
@@ -272,10 +273,18 @@ def test_weight_averaging_validates_checkpoints_and_stops_on_the_averaged_weight
                            tmp_path / f"{name}.keras")
         return result, keras.models.load_model(tmp_path / f"{name}.keras")
 
+    built, make = [], recipe.optimizer  # each training's optimizer: the model file holds none (predicting only)
+
+    def recorded(*args):
+        built.append(make(*args))
+        return built[-1]
+
+    monkeypatch.setattr(recipe, "optimizer", recorded)
     plain, plain_model = trained("plain", weight_averaging="none")
     averaged, averaged_model = trained("ema", weight_averaging="ema", ema_momentum=0.9)
     _, unaveraged_model = trained("ema-0", weight_averaging="ema", ema_momentum=0.0)
 
+    assert [optimizer.use_ema for optimizer in built] == [False, True, True]
     for found, expected in zip(unaveraged_model.get_weights(), plain_model.get_weights()):
         np.testing.assert_array_equal(found, expected)  # the swaps change nothing but which weights are seen
     assert any(not np.array_equal(found, expected)

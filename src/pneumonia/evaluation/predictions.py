@@ -23,6 +23,11 @@ class Predictions:
     probabilities: np.ndarray  # of pneumonia
     ood_scores: np.ndarray | None = None  # how unlike the training X-rays (pneumonia.ood), when scored
 
+    @classmethod
+    def of(cls, names: list[str], labels: list[int], outputs: np.ndarray) -> Predictions:
+        """The model's `outputs` (either head) on the images named `names`, labelled `labels`."""
+        return cls(names, np.array(labels, dtype=int), pneumonia_probability(outputs))
+
 
 def pneumonia_probability(outputs: np.ndarray) -> np.ndarray:
     """One probability of pneumonia per image, from a sigmoid output ([n, 1]) or a softmax one
@@ -36,7 +41,7 @@ def split_predictions(outputs: np.ndarray, tfrecords: Path, split: str) -> Predi
     from pneumonia.data import dataset
 
     labels, names = dataset.labels_and_names(tfrecords, split)
-    return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))
+    return Predictions.of(names, labels, outputs)
 
 
 def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: int) -> Predictions:
@@ -54,7 +59,7 @@ def predict_split(model: keras.Model, tfrecords: Path, split: str, batch_size: i
     with tqdm(total=len(labels), desc=f"predicting {split}", unit="img", mininterval=2) as bar:
         outputs = model.predict(dataset.evaluation_batches(tfrecords, split, batch_size), verbose=0,
                                 callbacks=[Progress()])
-    return Predictions(names, np.array(labels, dtype=int), pneumonia_probability(outputs))
+    return Predictions.of(names, labels, outputs)
 
 
 def images_at(tfrecords: Path, split: str, indices: list[int], names: list[str] | None = None) -> np.ndarray:

@@ -26,6 +26,7 @@ from pneumonia.atomic import atomic_path
 from pneumonia.config import ModelConfig, TrainConfig, flatten
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
+from pneumonia.models.build import load_model
 from pneumonia.paths import join
 
 log = logging.getLogger(__name__)
@@ -251,8 +252,6 @@ class TrainingBackup:
         """Save the best checkpoint's model to `model_path` (atomically, its bytes made stable: save_stable),
         once it is known to be whole, without what only training reads: the optimizer's state (Adam's moments
         and the weights' average, three quarters of a custom_cnn file) and the compile settings."""
-        from pneumonia.models.build import load_model
-
         self.check_checkpoint(model_path)
         save_stable(load_model(self.checkpoint, compile=False), model_path)
 
