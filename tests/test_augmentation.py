@@ -159,3 +159,35 @@ def test_mixup_draws_depend_on_the_seed_only():
         np.testing.assert_array_equal(a[0], b[0])
     assert not np.allclose(first[0][0], other[0][0])
     np.testing.assert_allclose(first[0][2], 1.0)  # no class weights: every weight 1
+
+
+def test_gamma_bends_each_images_gray_levels_within_its_range_and_keeps_their_order():
+    from pneumonia.models.augmentation import RandomGamma
+
+    levels = np.tile(np.linspace(1, 254, 64, dtype="float32").reshape(1, 8, 8, 1), (16, 1, 1, 1))
+    np.testing.assert_array_equal(np.asarray(RandomGamma(0.3)(levels, training=False)), levels)
+    bent = keras.ops.convert_to_numpy(RandomGamma(0.3, seed=4)(levels, training=True))
+    exponents = np.log(bent / 255) / np.log(levels / 255)  # one exponent per image, the same for all its pixels
+    np.testing.assert_allclose(exponents, np.broadcast_to(exponents[:, :1, :1, :], exponents.shape), rtol=1e-3)
+    assert exponents.min() >= 1 / 1.3 - 1e-3 and exponents.max() <= 1.3 + 1e-3
+    assert np.ptp(exponents[:, 0, 0, 0]) > 0.1  # drawn per image
+    assert (np.diff(bent.reshape(16, -1), axis=1) > 0).all()  # darker stays darker
+
+
+def test_acquisition_augmentations_change_images_only_while_training_and_reload(tmp_path):
+    """train.augment.gamma, sharpness and noise: layers of the saved model, the identity when predicting."""
+    from pneumonia.config import AugmentConfig
+    from pneumonia.models.augmentation import augment
+    from pneumonia.models.build import load_model
+
+    config = AugmentConfig(zoom=0, rotation=0, translation=0, contrast=0, gamma=0.3, sharpness=0.3, noise=0.02)
+    inputs = keras.Input((24, 24, 3))
+    model = keras.Model(inputs, augment(config, inputs))
+    assert [layer.name for layer in model.layers[1:]] == ["random_gamma", "random_sharpness", "random_noise"]
+    images = np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3)).astype("float32")
+    np.testing.assert_array_equal(model.predict_on_batch(images), images)
+    changed = keras.ops.convert_to_numpy(model(images, training=True))
+    assert np.abs(changed - images).mean() > 2
+    model.save(tmp_path / "augmented.keras")
+    np.testing.assert_array_equal(load_model(tmp_path / "augmented.keras", compile=False).predict_on_batch(images),
+                                  images)

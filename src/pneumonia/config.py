@@ -228,6 +228,10 @@ class AugmentConfig(Section):
     translation: Float = Field(0.08, ge=0, lt=1)  # up to this fraction of the image size, each axis
     contrast: Float = Field(0.2, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
     mixup: Float = Field(0, ge=0)  # > 0: pairs of images and their labels blended by a Beta(mixup, mixup) share
+    # What another acquisition changes and per_image does not undo (contrast and brightness it does):
+    gamma: Float = Field(0, ge=0, le=1)  # gray levels^g, g drawn log-uniformly in [1 / (1 + gamma), 1 + gamma]
+    sharpness: Float = Field(0, ge=0, le=0.5)  # Keras' RandomSharpness factor in [0.5 - s, 0.5 + s]: blur to sharpen
+    noise: Float = Field(0, ge=0, lt=1)  # Gaussian noise, its standard deviation this share of the gray range
 
 
 class TrainConfig(Section):

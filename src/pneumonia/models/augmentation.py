@@ -113,6 +113,55 @@ def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
     return keras.Model(inputs, layers.Average(name="mean_over_views")(outputs), name=f"{model.name}_tta{views}")
 
 
+@keras.saving.register_keras_serializable(package="pneumonia")
+class RandomGamma(layers.Layer):
+    """Each [0, 255] image's gray levels through a gamma curve, 255 (x / 255) ** g, with g drawn per image
+    log-uniformly in [1 / (1 + gamma), 1 + gamma]: a film or detector response another site may have, which
+    standardising each image (model.input_norm: per_image) cannot undo as it undoes contrast and brightness."""
+
+    def __init__(self, gamma: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.gamma, self.seed = gamma, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.gamma:
+            return images
+        limit = math.log1p(self.gamma)
+        exponent = ops.exp(keras.random.uniform((ops.shape(images)[0], 1, 1, 1), -limit, limit,
+                                                seed=self.seed_generator))
+        return 255.0 * ops.power(ops.clip(ops.cast(images, "float32") / 255.0, 0.0, 1.0), exponent)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumonia")
+class RandomNoise(layers.Layer):
+    """Gaussian noise on [0, 255] images, its standard deviation `share` of 255 (Keras' GaussianNoise takes at
+    most 1, for inputs scaled to [0, 1]); the identity when predicting."""
+
+    def __init__(self, share: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.share, self.seed = share, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.share:
+            return images
+        images = ops.cast(images, "float32")
+        return images + keras.random.normal(ops.shape(images), stddev=255.0 * self.share, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "share": self.share, "seed": self.seed}
+
+
 def augment(config: AugmentConfig, inputs):
     x = inputs
     if config.flip != "none":
@@ -121,4 +170,11 @@ def augment(config: AugmentConfig, inputs):
         x = RandomAffine(config.zoom, config.rotation, config.translation, name="random_affine")(x)
     if config.contrast:
         x = layers.RandomContrast(config.contrast, value_range=(0, 255), name="random_contrast")(x)
+    if config.gamma:
+        x = RandomGamma(config.gamma, name="random_gamma")(x)
+    if config.sharpness:
+        x = layers.RandomSharpness((0.5 - config.sharpness, 0.5 + config.sharpness), value_range=(0, 255),
+                                   name="random_sharpness")(x)
+    if config.noise:
+        x = RandomNoise(config.noise, name="random_noise")(x)
     return x
