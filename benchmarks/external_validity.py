@@ -97,6 +97,8 @@ PROFILES = {
     # Issue 34: what another acquisition changes that per_image does not undo: a gamma curve, blur or sharpening,
     # noise (the contrast augmentation is undone by per_image)
     "acquisition": {"train.augment.gamma": 0.3, "train.augment.sharpness": 0.3, "train.augment.noise": 0.02},
+    # Issue 34: capacity, custom_cnn's convolutions 1.5x as wide (about twice the training's arithmetic)
+    "width_1.5": {"model.width": 1.5},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

@@ -285,3 +285,16 @@ def test_each_documented_seed_recipe_validates_and_resolves_as_described():
     [r004] = resolved["004"]
     assert (r004.model.name, r004.data.image_size, r004.model.weights, r004.train.fine_tune) == \
         ("xception", 299, "imagenet", "partial")
+
+
+def test_width_scales_custom_cnns_convolutions_and_is_refused_for_a_backbone():
+    """model.width: every convolution's filters x width (16 to 256 at 1), the dense head as it was."""
+    def filters(width: float) -> list[int]:
+        model = build_model(ModelConfig(crop=0, width=width), 32)
+        return [layer.filters for layer in model.layers if isinstance(layer, (keras.layers.Conv2D,
+                                                                             keras.layers.SeparableConv2D))]
+
+    assert filters(1) == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256]
+    assert filters(1.5) == [24, 24, 48, 48, 96, 96, 192, 192, 384, 384]
+    with pytest.raises(PipelineError, match="model.width = 2.0 is for custom_cnn"):
+        parse_params({"model": {"name": "xception", "weights": "none", "input_norm": "scale", "width": 2}})

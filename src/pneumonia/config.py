@@ -180,6 +180,8 @@ class ModelConfig(Section):
     # histogram equalised: any increasing change of gray levels removed); backbones: "scale" only,
     # their own preprocessing (params.yaml: also "auto")
     input_norm: Literal["scale", "per_image", "equalize"] = "per_image"
+    # custom_cnn: its convolutions' filters x this (1: the keras.io recipe's 16 to 256)
+    width: Float = Field(1, gt=0, le=4)
 
     @model_validator(mode="before")
     @classmethod
@@ -216,6 +218,9 @@ class ModelConfig(Section):
                 f"model.input_norm = {self.input_norm!r} is for custom_cnn; {self.name} scales its input as its "
                 "pretrained weights expect: set model.input_norm to 'scale'"
             )
+        if self.name != CUSTOM_CNN and self.width != 1:
+            raise ValueError(f"model.width = {self.width} is for custom_cnn; {self.name} has its pretrained "
+                             "weights' width: set model.width to 1")
         return self
 
 

@@ -59,22 +59,26 @@ class HistogramEqualization(layers.Layer):
         return (*input_shape[:3], 1)
 
 
-def features(inputs, dropout: float, input_norm: str = "scale"):
-    """Plain [0, 255] RGB images in, the features the output layer classifies out."""
+def features(inputs, dropout: float, input_norm: str = "scale", width: float = 1.0):
+    """Plain [0, 255] RGB images in, the features the output layer classifies out; `width` x each convolution's
+    filters (model.width)."""
+    def filters(count: int) -> int:
+        return max(1, round(count * width))
+
     if input_norm == "per_image":  # each image to zero mean and unit variance over all its pixels
         x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, name="per_image_norm")(inputs)
     elif input_norm == "equalize":
         x = HistogramEqualization(name="histogram_equalization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255)(inputs)
-    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
-    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.Conv2D(filters(16), 3, activation="relu", padding="same")(x)
+    x = layers.Conv2D(filters(16), 3, activation="relu", padding="same")(x)
     x = layers.MaxPool2D()(x)
-    x = conv_block(32, x)
-    x = conv_block(64, x)
-    x = conv_block(128, x)
+    x = conv_block(filters(32), x)
+    x = conv_block(filters(64), x)
+    x = conv_block(filters(128), x)
     x = layers.Dropout(0.2)(x)
-    x = conv_block(256, x)
+    x = conv_block(filters(256), x)
     x = layers.Dropout(0.2)(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = dense_block(512, 0.7, x)
