@@ -99,6 +99,8 @@ PROFILES = {
     "acquisition": {"train.augment.gamma": 0.3, "train.augment.sharpness": 0.3, "train.augment.noise": 0.02},
     # Issue 34: capacity, custom_cnn's convolutions 1.5x as wide (about twice the training's arithmetic)
     "width_1.5": {"model.width": 1.5},
+    # Issue 34: warm restarts (SGDR): epochs 1-10 and 11-30 each a cosine from the full learning rate
+    "warm_restarts": {"train.lr_schedule": "cosine_restarts"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

@@ -97,8 +97,8 @@ def test_warmup_then_partial_fine_tuning_keeps_pretrained_batch_norm_statistics(
 
 
 def test_learning_rate_schedules_and_callbacks(tmp_path):
-    def made(schedule: str):
-        params = params_for(tmp_path, {"name": "custom_cnn"}, {"lr_schedule": schedule, "epochs": 4})
+    def made(schedule: str, epochs: int = 4):
+        params = params_for(tmp_path, {"name": "custom_cnn"}, {"lr_schedule": schedule, "epochs": epochs})
         [stage] = recipe.stages(params.train)
         rate = recipe.learning_rate(params.train, stage, steps_per_epoch=10)
         callbacks = {type(c).__name__ for c in make_callbacks(params.train, str(tmp_path / "m.keras"))}
@@ -108,6 +108,10 @@ def test_learning_rate_schedules_and_callbacks(tmp_path):
     assert float(rate(10)) == pytest.approx(1e-3 * 0.9) and "ReduceLROnPlateau" not in callbacks
     rate, callbacks = made("cosine")
     assert float(rate(0)) == pytest.approx(1e-3) and float(rate(40)) == pytest.approx(0, abs=1e-9)
+    rate, callbacks = made("cosine_restarts", epochs=6)  # one restart: 20 steps, then 40 from the top again
+    assert [float(rate(step)) for step in (0, 20)] == pytest.approx([1e-3, 1e-3])
+    assert float(rate(19)) < 1e-5 and float(rate(59)) < 1e-5 and float(rate(10)) == pytest.approx(0.5e-3) and float(rate(40)) == pytest.approx(
+        0.5e-3)
     rate, callbacks = made("plateau")
     assert rate == 1e-3 and "ReduceLROnPlateau" in callbacks
 

@@ -243,7 +243,9 @@ class TrainConfig(Section):
     epochs: StrictInt = Field(30, ge=1)
     batch_size: StrictInt = Field(32, ge=1)
     learning_rate: Float = Field(1e-3, gt=0)
-    lr_schedule: Literal["exponential", "cosine", "plateau"] = "cosine"  # per stage (warm-up, the rest)
+    # per stage (warm-up, the rest); cosine_restarts: SGDR, cosine cycles each twice the last, ending with the stage
+    lr_schedule: Literal["exponential", "cosine", "cosine_restarts", "plateau"] = "cosine"
+    lr_restarts: StrictInt = Field(1, ge=1)  # cosine_restarts: restarts a stage (1: a third of it, then the rest)
     lr_decay_rate: Float = Field(0.9, gt=0, le=1)  # exponential: the learning rate x this per epoch
     lr_plateau_factor: Float = Field(0.5, gt=0, lt=1)  # plateau: x this when `monitor` stalls ...
     lr_plateau_patience: StrictInt = Field(2, ge=1)  # ... for this many epochs

@@ -38,6 +38,10 @@ def learning_rate(config: TrainConfig, stage: Stage, steps_per_epoch: int):
         )
     if config.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(stage.learning_rate, decay_steps=steps_per_epoch * stage.epochs)
+    if config.lr_schedule == "cosine_restarts":  # SGDR (Loshchilov and Hutter 2017) with cycles 1, 2, 4, ... long
+        cycles = 2 ** (config.lr_restarts + 1) - 1  # the stage's length in first cycles
+        return keras.optimizers.schedules.CosineDecayRestarts(
+            stage.learning_rate, first_decay_steps=max(1, round(steps_per_epoch * stage.epochs / cycles)), t_mul=2.0)
     return stage.learning_rate
 
 
