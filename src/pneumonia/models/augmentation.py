@@ -16,8 +16,23 @@ from keras import layers, ops
 from pneumonia.config import AugmentConfig
 
 
+class SeededAugmentation(layers.Layer):
+    """A random augmentation drawn from its own seed generator, the identity outside training, shape-preserving."""
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
 @keras.saving.register_keras_serializable(package="pneumonia")
-class RandomAffine(layers.Layer):
+class RandomAffine(SeededAugmentation):
     """Zoom in or out by up to `zoom`, rotate by up to `rotation` of a full turn and shift by up to
     `translation` of the size, each drawn per image, about the image centre; the corners that come
     from outside the image are 0, as with Keras' `fill_mode="constant"`. The same ranges as Keras'
@@ -25,9 +40,8 @@ class RandomAffine(layers.Layer):
 
     def __init__(self, zoom: float = 0.0, rotation: float = 0.0, translation: float = 0.0, seed: int | None = None,
                  **kwargs):
-        super().__init__(**kwargs)
-        self.zoom, self.rotation, self.translation, self.seed = zoom, rotation, translation, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed, **kwargs)
+        self.zoom, self.rotation, self.translation = zoom, rotation, translation
         # TensorFlow's ImageProjectiveTransformV3 has no XLA kernel; under JAX the whole step compiles (without
         # it Keras would run JAX's training step op by op)
         self.supports_jit = keras.backend.backend() != "tensorflow"
@@ -45,12 +59,8 @@ class RandomAffine(layers.Layer):
         shift = ops.stack([uniform(self.translation), uniform(self.translation)], axis=1)
         return affine(images, scale, angle, shift)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "zoom": self.zoom, "rotation": self.rotation,
-                "translation": self.translation, "seed": self.seed}
+        return {**super().get_config(), "zoom": self.zoom, "rotation": self.rotation, "translation": self.translation}
 
 
 def affine(images, scale, angle, shift):
@@ -114,15 +124,14 @@ def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
 
 
 @keras.saving.register_keras_serializable(package="pneumonia")
-class RandomGamma(layers.Layer):
+class RandomGamma(SeededAugmentation):
     """Each [0, 255] image's gray levels through a gamma curve, 255 (x / 255) ** g, with g drawn per image
     log-uniformly in [1 / (1 + gamma), 1 + gamma]: a film or detector response another site may have, which
     standardising each image (model.input_norm: per_image) cannot undo as it undoes contrast and brightness."""
 
     def __init__(self, gamma: float = 0.0, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.gamma, self.seed = gamma, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed, **kwargs)
+        self.gamma = gamma
 
     def call(self, images, training=None):
         if not training or not self.gamma:
@@ -132,22 +141,18 @@ class RandomGamma(layers.Layer):
                                                 seed=self.seed_generator))
         return 255.0 * ops.power(ops.clip(ops.cast(images, "float32") / 255.0, 0.0, 1.0), exponent)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "gamma": self.gamma, "seed": self.seed}
+        return {**super().get_config(), "gamma": self.gamma}
 
 
 @keras.saving.register_keras_serializable(package="pneumonia")
-class RandomNoise(layers.Layer):
+class RandomNoise(SeededAugmentation):
     """Gaussian noise on [0, 255] images, its standard deviation `share` of 255 (Keras' GaussianNoise takes at
     most 1, for inputs scaled to [0, 1]); the identity when predicting."""
 
     def __init__(self, share: float = 0.0, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.share, self.seed = share, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed, **kwargs)
+        self.share = share
 
     def call(self, images, training=None):
         if not training or not self.share:
@@ -155,11 +160,8 @@ class RandomNoise(layers.Layer):
         images = ops.cast(images, "float32")
         return images + keras.random.normal(ops.shape(images), stddev=255.0 * self.share, seed=self.seed_generator)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "share": self.share, "seed": self.seed}
+        return {**super().get_config(), "share": self.share}
 
 
 def augment(config: AugmentConfig, inputs):
