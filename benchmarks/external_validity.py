@@ -101,6 +101,8 @@ PROFILES = {
     "width_1.5": {"model.width": 1.5},
     # Issue 34: warm restarts (SGDR): epochs 1-10 and 11-30 each a cosine from the full learning rate
     "warm_restarts": {"train.lr_schedule": "cosine_restarts"},
+    # Issue 34: RandAugment, two operations at Keras' default magnitude, on top of the default's augmentation
+    "rand_augment": {"train.augment.rand_augment": 2},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

@@ -175,15 +175,18 @@ def test_gamma_bends_each_images_gray_levels_within_its_range_and_keeps_their_or
 
 
 def test_acquisition_augmentations_change_images_only_while_training_and_reload(tmp_path):
-    """train.augment.gamma, sharpness and noise: layers of the saved model, the identity when predicting."""
+    """train.augment.gamma, sharpness, noise and rand_augment: layers of the saved model, the identity when
+    predicting."""
     from pneumonia.config import AugmentConfig
     from pneumonia.models.augmentation import augment
     from pneumonia.models.build import load_model
 
-    config = AugmentConfig(zoom=0, rotation=0, translation=0, contrast=0, gamma=0.3, sharpness=0.3, noise=0.02)
+    config = AugmentConfig(zoom=0, rotation=0, translation=0, contrast=0, gamma=0.3, sharpness=0.3, noise=0.02,
+                           rand_augment=2)
     inputs = keras.Input((24, 24, 3))
     model = keras.Model(inputs, augment(config, inputs))
-    assert [layer.name for layer in model.layers[1:]] == ["random_gamma", "random_sharpness", "random_noise"]
+    assert [layer.name for layer in model.layers[1:]] == ["random_gamma", "random_sharpness", "random_noise",
+                                                          "rand_augment"]
     images = np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3)).astype("float32")
     np.testing.assert_array_equal(model.predict_on_batch(images), images)
     changed = keras.ops.convert_to_numpy(model(images, training=True))
@@ -191,3 +194,15 @@ def test_acquisition_augmentations_change_images_only_while_training_and_reload(
     model.save(tmp_path / "augmented.keras")
     np.testing.assert_array_equal(load_model(tmp_path / "augmented.keras", compile=False).predict_on_batch(images),
                                   images)
+
+    # and the bundle's ONNX export (engines.onnx_model) of a model with them predicts as the model
+    import onnxruntime
+
+    from pneumonia import engines
+    from pneumonia.config import ModelConfig
+    from pneumonia.models.build import build_model
+
+    network = build_model(ModelConfig(crop=0), 32, config)
+    images = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    [exported, _] = onnxruntime.InferenceSession(engines.onnx_model(network)).run(None, {engines.INPUT_NAME: images})
+    np.testing.assert_allclose(exported, network.predict_on_batch(images), atol=1e-5)

@@ -237,6 +237,9 @@ class AugmentConfig(Section):
     gamma: Float = Field(0, ge=0, le=1)  # gray levels^g, g drawn log-uniformly in [1 / (1 + gamma), 1 + gamma]
     sharpness: Float = Field(0, ge=0, le=0.5)  # Keras' RandomSharpness factor in [0.5 - s, 0.5 + s]: blur to sharpen
     noise: Float = Field(0, ge=0, lt=1)  # Gaussian noise, its standard deviation this share of the gray range
+    # > 0: Keras' RandAugment, this many operations a batch drawn from its eleven (shear, rotation, solarization,
+    # equalization, ...), at its default magnitude; on top of the above
+    rand_augment: StrictInt = Field(0, ge=0, le=11)
 
 
 class TrainConfig(Section):

@@ -179,4 +179,6 @@ def augment(config: AugmentConfig, inputs):
                                    name="random_sharpness")(x)
     if config.noise:
         x = RandomNoise(config.noise, name="random_noise")(x)
+    if config.rand_augment:
+        x = layers.RandAugment(value_range=(0, 255), num_ops=config.rand_augment, name="rand_augment")(x)
     return x
