@@ -17,12 +17,19 @@ from pneumonia.config import AugmentConfig
 
 
 class SeededAugmentation(layers.Layer):
-    """A random augmentation drawn from its own seed generator, the identity outside training, shape-preserving."""
+    """A random augmentation drawn from its own seed generator (`transform`, while training; the identity
+    otherwise), shape-preserving."""
 
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        return self.transform(images) if training else images
+
+    def transform(self, images):
+        raise NotImplementedError
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -46,9 +53,7 @@ class RandomAffine(SeededAugmentation):
         # it Keras would run JAX's training step op by op)
         self.supports_jit = keras.backend.backend() != "tensorflow"
 
-    def call(self, images, training=None):
-        if not training:
-            return images
+    def transform(self, images):
         batch = ops.shape(images)[0]
 
         def uniform(limit):
@@ -133,9 +138,7 @@ class RandomGamma(SeededAugmentation):
         super().__init__(seed, **kwargs)
         self.gamma = gamma
 
-    def call(self, images, training=None):
-        if not training or not self.gamma:
-            return images
+    def transform(self, images):
         limit = math.log1p(self.gamma)
         exponent = ops.exp(keras.random.uniform((ops.shape(images)[0], 1, 1, 1), -limit, limit,
                                                 seed=self.seed_generator))
@@ -154,9 +157,7 @@ class RandomNoise(SeededAugmentation):
         super().__init__(seed, **kwargs)
         self.share = share
 
-    def call(self, images, training=None):
-        if not training or not self.share:
-            return images
+    def transform(self, images):
         images = ops.cast(images, "float32")
         return images + keras.random.normal(ops.shape(images), stddev=255.0 * self.share, seed=self.seed_generator)
 
