@@ -146,6 +146,13 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def run_experiment(project: Path, settings: list[str], **env: str) -> None:
+    """`dvc exp run` with `settings` (its -S arguments) on params.yaml as committed. An experiment run in the
+    workspace leaves its -S values in params.yaml, where the next one would inherit every value it does not set."""
+    run(["git", "checkout", "-q", "HEAD", "--", "params.yaml"], project)
+    run(["dvc", "exp", "run", *settings], project, **env)
+
+
 def commit_all(project: Path, message: str = "test set-up") -> None:
     if not (project / ".git").exists():
         run(["git", "init", "-q"], project)

@@ -31,7 +31,7 @@ HEALTHY_THRESHOLDS = (0.1, 0.9)
 
 def run_one(project: Path, seed: int, overrides: list[str]) -> dict:
     settings = [arg for setting in [*overrides, f"train.seed={seed}"] for arg in ("-S", setting)]
-    harness.run(["dvc", "exp", "run", *settings], project, PYTHONPATH=str(project / "src"))
+    harness.run_experiment(project, settings, PYTHONPATH=str(project / "src"))
     evaluation = json.loads((project / "metrics/evaluation.json").read_text())
     train = json.loads((project / "metrics/train.json").read_text())
     test = evaluation["test"]

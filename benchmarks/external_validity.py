@@ -228,11 +228,11 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
 
     started = time.perf_counter()
     run_overrides = {**overrides, **PROFILES[profile], "train.seed": seed}
-    # What this run trains and evaluates with: the copy's params.yaml as `dvc exp run -S` changes it.
-    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), run_overrides)
     # The stages import the copy's library, not the working tree the editable install points at: edits made
     # there during the hours of training must not reach these runs.
-    harness.run(["dvc", "exp", "run", *settings(run_overrides)], project, PYTHONPATH=str(project / "src"))
+    harness.run_experiment(project, settings(run_overrides), PYTHONPATH=str(project / "src"))
+    # What this run trained and evaluated with: the copy's params.yaml as `dvc exp run -S` changed it.
+    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), run_overrides)
     wall = time.perf_counter() - started
     if keep_models:
         keep(project, profile, seed, keep_models)

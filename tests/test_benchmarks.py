@@ -413,3 +413,23 @@ def test_paired_comparison_cancels_the_images_noise_and_reports_both_halves():
               "load_average": {"before": 0, "after": 0}}
     table = markdown(report)
     assert "| roc_auc | " in table and "| 1 / 0 of 2 |" in table  # seed 42 gains, seed 1 neither
+
+
+def test_each_benchmark_experiment_starts_from_the_committed_params(tmp_path):
+    """`dvc exp run -S` leaves its values in the workspace's params.yaml: the benchmarks' runs of one profile
+    after another (external_validity, compact_sample) must not inherit the one before's (a default run once
+    trained with the previous profile's model.stem)."""
+    import harness
+
+    (tmp_path / "params.yaml").write_text("model: {stem: full, width: 1}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"record": {
+        "cmd": "python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['model'], file=open('ran', 'w'))\"",
+        "params": ["model"], "outs": [{"ran": {"cache": False}}]}}}))
+    harness.run(["git", "init", "-q"], tmp_path)
+    harness.run(["dvc", "init", "-q"], tmp_path)
+    harness.commit_all(tmp_path)
+
+    harness.run_experiment(tmp_path, ["-S", "model.stem=strided"])
+    assert (tmp_path / "ran").read_text().strip() == "{'stem': 'strided', 'width': 1}"
+    harness.run_experiment(tmp_path, ["-S", "model.width=2"])
+    assert (tmp_path / "ran").read_text().strip() == "{'stem': 'full', 'width': 2}"
