@@ -298,3 +298,32 @@ def test_width_scales_custom_cnns_convolutions_and_is_refused_for_a_backbone():
     assert filters(1.5) == [24, 24, 48, 48, 96, 96, 192, 192, 384, 384]
     with pytest.raises(PipelineError, match="model.width = 2.0 is for custom_cnn"):
         parse_params({"model": {"name": "xception", "weights": "none", "input_norm": "scale", "width": 2}})
+
+
+def test_convs_per_block_deepens_custom_cnns_blocks_and_is_refused_for_a_backbone():
+    """model.convs_per_block: each of the four blocks after the stem holds that many separable convolutions."""
+    def filters(convs: int) -> list[int]:
+        model = build_model(ModelConfig(crop=0, convs_per_block=convs), 32)
+        return [layer.filters for layer in model.layers if isinstance(layer, keras.layers.SeparableConv2D)]
+
+    assert filters(2) == [32, 32, 64, 64, 128, 128, 256, 256]
+    assert filters(3) == [32] * 3 + [64] * 3 + [128] * 3 + [256] * 3
+    with pytest.raises(PipelineError, match="model.convs_per_block = 3 is for custom_cnn"):
+        parse_params({"model": {"name": "xception", "weights": "none", "input_norm": "scale", "convs_per_block": 3}})
+
+
+def test_strided_stem_halves_the_resolution_in_its_first_convolution_and_is_refused_for_a_backbone():
+    """model.stem: strided gives the next block the input the full-resolution stem gives it (half the resolution,
+    16 channels), its first convolution already at stride 2 and no pooling; the rest of the network as it was."""
+    def layers_of(stem: str) -> list[tuple[str, tuple]]:
+        model = build_model(ModelConfig(crop=0, stem=stem), 64)
+        return [(type(layer).__name__, getattr(layer, "strides", None), tuple(layer.output.shape[1:]))
+                for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.MaxPool2D))]
+
+    full, strided = layers_of("full_resolution"), layers_of("strided")
+    assert full[:3] == [("Conv2D", (1, 1), (64, 64, 16)), ("Conv2D", (1, 1), (64, 64, 16)),
+                        ("MaxPooling2D", (2, 2), (32, 32, 16))]
+    assert strided[:2] == [("Conv2D", (2, 2), (32, 32, 16)), ("Conv2D", (1, 1), (32, 32, 16))]
+    assert strided[2:] == full[3:]
+    with pytest.raises(PipelineError, match="model.stem = 'strided' is for custom_cnn"):
+        parse_params({"model": {"name": "xception", "weights": "none", "input_norm": "scale", "stem": "strided"}})

@@ -182,6 +182,12 @@ class ModelConfig(Section):
     input_norm: Literal["scale", "per_image", "equalize"] = "per_image"
     # custom_cnn: its convolutions' filters x this (1: the keras.io recipe's 16 to 256)
     width: Float = Field(1, gt=0, le=4)
+    # custom_cnn's first block: "full_resolution" (the keras.io recipe: two 3x3 convolutions at the input's
+    # resolution, then max pooling) or "strided" (a stride-2 3x3 convolution, then a 3x3 at half resolution: the
+    # same shape out, half the training arithmetic)
+    stem: Literal["full_resolution", "strided"] = "full_resolution"
+    # custom_cnn's depth: separable convolutions in each of its four blocks after the stem (2: the recipe)
+    convs_per_block: StrictInt = Field(2, ge=1, le=6)
 
     @model_validator(mode="before")
     @classmethod
@@ -221,6 +227,12 @@ class ModelConfig(Section):
         if self.name != CUSTOM_CNN and self.width != 1:
             raise ValueError(f"model.width = {self.width} is for custom_cnn; {self.name} has its pretrained "
                              "weights' width: set model.width to 1")
+        if self.name != CUSTOM_CNN and self.convs_per_block != 2:
+            raise ValueError(f"model.convs_per_block = {self.convs_per_block} is for custom_cnn; {self.name} has its "
+                             "pretrained weights' depth: set model.convs_per_block to 2")
+        if self.name != CUSTOM_CNN and self.stem != "full_resolution":
+            raise ValueError(f"model.stem = {self.stem!r} is for custom_cnn; {self.name} has its pretrained "
+                             "weights' stem: set model.stem to 'full_resolution'")
         return self
 
 

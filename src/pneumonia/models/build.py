@@ -53,7 +53,8 @@ def build_model(config: ModelConfig, image_size: int, augmentation: AugmentConfi
         x = layers.CenterCrop(kept, kept, name="border_crop")(x)
     x = augment(augmentation, x)
     if config.name == CUSTOM_CNN:
-        x = custom_cnn.features(x, config.dropout, config.input_norm, config.width)
+        x = custom_cnn.features(x, config.dropout, config.input_norm, config.width, config.stem,
+                                config.convs_per_block)
     else:
         weights = {"none": None, "imagenet": "imagenet"}.get(config.weights) or weights_file(config)
         x = backbones.features(BACKBONES[config.name], x, weights, config.head_units, config.dropout)

@@ -22,9 +22,10 @@ def batch_norm():
     return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=keras.backend.backend() == "tensorflow")
 
 
-def conv_block(filters: int, inputs):
-    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(inputs)
-    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
+def conv_block(filters: int, inputs, convs: int = 2):
+    x = inputs
+    for _ in range(convs):
+        x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
     x = batch_norm()(x)
     return layers.MaxPool2D()(x)
 
@@ -59,9 +60,23 @@ class HistogramEqualization(layers.Layer):
         return (*input_shape[:3], 1)
 
 
-def features(inputs, dropout: float, input_norm: str = "scale", width: float = 1.0):
+def stem_block(stem: str, filters: int, inputs):
+    """The first block, half the input's resolution out. full_resolution: the recipe's two convolutions at the
+    input's resolution, then max pooling. strided: the first convolution at stride 2, the second at half
+    resolution, which does a quarter of the arithmetic of those few-channel, memory-bound layers."""
+    if stem == "strided":
+        x = layers.Conv2D(filters, 3, strides=2, activation="relu", padding="same")(inputs)
+        return layers.Conv2D(filters, 3, activation="relu", padding="same")(x)
+    x = layers.Conv2D(filters, 3, activation="relu", padding="same")(inputs)
+    x = layers.Conv2D(filters, 3, activation="relu", padding="same")(x)
+    return layers.MaxPool2D()(x)
+
+
+def features(inputs, dropout: float, input_norm: str = "scale", width: float = 1.0, stem: str = "full_resolution",
+             convs_per_block: int = 2):
     """Plain [0, 255] RGB images in, the features the output layer classifies out; `width` x each convolution's
-    filters (model.width)."""
+    filters (model.width), `stem` the first block (model.stem), `convs_per_block` separable convolutions in each
+    block after it (model.convs_per_block)."""
     def filters(count: int) -> int:
         return max(1, round(count * width))
 
@@ -71,14 +86,12 @@ def features(inputs, dropout: float, input_norm: str = "scale", width: float = 1
         x = HistogramEqualization(name="histogram_equalization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255)(inputs)
-    x = layers.Conv2D(filters(16), 3, activation="relu", padding="same")(x)
-    x = layers.Conv2D(filters(16), 3, activation="relu", padding="same")(x)
-    x = layers.MaxPool2D()(x)
-    x = conv_block(filters(32), x)
-    x = conv_block(filters(64), x)
-    x = conv_block(filters(128), x)
+    x = stem_block(stem, filters(16), x)
+    x = conv_block(filters(32), x, convs_per_block)
+    x = conv_block(filters(64), x, convs_per_block)
+    x = conv_block(filters(128), x, convs_per_block)
     x = layers.Dropout(0.2)(x)
-    x = conv_block(filters(256), x)
+    x = conv_block(filters(256), x, convs_per_block)
     x = layers.Dropout(0.2)(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = dense_block(512, 0.7, x)
