@@ -90,16 +90,31 @@ def staleness(report: dict, params: dict) -> str:
     return f"**Figures of another default** ({what}): `python -m benchmarks.run_all` measures today's."
 
 
+# The CPU flags that decide training speed here: oneDNN's float32 kernels (AVX-512), native bfloat16 arithmetic
+# (AVX-512 BF16) and the matrix units (AMX). The machines of one name are not always the same model.
+SPEED_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_description(machine: dict) -> str:
+    """"Intel Xeon (avx512f, amx_bf16)": the CPU's name and those of SPEED_FLAGS it has (reports before them: the
+    name alone)."""
+    if "cpu_flags" not in machine:
+        return machine["cpu"]
+    return f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'none of ' + ', '.join(SPEED_FLAGS)})"
+
+
 def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
     import psutil
 
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text() if cpuinfo.exists() else "").splitlines()
-             if line.startswith("model name")]
+    lines = (cpuinfo.read_text() if cpuinfo.exists() else "").splitlines()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     cpu = names[0] if names else platform.processor()
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": cpu, "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(), "python": platform.python_version(),
         "versions": {package: version(package) for package in packages},
     }
@@ -163,7 +178,7 @@ def readme_summary(report: dict, params: dict) -> str:
     stale = staleness(report, params)
     return "\n".join([*([stale, ""] if stale else []), *lines, "",
                       f"Measured {report['finished'][:10]} on {report['machine']['cores']} cores of an "
-                      f"{report['machine']['cpu']} "
+                      f"{cpu_description(report['machine'])} "
                       f"([benchmarks/results.md](benchmarks/results.md), `{report['command']}`)."])
 
 
@@ -186,7 +201,8 @@ def markdown(report: dict) -> str:
     smoke = " (smoke sizes: these figures check that the benchmarks work, not the targets)" if report["smoke"] else ""
     lines = [
         "# Performance benchmarks", "",
-        (f"Measured {report['finished']} on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
+        (f"Measured {report['finished']} on {cpu_description(machine)}, {machine['cores']} cores, "
+         f"{machine['memory_gb']} GB, "
          f"{machine['os']}, Python {machine['python']}, {versions}."), "",
         f"Reproduce from the repository root: `{report['command']}`{smoke}", "",
         table(results),

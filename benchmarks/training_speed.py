@@ -11,7 +11,8 @@ fits the previous and the default profile only, both float32, in the calling pro
   previous default   160 px; zoom, rotation and translation as Keras' three layers (params.yaml before)
   + one transform    160 px; the three as one RandomAffine (pneumonia.models.augmentation)
   default            params.yaml as committed: 128 px, RandomAffine, precision auto
-  default + ...      mixed_bfloat16; steps_per_execution 8; train.deterministic false (Grappler on)
+  default + ...      mixed_bfloat16; steps_per_execution 8; train.deterministic false (Grappler on);
+                     model.stem strided (float32 and mixed_bfloat16)
   resnet50v2         a pretrained backbone (weights none: the compute of full fine-tuning), float32 and
                      precision auto (mixed_bfloat16 on a CPU with native bfloat16)
 
@@ -39,6 +40,8 @@ VARIANTS = {  # name: params overrides, plus "augmentation": "keras" for the pre
     "default, mixed_bfloat16": {"train.precision": "mixed_bfloat16"},
     "default, steps_per_execution 8": {"train.steps_per_execution": 8},
     "default, deterministic false": {"train.deterministic": False},
+    "default, strided stem": {"model.stem": "strided"},
+    "default, strided stem, mixed_bfloat16": {"model.stem": "strided", "train.precision": "mixed_bfloat16"},
     "resnet50v2, float32": {"model.name": "resnet50v2", "model.weights": "none", "train.precision": "float32"},
     "resnet50v2, precision auto": {"model.name": "resnet50v2", "model.weights": "none"},
 }

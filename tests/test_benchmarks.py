@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.run_all import BENCHMARKS, performance_table
+from benchmarks.run_all import BENCHMARKS, SPEED_FLAGS, cpu_description, performance_table
 from conftest import REPO, VENV_BIN, run
 from pneumonia.config import load_params
 
@@ -37,6 +37,8 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path, sample_zip):
         assert isinstance(result["met"], bool) and result["measured"], name
         assert result["load_average"]["before"] >= 0, name
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["tensorflow"]
+    assert set(report["machine"]["cpu_flags"]) <= set(SPEED_FLAGS)
+    assert cpu_description(report["machine"]) in (tmp_path / "results.md").read_text()
     assert report["results"]["incremental_dvc"]["noop_up_to_date"]
     dvc = report["results"]["incremental_dvc"]  # smoke: the data stages without TensorFlow, no experiment
     assert dvc["first_repro"]["stages_run"] == ["download", "prepare", "class_weights"] and not dvc["experiment_run"]
