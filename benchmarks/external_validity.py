@@ -42,7 +42,7 @@ import yaml
 
 import harness
 from benchmarks.common import REPO, SAMPLE_ZIP, SCORE_COLUMNS, load_average, replace_block, working_directory
-from benchmarks.run_all import machine
+from benchmarks.run_all import cpu_description, machine
 from benchmarks.threshold_rules import held_out_scores
 from pneumonia.atomic import write_json, write_text
 
@@ -103,6 +103,10 @@ PROFILES = {
     "warm_restarts": {"train.lr_schedule": "cosine_restarts"},
     # Issue 34: RandAugment, two operations at Keras' default magnitude, on top of the default's augmentation
     "rand_augment": {"train.augment.rand_augment": 2},
+    # Issue 36: custom_cnn's first convolution at stride 2 (1.2-1.3x the training speed); kept only if it holds here
+    "strided_stem": {"model.stem": "strided"},
+    # Issue 34: depth, three separable convolutions in each of custom_cnn's four blocks instead of two
+    "depth_3": {"model.convs_per_block": 3},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
@@ -245,7 +249,8 @@ def run_one(project: Path, profile: str, seed: int, overrides: dict, halvings: i
         return {**{name: scores[name] for name in (*SCORE_COLUMNS, "ece", "threshold", "border_share")},
                 "ci95": {name: [scores["ci95"][name]["low"], scores["ci95"][name]["high"]] for name in SCORE_COLUMNS}}
 
-    return {"profile": profile, "seed": seed, "overrides": PROFILES[profile], "params": params, "test": split(test),
+    return {"profile": profile, "seed": seed, "cpu": cpu_description(machine()), "overrides": PROFILES[profile],
+            "params": params, "test": split(test),
             "external": split(external), "best_epoch": train["best_epoch"], "epochs_trained": train["epochs_trained"],
             "train_seconds": train["train_seconds"], "pipeline_seconds": round(wall, 1),
             **analyse(project, halvings, adapt_halvings)}
@@ -256,6 +261,18 @@ def spread(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}" if values else "n/a"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def cpus_of(runs: list[dict]) -> str:
+    """Which runs were trained on which CPU: the same seed trains another model on another CPU model
+    (docs/results.md#reproducibility), so profiles are compared on models of one CPU (benchmarks.paired)."""
+    by_cpu: dict[str, list[str]] = {}
+    for run in runs:
+        by_cpu.setdefault(run.get("cpu", ""), []).append(f"{run['profile']} {run['seed']}")
+    recorded = [f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items() if cpu]
+    if not recorded:
+        return ""
+    return f" Trained on {'; '.join(recorded)}; the other runs were made before runs recorded their CPU."
 
 
 def markdown(report: dict, summary_only: bool = False) -> str:
@@ -348,8 +365,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
               + "; ".join(f"{name}: `{' '.join(settings(by_profile[name][0]['overrides'])) or 'none'}`"
                           for name in order)
               + ".", "",
-              f"Reproduce: `{report['command']}`. Measured {report['date']} on {report['machine']['cpu']} "
-              f"({report['machine']['cores']} cores)."]
+              f"Reproduce: `{report['command']}`. Last run {report['date']} on {report['machine']['cpu']} "
+              f"({report['machine']['cores']} cores)." + cpus_of(report["runs"])]
     return "\n".join(lines) + "\n"
 
 

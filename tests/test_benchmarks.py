@@ -92,6 +92,7 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     table = (tmp_path / "external_validity.md").read_text()
     assert sum(line.startswith("| default | 42 |") for line in table.splitlines()) == 2  # summary and per-run rows
     assert "python -m benchmarks.external_validity --smoke" in table
+    assert f"Trained on {result['cpu']}: default 42." in table  # a seed trains another model on another CPU model
 
     # The levers that need no training, on the kept model: each rule and number of views a row of its own.
     # This one and the calibration below run here, not as processes of their own: a TensorFlow import each saved.
