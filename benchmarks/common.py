@@ -287,3 +287,15 @@ def main(run: Callable[..., dict], options: dict[str, type] | None = None) -> No
         workdir.mkdir(parents=True, exist_ok=True)
         result = run(workdir.resolve(), SMOKE if args.smoke else FULL, args.sample.resolve(), **given)
     write_json(args.json, result, sort_keys=False) if args.json else print(json.dumps(result, indent=2))
+
+
+def cpus_of_runs(runs: list[tuple[str, str]]) -> str:
+    """" Trained on CPU: run, run; ..." from (run's label, its CPU or "") pairs: the same seed trains another model on
+    another CPU model (docs/results.md#reproducibility), so a report says where each run trained."""
+    by_cpu: dict[str, list[str]] = {}
+    for label, cpu in runs:
+        by_cpu.setdefault(cpu, []).append(label)
+    recorded = [f"{cpu}: {', '.join(labels)}" for cpu, labels in by_cpu.items() if cpu]
+    if not recorded:
+        return ""
+    return f" Trained on {'; '.join(recorded)}; the other runs were made before runs recorded their CPU."

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import harness  # project copies and the environment for tools (this venv, no outside DVC)
-from benchmarks.common import REPO, load_average
-from benchmarks.run_all import machine
+from benchmarks.common import REPO, cpus_of_runs, load_average
+from benchmarks.run_all import cpu_description, machine
 from pneumonia.atomic import write_json, write_text
 
 HEALTHY_ROC_AUC = 0.98
@@ -36,7 +36,8 @@ def run_one(project: Path, seed: int, overrides: list[str]) -> dict:
     train = json.loads((project / "metrics/train.json").read_text())
     test = evaluation["test"]
     scores = json.loads((project / "reports/evaluation/test.json").read_text())
-    return {"seed": seed, "threshold": evaluation["threshold"], "calibration": scores.get("calibration"),
+    return {"seed": seed, "cpu": cpu_description(machine()), "threshold": evaluation["threshold"],
+            "calibration": scores.get("calibration"),
             **{name: test[name] for name in ("roc_auc", "sensitivity", "specificity", "accuracy")},
             "ece": scores["ece"],
             **{name: train[name] for name in ("best_epoch", "epochs_trained", "train_seconds")},
@@ -67,8 +68,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | | mean | {statistics.fmean(aucs):.3f} | | | | | | | | "
                          f"{sum(map(healthy, group['runs']))} of {len(aucs)} |")
     lines += ["", f"Reproduce: `python -m benchmarks.compact_sample --name NAME --seeds ... -S key=value ...`. "
-              f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores, "
-              "shared: the load column is the 1-minute load average at each run's end)."]
+              f"Last run {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores, "
+              "shared: the load column is the 1-minute load average at each run's end)."
+              + cpus_of_runs([(f"{name} {run['seed']}", run.get("cpu", "")) for name, group in report["groups"].items()
+                            for run in group["runs"]])]
     return "\n".join(lines) + "\n"
 
 

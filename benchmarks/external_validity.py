@@ -41,7 +41,15 @@ import numpy as np
 import yaml
 
 import harness
-from benchmarks.common import REPO, SAMPLE_ZIP, SCORE_COLUMNS, load_average, replace_block, working_directory
+from benchmarks.common import (
+    REPO,
+    SAMPLE_ZIP,
+    SCORE_COLUMNS,
+    cpus_of_runs,
+    load_average,
+    replace_block,
+    working_directory,
+)
 from benchmarks.run_all import cpu_description, machine
 from benchmarks.threshold_rules import held_out_scores
 from pneumonia.atomic import write_json, write_text
@@ -263,18 +271,6 @@ def spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def cpus_of(runs: list[dict]) -> str:
-    """Which runs were trained on which CPU: the same seed trains another model on another CPU model
-    (docs/results.md#reproducibility), so profiles are compared on models of one CPU (benchmarks.paired)."""
-    by_cpu: dict[str, list[str]] = {}
-    for run in runs:
-        by_cpu.setdefault(run.get("cpu", ""), []).append(f"{run['profile']} {run['seed']}")
-    recorded = [f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items() if cpu]
-    if not recorded:
-        return ""
-    return f" Trained on {'; '.join(recorded)}; the other runs were made before runs recorded their CPU."
-
-
 def markdown(report: dict, summary_only: bool = False) -> str:
     """The report's tables; `summary_only`: the first (one row a profile), for the README: the default and
     the previous default only (every profile is in the report)."""
@@ -366,7 +362,8 @@ def markdown(report: dict, summary_only: bool = False) -> str:
                           for name in order)
               + ".", "",
               f"Reproduce: `{report['command']}`. Last run {report['date']} on {report['machine']['cpu']} "
-              f"({report['machine']['cores']} cores)." + cpus_of(report["runs"])]
+              f"({report['machine']['cores']} cores)."
+              + cpus_of_runs([(f"{run['profile']} {run['seed']}", run.get("cpu", "")) for run in report["runs"]])]
     return "\n".join(lines) + "\n"
 
 
