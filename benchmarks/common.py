@@ -298,4 +298,5 @@ def cpus_of_runs(runs: list[tuple[str, str]]) -> str:
     recorded = [f"{cpu}: {', '.join(labels)}" for cpu, labels in by_cpu.items() if cpu]
     if not recorded:
         return ""
-    return f" Trained on {'; '.join(recorded)}; the other runs were made before runs recorded their CPU."
+    others = "; the other runs were made before runs recorded their CPU" if "" in by_cpu else ""
+    return f" Trained on {'; '.join(recorded)}{others}."
