@@ -224,15 +224,12 @@ class ModelConfig(Section):
                 f"model.input_norm = {self.input_norm!r} is for custom_cnn; {self.name} scales its input as its "
                 "pretrained weights expect: set model.input_norm to 'scale'"
             )
-        if self.name != CUSTOM_CNN and self.width != 1:
-            raise ValueError(f"model.width = {self.width} is for custom_cnn; {self.name} has its pretrained "
-                             "weights' width: set model.width to 1")
-        if self.name != CUSTOM_CNN and self.convs_per_block != 2:
-            raise ValueError(f"model.convs_per_block = {self.convs_per_block} is for custom_cnn; {self.name} has its "
-                             "pretrained weights' depth: set model.convs_per_block to 2")
-        if self.name != CUSTOM_CNN and self.stem != "full_resolution":
-            raise ValueError(f"model.stem = {self.stem!r} is for custom_cnn; {self.name} has its pretrained "
-                             "weights' stem: set model.stem to 'full_resolution'")
+        if self.name != CUSTOM_CNN:  # custom_cnn's architecture settings; a backbone has its weights' own
+            for field, what in (("width", "width"), ("stem", "stem"), ("convs_per_block", "depth")):
+                value, default = getattr(self, field), type(self).model_fields[field].default
+                if value != default:
+                    raise ValueError(f"model.{field} = {value!r} is for custom_cnn; {self.name} has its pretrained "
+                                     f"weights' {what}: set model.{field} to {default!r}")
         return self
 
 
