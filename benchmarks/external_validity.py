@@ -111,6 +111,10 @@ PROFILES = {
     "warm_restarts": {"train.lr_schedule": "cosine_restarts"},
     # Issue 34: RandAugment, two operations at Keras' default magnitude, on top of the default's augmentation
     "rand_augment": {"train.augment.rand_augment": 2},
+    # Issue 34: distillation of a two-member ensemble (seeds + 1, + 2) into one model (the seed), three trainings
+    "distilled": {"train.distillation_teachers": 2},
+    # Issue 34: more dropout before custom_cnn's output (its last dense block's 0.3; the blocks before drop 0.2 to 0.7)
+    "dropout_0.5": {"model.dropout": 0.5},
     # Issue 36: custom_cnn's first convolution at stride 2 (1.2-1.3x the training speed); kept only if it holds here
     "strided_stem": {"model.stem": "strided"},
     # Issue 34: depth, three separable convolutions in each of custom_cnn's four blocks instead of two

@@ -288,6 +288,11 @@ class TrainConfig(Section):
     # N > 1: N members, member k trained as the whole training with seed + k; the model is the mean of their
     # outputs (models.build.ensemble_of). N x the training time and N x the prediction time
     ensemble_members: StrictInt = Field(1, ge=1, le=MAX_ENSEMBLE_MEMBERS)
+    # Knowledge distillation: N > 0 first trains N teachers, teacher k the whole training with seed + k, then the
+    # model (seed train.seed) on targets (1 - w) x label + w x the teachers' mean probability of the un-augmented
+    # image, w = distillation_weight. One model's size and prediction cost; (N + 1) x the training time
+    distillation_teachers: StrictInt = Field(0, ge=0, le=MAX_ENSEMBLE_MEMBERS)
+    distillation_weight: Float = Field(0.5, gt=0, le=1)
     deterministic: StrictBool = True  # deterministic ops, no Grappler rewrites: same seed, same model (slower on GPUs)
     # Where and how (pneumonia.distribute): batch_size is per replica, the global batch is x replicas.
     accelerator: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
@@ -325,11 +330,31 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _member_seeds_in_range(self) -> "TrainConfig":
-        if self.seed + self.ensemble_members - 1 > MAX_SEED:
+        for name, trained, last_offset in (("ensemble_members", "member", self.ensemble_members - 1),
+                                           ("distillation_teachers", "teacher", self.distillation_teachers)):
+            if self.seed + last_offset > MAX_SEED:
+                raise ValueError(
+                    f"train.{name} = {getattr(self, name)} with train.seed = {self.seed}: {trained} k trains "
+                    f"with seed train.seed + k, which passes {MAX_SEED} (2**32 - 1, the largest seed NumPy takes); "
+                    "lower train.seed"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_alone(self) -> "TrainConfig":
+        if not self.distillation_teachers:
+            return self
+        if self.ensemble_members > 1:
             raise ValueError(
-                f"train.ensemble_members = {self.ensemble_members} with train.seed = {self.seed}: member k trains "
-                f"with seed train.seed + k, which passes {MAX_SEED} (2**32 - 1, the largest seed NumPy takes); "
-                "lower train.seed"
+                f"train.distillation_teachers = {self.distillation_teachers} with train.ensemble_members = "
+                f"{self.ensemble_members}: distillation trains one model from an ensemble of teachers; set one of "
+                "them (train.ensemble_members to 1, or train.distillation_teachers to 0)"
+            )
+        if self.augment.mixup:
+            raise ValueError(
+                f"train.distillation_teachers = {self.distillation_teachers} with train.augment.mixup = "
+                f"{self.augment.mixup}: both replace the labels (the teachers' probabilities, blended pairs); "
+                "set one of them to 0"
             )
         return self
 

@@ -1,5 +1,6 @@
 """tf.data input from the TFRecords: parallel interleaved reads, parallel decode, prefetch."""
 
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -86,12 +87,45 @@ def _label(serialized: tf.Tensor) -> tf.Tensor:
     return tf.io.parse_single_example(serialized, {"label": FEATURES["label"]})["label"]
 
 
-def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bool = False) -> tf.data.Dataset:
+def image_key(label: int, file_name: str) -> str:
+    """A training image's key among the split's images: its class and file name (names are unique in a class
+    folder, not across them). `distilled_targets` makes the same key in the input pipeline."""
+    return f"{label}/{file_name}"
+
+
+def distilled_targets(teacher_probabilities: Mapping[str, float], weight: float,
+                      class_weight: Mapping[int, float] | None) -> Callable[[dict], tuple]:
+    """Knowledge distillation's targets (Hinton et al. 2015): a decoded batch to (image, target, sample weight)
+    with target (1 - weight) x label + weight x the teachers' probability of the image (by `image_key`), and
+    the weight of its labelled class: Keras' `class_weight` would round a soft target to a class. Binary
+    cross-entropy against this target is (1 - weight) x the labels' loss + weight x the teachers' (temperature 1).
+    An image the teachers did not score stops training (an error, not a silent label)."""
+    keys = list(teacher_probabilities)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                            tf.constant([teacher_probabilities[key] for key in keys], tf.float32)),
+        default_value=-1.0)
+    weight_of_class = tf.constant([class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0], tf.float32)
+
+    def targets(batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        labels = batch["label"]
+        classes = tf.cast(labels[:, 0], tf.int64)
+        taught = table.lookup(tf.strings.join([tf.strings.as_string(classes), batch["file_name"]], separator="/"))
+        tf.debugging.assert_non_negative(taught, "a training image the teachers did not score")
+        return (batch["image"], (1 - weight) * labels + weight * taught[:, tf.newaxis],
+                tf.gather(weight_of_class, classes))
+
+    return targets
+
+
+def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bool = False,
+                     targets: Callable[[dict], tuple] | None = None) -> tf.data.Dataset:
     """Endless (image, label) batches for fitting: reshuffled each pass, full batches only (static
     shapes); fit takes `split_size // batch_size` steps an epoch. `batch_size` is the global batch.
     `oversample` (train.class_balance): each image drawn from either class with equal chance, so the
     rarer class comes round more often than once a pass (and the model's augmentation makes each
-    repeat another image)."""
+    repeat another image). `targets` makes a decoded batch (image, label, file name) what fit takes:
+    (image, label) when None, `distilled_targets` for distillation."""
     serialized = _serialized(tfrecords, "train", shuffle_seed=seed).repeat()
     if oversample:
         by_class = [serialized.filter(lambda example, label=label: tf.equal(_label(example), label))
@@ -100,7 +134,7 @@ def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bo
     serialized = serialized.batch(batch_size, drop_remainder=True)
     return (
         _decoded(serialized, tfrecords)
-        .map(_images_and_labels)
+        .map(targets or _images_and_labels)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(_shard_by_element())
     )

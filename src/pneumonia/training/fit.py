@@ -31,6 +31,7 @@ from pneumonia.config import ModelConfig, TrainConfig
 from pneumonia.data import dataset
 from pneumonia.data.tfrecords import read_meta
 from pneumonia.errors import PipelineError
+from pneumonia.evaluation.predictions import predict_split
 from pneumonia.models.build import build_model, ensemble_of, load_model
 from pneumonia.training.backup import TrainingBackup, save_stable
 from pneumonia.training.callbacks import make_callbacks
@@ -86,10 +87,11 @@ class TrainingResult:
 
 
 def labelled_for(output: str, batches: tf.data.Dataset) -> tf.data.Dataset:
-    """(image, label) batches as the output layer needs them: one-hot [NORMAL, PNEUMONIA] for softmax."""
+    """(image, label[, sample weight]) batches as the output layer needs them: for softmax the columns
+    [NORMAL, PNEUMONIA], 1 - label and label (one-hot for hard labels; distillation's are soft)."""
     if output != "softmax":
         return batches
-    return batches.map(lambda images, labels: (images, tf.one_hot(tf.cast(labels[:, 0], tf.int32), 2)))
+    return batches.map(lambda images, labels, *weights: (images, tf.concat([1 - labels, labels], axis=-1), *weights))
 
 
 def seed_everything(config: TrainConfig) -> None:
@@ -143,6 +145,9 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
     if config.ensemble_members > 1:
         return train_ensemble(model_config, config, tfrecords, class_weight, model_path, placement, backup,
                               extra_callbacks)
+    if config.distillation_teachers:
+        return train_distilled(model_config, config, tfrecords, class_weight, model_path, placement, backup,
+                               extra_callbacks)
     result = fit_model(model_config, config, tfrecords, class_weight, placement, backup, extra_callbacks)
     if placement.is_chief:
         backup.promote(model_path)
@@ -150,52 +155,105 @@ def train(model_config: ModelConfig, config: TrainConfig, tfrecords: Path, class
 
 
 def member_config(config: TrainConfig, number: int) -> TrainConfig:
-    """The training of ensemble member `number` (0-based): the whole training with seed train.seed + number.
-    Member 0 is the single model of the same params."""
-    return config.model_copy(update={"seed": config.seed + number, "ensemble_members": 1})
+    """The training of ensemble member (or distillation teacher) `number`: the whole training with seed
+    train.seed + number. Member 0 is the single model of the same params."""
+    return config.model_copy(update={"seed": config.seed + number, "ensemble_members": 1, "distillation_teachers": 0})
 
 
-def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
-                   class_weight: dict[int, float] | None, model_path: Path, placement: distribute.Placement,
-                   backup: TrainingBackup, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
-    """train.ensemble_members members, each trained as `train` trains one model (its own checkpoint of the
-    best epoch on validation, its own early stopping) with seed train.seed + k, one after the other, each in
-    a backup of its own (`TrainingBackup.member`): a resumed ensemble keeps the members it finished. The
-    chief saves the mean of their outputs (models.build.ensemble_of) to `model_path`: one model file.
+def train_member(model_config: ModelConfig, config: TrainConfig, number: int, tfrecords: Path,
+                 class_weight: dict[int, float] | None, placement: distribute.Placement, backup: TrainingBackup,
+                 extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+                 teacher_probabilities: dict[str, float] | None = None) -> TrainingResult:
+    """Member `number` of an ensemble (or of a distillation) trained with `config` in a backup of its own
+    (`TrainingBackup.member`), its best epoch in that backup's checkpoint; a member that finished before, in
+    a resumed training, is kept. Member 0's epochs are the run's (MLflow's epoch metrics, `extra_callbacks`)."""
+    member_backup = backup.member(number)
+    if finished := member_backup.finished_result():
+        log.info("member %d (seed %d): finished before, kept", number, config.seed)
+        return TrainingResult(**{**json.loads(finished), "members": ()})
+    log.info("member %d: seed %d", number, config.seed)
+    result = fit_model(model_config, config, tfrecords, class_weight, placement, member_backup,
+                       extra_callbacks if number == 0 else (), log_epochs=number == 0,
+                       teacher_probabilities=teacher_probabilities)
+    member_backup.keep_finished_result(json.dumps(asdict(result)))
+    return result
 
-    The per-epoch records (MLflow's epoch metrics, the history, `extra_callbacks`) are member 0's: its epochs
-    are numbered as a single model's, and member k's are in its backup and result (member_<k>_* metrics)."""
-    results = []
-    for number in range(config.ensemble_members):
+
+def trained_members(backup: TrainingBackup, numbers: Sequence[int], model_path: Path) -> list[keras.Model]:
+    """The best models of the members `numbers`, each checked whole first (it is to become part of `model_path`)."""
+    members = []
+    for number in numbers:
         member_backup = backup.member(number)
-        if finished := member_backup.finished_result():
-            log.info("ensemble member %d of %d: finished before, kept", number + 1, config.ensemble_members)
-            results.append(TrainingResult(**{**json.loads(finished), "members": ()}))
-            continue
-        member = member_config(config, number)
-        log.info("ensemble member %d of %d: seed %d", number + 1, config.ensemble_members, member.seed)
-        result = fit_model(model_config, member, tfrecords, class_weight, placement, member_backup,
-                           extra_callbacks if number == 0 else (), log_epochs=number == 0)
-        member_backup.keep_finished_result(json.dumps(asdict(result)))
-        results.append(result)
-    if placement.is_chief:
-        members = []
-        for number in range(config.ensemble_members):
-            member_backup = backup.member(number)
-            member_backup.check_checkpoint(model_path)
-            members.append(load_model(member_backup.checkpoint, compile=False))
-        save_stable(ensemble_of(members), model_path)
+        member_backup.check_checkpoint(model_path)
+        members.append(load_model(member_backup.checkpoint, compile=False))
+    return members
+
+
+def with_members(results: Sequence[TrainingResult]) -> TrainingResult:
+    """Member 0's result (history, best epoch) with the whole training's seconds, parameters and memory."""
     return replace(results[0], seconds=sum(result.seconds for result in results),
                    total_params=sum(result.total_params for result in results),
                    trainable_params=sum(result.trainable_params for result in results),
                    peak_memory=peak_memory_mb(), members=tuple(results))
 
 
+def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
+                   class_weight: dict[int, float] | None, model_path: Path, placement: distribute.Placement,
+                   backup: TrainingBackup, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
+    """train.ensemble_members members, each trained as `train` trains one model (its own checkpoint of the
+    best epoch on validation, its own early stopping) with seed train.seed + k, one after the other
+    (`train_member`). The chief saves the mean of their outputs (models.build.ensemble_of) to `model_path`:
+    one model file. The per-epoch records are member 0's: its epochs are numbered as a single model's, and
+    member k's are in its backup and result (member_<k>_* metrics)."""
+    results = [train_member(model_config, member_config(config, number), number, tfrecords, class_weight, placement,
+                            backup, extra_callbacks) for number in range(config.ensemble_members)]
+    if placement.is_chief:
+        save_stable(ensemble_of(trained_members(backup, range(config.ensemble_members), model_path)), model_path)
+    return with_members(results)
+
+
+def teacher_probabilities(teacher: keras.Model, tfrecords: Path, batch_size: int) -> dict[str, float]:
+    """The teacher's probability of pneumonia for each training image, un-augmented (the model's augmentation
+    is off in inference), by `dataset.image_key`."""
+    predictions = predict_split(teacher, tfrecords, "train", batch_size)
+    keys = [dataset.image_key(label, name) for label, name in zip(predictions.labels, predictions.file_names)]
+    if len(set(keys)) < len(keys):
+        raise PipelineError("two training images of one class share a file name; distillation pairs each image "
+                            "with its teachers' probability by class and name: rename them, or set "
+                            "train.distillation_teachers to 0")
+    return dict(zip(keys, predictions.probabilities.tolist()))
+
+
+def train_distilled(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
+                    class_weight: dict[int, float] | None, model_path: Path, placement: distribute.Placement,
+                    backup: TrainingBackup, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainingResult:
+    """Knowledge distillation of an ensemble into one model of the configured size (Hinton et al. 2015): the
+    train.distillation_teachers teachers trained as ensemble members 1 to N (seeds train.seed + k, `train_member`),
+    their mean probability of each training image (`teacher_probabilities`), then member 0, the model, with seed
+    train.seed on targets that mix label and teachers (`dataset.distilled_targets`). Every worker scores the
+    training images (each trains on them); the chief saves member 0 alone to `model_path`. The per-epoch records
+    are the model's; the teachers' are member_<k>_* metrics, and the seconds are all of them together."""
+    teachers = [train_member(model_config, member_config(config, number), number, tfrecords, class_weight,
+                             placement, backup) for number in range(1, config.distillation_teachers + 1)]
+    teacher_models = trained_members(backup, range(1, config.distillation_teachers + 1), model_path)
+    teacher = ensemble_of(teacher_models) if len(teacher_models) > 1 else teacher_models[0]
+    probabilities = teacher_probabilities(teacher, tfrecords, config.batch_size)
+    log.info("distilling %d teacher(s) into the model: targets %g x label + %g x theirs",
+             config.distillation_teachers, 1 - config.distillation_weight, config.distillation_weight)
+    model = train_member(model_config, config, 0, tfrecords, class_weight, placement, backup, extra_callbacks,
+                         teacher_probabilities=probabilities)
+    if placement.is_chief:
+        backup.member(0).promote(model_path)
+    return with_members([model, *teachers])
+
+
 def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
               class_weight: dict[int, float] | None, placement: distribute.Placement, backup: TrainingBackup,
-              extra_callbacks: Sequence[keras.callbacks.Callback] = (), log_epochs: bool = True) -> TrainingResult:
+              extra_callbacks: Sequence[keras.callbacks.Callback] = (), log_epochs: bool = True,
+              teacher_probabilities: dict[str, float] | None = None) -> TrainingResult:
     """One model trained (or resumed) in `backup`, its best epoch in the backup's checkpoint; per-epoch
-    metrics to the active MLflow run when `log_epochs` (the chief only)."""
+    metrics to the active MLflow run when `log_epochs` (the chief only). With `teacher_probabilities`
+    (`train_distilled`), on targets mixed from the labels and them by train.distillation_weight."""
     logging_run = placement.is_chief and tracking.active_run_id() is not None
     seed_everything(config)
     global_batch = config.batch_size * placement.replicas
@@ -207,8 +265,12 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
             f"than the training set ({train_images} images); lower train.batch_size."
         )
     output = model_config.output
-    training_batches = labelled_for(output, dataset.training_batches(tfrecords, global_batch, config.seed,
-                                                                            config.class_balance == "oversample"))
+    targets = None
+    if teacher_probabilities:  # the class weights go into each image's sample weight
+        targets = dataset.distilled_targets(teacher_probabilities, config.distillation_weight, class_weight)
+        class_weight = None
+    training_batches = labelled_for(output, dataset.training_batches(
+        tfrecords, global_batch, config.seed, config.class_balance == "oversample", targets))
     if config.augment.mixup:  # the class weights go into each blended pair's weight
         training_batches = dataset.mixed_up(training_batches, config.augment.mixup, config.seed, class_weight)
         class_weight = None
