@@ -65,22 +65,20 @@ def weights_equal(first, second) -> bool:
 @pytest.mark.slow
 def test_a_distilled_model_is_one_model_taught_by_its_teachers_and_resumes_keeping_them(synthetic_data, tmp_path,
                                                                                          monkeypatch):
-    """One model of the single model's size, unlike it (the same seed, initial weights and batches: only the
-    targets differ), its cost the teachers' and its own; stopped while the model trains, the teachers are kept
-    and the model trained again comes out as the uninterrupted one."""
+    """One model of the single model's size, its cost the teachers' and its own; stopped while the model trains
+    (on the teachers' probabilities, after both teachers), the teachers are kept and the model trained again
+    comes out as the uninterrupted one."""
     tfrecords, weights = synthetic_data / "data/tfrecords", {0: 1.0, 1: 1.0}
     params = params_with(distillation_teachers=2)
     distilled = fit.train(params.model, params.train, tfrecords, weights, tmp_path / "distilled.keras")
-    single = fit.train(params.model, params_with().train, tfrecords, weights, tmp_path / "single.keras")
 
-    model, alone = load_model(tmp_path / "distilled.keras"), load_model(tmp_path / "single.keras")
-    assert members_of(model) == [] and model.count_params() == alone.count_params()
-    assert not weights_equal(model, alone)
+    model = load_model(tmp_path / "distilled.keras")
+    assert members_of(model) == [] and model.count_params() == fit.build_model(params.model, SIZE).count_params()
     metrics = distilled.metrics()
     assert len(distilled.members) == 3 and metrics["member_0_best_epoch"] == metrics["best_epoch"]
     assert {"member_1_best_val_auc", "member_2_best_val_auc"} <= metrics.keys()
     assert metrics["train_seconds"] == pytest.approx(sum(member.seconds for member in distilled.members), abs=0.1)
-    assert distilled.headline().keys() == single.headline().keys()
+    assert distilled.headline().keys() == {"best_epoch", "epochs_trained", "train_seconds"}
 
     fit_model, fitted = fit.fit_model, []
 
