@@ -115,9 +115,14 @@ def test_teacher_probabilities_are_the_teachers_predictions_on_every_training_im
     np.testing.assert_allclose(list(probabilities.values()), teacher.predict(images, verbose=0)[:, 0], rtol=1e-4)
 
 
-def test_training_images_of_one_class_sharing_a_name_are_refused_for_distillation(monkeypatch, synthetic_data):
+def test_training_images_of_one_class_sharing_a_name_are_refused_before_any_teacher_trains(
+        monkeypatch, synthetic_data, tmp_path):
     tfrecords = synthetic_data / "data/tfrecords"
     labels, names = dataset.labels_and_names(tfrecords, "train")
     monkeypatch.setattr(dataset, "labels_and_names", lambda *_: (labels, [names[0]] * len(names)))
+    fitted = []
+    monkeypatch.setattr(fit, "fit_model", lambda *args, **kwargs: fitted.append(args))
+    params = params_with(distillation_teachers=2)
     with pytest.raises(PipelineError, match="share a file name"):
-        fit.teacher_probabilities(fit.build_model(params_with().model, SIZE), tfrecords, 8)
+        fit.train(params.model, params.train, tfrecords, {0: 1.0, 1: 1.0}, tmp_path / "model.keras")
+    assert fitted == [] and not (tmp_path / "model.keras").exists()

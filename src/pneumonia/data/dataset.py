@@ -87,6 +87,11 @@ def _label(serialized: tf.Tensor) -> tf.Tensor:
     return tf.io.parse_single_example(serialized, {"label": FEATURES["label"]})["label"]
 
 
+def _class_weights(class_weight: Mapping[int, float] | None) -> tf.Tensor:
+    """[NORMAL's, PNEUMONIA's] weight, for sample weights gathered by class (1 each without class weights)."""
+    return tf.constant([class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0], tf.float32)
+
+
 def image_key(label: int, file_name: str) -> str:
     """A training image's key among the split's images: its class and file name (names are unique in a class
     folder, not across them). `distilled_targets` makes the same key in the input pipeline."""
@@ -105,7 +110,7 @@ def distilled_targets(teacher_probabilities: Mapping[str, float], weight: float,
         tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
                                             tf.constant([teacher_probabilities[key] for key in keys], tf.float32)),
         default_value=-1.0)
-    weight_of_class = tf.constant([class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0], tf.float32)
+    weight_of_class = _class_weights(class_weight)
 
     def targets(batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         labels = batch["label"]
@@ -147,7 +152,7 @@ def mixed_up(batches: tf.data.Dataset, alpha: float, seed: int,
     from Beta(alpha, alpha) per pair, and its label alike (a sigmoid's (n, 1) or a softmax's one-hot). The
     class weights are blended the same way into each pair's weight: Keras' `class_weight` would round a
     blended label to one class. Reproducible: the draws depend on `seed` and the batch's number only."""
-    weight_of_class = tf.constant([class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0], tf.float32)
+    weight_of_class = _class_weights(class_weight)
 
     def mixed(values: tf.Tensor, share: tf.Tensor) -> tf.Tensor:
         return share * values + (1 - share) * tf.reverse(values, axis=[0])

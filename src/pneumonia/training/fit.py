@@ -212,15 +212,21 @@ def train_ensemble(model_config: ModelConfig, config: TrainConfig, tfrecords: Pa
     return with_members(results)
 
 
+def check_distinct_image_keys(tfrecords: Path) -> None:
+    """A PipelineError, before any teacher trains, when two training images share a `dataset.image_key`:
+    distillation pairs each image with its teachers' probability by that key."""
+    labels, names = dataset.labels_and_names(tfrecords, "train")
+    if len({dataset.image_key(label, name) for label, name in zip(labels, names)}) < len(names):
+        raise PipelineError("two training images of one class share a file name; distillation pairs each image "
+                            "with its teachers' probability by class and name: rename them, or set "
+                            "train.distillation_teachers to 0")
+
+
 def teacher_probabilities(teacher: keras.Model, tfrecords: Path, batch_size: int) -> dict[str, float]:
     """The teacher's probability of pneumonia for each training image, un-augmented (the model's augmentation
     is off in inference), by `dataset.image_key`."""
     predictions = predict_split(teacher, tfrecords, "train", batch_size)
-    keys = [dataset.image_key(label, name) for label, name in zip(predictions.labels, predictions.file_names)]
-    if len(set(keys)) < len(keys):
-        raise PipelineError("two training images of one class share a file name; distillation pairs each image "
-                            "with its teachers' probability by class and name: rename them, or set "
-                            "train.distillation_teachers to 0")
+    keys = (dataset.image_key(label, name) for label, name in zip(predictions.labels, predictions.file_names))
     return dict(zip(keys, predictions.probabilities.tolist()))
 
 
@@ -233,6 +239,7 @@ def train_distilled(model_config: ModelConfig, config: TrainConfig, tfrecords: P
     train.seed on targets that mix label and teachers (`dataset.distilled_targets`). Every worker scores the
     training images (each trains on them); the chief saves member 0 alone to `model_path`. The per-epoch records
     are the model's; the teachers' are member_<k>_* metrics, and the seconds are all of them together."""
+    check_distinct_image_keys(tfrecords)
     teachers = [train_member(model_config, member_config(config, number), number, tfrecords, class_weight,
                              placement, backup) for number in range(1, config.distillation_teachers + 1)]
     teacher_models = trained_members(backup, range(1, config.distillation_teachers + 1), model_path)
