@@ -119,6 +119,8 @@ PROFILES = {
     "strided_stem": {"model.stem": "strided"},
     # Issue 34: depth, three separable convolutions in each of custom_cnn's four blocks instead of two
     "depth_3": {"model.convs_per_block": 3},
+    # Issue 34: more of the border cut (0.12 of each side instead of 0.08: 98 of 128 px seen), less framing to read
+    "crop_0.12": {"model.crop": 0.12},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
