@@ -362,14 +362,14 @@ def test_mlflow_ui_shows_the_run_by_its_experiment_name_its_datasets_and_the_mod
         assert shown and float(shown[1]) == pytest.approx(linked[key].value, abs=1e-9), (key, model_page[:3000])
 
 
-def test_sample_dataset_end_to_end(tmp_path, sample_zip):
-    """The real chest X-rays, through `data.source: local`, at a small image size, scored on the
-    external set too (another acquisition: Kaggle's official test split)."""
+def test_sample_dataset_end_to_end(tmp_path, repo_sample):
+    """The real chest X-rays of the compact sample a clone runs on (data.source: local, the default), at a
+    small image size, scored on the external set too (another acquisition: Kaggle's official test split)."""
     external_zip = shared_dataset("chest-xray-external.zip")
     project = copy_project(tmp_path)
     set_params(project, **{
-        "data.source": "local", "data.local_path": str(sample_zip), "data.image_size": 64,
-        "train.epochs": 1, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(external_zip),
+        "data.source": "local", "data.local_path": str(repo_sample), "data.image_size": 64,
+        "train.epochs": 2, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(external_zip),
         # one epoch at the full learning rate: the default cosine schedule would take it to 0 within the epoch
         "train.lr_schedule": "exponential",
     })
@@ -378,16 +378,16 @@ def test_sample_dataset_end_to_end(tmp_path, sample_zip):
     assert stages_run(result.stdout) == STAGES
 
     data = json.loads((project / "data/split_counts.json").read_text())
-    # The sample's own test split, exactly as shipped (shared/datasets/README.md).
-    assert data["images"]["test"] == {"NORMAL": 279, "PNEUMONIA": 746}
+    # The sample's own test split, exactly as shipped (data_sample/README.md).
+    assert data["images"]["test"] == {"NORMAL": 116, "PNEUMONIA": 293}
     pool = sum(data["images"][split][c] for split in ("train", "val") for c in ("NORMAL", "PNEUMONIA"))
-    assert pool + data["dropped_as_in_test"] == 1054 + 3121 + 8 + 8
+    assert pool + data["dropped_as_in_test"] == 209 + 602 + 8 + 8
     test_metrics = json.loads((project / "reports/evaluation/test.json").read_text())
-    assert test_metrics["n"] == 279 + 746
+    assert test_metrics["n"] == 116 + 293
     report = json.loads((project / "reports/data/summary.json").read_text())
-    assert report["images"]["as_shipped"] == {"train": {"NORMAL": 1054, "PNEUMONIA": 3121},
+    assert report["images"]["as_shipped"] == {"train": {"NORMAL": 209, "PNEUMONIA": 602},
                                               "val": {"NORMAL": 8, "PNEUMONIA": 8},
-                                              "test": {"NORMAL": 279, "PNEUMONIA": 746}}
+                                              "test": {"NORMAL": 116, "PNEUMONIA": 293}}
     assert report["unreadable"] == [] and report["raw_images"]["width"]["median"] == 224
     audit = json.loads((project / "data/audit.json").read_text())
     assert audit["passed"] and set(audit["leaks"].values()) == {0}, audit
