@@ -94,6 +94,8 @@ PROFILES = {
     "label_smoothing": {"train.label_smoothing": 0.1},
     # Issue 34: mixup (alpha 0.2, the usual choice), judged paired against the default
     "mixup": {"train.augment.mixup": 0.2},
+    # Issue 34: CutMix (alpha 1, as its paper): a box of another image pasted in, the labels mixed by area
+    "cutmix": {"train.augment.cutmix": 1.0},
     # Issue 34: a larger input with per_image (128 px was chosen on input scaled to [0, 1], default_160px)
     "160px": {"data.image_size": 160},
     # Issue 34: each image's histogram equalised instead of standardised (any increasing change of gray levels gone)

@@ -116,16 +116,17 @@ def test_test_time_augmentation_averages_fixed_views_and_is_the_model_for_one_vi
     np.testing.assert_array_equal(np.asarray(FixedAffine()(images.astype("float32"))), images)  # the identity
 
 
-def mixup_batches(seed: int, labels: list, class_weight=None) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+def mixup_batches(seed: int, labels: list, class_weight=None, cut: bool = False,
+                  size: int = 8) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
     import tensorflow as tf
 
     from pneumonia.data.dataset import mixed_up
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)  # three batches of four
+    images = rng.integers(0, 256, (3, 4, size, size, 3), dtype=np.uint8)  # three batches of four
     label_batches = np.tile(np.array(labels, "float32")[None], (3, 1, 1))
     batches = tf.data.Dataset.from_tensor_slices((images, label_batches))
-    return [tuple(map(np.asarray, batch)) for batch in mixed_up(batches, 0.4, seed, class_weight)], images
+    return [tuple(map(np.asarray, batch)) for batch in mixed_up(batches, 0.4, seed, class_weight, cut)], images
 
 
 @pytest.mark.parametrize("labels", [[[0.0], [1.0], [1.0], [1.0]],  # sigmoid
@@ -148,6 +149,36 @@ def test_mixup_blends_each_image_its_label_and_its_class_weight_by_one_share(lab
         assert ((0 <= image) & (image <= 255)).all() and image.dtype == np.float32
         shares.append(share[0])
     assert len(set(np.round(shares, 6))) == 3 and all(0 < s < 1 for s in shares)  # a new draw each batch
+
+
+def test_cutmix_pastes_a_box_of_the_mirrored_image_and_mixes_labels_and_weights_by_its_area():
+    labels = [[0.0], [1.0], [1.0], [1.0]]
+    mixed, images = mixup_batches(7, labels, {0: 2.0, 1: 0.5}, cut=True, size=16)
+    weights, boxes = np.array([2.0, 0.5, 0.5, 0.5]), set()
+    for (image, label, weight), original in zip(mixed, images, strict=True):
+        assert image.dtype == np.float32
+        for i in range(4):
+            pasted = np.all(image[i] == original[3 - i], axis=-1) & np.any(original[i] != original[3 - i], axis=-1)
+            rows, columns = np.nonzero(pasted)
+            # one rectangle: every pixel inside it from the mirrored image, every pixel outside from its own
+            inside = np.zeros((16, 16), bool)
+            if rows.size:
+                inside[rows.min():rows.max() + 1, columns.min():columns.max() + 1] = True
+                boxes.add((rows.min(), rows.max(), columns.min(), columns.max()))
+            np.testing.assert_array_equal(image[i][inside], original[3 - i][inside])
+            np.testing.assert_array_equal(image[i][~inside], original[i][~inside])
+            share = 1 - inside.mean()  # of its own image left: its label's and weight's share
+            np.testing.assert_allclose(label[i, 0], share * labels[i][0] + (1 - share) * labels[3 - i][0], atol=1e-6)
+            np.testing.assert_allclose(weight[i], share * weights[i] + (1 - share) * weights[3 - i], rtol=1e-5)
+    assert len(boxes) > 3  # boxes of other sizes and places, image by image and batch by batch
+
+
+def test_mixup_and_cutmix_together_are_refused_naming_both():
+    from pneumonia.config import parse_params
+    from pneumonia.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="train.augment.mixup = 0.2 with train.augment.cutmix = 1.0"):
+        parse_params({"train": {"augment": {"mixup": 0.2, "cutmix": 1.0}}})
 
 
 def test_mixup_draws_depend_on_the_seed_only():

@@ -50,6 +50,7 @@ def test_a_softmax_head_gets_soft_targets_as_two_columns_and_keeps_the_sample_we
 @pytest.mark.parametrize(("train", "message"), [
     ({"distillation_teachers": 2, "ensemble_members": 2}, "set one of them"),
     ({"distillation_teachers": 1, "augment": {"mixup": 0.2}}, "both replace the labels"),
+    ({"distillation_teachers": 1, "augment": {"cutmix": 1.0}}, "augment.cutmix = 1.0: both replace the labels"),
     ({"distillation_teachers": 2, "seed": 2**32 - 2}, "teacher k trains with seed train.seed \\+ k"),
     ({"distillation_weight": 0}, "distillation_weight"),
 ])

@@ -361,9 +361,9 @@ def test_the_params_walk_follows_sections_properties_records_and_dumps(tmp_path)
                           "from pneumonia.models.build import build_model\nparams = load_params()\n" + code)
         return params_read(script)
 
-    # every augmentation but mixup, which blends batches in the input pipeline (pneumonia.training.fit)
+    # every augmentation but mixup and cutmix, which mix batches in the input pipeline (pneumonia.training.fit)
     assert read("build_model(params.model, 128, params.train.augment)") >= leaf_keys("train.augment") - {
-        "train.augment.mixup"}
+        "train.augment.mixup", "train.augment.cutmix"}
     assert not {key for key in read("build_model(params.model, 128, params.train.augment)")
                 if key.startswith(("train.epochs", "data.", "evaluate."))}
     assert read("params.model.backbone") == {"model.name"}

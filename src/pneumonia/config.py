@@ -242,6 +242,8 @@ class AugmentConfig(Section):
     translation: Float = Field(0.08, ge=0, lt=1)  # up to this fraction of the image size, each axis
     contrast: Float = Field(0.2, ge=0, lt=1)  # contrast scaled by a factor in [1 - c, 1 + c]
     mixup: Float = Field(0, ge=0)  # > 0: pairs of images and their labels blended by a Beta(mixup, mixup) share
+    # > 0: CutMix instead, a box of the pair's other image pasted in, its area 1 - a Beta(cutmix, cutmix) share
+    cutmix: Float = Field(0, ge=0)
     # What another acquisition changes and per_image does not undo (contrast and brightness it does):
     gamma: Float = Field(0, ge=0, le=1)  # gray levels^g, g drawn log-uniformly in [1 / (1 + gamma), 1 + gamma]
     sharpness: Float = Field(0, ge=0, le=0.5)  # Keras' RandomSharpness factor in [0.5 - s, 0.5 + s]: blur to sharpen
@@ -249,6 +251,13 @@ class AugmentConfig(Section):
     # > 0: Keras' RandAugment, this many operations a batch drawn from its eleven (shear, rotation, solarization,
     # equalization, ...), at its default magnitude; on top of the above
     rand_augment: StrictInt = Field(0, ge=0, le=11)
+
+    @model_validator(mode="after")
+    def _one_way_of_mixing(self) -> "AugmentConfig":
+        if self.mixup and self.cutmix:
+            raise ValueError(f"train.augment.mixup = {self.mixup} with train.augment.cutmix = {self.cutmix}: each "
+                             "mixes the pairs its own way; set one of them to 0")
+        return self
 
 
 class TrainConfig(Section):
@@ -350,12 +359,13 @@ class TrainConfig(Section):
                 f"{self.ensemble_members}: distillation trains one model from an ensemble of teachers; set one of "
                 "them (train.ensemble_members to 1, or train.distillation_teachers to 0)"
             )
-        if self.augment.mixup:
-            raise ValueError(
-                f"train.distillation_teachers = {self.distillation_teachers} with train.augment.mixup = "
-                f"{self.augment.mixup}: both replace the labels (the teachers' probabilities, blended pairs); "
-                "set one of them to 0"
-            )
+        for name in ("mixup", "cutmix"):
+            if getattr(self.augment, name):
+                raise ValueError(
+                    f"train.distillation_teachers = {self.distillation_teachers} with train.augment.{name} = "
+                    f"{getattr(self.augment, name)}: both replace the labels (the teachers' probabilities, mixed "
+                    "pairs); set one of them to 0"
+                )
         return self
 
 

@@ -146,26 +146,51 @@ def training_batches(tfrecords: Path, batch_size: int, seed: int, oversample: bo
 
 
 def mixed_up(batches: tf.data.Dataset, alpha: float, seed: int,
-             class_weight: dict[int, float] | None = None) -> tf.data.Dataset:
+             class_weight: dict[int, float] | None = None, cut: bool = False) -> tf.data.Dataset:
     """Mixup (Zhang et al. 2018) of (image, label) batches into (image, label, sample weight) batches: each
     image blended with the image at the mirrored place of its batch (batches are shuffled), by a share drawn
     from Beta(alpha, alpha) per pair, and its label alike (a sigmoid's (n, 1) or a softmax's one-hot). The
     class weights are blended the same way into each pair's weight: Keras' `class_weight` would round a
-    blended label to one class. Reproducible: the draws depend on `seed` and the batch's number only."""
+    blended label to one class. Reproducible: the draws depend on `seed` and the batch's number only.
+
+    `cut`: CutMix (Yun et al. 2019) instead: a box of the mirrored image, of area 1 - share (clipped at the
+    image's edges), pasted at a uniformly drawn centre; the label and weight mixed by the share of the image
+    left."""
     weight_of_class = _class_weights(class_weight)
 
     def mixed(values: tf.Tensor, share: tf.Tensor) -> tf.Tensor:
         return share * values + (1 - share) * tf.reverse(values, axis=[0])
 
+    def pasted(images: tf.Tensor, share: tf.Tensor, centre_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The images with a box of their mirrored image each, and the share of each image left."""
+        count, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+        side = tf.sqrt(1 - share)  # of the box, as a fraction of each side: its area 1 - share
+        centre = tf.random.stateless_uniform([count, 2], seed=centre_seed)
+
+        def inside(size: tf.Tensor, column: int) -> tf.Tensor:  # (count, size): in the box along one axis
+            size_f = tf.cast(size, tf.float32)
+            low = tf.round((centre[:, column] - side / 2) * size_f)
+            high = tf.round((centre[:, column] + side / 2) * size_f)
+            positions = tf.cast(tf.range(size), tf.float32)[None]
+            return (positions >= low[:, None]) & (positions < high[:, None])
+
+        box = inside(height, 0)[:, :, None] & inside(width, 1)[:, None, :]
+        left = 1 - tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])
+        return tf.where(box[..., None], tf.reverse(images, axis=[0]), images), left
+
     def blend(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         images, labels = tf.cast(batch[0], tf.float32), batch[1]
         count = tf.shape(images)[0]
-        first, second = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, step]), 2))
+        first, second, third = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, step]), 3))
         draws = [tf.random.stateless_gamma([count], seed=part, alpha=alpha) for part in (first, second)]
         share = draws[0] / (draws[0] + draws[1])  # Beta(alpha, alpha)
+        if cut:
+            images, share = pasted(images, share, third)
+        else:
+            images = mixed(images, share[:, None, None, None])
         classes = tf.cast(labels[:, -1] > 0.5, tf.int32)  # the PNEUMONIA column of either output
         weights = tf.gather(weight_of_class, classes)
-        return (mixed(images, share[:, None, None, None]), mixed(labels, share[:, None]), mixed(weights, share))
+        return images, mixed(labels, share[:, None]), mixed(weights, share)
 
     return batches.enumerate().map(blend, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 

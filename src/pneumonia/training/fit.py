@@ -278,8 +278,9 @@ def fit_model(model_config: ModelConfig, config: TrainConfig, tfrecords: Path,
         class_weight = None
     training_batches = labelled_for(output, dataset.training_batches(
         tfrecords, global_batch, config.seed, config.class_balance == "oversample", targets))
-    if config.augment.mixup:  # the class weights go into each blended pair's weight
-        training_batches = dataset.mixed_up(training_batches, config.augment.mixup, config.seed, class_weight)
+    if config.augment.mixup or config.augment.cutmix:  # the class weights go into each mixed pair's weight
+        training_batches = dataset.mixed_up(training_batches, config.augment.mixup or config.augment.cutmix,
+                                            config.seed, class_weight, cut=bool(config.augment.cutmix))
         class_weight = None
     validation_batches = labelled_for(output, dataset.evaluation_batches(tfrecords, "val", global_batch))
     rate_scale = placement.replicas if config.scale_learning_rate else 1
