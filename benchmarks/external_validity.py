@@ -125,6 +125,8 @@ PROFILES = {
     "crop_0.12": {"model.crop": 0.12},
     # and less of it (0.04: 120 of 128 px seen), in case the cut edge held lung the other site's tight crops show
     "crop_0.04": {"model.crop": 0.04},
+    # Issue 34: a stronger from-scratch architecture? MobileNetV2 untrained (its input scaled, as backbones take it)
+    "mobilenetv2_scratch": {"model.name": "mobilenetv2", "model.weights": "none"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,
