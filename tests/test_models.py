@@ -64,6 +64,24 @@ def test_every_model_trains_a_step_and_reloads_with_the_same_predictions(name, t
     assert probabilities.shape == (4,) and ((0 <= probabilities) & (probabilities <= 1)).all()
 
 
+def test_a_backbone_from_scratch_gets_batch_norm_statistics_that_follow_its_training(tmp_path):
+    """weights none: every batch norm of the backbone at momentum 0.9 (the application's 0.999 left MobileNetV2's
+    moving statistics at their start for epochs: one probability for every image), kept through a save;
+    pretrained weights (here a file of them) keep the application's own."""
+    def momenta(model) -> set[float]:
+        return {layer.momentum for layer in backbone_of(model).layers
+                if isinstance(layer, keras.layers.BatchNormalization)}
+
+    config = ModelConfig(crop=0, name="mobilenetv2", weights="none")
+    scratch = build_model(config, 32)
+    assert momenta(scratch) == {backbones.FROM_SCRATCH_BN_MOMENTUM}
+    scratch.save(tmp_path / "scratch.keras")
+    assert momenta(keras.models.load_model(tmp_path / "scratch.keras")) == {backbones.FROM_SCRATCH_BN_MOMENTUM}
+    backbone_of(scratch).save_weights(tmp_path / "backbone.weights.h5")
+    pretrained = build_model(config.model_copy(update={"weights": str(tmp_path / "backbone.weights.h5")}), 32)
+    assert momenta(pretrained) == {0.999}  # keras.applications.MobileNetV2's
+
+
 def test_images_below_a_models_minimum_are_refused_at_validation():
     with pytest.raises(PipelineError, match=r"data.image_size = 64 is below the 75px minimum of model 'inceptionv3'"):
         parse_params({"data": {"image_size": 64}, "model": {"name": "inceptionv3", "crop": 0}})
