@@ -370,7 +370,7 @@ def test_sample_dataset_end_to_end(tmp_path, repo_sample):
     set_params(project, **{
         "data.source": "local", "data.local_path": str(repo_sample), "data.image_size": 64,
         "train.epochs": 2, "train.batch_size": 32, "tfrecords.workers": 2, "evaluate.external": str(external_zip),
-        # one epoch at the full learning rate: the default cosine schedule would take it to 0 within the epoch
+        # two epochs near the full learning rate: the default cosine schedule would take it to 0 within them
         "train.lr_schedule": "exponential",
     })
     commit_all(project)
@@ -391,7 +391,7 @@ def test_sample_dataset_end_to_end(tmp_path, repo_sample):
     assert report["unreadable"] == [] and report["raw_images"]["width"]["median"] == 224
     audit = json.loads((project / "data/audit.json").read_text())
     assert audit["passed"] and set(audit["leaks"].values()) == {0}, audit
-    # One epoch at 64 px already separates the classes on real X-rays.
+    # Two epochs at 64 px already separate the classes on real X-rays (one did not on the compact sample: 0.67).
     assert test_metrics["roc_auc"] > 0.75, test_metrics
     external = json.loads((project / "reports/evaluation/external.json").read_text())
     assert external["n"] == 244 and external["patients"] == 171 and external["threshold"] == test_metrics["threshold"]
