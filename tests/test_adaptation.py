@@ -34,8 +34,18 @@ def test_adapted_batch_norm_holds_the_statistics_of_the_sites_images():
 
 def test_a_nested_backbone_is_refused_with_a_reason():
     model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="none"), 32)
+    assert adaptation.nests_a_backbone(model)
     with pytest.raises(ValueError, match="nests a backbone"):
         adaptation.adapt_batch_norm(model, np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_an_ensemble_of_flat_networks_is_flat_and_one_with_a_backbone_is_not():
+    from pneumonia.models.build import ensemble_of
+
+    flat = [build_model(ModelConfig(crop=0), 32) for _ in range(2)]
+    backbone = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="none"), 32)
+    assert not adaptation.nests_a_backbone(flat[0]) and not adaptation.nests_a_backbone(ensemble_of(flat))
+    assert adaptation.nests_a_backbone(ensemble_of([flat[0], backbone]))
 
 
 def test_em_recovers_the_share_of_pneumonia_at_a_site():

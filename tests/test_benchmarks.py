@@ -316,6 +316,25 @@ def test_adaptation_scores_fit_on_one_half_of_the_patients_and_score_the_other(m
         assert all(0 <= value <= 1 for value in found[name].values()), name
 
 
+def test_adaptation_scores_leave_out_what_a_nested_backbone_cannot_do():
+    """A backbone profile (mobilenetv2_scratch) is scored unadapted and prior-adjusted; batch-norm adaptation and
+    self-training, implemented for flat networks, are None (n/a in the report), not a crash after its training."""
+    import numpy as np
+
+    from benchmarks.external_validity import adaptation_scores
+    from pneumonia.config import ModelConfig
+    from pneumonia.models.build import build_model
+
+    images = np.random.default_rng(0).uniform(0, 255, (40, 32, 32, 3)).astype(np.float32)
+    labels = (np.arange(40) >= 20).astype(int)
+    model = build_model(ModelConfig(crop=0, name="mobilenetv2", weights="none"), 32)
+    found = adaptation_scores(model, 0.5, labels, images, [f"patient{index // 2}" for index in range(40)], 1)
+    assert found["batch_norm_adapted"] is None and found["self_trained"] is None
+    assert found["self_training_refused"] == 0 and found["self_training_seconds"] is None
+    for name in ("unadapted", "prior_adjusted"):
+        assert set(found[name]) >= {"sensitivity", "specificity", "accuracy", "roc_auc"}
+
+
 def test_ood_benchmark_scores_each_method_on_each_group_and_writes_its_report(tmp_path, synthetic_data):
     """benchmarks/ood.py at its smallest: an untrained model on the synthetic set, a zip of 20 stand-in external
     images; every group of inputs that are not chest X-rays is scored by every method."""

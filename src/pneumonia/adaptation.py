@@ -33,6 +33,16 @@ from pneumonia.errors import PipelineError
 from pneumonia.evaluation.predictions import pneumonia_probability
 
 
+def nests_a_backbone(model) -> bool:
+    """Whether `model` (or a member of an ensemble) holds a nested backbone (a keras.applications network):
+    batch-norm adaptation, and so self-training, is implemented for flat networks (custom_cnn) only."""
+    import keras
+
+    from pneumonia.models.build import members_of
+
+    return any(isinstance(layer, keras.Model) for member in (members_of(model) or [model]) for layer in member.layers)
+
+
 def adapt_batch_norm(model, images: np.ndarray, batch_size: int = 64):
     """A copy of `model` whose batch-norm moving statistics are those of `images` ([0, 255],
     (n, h, w, 3)): each layer's input computed with the layers before it already adapted. An ensemble
@@ -43,11 +53,11 @@ def adapt_batch_norm(model, images: np.ndarray, batch_size: int = 64):
 
     if members := members_of(model):
         return ensemble_of([adapt_batch_norm(member, images, batch_size) for member in members])
-    adapted = keras.models.clone_model(model)
-    adapted.set_weights(model.get_weights())
-    if any(isinstance(layer, keras.Model) for layer in adapted.layers):
+    if nests_a_backbone(model):
         raise ValueError(f"model {model.name!r} nests a backbone; batch-norm adaptation is implemented for flat "
                          "networks (custom_cnn)")
+    adapted = keras.models.clone_model(model)
+    adapted.set_weights(model.get_weights())
     norms = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not norms:
         raise ValueError(f"model {model.name!r} has no batch-norm layer to adapt")
