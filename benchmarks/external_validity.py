@@ -127,8 +127,8 @@ PROFILES = {
     "crop_0.04": {"model.crop": 0.04},
     # Issue 34: a stronger from-scratch architecture? MobileNetV2 untrained (its input scaled, as backbones take it)
     "mobilenetv2_scratch": {"model.name": "mobilenetv2", "model.weights": "none"},
-    # Issue 36: custom_cnn in mixed bfloat16 (1.2-1.3x its training speed on CPUs with native bfloat16), kept in
-    # float32 by train.precision auto until its quality holds on the external set
+    # Issue 36: custom_cnn in mixed bfloat16 (1.1-1.2x an epoch on CPUs with native bfloat16); train.precision auto
+    # keeps it in float32: on the external set its ECE was worse on both seeds run (docs/results.md)
     "bfloat16": {"train.precision": "mixed_bfloat16"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown

@@ -36,11 +36,10 @@ from pneumonia.evaluation.predictions import pneumonia_probability
 def nests_a_backbone(model) -> bool:
     """Whether `model` (or a member of an ensemble) holds a nested backbone (a keras.applications network):
     batch-norm adaptation, and so self-training, is implemented for flat networks (custom_cnn) only."""
-    import keras
-
     from pneumonia.models.build import members_of
+    from pneumonia.models.fine_tuning import backbone_of
 
-    return any(isinstance(layer, keras.Model) for member in (members_of(model) or [model]) for layer in member.layers)
+    return any(backbone_of(member) is not None for member in members_of(model) or [model])
 
 
 def adapt_batch_norm(model, images: np.ndarray, batch_size: int = 64):
