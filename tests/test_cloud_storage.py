@@ -1,5 +1,6 @@
 """TFRecords on cloud storage (tfrecords.uri): written through tf.io.gfile under a content key,
-read back by every reader through meta.json's "location".
+read back by every reader through meta.json's "location". And the shards' bytes: those of TensorFlow's
+own writer, which the local ones are written without.
 
 No gs:// bucket is reachable from the test machines, so the remote filesystems here are
 TensorFlow's in-memory ram:// (in-process, reached only through tf.io.gfile) and file:// URIs
@@ -18,7 +19,14 @@ from pneumonia import SPLITS
 from pneumonia.config import TFRecordsConfig, parse_params
 from pneumonia.data import dataset
 from pneumonia.data.manifest import read_manifest
-from pneumonia.data.tfrecords import content_key, read_meta, remote_location, write_split, write_tfrecords
+from pneumonia.data.tfrecords import (
+    content_key,
+    read_meta,
+    remote_location,
+    shard_names,
+    write_split,
+    write_tfrecords,
+)
 from pneumonia.errors import PipelineError
 
 IMAGE_SIZE = 48  # as the synthetic_data fixture wrote its local TFRecords
@@ -63,6 +71,36 @@ def test_shards_in_memory_filesystem_read_back_like_local_ones(synthetic_data, i
     [(local_images, local_labels)] = dataset.training_batches(local, 8, seed=3).take(1).as_numpy_iterator()
     np.testing.assert_array_equal(remote_images, local_images)
     np.testing.assert_array_equal(remote_labels, local_labels)
+
+
+def test_shards_are_the_bytes_tensorflows_writer_writes(synthetic_data, tmp_path):
+    """The tfrecords and external stages write shards without TensorFlow: each must be, byte for byte, what
+    tf.io.TFRecordWriter writes for the same tf.train.Example messages (serialised deterministically), on a
+    local disk as through tf.io.gfile."""
+    manifest = read_manifest(synthetic_data / "data/manifests/train.csv")
+    records = manifest[:3] + manifest[-2:]  # both labels
+    jpegs = [b"", b"\xff\xd8" * 100_000, *(bytes([index]) * (index * 61) for index in range(3))]  # lengths 0 to 200 kB
+    uri = f"ram://{uuid.uuid4().hex}/key"
+    for out in (tmp_path, uri):
+        write_split(records, out, "train", iter((jpeg, "") for jpeg in jpegs), images_per_shard=5)
+
+    def feature(value: bytes | int) -> tf.train.Feature:
+        return (tf.train.Feature(bytes_list=tf.train.BytesList(value=[value])) if isinstance(value, bytes) else
+                tf.train.Feature(int64_list=tf.train.Int64List(value=[value])))
+
+    expected = tmp_path / "by-tensorflow.tfrecord"
+    with tf.io.TFRecordWriter(str(expected)) as writer:
+        for record, jpeg in zip(records, jpegs, strict=True):
+            features = {"image": jpeg, "label": record.label, "patient_id": record.patient_id.encode(),
+                        "file_name": Path(record.path).name.encode()}
+            example = tf.train.Example(features=tf.train.Features(feature={
+                name: feature(value) for name, value in features.items()}))
+            writer.write(example.SerializeToString(deterministic=True))
+    [name] = shard_names("train", 1)
+    assert (tmp_path / name).read_bytes() == expected.read_bytes()
+    with tf.io.gfile.GFile(f"{uri}/{name}", "rb") as remote:
+        assert remote.read() == expected.read_bytes()
+    assert {record.label for record in records} == {0, 1}
 
 
 def test_content_key_follows_the_data_and_encoding(synthetic_data, tmp_path):

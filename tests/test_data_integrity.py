@@ -288,7 +288,8 @@ def test_audit_catches_a_leaky_split():
 @pytest.mark.e2e
 def test_the_data_stages_twice_give_identical_bytes(tmp_path):
     """The data stages' scripts, run twice from scratch in a copy of the project, each in a fresh process:
-    every output byte-identical, TFRecord shards (of the splits and of an external set) included."""
+    every output byte-identical, TFRecord shards (of the splits and of an external set) included. None of
+    them imports TensorFlow (its import would be most of their time and memory): here it cannot be imported."""
     archive = write_zip(tmp_path / "data.zip", {**kaggle_members(patients=4),
                                                 "chest_xray/train/NORMAL/IM-0999-0001.jpeg": b"not an image"})
     external = write_zip(tmp_path / "site.zip", {f"site/{name}/{index}.jpeg": jpeg(500 + index, name == "PNEUMONIA")
@@ -299,11 +300,14 @@ def test_the_data_stages_twice_give_identical_bytes(tmp_path):
                            "tfrecords.images_per_shard": 4, "evaluate.external": str(external)})
     outputs = [project / "data", project / "reports" / "data"]
     shutil.rmtree(outputs[1])  # the committed baseline's: from scratch means without it
+    blocker = tmp_path / "without_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('a data stage imported TensorFlow')\n")
 
     hashes = []
     for _ in range(2):
         for stage in ("download", "prepare", "tfrecords", "class_weights", "external", "data_report"):
-            run(["python", f"stages/{stage}.py"], project)
+            run(["python", f"stages/{stage}.py"], project, PYTHONPATH=str(blocker.parent))
         hashes.append(tree_hashes(*outputs))
         for output in outputs:
             shutil.rmtree(output)

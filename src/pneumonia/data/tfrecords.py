@@ -7,6 +7,10 @@ the same manifests always give the same files.
 The shards go to data/tfrecords (the DVC output), or, with tfrecords.uri set, to a folder named by
 their content key under that URI (a bucket a TPU can read): data/tfrecords then holds only
 meta.json, whose "location" tells the readers (pneumonia.data.dataset.shard_paths) where they are.
+
+Local shards are written without TensorFlow (its import is most of a small stage's time): the records are
+tf.train.Example messages serialised by the protobuf runtime, framed as tf.io.TFRecordWriter frames them,
+byte for byte its files (tests/test_cloud_storage.py). Only a URI brings in TensorFlow, for tf.io.gfile.
 """
 
 import hashlib
@@ -16,14 +20,18 @@ import logging
 import math
 import multiprocessing
 import os
+import struct
 import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
+from typing import BinaryIO
 
+import google_crc32c
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from tqdm import tqdm
 
 from pneumonia import SPLITS
@@ -44,21 +52,72 @@ IN_FLIGHT = 1024  # images submitted but not yet written: bounds memory whatever
 FORMAT = 1
 
 
+# tf.train.Example and the messages it holds, as tensorflow/core/example/{example,feature}.proto declare them
+# (the fields written here; the field numbers are the wire format), in a pool of their own: no clash with
+# TensorFlow's generated classes in a process that has both.
+EXAMPLE_PROTO = """
+name: "pneumonia/example.proto" package: "tensorflow" syntax: "proto3"
+message_type { name: "BytesList" field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_BYTES } }
+message_type { name: "Int64List" field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_INT64 } }
+message_type {
+  name: "Feature" oneof_decl { name: "kind" }
+  field { name: "bytes_list" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.BytesList"
+          oneof_index: 0 }
+  field { name: "int64_list" number: 3 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.Int64List"
+          oneof_index: 0 }
+}
+message_type {
+  name: "Features"
+  field { name: "feature" number: 1 label: LABEL_REPEATED type: TYPE_MESSAGE
+          type_name: ".tensorflow.Features.FeatureEntry" }
+  nested_type {
+    name: "FeatureEntry" options { map_entry: true }
+    field { name: "key" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+    field { name: "value" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.Feature" }
+  }
+}
+message_type {
+  name: "Example"
+  field { name: "features" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.Features" }
+}
+"""
+
+
+@cache
+def _example_class() -> type:
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(text_format.Parse(EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
+
+
 def _example(record: Record, jpeg: bytes) -> bytes:
-    import tensorflow as tf
-
-    def _bytes(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    features = {
-        "image": _bytes(jpeg),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[record.label])),
-        "patient_id": _bytes(record.patient_id.encode()),
-        "file_name": _bytes(Path(record.path).name.encode()),
-    }
+    example = _example_class()()
+    feature = example.features.feature
+    feature["image"].bytes_list.value.append(jpeg)
+    feature["label"].int64_list.value.append(record.label)
+    feature["patient_id"].bytes_list.value.append(record.patient_id.encode())
+    feature["file_name"].bytes_list.value.append(Path(record.path).name.encode())
     # deterministic: the feature map in key order; otherwise its order, hence the shards' bytes, differs
     # between processes, and the same data would never give the same DVC hash.
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+    return example.SerializeToString(deterministic=True)
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """CRC-32C of `data`, masked as TFRecords store it (tensorflow/core/lib/hash/crc32c.h)."""
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+class RecordWriter:
+    """Writes TFRecords to a binary file: each record's length (8 bytes, little-endian), its masked CRC, the
+    record and its masked CRC, as tf.io.TFRecordWriter does (uncompressed)."""
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+
+    def write(self, record: bytes) -> None:
+        length = struct.pack("<Q", len(record))
+        self._file.write(length + _masked_crc(length) + record + _masked_crc(record))
 
 
 def shard_names(split: str, count: int) -> list[str]:
@@ -100,7 +159,7 @@ def remote_location(uri: str, key: str) -> str:
 
 @contextmanager
 def _shard_writer(out: Path | str, name: str) -> Iterator:
-    """A TFRecordWriter for shard `name` under `out`.
+    """A RecordWriter for shard `name` under `out`.
 
     `out` a Path: the local temporary folder that atomic_path renames as a whole once complete.
     `out` a URI: a temporary object, renamed to `name` once written, so a killed run never leaves a
@@ -108,16 +167,16 @@ def _shard_writer(out: Path | str, name: str) -> Iterator:
     never read). Shards are written here, in the parent process (the workers only encode JPEGs),
     so in-process filesystems such as TensorFlow's ram:// work too.
     """
+    if isinstance(out, Path):
+        with open(out / name, "wb") as file:
+            yield RecordWriter(file)
+        return
     import tensorflow as tf
 
-    if isinstance(out, Path):
-        with tf.io.TFRecordWriter(str(out / name)) as writer:
-            yield writer
-        return
     temporary = join(out, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        with tf.io.TFRecordWriter(temporary) as writer:
-            yield writer
+        with tf.io.gfile.GFile(temporary, "wb") as file:
+            yield RecordWriter(file)
         tf.io.gfile.rename(temporary, join(out, name), overwrite=True)
     except BaseException:
         try:
@@ -151,8 +210,8 @@ def encode_in_order(executor: ProcessPoolExecutor, paths: list[str], size: int,
     """resized_jpeg of each path, in order, encoded by the executor's worker processes.
 
     At most IN_FLIGHT images are queued or held at a time, so memory stays flat however large the
-    dataset. The first chunks are queued on call, so workers start while the writer imports
-    TensorFlow. A worker that dies fails its chunk (BrokenProcessPool) instead of hanging the stage.
+    dataset. The first chunks are queued on call, so workers start at once. A worker that dies fails its
+    chunk (BrokenProcessPool) instead of hanging the stage.
     """
     # A function of pneumonia.data.images: the workers import only it (PIL), not this module's imports.
     encode = partial(resized_jpegs, size=size, quality=quality)
