@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 from ruamel.yaml import YAML
 
-from conftest import REPO, run
+from conftest import REPO, commit_all, copy_project, run
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
@@ -32,6 +32,19 @@ def test_no_dependency_is_an_empty_file():
     deps = {dep for stage in DVC_YAML["stages"].values() for dep in stage.get("deps", [])}
     empty = sorted(dep for dep in deps if (REPO / dep).is_file() and (REPO / dep).stat().st_size == 0)
     assert not empty, f"empty files DVC would warn about: {empty}"
+
+
+def test_bytecode_caches_in_a_source_folder_change_no_stage(tmp_path):
+    """A stage that depends on a folder of src/ (train: src/pneumonia/models) is unchanged whether Python wrote
+    its __pycache__ there or not (PYTHONDONTWRITEBYTECODE, another interpreter): .dvcignore leaves them out,
+    else dvc.lock would differ from one machine to the next and a clone's second `dvc repro` train again."""
+    project = copy_project(tmp_path / "project")
+    commit_all(project)
+    before = run(["dvc", "status", "--json", "train"], project).stdout
+    cache = project / "src/pneumonia/models/__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "build.cpython-311.pyc").write_bytes(b"bytecode")
+    assert run(["dvc", "status", "--json", "train"], project).stdout == before
 
 
 @pytest.mark.slow
