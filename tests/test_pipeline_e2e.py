@@ -105,6 +105,8 @@ def test_repro_runs_every_stage_and_records_the_run(synthetic_project, baseline)
     output, runs = baseline
     assert stages_run(output) == STAGES
     assert not dvc_warnings(output)  # e.g. "WARNING: 'src/pneumonia/data/__init__.py' is empty."
+    # nor Python's, in any stage's output: e.g. MLflow's hints about the manifests each run logs
+    assert not re.findall(r"\w+Warning: .*", output), re.findall(r"\w+Warning: .*", output)
 
     test_metrics = json.loads((synthetic_project / "reports/evaluation/test.json").read_text())
     assert TEST_METRIC_KEYS <= test_metrics.keys()

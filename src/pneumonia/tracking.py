@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ from pneumonia.atomic import write_json
 from pneumonia.config import TrackingConfig
 from pneumonia.errors import PipelineError
 from pneumonia.logs import redact
+
+# Two hints MLflow prints in every train and evaluate stage's output about the manifests logged as datasets
+# (manifest_dataset), which say nothing here: that their integer labels "cannot represent missing values" (a
+# manifest has none), and that a path "can be interpreted in multiple ways: LocalArtifactDatasetSource,
+# LocalArtifactDatasetSource" (one class registered twice: either is it)
+warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning, r"mlflow\.")
+warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning, r"mlflow\.")
 
 log = logging.getLogger(__name__)
 
