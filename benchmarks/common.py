@@ -68,7 +68,7 @@ SMOKE = replace(
     folder_passes=1, conversion_copies=(1, 2), predict_images=12, serve_clients=(1, 4), serve_requests=8,
     startup_engines=("onnx",),
     memory_copies=(1, 2),
-    # The data stages that import no TensorFlow, and no experiment (that `dvc exp run -S` reruns train and evaluate
+    # The first three data stages, and no experiment (that `dvc exp run -S` reruns train and evaluate
     # only is checked by tests/test_pipeline_e2e.py). val_fraction 0.25: with 6 patients a class, 0.15 leaves no
     # validation fold (prepare refuses it)
     dvc_params=("data.source=synthetic", "data.synthetic.patients_per_class=6", "data.synthetic.image_size=40",

@@ -2,10 +2,10 @@
 full-resolution stand-ins (see tfrecords_vs_folders), where decoding dominates.
 
 Steady state: each setting converts manifests listing the stand-ins once and `k` times; images/s is
-the extra images over the extra time, so start-up (spawning workers, importing TensorFlow) cancels
-out. Settings alternate, `repeats` times; medians reported. On a shared machine the stage gets
-less than the cores it asks for: the profile reports the cores it obtained and the CPU time per
-image of the writer (serial) and of the workers (parallel), which show the limit.
+the extra images over the extra time, so start-up (spawning workers) cancels out. Settings alternate,
+`repeats` times; medians reported. On a shared machine the stage gets less than the cores it asks
+for: the profile reports the cores it obtained and the CPU time per image of the writer (serial) and
+of the workers (parallel), which show the limit.
 """
 
 import resource
@@ -28,8 +28,6 @@ WORKERS = (1, 2)
 
 
 def run(workdir: Path, scale: Scale, sample_zip: Path) -> dict:
-    import tensorflow  # noqa: F401 - imported once here, not inside the timings
-
     from pneumonia.config import load_params
     from pneumonia.data.tfrecords import write_tfrecords
 
