@@ -223,6 +223,8 @@ def test_gpu_check_jax_mode_trains_the_recipe_under_jax_without_tensorflow(tmp_p
     blocker = tmp_path / "without_tensorflow" / "tensorflow"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('the JAX mode imported TensorFlow')\n")
+    # nor the TFRecord writer's CRC library, which the GPU machine lacks too (gpu_check_wheels.sh carries no such wheel)
+    (blocker.parent / "google_crc32c.py").write_text("raise ImportError('the JAX mode imported google_crc32c')\n")
     jax_site = VENV_BIN.parent / "jax"  # setup.sh installs jax there, apart (pyproject.toml's `jax` extra says why)
     assert (jax_site / "jax").is_dir(), f"no jax in {jax_site}: run `bash setup.sh`"
     run([sys.executable, "-m", "benchmarks.gpu_check", "--jax", "--cpu", "--out", str(tmp_path)], REPO,

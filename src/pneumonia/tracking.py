@@ -26,13 +26,6 @@ from pneumonia.config import TrackingConfig
 from pneumonia.errors import PipelineError
 from pneumonia.logs import redact
 
-# Two hints MLflow prints in every train and evaluate stage's output about the manifests logged as datasets
-# (manifest_dataset), which say nothing here: that their integer labels "cannot represent missing values" (a
-# manifest has none), and that a path "can be interpreted in multiple ways: LocalArtifactDatasetSource,
-# LocalArtifactDatasetSource" (one class registered twice: either is it)
-warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning, r"mlflow\.")
-warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning, r"mlflow\.")
-
 log = logging.getLogger(__name__)
 
 STORE_FILE = "mlflow.db"
@@ -322,6 +315,18 @@ def log_training(metrics: dict, inputs: list[Path]) -> None:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="inputs")
 
 
+@contextmanager
+def _manifest_hints_held_back() -> Iterator[None]:
+    """While manifests are logged as datasets: without two hints MLflow would print in every train and evaluate
+    stage's output, which say nothing here: that their integer labels "cannot represent missing values" (a
+    manifest has none), and that a path "can be interpreted in multiple ways: LocalArtifactDatasetSource,
+    LocalArtifactDatasetSource" (one class registered twice: either is it). Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning, r"mlflow\.")
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning, r"mlflow\.")
+        yield
+
+
 def manifest_dataset(manifest: Path, name: str | None = None):
     """A split's manifest (path, label, patient, image hash per row) as an MLflow dataset: the UI's
     Datasets panel names it with a digest of its content."""
@@ -334,9 +339,10 @@ def manifest_dataset(manifest: Path, name: str | None = None):
 def log_manifests(manifests: Path, splits: dict[str, str]) -> dict:
     """Log the manifests of `splits` ({split: context}) as the active run's inputs; return the datasets."""
     datasets = {}
-    for split, context in splits.items():
-        datasets[split] = manifest_dataset(manifests / f"{split}.csv")
-        retry_locked(mlflow.log_input, datasets[split], context=context)
+    with _manifest_hints_held_back():
+        for split, context in splits.items():
+            datasets[split] = manifest_dataset(manifests / f"{split}.csv")
+            retry_locked(mlflow.log_input, datasets[split], context=context)
     return datasets
 
 
@@ -349,10 +355,11 @@ def log_evaluation(params: dict[str, Any], model_id: str, splits: dict[str, tupl
     models by them); the `outputs` under evaluation/ and the data report under inputs/data (logged
     here so that report changes cost no retraining). Each write retried on a locked store (retry_locked)."""
     retry_locked(mlflow.set_tags, {f"evaluate.{key}": value for key, value in params.items()})
-    for name, (manifest, context, metrics) in splits.items():
-        dataset = manifest_dataset(manifest, name=name)
-        retry_locked(mlflow.log_input, dataset, context=context)
-        retry_locked(mlflow.log_metrics, metrics, model_id=model_id, dataset=dataset)
+    with _manifest_hints_held_back():
+        for name, (manifest, context, metrics) in splits.items():
+            dataset = manifest_dataset(manifest, name=name)
+            retry_locked(mlflow.log_input, dataset, context=context)
+            retry_locked(mlflow.log_metrics, metrics, model_id=model_id, dataset=dataset)
     for path in outputs:
         retry_locked(mlflow.log_artifact, str(path), artifact_path="evaluation")
     retry_locked(mlflow.log_artifacts, str(data_report), artifact_path="inputs/data")

@@ -30,8 +30,6 @@ from functools import cache, partial
 from pathlib import Path
 from typing import BinaryIO
 
-import google_crc32c
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from tqdm import tqdm
 
 from pneumonia import SPLITS
@@ -83,8 +81,12 @@ message_type {
 """
 
 
+# The writer's libraries are imported where they are used: readers (read_meta) and pneumonia.data.arrays, which the
+# GPU check's JAX mode runs where neither is installed (docs/accelerators.md), need neither.
 @cache
 def _example_class() -> type:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
     pool = descriptor_pool.DescriptorPool()
     pool.Add(text_format.Parse(EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
@@ -104,6 +106,8 @@ def _example(record: Record, jpeg: bytes) -> bytes:
 
 def _masked_crc(data: bytes) -> bytes:
     """CRC-32C of `data`, masked as TFRecords store it (tensorflow/core/lib/hash/crc32c.h)."""
+    import google_crc32c
+
     crc = google_crc32c.value(data)
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
