@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from dicoms import dataset, file_bytes
 from pneumonia.classifier import model_input
@@ -91,6 +91,44 @@ def test_1_bit_images_are_black_and_white():
     data = encoded(Image.fromarray(GRADIENT, mode="L").convert("1"))
     assert Image.open(io.BytesIO(data)).mode == "1"
     assert set(np.unique(grey(data))) <= {0.0, 255.0}
+
+
+# How each EXIF orientation stores an upright image: the transposition that ImageOps.exif_transpose undoes
+STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+def stored_with_orientation(upright: Image.Image, orientation: int, fmt: str, **options) -> bytes:
+    """`upright` as a viewer's lossless rotate or a phone saves it: the pixels turned, the EXIF tag saying how to
+    turn them back for display."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    upright.transpose(STORED_AS[orientation]).save(buffer, format=fmt, exif=exif, **options)
+    return buffer.getvalue()
+
+
+def test_an_exif_orientation_is_applied_as_image_viewers_apply_it(repo_sample):
+    """An X-ray that every viewer shows upright is classified upright. Before, the model saw the stored pixels:
+    on their side, its normal X-rays were called pneumonia and flagged as unlike the training X-rays."""
+    with zipfile.ZipFile(repo_sample) as archive:
+        name = next(name for name in sorted(archive.namelist()) if "/test/NORMAL/" in name)
+        xray = Image.open(io.BytesIO(archive.read(name))).convert("L").crop((0, 0, 224, 180))  # not square
+    upright = model_input(encoded(xray), 128, 95)
+    for orientation in STORED_AS:  # lossless: the same pixels exactly
+        assert np.array_equal(model_input(stored_with_orientation(xray, orientation, "PNG"), 128, 95), upright), \
+            orientation
+    sixteen = Image.fromarray(np.asarray(xray).astype(np.uint16) * 257)
+    assert np.array_equal(model_input(stored_with_orientation(sixteen, 6, "PNG"), 128, 95), upright)
+
+    # A JPEG four times the size (decoded at a reduced scale first, then turned): as close to the upright JPEG as
+    # two encodings are
+    large = xray.resize((896, 720))
+    as_jpeg = model_input(encoded(large, "JPEG"), 128, 95).astype(float)
+    turned = model_input(stored_with_orientation(large, 6, "JPEG", quality=95), 128, 95).astype(float)
+    as_stored = model_input(encoded(large.transpose(STORED_AS[6]), "JPEG"), 128, 95).astype(float)
+    assert np.abs(turned - as_jpeg).mean() < 2 < np.abs(as_stored - as_jpeg).mean()
 
 
 def huge_png(width: int, height: int) -> bytes:

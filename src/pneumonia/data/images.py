@@ -7,7 +7,7 @@ import os
 import stat
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from pneumonia.data import dicom
 from pneumonia.data.limits import MAX_PIXELS, ImageTooLarge, check_size  # noqa: F401 - MAX_PIXELS: the limit
@@ -54,13 +54,18 @@ def open_image(source: bytes | str) -> Image.Image:
 
 
 def to_grey(image: Image.Image) -> Image.Image:
-    """8-bit grayscale ("L") of any PIL mode a JPEG or PNG opens as.
+    """8-bit grayscale ("L") of any PIL mode a JPEG or PNG opens as, turned as image viewers show it.
 
+    An EXIF orientation (what a viewer's lossless "rotate" writes, and phones and some exports set) is
+    applied, as browsers and viewers apply it: the model classifies the X-ray the user sees, not the
+    pixels as stored on their side (which it would score, and flag, as another kind of image).
     16-bit (I;16*) and 32-bit (I) grey are scaled from their full range to 0..255 (PIL's own
     convert clips everything above 255 to white). Alpha (LA, RGBA, PA) is dropped: the grey
     values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through PIL's
     conversion (1-bit: 0 and 255).
     """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
     if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # 32-bit float (TIFF)
         raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
     if image.mode.startswith("I;16") or image.mode == "I":
