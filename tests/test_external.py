@@ -285,10 +285,12 @@ def test_a_symbolic_link_member_is_refused(tmp_path, known_images):
 
 
 @pytest.mark.parametrize("policy", ["flag", "refuse", "ignore"])
-def test_dicom_headers_outside_the_intended_use_are_counted_with_their_reasons(tmp_path, known_images, policy):
-    """The external stage's audit (reports/evaluation/external.json) says how many of its DICOMs are outside the
-    model's intended use, and why; `refuse` leaves them out. No header value in the audit."""
-    from dicoms import dataset, file_bytes, sample_xrays
+def test_images_outside_the_intended_use_by_their_headers_are_counted_with_their_reasons(tmp_path, known_images,
+                                                                                          policy):
+    """The external stage's audit (reports/evaluation/external.json) says how many of its images are outside the
+    model's intended use by their headers (DICOM attributes, a size under the model's input), and why; `refuse`
+    leaves them out. No header value in the audit."""
+    from dicoms import dataset, file_bytes, png_bytes, sample_xrays
 
     source = external_folder(tmp_path / "site")
     [(_, grey)] = sample_xrays(1, width=64)
@@ -296,15 +298,18 @@ def test_dicom_headers_outside_the_intended_use_are_counted_with_their_reasons(t
                              "leg_adult": {"BodyPartExamined": "LEG", "PatientAge": "040Y"},
                              "within": {"BodyPartExamined": "CHEST", "PatientAge": "002Y"}}.items():
         (source / "NORMAL" / f"{name}.dcm").write_bytes(file_bytes(dataset(grey, 8, **attributes)))
+    (source / "NORMAL" / "thumbnail.png").write_bytes(png_bytes(grey[::4, ::4]))  # 16 px wide, the model's 32
     audit = write_external(source, str(source), tmp_path / "out", known_images, 32, CONFIG, 0.0, policy)
     checks = audit["input_checks"]
     if policy == "ignore":
         assert checks == {"policy": "ignore", "outside_intended_use": 0, "refused": 0, "reasons": {}}
     else:
-        assert checks["outside_intended_use"] == 3 and checks["refused"] == (3 if policy == "refuse" else 0)
+        assert checks["outside_intended_use"] == 4 and checks["refused"] == (4 if policy == "refuse" else 0)
         assert checks["reasons"] == {
             "body part examined is not the chest (DICOM BodyPartExamined)": 1,
             "not a frontal view: lateral or other (DICOM ViewPosition is not AP or PA)": 1,
-            "patient age outside 0-5 years (DICOM PatientAge)": 2}
-    assert audit["images"]["NORMAL"] == 3 + 4 - (3 if policy == "refuse" else 0)
+            "patient age outside 0-5 years (DICOM PatientAge)": 2,
+            f"smaller than the model's 32 px input (16 x {grey[::4].shape[0]} px): enlarged, its blur reads as "
+            "opacity; send the X-ray at full resolution": 1}
+    assert audit["images"]["NORMAL"] == 3 + 5 - (4 if policy == "refuse" else 0)
     assert not {"LL", "034Y", "040Y", "LEG"} & set(json.dumps(audit).replace('"', " ").split())

@@ -91,8 +91,9 @@ class Classifier:
         return model_input(source, self.image_size, self.jpeg_quality)
 
     def flags(self, source: bytes | str | Path) -> list[str]:
-        """Why `source`'s DICOM header puts it outside the intended use (raises under input_checks: refuse)."""
-        return input_checks.checked(source, self.input_checks, self.age_years)
+        """Why `source`'s header puts it outside the intended use: its DICOM attributes, its size (raises under
+        input_checks: refuse)."""
+        return input_checks.checked(source, self.input_checks, self.age_years, self.image_size)
 
     def predict(self, images: Sequence[np.ndarray]) -> Predicted:
         """Probabilities and out-of-distribution scores of preprocessed images, a batch a forward pass (two

@@ -201,11 +201,12 @@ def _copy_images(source: Path, display: str, out: Path, hash_names: bool) -> lis
     return [(target, label, name) for name, target, label in images]
 
 
-def read_external(source: Path, display: str, scratch: Path, known_images: Path,
+def read_external(source: Path, display: str, scratch: Path, known_images: Path, image_size: int,
                   max_unreadable_fraction: float, checks: str = "flag", hash_names: bool = False) -> ExternalSet:
     """Copy, hash and decode the external images into `scratch`; check them against the pipeline's
-    own images (data/images.csv, every raw file with its sha256) and their DICOM headers against the
-    intended use (`checks`, evaluate.input_checks: flagged images are counted, refused ones left out)."""
+    own images (data/images.csv, every raw file with its sha256) and their headers (DICOM attributes, a size
+    under `image_size`) against the intended use (`checks`, evaluate.input_checks: flagged images are counted,
+    refused ones left out)."""
     if not source.exists():
         raise PipelineError(f"params.yaml: evaluate.external = {display!r} does not exist (looked at {source}). "
                             "Point it at a zip or folder of NORMAL/ and PNEUMONIA/ images, or set it to '' "
@@ -220,7 +221,7 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
                                   f"Export them again into evaluate.external = {display!r}")
     readable = [fact for fact in facts if not fact.error]
     reasons = {} if checks == "ignore" else {
-        fact.path: input_checks.header_reasons(fact.path, IntendedUse().age_years) for fact in readable}
+        fact.path: input_checks.reasons(fact.path, IntendedUse().age_years, image_size) for fact in readable}
     outside = {path: found for path, found in reasons.items() if found}
     if checks == "refuse":
         readable = [fact for fact in readable if fact.path not in outside]
@@ -236,7 +237,8 @@ def read_external(source: Path, display: str, scratch: Path, known_images: Path,
         "overlap_with_pipeline_images": len(overlap),
         "overlap_examples": [f"{name} = {ours}" for name, ours in overlap[:20]],
         "duplicates_within": duplicates,
-        # DICOM headers outside the intended use: how many, and why (evaluate.input_checks)
+        # Images outside the intended use by their headers (DICOM attributes, size): how many, and why
+        # (evaluate.input_checks)
         "input_checks": {"policy": checks, "outside_intended_use": len(outside),
                          "refused": len(outside) if checks == "refuse" else 0,
                          "reasons": dict(sorted(Counter(reason for found in outside.values()
@@ -269,8 +271,8 @@ def write_external(source: Path | None, display: str, target: Path, known_images
     for stale in target.parent.glob(f".{target.name}.copy-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.copy-", dir=target.parent) as scratch:
-        external = read_external(source, display, Path(scratch), known_images, max_unreadable_fraction, checks,
-                                 hash_names)
+        external = read_external(source, display, Path(scratch), known_images, image_size, max_unreadable_fraction,
+                                 checks, hash_names)
         raise_if_overlapping(external.audit, display)
         log.info("external set %s: %s images (NORMAL, PNEUMONIA), %d patients", display,
                  external.audit["images"], external.audit["patients"])

@@ -5,6 +5,7 @@ content, through pneumonia.data.dicom, to the same 8-bit greyscale."""
 import io
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -29,6 +30,18 @@ def check_not_blank(grey: np.ndarray) -> None:
     if (spread := float(np.std(grey))) < MIN_GREY_STD:
         raise BlankImage(f"the image is blank: its grey values vary by {spread:.2f} (standard deviation, 0..255), "
                          f"under {MIN_GREY_STD}; nothing to classify: check the export")
+
+
+def dimensions(source: bytes | str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header (JPEG, PNG, DICOM), no pixel decoded; a path that is not a regular
+    file is refused as open_image refuses it."""
+    if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+        raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
+    if dicom.is_dicom(source):
+        _, width, height = dicom.dimensions(source if isinstance(source, bytes) else str(source))
+        return width, height
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return image.size
 
 
 def open_image(source: bytes | str) -> Image.Image:

@@ -77,6 +77,8 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
             f"DICOM header (evaluate.input_checks: {settings.input_checks}): body part other than the chest, a view "
             f"other than AP/PA, or a patient age outside {low}-{high} years is flagged with its reason "
             "(refuse: the image is refused; ignore: not checked). No header value is ever quoted.",
+            f"Image size (the same policy): an image smaller than the model's {settings.image_size} px input, in any "
+            "format, is flagged with its size: enlarged, its blur reads as opacity.",
             f"Every image: an out-of-distribution score ({settings.ood.method}); above {settings.ood.threshold:.2f} "
             f"the prediction is flagged 'out of distribution' ({100 * settings.ood.validation_flagged:.1f}% of "
             "validation images" + "".join(f", {share}" for share in shares if share) + " flagged).",

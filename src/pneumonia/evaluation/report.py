@@ -140,7 +140,7 @@ images).</p>
 </tbody>
 </table>
 {% if external.input_checks and external.input_checks.outside_intended_use %}
-<p>DICOM headers outside the intended use ({{ external.input_checks.policy }}):
+<p>Images outside the intended use by their headers ({{ external.input_checks.policy }}):
 {% for reason, count in external.input_checks.reasons.items() %}
 {{ count }} {{ reason }}{% if not loop.last %}; {% endif %}
 {% endfor %}.</p>

@@ -76,7 +76,7 @@ def external_scores(external: Predictions, threshold: float, rule: float | str, 
     scores = split_scores(external, threshold, rule, f"external set (evaluate.external = {source!r})",
                           bootstrap_samples, seed)
     return finite_or_none({**scores, "source": source, "patients": audit.get("patients"),
-                           "input_checks": audit.get("input_checks")})  # DICOM headers outside the intended use
+                           "input_checks": audit.get("input_checks")})  # images outside the intended use
 
 
 def ood_summary(scores: np.ndarray, threshold: float) -> dict[str, Any]:
