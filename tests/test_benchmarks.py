@@ -5,6 +5,7 @@ asserted here). `--smoke` runs them all in one process at their smallest sizes: 
 cores; the two inference benchmarks, which start a model server each, about a minute more (`-k inference`).
 """
 
+import io
 import json
 import os
 import sys
@@ -359,6 +360,46 @@ def test_ood_benchmark_scores_each_method_on_each_group_and_writes_its_report(tm
         assert all(0 <= row["flagged"] <= 1 and 0 <= row.get("roc_auc", 0) <= 1 for row in groups.values())
     assert report["cost"]["predict"]["with"] > 0 and report["cost"]["model"]["with"] > 0
     assert "python -m benchmarks.ood --smoke" in (tmp_path / "ood-smoke.md").read_text()
+
+
+def test_small_images_benchmark_scores_each_size_and_says_which_the_size_check_flags(tmp_path):
+    """benchmarks/small_images.py at its smallest: an untrained 32 px model with its bundle, four X-rays of the
+    committed sample as a validation manifest and as an external zip, at their own size and at 24 and 48 px."""
+    import zipfile
+
+    from PIL import Image
+
+    from benchmarks import small_images
+    from bundles import write_settings
+    from dicoms import png_bytes, sample_xrays
+    from pneumonia.config import ModelConfig
+    from pneumonia.models.build import build_model
+
+    model = build_model(ModelConfig(crop=0), 32)
+    (tmp_path / "models").mkdir()
+    model.save(tmp_path / "models/model.keras")
+    write_settings(tmp_path / "models/model.keras", 0.5, model=model)
+    project, rows = tmp_path / "project", []
+    (project / "data/manifests").mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / "external.zip", "w") as external:
+        for index, (name, grey) in enumerate(sample_xrays(4, width=96)):
+            label = "PNEUMONIA" if index >= 2 else "NORMAL"
+            (project / f"{name}.png").write_bytes(png_bytes(grey))
+            rows.append(f"{name}.png,{int(label == 'PNEUMONIA')}")
+            external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
+    (project / "data/manifests/val.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    small_images.main(["--model", str(tmp_path / "models"), "--manifest", str(project / "data/manifests/val.csv"),
+                       "--external", str(tmp_path / "external.zip"), "--sides", "48", "24", "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "small_images.json").read_text())
+    assert report["image_size"] == 32 and set(report["sets"]) == {"validation", "external"}
+    for rows in report["sets"].values():
+        assert [row["side"] for row in rows] == [None, 48, 24] and all(row["images"] == 4 for row in rows)
+        assert [row["size_flagged"] for row in rows] == [0.0, 0.0, 1.0]  # under 32 px only
+        assert all(0 <= row[key] <= 1 for row in rows for key in ("normal_called_pneumonia", "pneumonia_missed",
+                                                                  "ood_flagged", "mean_probability_normal"))
+    assert Image.open(io.BytesIO(small_images.shrunk_png(Image.new("L", (96, 60)), 24))).size == (38, 24)
+    assert "python -m benchmarks.small_images --model" in (tmp_path / "small_images.md").read_text()
 
 
 def test_compact_sample_report_says_which_runs_are_healthy():
