@@ -72,18 +72,22 @@ def to_grey(image: Image.Image) -> Image.Image:
     An EXIF orientation (what a viewer's lossless "rotate" writes, and phones and some exports set) is
     applied, as browsers and viewers apply it: the model classifies the X-ray the user sees, not the
     pixels as stored on their side (which it would score, and flag, as another kind of image).
-    16-bit (I;16*) and 32-bit (I) grey are scaled from their full range to 0..255 (PIL's own
-    convert clips everything above 255 to white). Alpha (LA, RGBA, PA) is dropped: the grey
-    values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through PIL's
-    conversion (1-bit: 0 and 255).
+    16-bit (I;16*) and 32-bit (I) grey are scaled to 0..255 from the range their values use: 2^n - 1 for the
+    fewest bits n (8 or more) that hold the brightest value (PIL's own convert clips everything above 255 to
+    white). So a 12-bit X-ray exported unscaled to a 16-bit PNG (0..4095, the usual raw export of a 10 to 14-bit
+    detector; PNG's sBIT chunk, which would say so, is rarely written and PIL does not read it) is not taken as
+    nearly black, and a full-range 16-bit image is scaled from 0..65535 as before. Alpha (LA, RGBA, PA) is
+    dropped: the grey values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through
+    PIL's conversion (1-bit: 0 and 255).
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
         image = ImageOps.exif_transpose(image)
     if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # 32-bit float (TIFF)
         raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
     if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)  # no overflow of + 128
-        return Image.fromarray(np.clip((pixels + 128) // 257, 0, 255).astype(np.uint8))
+        pixels = np.clip(np.asarray(image).astype(np.int64), 0, None)  # mode I is signed: below 0 is black
+        full = 2 ** max(8, int(pixels.max(initial=0)).bit_length()) - 1
+        return Image.fromarray(((pixels * 255 + full // 2) // full).astype(np.uint8))
     return image.convert("L")
 
 
