@@ -73,6 +73,19 @@ def test_an_xray_exported_unscaled_to_16_bits_is_the_same_model_input_as_its_8_b
                                   model_input(encoded(Image.fromarray(xray)), 128, 95))
 
 
+@pytest.mark.parametrize("top", [1.0, 255.0, 4095.0])
+def test_a_float_xray_is_the_same_model_input_as_its_8_bit_version(repo_sample, top):
+    """A 32-bit float TIFF (a research pipeline's export) in 0..1, 0..255 or a detector's 0..4095. Before, clipped
+    to 0..255: 0..1 was refused as blank, 0..4095 came out white (112 grey levels off on average)."""
+    with zipfile.ZipFile(repo_sample) as archive:
+        name = next(name for name in sorted(archive.namelist()) if "/test/NORMAL/" in name)
+        xray = np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("L"))
+    assert xray.max() >= 128
+    stored = Image.fromarray((xray * np.float32(top / 255)).astype(np.float32), mode="F")
+    np.testing.assert_array_equal(model_input(encoded(stored, "TIFF"), 128, 95),
+                                  model_input(encoded(Image.fromarray(xray)), 128, 95))
+
+
 @pytest.mark.parametrize(("size", "quality"), [(128, 95), (224, 90)])
 def test_the_model_input_is_decoded_as_tensorflow_decodes_it(repo_sample, size, quality):
     """issue 36: the model input's JPEG is decoded by simplejpeg, so that predict runs without TensorFlow, into the

@@ -3,6 +3,7 @@ new images exactly as it saw its training images. JPEG and PNG through PIL; DICO
 content, through pneumonia.data.dicom, to the same 8-bit greyscale."""
 
 import io
+import math
 import os
 import stat
 from pathlib import Path
@@ -67,27 +68,31 @@ def open_image(source: bytes | str) -> Image.Image:
 
 
 def to_grey(image: Image.Image) -> Image.Image:
-    """8-bit grayscale ("L") of any PIL mode a JPEG or PNG opens as, turned as image viewers show it.
+    """8-bit grayscale ("L") of any PIL mode a JPEG, PNG or TIFF opens as, turned as image viewers show it.
 
     An EXIF orientation (what a viewer's lossless "rotate" writes, and phones and some exports set) is
     applied, as browsers and viewers apply it: the model classifies the X-ray the user sees, not the
     pixels as stored on their side (which it would score, and flag, as another kind of image).
-    16-bit (I;16*) and 32-bit (I) grey are scaled to 0..255 from the range their values use: 2^n - 1 for the
-    fewest bits n (8 or more) that hold the brightest value (PIL's own convert clips everything above 255 to
-    white). So a 12-bit X-ray exported unscaled to a 16-bit PNG (0..4095, the usual raw export of a 10 to 14-bit
-    detector; PNG's sBIT chunk, which would say so, is rarely written and PIL does not read it) is not taken as
-    nearly black, and a full-range 16-bit image is scaled from 0..65535 as before. Alpha (LA, RGBA, PA) is
-    dropped: the grey values stored are the X-ray, transparency is not. CMYK, palette and 1-bit go through
-    PIL's conversion (1-bit: 0 and 255).
+
+    16-bit (I;16*), 32-bit integer (I) and float (F) grey are scaled to 0..255 from the range their values use:
+    0..2^n - 1 for the fewest bits n (8 or more) that hold the brightest value, and 0..1 for floats none above 1
+    (PIL's own convert clips everything above 255 to white). So a full-range 16-bit image is scaled from 0..65535,
+    and a 10 to 14-bit detector's values stored unscaled in a 16-bit PNG (a raw DICOM export: PNG's sBIT chunk,
+    which would say so, is rarely written and PIL does not read it) are not taken as nearly black.
+
+    Alpha (LA, RGBA, PA) is dropped: the grey values stored are the X-ray, transparency is not. CMYK,
+    palette and 1-bit go through PIL's conversion (1-bit: 0 and 255).
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
         image = ImageOps.exif_transpose(image)
-    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # 32-bit float (TIFF)
-        raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.clip(np.asarray(image).astype(np.int64), 0, None)  # mode I is signed: below 0 is black
-        full = 2 ** max(8, int(pixels.max(initial=0)).bit_length()) - 1
-        return Image.fromarray(((pixels * 255 + full // 2) // full).astype(np.uint8))
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image)
+        if image.mode == "F" and not np.isfinite(pixels).all():  # 32-bit float (TIFF)
+            raise ValueError("the image has pixel values that are not finite (NaN or infinity): export it again")
+        pixels = np.clip(pixels, 0, None)  # I and F are signed: below 0 is black
+        top = float(pixels.max(initial=0))
+        full = 1.0 if image.mode == "F" and top <= 1 else 2.0 ** max(8, math.ceil(math.log2(top + 1))) - 1
+        return Image.fromarray(np.rint(pixels * np.float32(255 / full)).astype(np.uint8))
     return image.convert("L")
 
 
