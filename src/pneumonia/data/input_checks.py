@@ -66,7 +66,7 @@ def resolution_reasons(source: bytes | str | Path, image_size: int) -> list[str]
     Under the model's input size an image is enlarged, and the blur of enlarging reads as opacity: on the
     validation X-rays of the committed baseline, shrunk to 96 px a side then enlarged, 23% of the normal ones
     were called pneumonia (3% at full size), at 64 px 45%, at 32 px all; the out-of-distribution score flagged
-    1% (benchmarks/small_images.md). Every training image was made smaller, none larger (the sample's are 224 px)."""
+    1% (benchmarks/small_images.md). The samples' training X-rays are 224 px: each was made smaller, none larger."""
     try:
         width, height = images.dimensions(source)
     except Exception:  # noqa: BLE001 - not an image this can size: decoding it says why
