@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bundles import write_settings
+from dicoms import dataset, file_bytes, sample_xrays
 from pneumonia import adaptation
 from pneumonia.config import ModelConfig
 from pneumonia.models.build import build_model
@@ -78,6 +79,10 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     for index in range(6):
         Image.fromarray(rng.integers(80, 255, (40, 40), dtype=np.uint8)).save(site / f"{index}.png")
     (site / "broken.jpeg").write_bytes(b"not an image")
+    # Outside the intended use, left out: a lateral view (its DICOM header) and a thumbnail under the model's 32 px
+    [(_, grey)] = sample_xrays(1, width=64)
+    (site / "lateral.dcm").write_bytes(file_bytes(dataset(grey, 8, ViewPosition="LL")))
+    Image.fromarray(grey[::4, ::4]).save(site / "thumbnail.png")
 
     with pytest.raises(SystemExit) as refused:
         cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "7"])
@@ -87,6 +92,11 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "6"])
     output = capsys.readouterr()
     assert "adapted to 6 images" in output.out and "broken.jpeg" in output.err
+    assert "2 file(s) left out, outside the model's intended use" in output.err
+    assert "lateral.dcm: not a frontal view" in output.err and "thumbnail.png: smaller than the model's" in output.err
+    assert "LL" not in output.err  # the reason, not the header's value
+    cli.main(["adapt", str(site), "--out", "everything.keras", "--min-images", "6", "--input-checks", "ignore"])
+    assert "adapted to 8 images" in capsys.readouterr().out
     adapted = keras.models.load_model(tmp_path / "adapted.keras")
     [norm, *_] = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert not np.allclose(norm.moving_mean.numpy(), 0)

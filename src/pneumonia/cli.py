@@ -163,8 +163,9 @@ def add_predict_parser(commands) -> None:
                                      "models:/<name>@champion")
     predict_parser.add_argument("--model-uri", help="an MLflow model (the same as --model runs:/... or models:/...)")
     predict_parser.add_argument("--input-checks", choices=("flag", "refuse", "ignore"),
-                                help="what a DICOM header outside the intended use does (default: the model's "
-                                     "setting, evaluate.input_checks: flag)")
+                                help="what an image outside the intended use (a DICOM header's lateral view, other "
+                                     "body part or age; smaller than the model's input) does: flagged, refused or "
+                                     "not checked (default: the model's setting, evaluate.input_checks: flag)")
     predict_parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
@@ -214,19 +215,30 @@ def adapt(args: argparse.Namespace) -> None:
 
     from pneumonia import adaptation, engines, inference
     from pneumonia.classifier import load_classifier
+    from pneumonia.data import input_checks
     from pneumonia.errors import PipelineError
     from pneumonia.model_settings import write_bundle
 
     check_model_output(args.out, args.model)
-    classifier = load_classifier(args.model)
-    images, unreadable = [], []
+    classifier = load_classifier(args.model, args.input_checks)
+    images, unreadable, outside = [], [], []
     for path in inference.image_files(args.paths):
+        # flag or refuse alike: a lateral view, a leg, a thumbnail are not the site's chest X-rays, whose statistics
+        # the adaptation is for
+        reasons = [] if classifier.input_checks == "ignore" else input_checks.reasons(path, classifier.age_years,
+                                                                                     classifier.image_size)
+        if reasons:
+            outside.append(f"{path}: {'; '.join(reasons)}")
+            continue
         try:
             images.append(classifier.preprocess(path))
         except PipelineError as exc:  # a DICOM file that is not an X-ray it can read: the message says why
             unreadable.append(f"{path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so
             unreadable.append(f"{path}: {type(exc).__name__}")
+    if outside:
+        print(f"{len(outside)} file(s) left out, outside the model's intended use (--input-checks ignore to use "
+              f"them): {'; '.join(outside[:5])}", file=sys.stderr)
     if unreadable:
         print(f"{len(unreadable)} file(s) left out, not readable images: {'; '.join(unreadable[:5])}", file=sys.stderr)
     if len(images) < args.min_images:
@@ -289,6 +301,10 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("--method", choices=("batch_norm", "self_training"), default="batch_norm",
                               help="default: batch_norm")
     adapt_parser.add_argument("--seed", type=seed, default=0, help="self_training's seed (default 0)")
+    adapt_parser.add_argument("--input-checks", choices=("flag", "refuse", "ignore"),
+                              help="images outside the intended use (a DICOM header's lateral view, other body part "
+                                   "or age; smaller than the model's input) are left out under flag or refuse, used "
+                                   "under ignore (default: the model's setting, evaluate.input_checks: flag)")
     adapt_parser.set_defaults(handler=adapt, tensorflow=True)
 
 
