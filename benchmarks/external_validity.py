@@ -130,6 +130,9 @@ PROFILES = {
     # Issue 36: custom_cnn in mixed bfloat16 (1.1-1.2x an epoch on CPUs with native bfloat16); train.precision auto
     # keeps it in float32: on the external set its ECE was worse on both seeds run (docs/results.md)
     "bfloat16": {"train.precision": "mixed_bfloat16"},
+    # Horizontal flips while training (train.augment.flip: none in every default so far): a mirrored X-ray, heart on
+    # the right, was called pneumonia far more often than the same X-ray as stored (docs/reliability.md)
+    "flip": {"train.augment.flip": "horizontal"},
 }
 # The smallest custom_cnn takes after model.crop, one worker, the evaluate stage's fewest resamples and images shown
 SMOKE_PARAMS = {"data.source": "synthetic", "data.image_size": 40, "data.synthetic.image_size": 40,

@@ -7,7 +7,9 @@ the same external images ROC AUC, sensitivity, specificity and ECE of A and of B
 interval over paired bootstrap resamples (the same stratified draws of the images for both models, so the
 images' own noise cancels: the set holds 92 normal X-rays), and the difference on two fixed halves of the external
 patients (a lever that helps should help on both). The external set chooses nothing; the test split is not read.
-Results go to <out>/paired-<A>-<B>.json and .md.
+Results go to <out>/paired-<A>-<B>.json and .md. With --mirrored, the external images are mirrored left to right
+(heart on the right: what a flipped export or film gives) and the thresholds stay those of validation as stored:
+<out>/paired-<A>-<B>-mirrored.json and .md.
 """
 
 import argparse
@@ -57,7 +59,9 @@ def paired(labels: np.ndarray, first: tuple[np.ndarray, float], second: tuple[np
 
 def markdown(report: dict) -> str:
     first, second = report["profiles"]
-    lines = [f"{second} against {first}, paired on the external set ({report['images']} X-rays), each model at the "
+    mirrored = " mirrored left to right" if report.get("mirrored") else ""
+    lines = [f"{second} against {first}, paired on the external set{mirrored} ({report['images']} X-rays), each "
+             "model at the "
              f"threshold rule {report['rule']} chose on its own validation split. Difference: {second} - {first} "
              "(95% interval over paired bootstrap resamples of the images); halves: the difference on two fixed "
              "halves of the external patients.", "",
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="external_validity's --keep-models folder")
     parser.add_argument("--profiles", nargs=2, required=True, metavar=("A", "B"), help="B is compared against A")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--mirrored", action="store_true", help="the external images mirrored left to right")
     args = parser.parse_args()
 
     from pneumonia.config import load_params
@@ -111,18 +116,22 @@ def main() -> None:
         (_, _, val_images), (_, _, images) = splits[profile]  # its own images: a lever may change data.image_size
         model = load_model(args.models / f"{profile}-{seed}.keras")
         validation = view_probabilities(model, val_images, params.tta_views)
-        return view_probabilities(model, images, params.tta_views), choose_threshold(val_labels, validation,
-                                                                                       params.threshold)
+        external = images[:, :, ::-1] if args.mirrored else images
+        return view_probabilities(model, external, params.tta_views), choose_threshold(val_labels, validation,
+                                                                                         params.threshold)
 
+    mirrored = " --mirrored" if args.mirrored else ""
     report = {"profiles": args.profiles, "rule": str(params.threshold), "images": len(labels), "seeds": {},
-              "command": f"python -m benchmarks.paired --models DIR --profiles {' '.join(args.profiles)}",
+              "mirrored": args.mirrored,
+              "command": f"python -m benchmarks.paired --models DIR --profiles {' '.join(args.profiles)}{mirrored}",
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine()}
     halves = patient_halves(names)
     with load_during(report):
         for seed in seeds:
             report["seeds"][str(seed)] = paired(labels, at_threshold(args.profiles[0], seed),
                                                 at_threshold(args.profiles[1], seed), halves)
-    write_report(args.out, f"paired-{args.profiles[0]}-{args.profiles[1]}", report, markdown(report))
+    write_report(args.out, f"paired-{args.profiles[0]}-{args.profiles[1]}{mirrored.replace(' --', '-')}", report,
+                 markdown(report))
     print(markdown(report))
 
 

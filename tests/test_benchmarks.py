@@ -431,10 +431,13 @@ def test_paired_comparison_gives_each_profiles_models_their_own_images(monkeypat
     from benchmarks import paired
 
     labels = np.array([0, 1] * 10)
+    names = [f"person{i}_virus_{i}.jpeg" for i in range(len(labels))]
+    left_bright = np.zeros((8, 8, 3))
+    left_bright[:, :4] = 255
 
     def kept_split(folder: Path, split: str):
         size = 160 if "/b/" in folder.as_posix() else 128
-        return labels, [f"person{i}_virus_{i}.jpeg" for i in range(len(labels))], np.zeros((len(labels), size, size, 3))
+        return labels, names, np.zeros((len(labels), size, size, 3))
 
     seen = set()
 
@@ -452,6 +455,16 @@ def test_paired_comparison_gives_each_profiles_models_their_own_images(monkeypat
     paired.main()
     assert seen == {("a", 128), ("b", 160)}
     assert (tmp_path / "paired-a-b.md").is_file()
+
+    # --mirrored: the external images (only they) reach the models mirrored left to right
+    sides = []
+    monkeypatch.setattr(paired, "kept_split", lambda folder, split: (labels, names, np.stack([left_bright] * 20)))
+    monkeypatch.setattr(paired, "view_probabilities", lambda model, images, views: sides.append(
+        "left" if images[0, 0, 0, 0] > images[0, 0, -1, 0] else "right") or np.linspace(0.01, 0.99, len(images)))
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--mirrored"])
+    paired.main()
+    assert sides == ["left", "right"] * 2  # per profile: validation as stored, then the external set mirrored
+    assert "external set mirrored left to right" in (tmp_path / "paired-a-b-mirrored.md").read_text()
 
 
 def test_paired_comparison_cancels_the_images_noise_and_reports_both_halves():
