@@ -12,7 +12,6 @@ out-of-distribution score and by the size check of pneumonia.data.input_checks.
 """
 
 import argparse
-import csv
 import io
 import sys
 import zipfile
@@ -44,17 +43,24 @@ def manifest_images(manifest: Path) -> list[tuple[object, int]]:
     """(grey PIL image, label) of each row of a manifest (paths relative to the project it belongs to)."""
     from PIL import Image
 
+    from pneumonia.data.manifest import read_manifest
+
     project = manifest.resolve().parents[2]  # <project>/data/manifests/<split>.csv
-    with manifest.open() as handle:
-        return [(Image.open(project / row["path"]).convert("L"), int(row["label"])) for row in csv.DictReader(handle)]
+    return [(Image.open(project / record.path).convert("L"), record.label) for record in read_manifest(manifest)]
 
 
 def external_images(archive: Path) -> list[tuple[object, int]]:
+    """(grey PIL image, label) of an external set's zip, labelled by its NORMAL/ and PNEUMONIA/ folders as the
+    external stage labels them."""
     from PIL import Image
 
+    from pneumonia.data.external import locate_images
+    from pneumonia.data.layout import has_image_suffix, is_macos_litter
+
     with zipfile.ZipFile(archive) as opened:
-        return [(Image.open(io.BytesIO(opened.read(name))).convert("L"), int("/PNEUMONIA/" in name))
-                for name in sorted(opened.namelist()) if name.lower().endswith((".jpeg", ".jpg", ".png"))]
+        names = [name for name in opened.namelist() if has_image_suffix(name) and not is_macos_litter(name)]
+        images = locate_images(names, str(archive))
+        return [(Image.open(io.BytesIO(opened.read(name))).convert("L"), label) for name, label in images]
 
 
 def scored(classifier, images: list[tuple[object, int]], sides=SIDES) -> list[dict]:

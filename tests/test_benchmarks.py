@@ -373,6 +373,7 @@ def test_small_images_benchmark_scores_each_size_and_says_which_the_size_check_f
     from bundles import write_settings
     from dicoms import png_bytes, sample_xrays
     from pneumonia.config import ModelConfig
+    from pneumonia.data.manifest import Record, write_manifest
     from pneumonia.models.build import build_model
 
     model = build_model(ModelConfig(crop=0), 32)
@@ -385,9 +386,9 @@ def test_small_images_benchmark_scores_each_size_and_says_which_the_size_check_f
         for index, (name, grey) in enumerate(sample_xrays(4, width=96)):
             label = "PNEUMONIA" if index >= 2 else "NORMAL"
             (project / f"{name}.png").write_bytes(png_bytes(grey))
-            rows.append(f"{name}.png,{int(label == 'PNEUMONIA')}")
+            rows.append(Record(f"{name}.png", int(label == "PNEUMONIA"), name, "0" * 64, "train"))
             external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
-    (project / "data/manifests/val.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    write_manifest(project / "data/manifests/val.csv", rows)
     small_images.main(["--model", str(tmp_path / "models"), "--manifest", str(project / "data/manifests/val.csv"),
                        "--external", str(tmp_path / "external.zip"), "--sides", "48", "24", "--out", str(tmp_path)])
 

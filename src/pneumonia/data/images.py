@@ -33,11 +33,16 @@ def check_not_blank(grey: np.ndarray) -> None:
                          f"under {MIN_GREY_STD}; nothing to classify: check the export")
 
 
-def dimensions(source: bytes | str | Path) -> tuple[int, int]:
-    """(width, height) from the file's header (JPEG, PNG, DICOM), no pixel decoded; a path that is not a regular
-    file is refused as open_image refuses it."""
+def check_regular_file(source: bytes | str | Path) -> None:
+    """A path that is not a regular file is refused before it is opened: a FIFO would block the reader until
+    something writes to it."""
     if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
         raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
+
+
+def dimensions(source: bytes | str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header (JPEG, PNG, DICOM), no pixel decoded."""
+    check_regular_file(source)
     if dicom.is_dicom(source):
         _, width, height = dicom.dimensions(source if isinstance(source, bytes) else str(source))
         return width, height
@@ -47,13 +52,12 @@ def dimensions(source: bytes | str | Path) -> tuple[int, int]:
 
 def open_image(source: bytes | str) -> Image.Image:
     """Open (not yet decode) a JPEG/PNG; an image over MAX_PIXELS is refused from its header, a path that is
-    not a regular file (a FIFO would block the reader until something writes to it) before it is opened.
+    not a regular file (check_regular_file) before it is opened.
 
     A DICOM file is refused the same way, then decoded to 8-bit greyscale ("L") at once
     (dicom.DicomError when it is not a single greyscale X-ray it can decode).
     """
-    if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
-        raise ValueError(f"{source} is not a regular file (a FIFO, device or socket): name an image file")
+    check_regular_file(source)
     if dicom.is_dicom(source):
         dataset, width, height = dicom.dimensions(source)
         check_size(width, height)
