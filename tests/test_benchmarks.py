@@ -512,3 +512,33 @@ def test_each_benchmark_experiment_starts_from_the_committed_params(tmp_path):
     assert (tmp_path / "ran").read_text().strip() == "{'stem': 'strided', 'width': 1}"
     harness.run_experiment(tmp_path, ["-S", "model.width=2"])
     assert (tmp_path / "ran").read_text().strip() == "{'stem': 'full', 'width': 2}"
+
+
+def test_mirror_check_benchmark_scores_each_set_as_stored_and_mirrored(tmp_path):
+    """benchmarks/mirror_check.py at its smallest: twelve X-rays of the committed sample as a project's training and
+    validation manifests and as an external zip. Mirroring negates the log-odds, so what is not flagged as stored is
+    flagged once mirrored."""
+    import zipfile
+
+    from benchmarks import mirror_check
+    from dicoms import png_bytes, sample_xrays
+    from pneumonia.data.manifest import Record, write_manifest
+
+    project, rows = tmp_path / "project", []
+    (project / "data/manifests").mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / "external.zip", "w") as external:
+        for index, (name, grey) in enumerate(sample_xrays(12, width=96)):
+            label = "PNEUMONIA" if index >= 6 else "NORMAL"
+            (project / f"{name}.png").write_bytes(png_bytes(grey))
+            rows.append(Record(f"{name}.png", int(label == "PNEUMONIA"), name, "0" * 64, "train"))
+            external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
+    for split in ("train", "val"):
+        write_manifest(project / f"data/manifests/{split}.csv", rows)
+    mirror_check.main(["--manifests", str(project / "data/manifests"), "--external", str(tmp_path / "external.zip"),
+                       "--limit", "10", "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "mirror_check.json").read_text())
+    assert report["fitted_on"] == 10 and set(report["sets"]) == {"validation", "external"}
+    for row in report["sets"].values():
+        assert row["images"] == 10 and row["flagged_as_stored"] + row["flagged_mirrored"] == pytest.approx(1)
+    assert "python -m benchmarks.mirror_check --manifests" in (tmp_path / "mirror_check.md").read_text()

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -279,6 +280,34 @@ def test_the_layout_thumbnail_is_tensorflows_area_resize_at_any_image_size(size)
     np.testing.assert_allclose(ood.layout(images), centred / (centred.std(axis=1, keepdims=True) + 2.55), atol=1e-5)
 
 
+def sample_inputs(repo_sample: Path, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The model inputs (`size` px) of the committed sample's training X-rays, split by patient: two thirds of the
+    patients' to fit on and the rest."""
+    from pneumonia.classifier import model_input
+    from pneumonia.data.prepare import patient_id
+
+    with zipfile.ZipFile(repo_sample) as archive:
+        names = sorted(name for name in archive.namelist() if "/train/" in name and name.endswith(".jpeg"))
+        patients = sorted({patient_id(Path(name).name) for name in names})
+        held_out = set(patients[2::3])
+        inputs = {name: model_input(archive.read(name), size, 90) for name in names}
+    return tuple(np.stack([inputs[name] for name in names if (patient_id(Path(name).name) in held_out) == held])
+                 for held in (False, True))
+
+
+def test_the_mirror_check_flags_real_xrays_mirrored_left_to_right_and_few_as_they_are(repo_sample, tmp_path):
+    """The check (ood.MirrorCheck), fitted on real X-rays against their mirror images, on X-rays of other patients:
+    almost none flagged as they are, almost all once mirrored (a model trained without flips reads those worse:
+    docs/reliability.md); mirroring an image negates its log-odds."""
+    fit_on, others = sample_inputs(repo_sample)
+    check = ood.MirrorCheck.fit(ood.layout(fit_on))
+    as_they_are, mirrored = (check.log_odds(ood.layout(images)) for images in (others, others[:, :, ::-1]))
+    np.testing.assert_allclose(mirrored, -as_they_are, rtol=1e-5)  # the thumbnails are float32
+    assert len(others) > 200 and np.mean(as_they_are < 0) <= 0.05 and np.mean(mirrored < 0) >= 0.95
+    # the flag: where mirrored is the likelier
+    assert np.array_equal(check.mirrored(ood.layout(others)), as_they_are < 0)
+
+
 def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_images_and_saved_whole(tmp_path):
     from sklearn.covariance import LedoitWolf
 
@@ -300,3 +329,10 @@ def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_image
     loaded = ood.OodReference.load(tmp_path / "reference.ood.npz", reference.threshold)
     np.testing.assert_array_equal(loaded.scores(ood.layout(images), features), reference.scores(ood.layout(images),
                                                                                                  features))
+    # the mirror check, fitted on the training thumbnails, travels in the same file
+    np.testing.assert_array_equal(loaded.mirror.direction, ood.MirrorCheck.fit(ood.layout(images[:60])).direction)
+    # a reference saved before the check: loaded without one, it flags nothing as mirrored
+    with np.load(tmp_path / "reference.ood.npz") as stored:
+        np.savez(tmp_path / "older.ood.npz", **{key: stored[key] for key in stored.files if key != "mirror_direction"})
+    older = ood.OodReference.load(tmp_path / "older.ood.npz", reference.threshold)
+    assert older.mirror is None and not older.mirrored(ood.layout(images[:, :, ::-1])).any()

@@ -404,12 +404,16 @@ def test_sample_dataset_end_to_end(tmp_path, repo_sample):
     assert "External set: another site" in (project / "reports/evaluation.html").read_text()
     # Another hospital's X-rays are mostly not out of distribution; the same X-rays inverted or on their side are
     assert external["ood_flagged_share"] <= 0.1, external["ood"]
+    # ... nor taken for mirrored, while almost all are once mirrored left to right (ood.MirrorCheck)
+    mirror = external["mirror"]
+    assert mirror["flagged"] <= 0.05 * 244 and mirror["flagged_once_mirrored"] >= 0.95 * 244, mirror
     assert_unlike_xrays_are_flagged(project, external_zip, tmp_path)
     assert_evaluation_is_where_users_look(project, tmp_path, external=True)
 
 
 def assert_unlike_xrays_are_flagged(project: Path, external_zip: Path, scratch: Path) -> None:
-    """`pneumonia predict` with the trained sample model flags external X-rays turned on their side or inverted."""
+    """`pneumonia predict` with the trained sample model flags external X-rays turned on their side or inverted
+    out of distribution, and the same X-rays mirrored left to right as mirrored."""
     import zipfile
 
     from PIL import Image, ImageOps
@@ -422,10 +426,15 @@ def assert_unlike_xrays_are_flagged(project: Path, external_zip: Path, scratch: 
             image = Image.open(io.BytesIO(archive.read(name))).convert("L")
             unlike = image.rotate(90, expand=True) if index % 2 else ImageOps.invert(image)
             unlike.save(folder / f"{index}.png")
+            ImageOps.mirror(image).save(folder / f"mirrored-{index}.png")
     run(["pneumonia", "predict", str(folder), "--json", str(scratch / "unlike.json")], project)
     rows = json.loads((scratch / "unlike.json").read_text())
-    assert sum(row["out_of_distribution"] for row in rows) >= 8, rows
+    unlike = [row for row in rows if not Path(row["file"]).name.startswith("mirrored")]
+    mirrored = [row for row in rows if Path(row["file"]).name.startswith("mirrored")]
+    assert sum(row["out_of_distribution"] for row in unlike) >= 8, unlike
     assert all("out of distribution" in row["flags"] for row in rows if row["out_of_distribution"])
+    assert len(mirrored) == 10 and sum(row["mirrored"] for row in mirrored) >= 9, mirrored
+    assert all(("mirrored: left and right" in row["flags"]) == row["mirrored"] for row in rows)
 
 
 def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external: bool = False) -> None:

@@ -1,6 +1,7 @@
 """A trained model as it is used on images: the preprocessing of training, the model's probability
 of pneumonia, the label at the decision threshold of the model's run, the input checks of its intended
-use and how unlike the training X-rays each image is (the out-of-distribution score and flag).
+use, how unlike the training X-rays each image is (the out-of-distribution score and flag) and whether it
+looks mirrored left to right (the mirror check).
 
 Shared by `pneumonia predict` (pneumonia.inference), `pneumonia adapt` and the served MLflow model
 (pneumonia.serving), so all give the probability the evaluate stage gave the same image. Every setting
@@ -58,6 +59,7 @@ def model_input(source: bytes | str | Path, image_size: int, jpeg_quality: int) 
 class Predicted:
     probabilities: np.ndarray  # of pneumonia
     ood_scores: np.ndarray  # NaN without an out-of-distribution reference
+    mirrored: np.ndarray  # the mirror check's flag (pneumonia.ood.MirrorCheck); False without one
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,24 @@ class Classifier:
         return input_checks.checked(source, self.input_checks, self.age_years, self.image_size)
 
     def predict(self, images: Sequence[np.ndarray]) -> Predicted:
-        """Probabilities and out-of-distribution scores of preprocessed images, a batch a forward pass (two
-        with test-time views: the score is of the image itself)."""
+        """Probabilities, out-of-distribution scores and mirror flags of preprocessed images, a batch a forward
+        pass (two with test-time views: the score is of the image itself)."""
         if not len(images):
-            return Predicted(np.empty(0), np.empty(0))
-        probabilities, scores = [], []
+            return Predicted(np.empty(0), np.empty(0), np.empty(0, bool))
+        probabilities, scores, mirrored = [], [], []
         for start in range(0, len(images), IMAGES_PER_PASS):
             batch = np.stack(images[start:start + IMAGES_PER_PASS])
             outputs, features = self.engine.predict(batch, features=self.ood is not None)
             probabilities.append(pneumonia_probability(outputs))
-            scores.append(np.full(len(batch), np.nan) if self.ood is None else
-                          self.ood.scores(layout(batch), features))
-        return Predicted(self.calibration.apply(np.concatenate(probabilities)), np.concatenate(scores))
+            if self.ood is None:
+                scores.append(np.full(len(batch), np.nan))
+                mirrored.append(np.zeros(len(batch), bool))
+            else:
+                thumbnails = layout(batch)
+                scores.append(self.ood.scores(thumbnails, features))
+                mirrored.append(self.ood.mirrored(thumbnails))
+        return Predicted(self.calibration.apply(np.concatenate(probabilities)), np.concatenate(scores),
+                         np.concatenate(mirrored))
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict(images).probabilities

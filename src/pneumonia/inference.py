@@ -22,6 +22,9 @@ from pneumonia.data.layout import in_folder
 from pneumonia.errors import PipelineError
 
 PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
+OUT_OF_DISTRIBUTION = "out of distribution: unlike the training X-rays"
+# A flipped export, a film scanned from the back, or a heart on the right (dextrocardia): docs/reliability.md
+MIRRORED = "mirrored: left and right look swapped; check how the image was exported"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,8 @@ class FilePrediction:
     label: str | None = None
     ood_score: float | None = None  # how unlike the training X-rays (pneumonia.ood); None without a reference
     out_of_distribution: bool | None = None  # ood_score above the model's threshold: the label is not to be trusted
-    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD
+    mirrored: bool | None = None  # the mirror check's flag: left and right look swapped; None without the check
+    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD, mirror
     error: str | None = None  # why the file could not be predicted (then no probability)
 
 
@@ -70,26 +74,29 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
                     file=sys.stderr)
     while chunk := list(islice(inputs, IMAGES_PER_PASS)):
         predicted = classifier.predict([image for _, image, _ in chunk if not isinstance(image, str)])
-        scored = iter(zip(predicted.probabilities, predicted.ood_scores))
+        scored = iter(zip(predicted.probabilities, predicted.ood_scores, predicted.mirrored))
         for file, image, reasons in chunk:
             if isinstance(image, str):
                 results.append(FilePrediction(str(file), error=image))
             else:
-                probability, score = map(float, next(scored))
-                results.append(prediction(classifier, str(file), probability, score, reasons))
+                probability, score, mirrored = next(scored)
+                results.append(prediction(classifier, str(file), float(probability), float(score), bool(mirrored),
+                                          reasons))
         progress.update(len(chunk))
     progress.close()
     return results
 
 
-def prediction(classifier: Classifier, file: str, probability: float, ood_score: float,
+def prediction(classifier: Classifier, file: str, probability: float, ood_score: float, mirrored: bool,
                reasons: Sequence[str]) -> FilePrediction:
-    """One image's prediction with its flags: the input checks' `reasons`, then the OOD flag's."""
+    """One image's prediction with its flags: the input checks' `reasons`, then the OOD flag's, then the mirror
+    check's."""
     unknown = classifier.ood is None
     outside = classifier.out_of_distribution(ood_score)
-    flags = [*reasons, *(["out of distribution: unlike the training X-rays"] if outside else [])]
+    flags = [*reasons, *([OUT_OF_DISTRIBUTION] if outside else []), *([MIRRORED] if mirrored else [])]
     return FilePrediction(file, probability, classifier.label(probability), None if unknown else round(ood_score, 4),
-                          None if unknown else outside, "; ".join(flags))
+                          None if unknown else outside,
+                          None if unknown or classifier.ood.mirror is None else mirrored, "; ".join(flags))
 
 
 def _preprocessed(classifier: Classifier, files: Sequence[Path],

@@ -18,6 +18,11 @@ benchmarks/ood.md.
 Ledoit-Wolf, not the sample covariance: 256 dimensions from a few hundred images is singular
 without shrinkage (Anthony & Kamnitsas 2023 found shrunk Mahalanobis on pooled features the most
 reliable OOD score for medical images among those that need no outlier data).
+
+A mirrored X-ray (left and right swapped: a flipped export, a film scanned from the back, or dextrocardia)
+has the layout of one and is not flagged by the score, yet a model trained without flips reads it worse
+(docs/reliability.md). The mirror check (MirrorCheck) flags it: a linear discriminant on the layout
+thumbnail's left-right asymmetry, fitted on the training images against their own mirror images.
 """
 
 from __future__ import annotations
@@ -110,6 +115,37 @@ class Gaussian:
         return np.sqrt(np.maximum(squared, 0)) / self.scale
 
 
+def asymmetry(thumbnails: np.ndarray) -> np.ndarray:
+    """(n, THUMBNAIL**2 / 2): each layout thumbnail minus its mirror image, left half (the right half is its
+    negative). Mirroring an image negates it."""
+    grids = np.asarray(thumbnails, dtype=np.float64).reshape(-1, THUMBNAIL, THUMBNAIL)
+    return (grids - grids[:, :, ::-1])[:, :, :THUMBNAIL // 2].reshape(len(grids), -1)
+
+
+@dataclass(frozen=True)
+class MirrorCheck:
+    """Is an X-ray mirrored left to right? Linear discriminant analysis between the training images'
+    asymmetries (Gaussian, mean m, Ledoit-Wolf covariance S) and their mirror images' (mean -m, the same S):
+    the log-odds of "as the training X-rays" against "mirrored" is x' 2 S^-1 m, with no intercept, and is
+    exactly negated by mirroring the image. An image is flagged below 0, where mirrored is the likelier."""
+
+    direction: np.ndarray  # 2 S^-1 m
+
+    @classmethod
+    def fit(cls, thumbnails: np.ndarray) -> MirrorCheck:
+        from sklearn.covariance import LedoitWolf
+
+        fitted = LedoitWolf().fit(asymmetry(thumbnails))
+        return cls(2 * fitted.precision_ @ fitted.location_)
+
+    def log_odds(self, thumbnails: np.ndarray) -> np.ndarray:
+        """Of each image being as the training X-rays rather than mirrored: negative for a mirrored-looking one."""
+        return asymmetry(thumbnails) @ self.direction
+
+    def mirrored(self, thumbnails: np.ndarray) -> np.ndarray:
+        return self.log_odds(thumbnails) < 0
+
+
 @dataclass(frozen=True)
 class OodReference:
     """What the score needs of the training and validation images: the Gaussians are stored with the model
@@ -118,35 +154,46 @@ class OodReference:
     layout: Gaussian
     features: Gaussian
     threshold: float  # a score above it is flagged
+    mirror: MirrorCheck | None = None  # None in a bundle written before the check (it flags nothing)
 
     def scores(self, thumbnails: np.ndarray, features: np.ndarray) -> np.ndarray:
         return self.layout.distance(thumbnails) ** 2 + self.features.distance(features) ** 2
 
+    def mirrored(self, thumbnails: np.ndarray) -> np.ndarray:
+        """Which images the mirror check flags (none without one)."""
+        return np.zeros(len(thumbnails), bool) if self.mirror is None else self.mirror.mirrored(thumbnails)
+
     def save(self, path: Path) -> None:
         from pneumonia import atomic
 
+        arrays = {f"{part}_{name}": getattr(getattr(self, part), name)
+                  for part in ("layout", "features") for name in ("mean", "precision", "scale")}
+        if self.mirror is not None:
+            arrays["mirror_direction"] = self.mirror.direction
         with atomic.atomic_path(path) as temporary, open(temporary, "wb") as file:
-            np.savez(file, **{f"{part}_{name}": getattr(getattr(self, part), name)
-                              for part in ("layout", "features") for name in ("mean", "precision", "scale")})
+            np.savez(file, **arrays)
 
     @classmethod
     def load(cls, path: Path, threshold: float) -> OodReference:
         with np.load(path) as stored:
             parts = {part: Gaussian(stored[f"{part}_mean"], stored[f"{part}_precision"],
                                     float(stored[f"{part}_scale"])) for part in ("layout", "features")}
-        return cls(**parts, threshold=threshold)
+            mirror = MirrorCheck(stored["mirror_direction"]) if "mirror_direction" in stored else None
+        return cls(**parts, threshold=threshold, mirror=mirror)
 
 
 def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
         flagged: float) -> OodReference:
     """The reference from (thumbnails, features) of training images, each distance scaled by its median on
-    validation images, the flag above the validation scores' 1 - `flagged` quantile."""
+    validation images, the flag above the validation scores' 1 - `flagged` quantile; the mirror check fitted on
+    the training thumbnails."""
     scaled = {}
     for part, fitted_on, scaled_on in zip(("layout", "features"), train, validation):
         gaussian = Gaussian.fit(fitted_on)
         scaled[part] = Gaussian(gaussian.mean, gaussian.precision, float(np.median(gaussian.distance(scaled_on))))
     unthresholded = OodReference(**scaled, threshold=np.inf)
-    return OodReference(**scaled, threshold=float(np.quantile(unthresholded.scores(*validation), 1 - flagged)))
+    return OodReference(**scaled, threshold=float(np.quantile(unthresholded.scores(*validation), 1 - flagged)),
+                        mirror=MirrorCheck.fit(train[0]))
 
 
 MAX_FITTED_IMAGES = 5000  # training images the Gaussians are fitted on: all of Kaggle's 5,216 but a few

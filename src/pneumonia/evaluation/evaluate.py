@@ -1,7 +1,7 @@
 """The evaluate stage's work, returned, not written: the threshold chosen on the validation split,
-the out-of-distribution reference fitted on the training split (its flag's threshold on validation), the
-test split (read here and nowhere else) and the external set, if the external stage holds one, scored at
-them, with what the figures, the report and MLflow show of them, and the model's settings. The stage
+the out-of-distribution reference and mirror check fitted on the training split (its flag's threshold on
+validation), the test split (read here and nowhere else) and the external set, if the external stage holds
+one, scored at them, with what the figures, the report and MLflow show of them, and the model's settings. The stage
 writes the settings beside the model, metrics/, plots/, the report and the model card, and logs to MLflow.
 
 The one entry of the package that takes params (EvaluateConfig); what it calls takes the values it needs.
@@ -144,8 +144,9 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
     def predicted(on: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
         found, inputs = passed(on, split)
         ood_scores = reference.scores(*inputs)
+        mirror_log_odds = reference.mirror.log_odds(inputs[0])
         return (replace(found, probabilities=calibration.apply(found.probabilities), ood_scores=ood_scores),
-                scores.ood_summary(ood_scores, reference.threshold))
+                scores.ood_summary(ood_scores, reference.threshold, mirror_log_odds))
 
     val = replace(val, probabilities=calibration.apply(val.probabilities))
     test_predictions, test_ood = predicted(tfrecords, "test")

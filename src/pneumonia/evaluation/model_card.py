@@ -82,8 +82,21 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
             f"Every image: an out-of-distribution score ({settings.ood.method}); above {settings.ood.threshold:.2f} "
             f"the prediction is flagged 'out of distribution' ({100 * settings.ood.validation_flagged:.1f}% of "
             "validation images" + "".join(f", {share}" for share in shares if share) + " flagged).",
+            "Every image: a mirror check (a linear discriminant on the layout's left-right asymmetry, fitted on the "
+            "training images against their mirror images) flags one whose left and right look swapped (a flipped "
+            "export, a film scanned from the back, dextrocardia): " + _mirror(test, "test")
+            + (f"; {_mirror(external, 'external')}" if external and external.get("mirror") else "") + ".",
         ]),
     ]
+
+
+def _mirror(scores: dict[str, Any], name: str) -> str:
+    """What the mirror check flags of a split, as stored and mirrored."""
+    counts = scores.get("mirror")
+    if not counts:
+        return f"not run on the {name} images"
+    return (f"{100 * counts['flagged'] / counts['images']:.1f}% of {name} images flagged as stored, "
+            f"{100 * counts['flagged_once_mirrored'] / counts['images']:.1f}% once mirrored")
 
 
 def markdown(card: Sections, title: str) -> str:

@@ -106,6 +106,10 @@ collimation edges live there, not lungs.</p>
 training X-rays (threshold {{ fmt(scores.ood.threshold) }}, set to flag {{ pct(ood_flagged) }} of validation
 images).</p>
 {% endif %}
+{% if "mirror" in scores %}
+<p>Mirror check: {{ pct(scores.mirror_flagged_share) }} of the test images are flagged as mirrored left to right;
+the same images mirrored, {{ pct(scores.mirror.flagged_once_mirrored / scores.mirror.images) }} would be.</p>
+{% endif %}
 
 {% if external %}
 <h2 id="external">External set: another site</h2>
@@ -136,6 +140,11 @@ images).</p>
 {% if "ood_flagged_share" in external %}
 <tr><td>Flagged out of distribution</td><td>{{ pct(external.ood_flagged_share) }}</td><td></td><td></td>
 <td>{{ pct(scores.ood_flagged_share) }}</td></tr>
+{% endif %}
+{% if "mirror" in external %}
+<tr><td>Flagged mirrored (as stored / once mirrored)</td><td>{{ pct(external.mirror_flagged_share) }} /
+{{ pct(external.mirror.flagged_once_mirrored / external.mirror.images) }}</td><td></td><td></td>
+<td>{{ pct(scores.mirror_flagged_share) }}</td></tr>
 {% endif %}
 </tbody>
 </table>

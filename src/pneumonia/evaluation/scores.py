@@ -79,11 +79,16 @@ def external_scores(external: Predictions, threshold: float, rule: float | str, 
                            "input_checks": audit.get("input_checks")})  # images outside the intended use
 
 
-def ood_summary(scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """How many images of a split the out-of-distribution flag raises at `threshold`."""
+def ood_summary(scores: np.ndarray, threshold: float, mirror_log_odds: np.ndarray) -> dict[str, Any]:
+    """How many images of a split the out-of-distribution flag raises at `threshold`, and the mirror check
+    (pneumonia.ood.MirrorCheck, its `mirror_log_odds`) as they are and once mirrored left to right (mirroring
+    negates the log-odds)."""
     flagged = int(np.sum(scores > threshold))
+    mirrored, once_mirrored = int(np.sum(mirror_log_odds < 0)), int(np.sum(mirror_log_odds > 0))
     return {"ood_flagged_share": flagged / len(scores) if len(scores) else None,
-            "ood": {"threshold": threshold, "flagged": flagged, "images": len(scores)}}
+            "ood": {"threshold": threshold, "flagged": flagged, "images": len(scores)},
+            "mirror_flagged_share": mirrored / len(scores) if len(scores) else None,
+            "mirror": {"flagged": mirrored, "flagged_once_mirrored": once_mirrored, "images": len(scores)}}
 
 
 # What `dvc exp show` compares of each split: its columns test.roc_auc, ..., external.accuracy (distinct names:
@@ -104,7 +109,7 @@ def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str,
 # CI_METRICS, so the compare view lists a few dozen meaningful columns. The rest (counts, metrics at
 # 0.5, validation) stays in reports/evaluation/<split>.json, logged as an artifact of the run.
 MLFLOW_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1",
-               "brier", "ece", "threshold", "border_share", "ood_flagged_share")
+               "brier", "ece", "threshold", "border_share", "ood_flagged_share", "mirror_flagged_share")
 
 
 def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:

@@ -1,0 +1,105 @@
+"""How well the mirror check (pneumonia.ood.MirrorCheck) tells X-rays as stored from X-rays mirrored left to right.
+
+    python -m benchmarks.mirror_check              # the repository's project after `dvc repro`: its manifests
+    python -m benchmarks.mirror_check --manifests DIR/data/manifests --external ''
+
+The check is fitted as the evaluate stage fits it: on the training split's model inputs (each image as training
+saw it: pneumonia.classifier.model_input, at data.image_size and tfrecords.jpeg_quality of params.yaml). It is
+scored on the validation split (never the test split) and on the external set (`--external`, Kaggle's official test
+split: another acquisition), each as stored and mirrored: the share flagged as mirrored. It needs no model: the
+check reads the layout thumbnail only. By construction a mirrored image's log-odds is the stored one's negated, so
+the mirrored share flagged is the share of stored images the check reads the right way round.
+"""
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO, write_report
+from benchmarks.external_validity import EXTERNAL_ZIP
+from benchmarks.run_all import machine
+from benchmarks.small_images import shown_path
+
+
+def manifest_inputs(manifest: Path, image_size: int, jpeg_quality: int, limit: int | None) -> np.ndarray:
+    """The model inputs of a manifest's images (paths relative to the project it belongs to), the first `limit`."""
+    from pneumonia.classifier import model_input
+    from pneumonia.data.manifest import read_manifest
+
+    project = manifest.resolve().parents[2]  # <project>/data/manifests/<split>.csv
+    records = read_manifest(manifest)[:limit]
+    return np.stack([model_input(project / record.path, image_size, jpeg_quality) for record in records])
+
+
+def external_inputs(archive: Path, image_size: int, jpeg_quality: int, limit: int | None) -> np.ndarray:
+    """The model inputs of an external set's images, labelled as the external stage labels them, the first `limit`."""
+    from pneumonia.classifier import model_input
+    from pneumonia.data.external import locate_images
+    from pneumonia.data.layout import has_image_suffix, is_macos_litter
+
+    with zipfile.ZipFile(archive) as opened:
+        names = [name for name in opened.namelist() if has_image_suffix(name) and not is_macos_litter(name)]
+        located = locate_images(names, str(archive))[:limit]
+        return np.stack([model_input(opened.read(name), image_size, jpeg_quality) for name, _ in located])
+
+
+def scored(check, inputs: np.ndarray) -> dict:
+    """The share flagged as stored and mirrored, and the log-odds' quantiles as stored."""
+    from pneumonia.ood import layout
+
+    log_odds = check.log_odds(layout(inputs))
+    mirrored = check.log_odds(layout(inputs[:, :, ::-1]))
+    return {"images": len(inputs), "flagged_as_stored": float(np.mean(log_odds < 0)),
+            "flagged_mirrored": float(np.mean(mirrored < 0)),
+            "log_odds_quantiles": {str(q): float(np.quantile(log_odds, q)) for q in (0.01, 0.05, 0.5)}}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# The mirror check", "",
+             f"`{report['command']}` ({report['date']}, {report['machine']['cpu']}). Fitted on the "
+             f"{report['fitted_on']} training images of `{report['manifests']}` at {report['image_size']} px (the "
+             "evaluate stage's fit); each set scored as stored and mirrored left to right.", "",
+             "| set | images | flagged as stored (false alarms) | flagged mirrored (caught) | log-odds as stored: "
+             "1% / 5% / median |", "|---|---|---|---|---|"]
+    for name, row in report["sets"].items():
+        quantiles = " / ".join(f"{value:.1f}" for value in row["log_odds_quantiles"].values())
+        lines.append(f"| {name} | {row['images']} | {100 * row['flagged_as_stored']:.1f}% | "
+                     f"{100 * row['flagged_mirrored']:.1f}% | {quantiles} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifests", type=Path, default=REPO / "data/manifests",
+                        help="a prepared project's manifests: train.csv to fit on, val.csv to score")
+    parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
+    parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args(argv)
+    from datetime import UTC, datetime
+
+    from pneumonia.config import load_params
+    from pneumonia.ood import MirrorCheck, layout
+
+    params = load_params(REPO / "params.yaml")
+    size, quality = params.data.image_size, params.tfrecords.jpeg_quality
+    train = manifest_inputs(args.manifests / "train.csv", size, quality, args.limit)
+    check = MirrorCheck.fit(layout(train))
+    sets = {"validation": manifest_inputs(args.manifests / "val.csv", size, quality, args.limit)}
+    if args.external:
+        sets["external"] = external_inputs(Path(args.external), size, quality, args.limit)
+    report = {
+        "command": " ".join(["python -m benchmarks.mirror_check", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.now(UTC).date().isoformat(), "machine": machine(), "manifests": shown_path(args.manifests),
+        "image_size": size, "fitted_on": len(train),
+        "sets": {name: scored(check, inputs) for name, inputs in sets.items()},
+    }
+    write_report(args.out, "mirror_check", report, markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
