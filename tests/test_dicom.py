@@ -73,8 +73,9 @@ def test_dicom_is_known_by_its_content_not_its_name(xray, tmp_path):
     (tmp_path / "site" / "series" / "IM000001").write_bytes(data)  # a PACS export: no suffix
     (tmp_path / "site" / "b.dcm").write_bytes(data)
     (tmp_path / "site" / "notes.txt").write_text("x" * 200)
-    assert inference.image_files([tmp_path / "site"]) == [tmp_path / "site" / "b.dcm",
-                                                          tmp_path / "site" / "series" / "IM000001"]
+    assert inference.image_files([tmp_path / "site"]) == ([tmp_path / "site" / "b.dcm",
+                                                           tmp_path / "site" / "series" / "IM000001"],
+                                                          [tmp_path / "site" / "notes.txt"])
     facts = inspect_file(tmp_path / "site" / "series" / "IM000001", "test", 0)
     assert (facts.width, facts.height, facts.mode, facts.error) == (xray.shape[1], xray.shape[0], "L", "")
 
@@ -246,7 +247,7 @@ def test_an_acr_nema_file_without_preamble_is_read_and_found_in_a_folder(xray, t
     assert data[128:132] != b"DICM"
     (tmp_path / "export" / "series").mkdir(parents=True)
     (tmp_path / "export" / "series" / "IM0001").write_bytes(data)
-    assert inference.image_files([tmp_path / "export"]) == [tmp_path / "export" / "series" / "IM0001"]
+    assert inference.image_files([tmp_path / "export"]) == ([tmp_path / "export" / "series" / "IM0001"], [])
     assert np.array_equal(np.asarray(open_image(data)), xray)
     facts = inspect_file(tmp_path / "export" / "series" / "IM0001", "test", 0)
     assert (facts.width, facts.height, facts.error) == (xray.shape[1], xray.shape[0], "")

@@ -107,14 +107,31 @@ def test_label_follows_the_threshold(images):
     assert inference.predict_files(by_brightness(probability + 1e-6), bright)[0].label == "NORMAL"
 
 
-def test_folders_give_their_jpeg_and_png_files_recursively(images):
-    found = inference.image_files([images["folder"]])
-    assert sorted(file.name for file in found) == ["bright.png", "bright_rgb.jpeg", "dark.JPG", "text.png",
-                                                   "truncated.jpeg"]
-    assert inference.image_files([images["folder"] / "notes.txt"]) == [images["folder"] / "notes.txt"]
-    (images["folder"] / "empty").mkdir()
-    with pytest.raises(PipelineError, match="no JPEG, PNG or DICOM files"):
-        inference.image_files([images["folder"] / "empty"])
+def test_folders_give_their_image_files_recursively_and_say_what_they_leave_out(images, capsys):
+    """JPEG, PNG and TIFF by name (DICOM by content too: tests/test_dicom.py); any other file of a folder is
+    left out, and said so, not skipped unawares (a BMP or WebP export); hidden files and macOS litter (AppleDouble
+    `._*` files, named like images) are skipped: tried, they failed the run as unreadable images."""
+    folder = images["folder"]
+    save_image(folder / "nested" / "scan.TIFF", "L", (40, 40), 128, "TIFF")
+    save_image(folder / "export.bmp", "L", (40, 40), 128, "BMP")
+    (folder / ".DS_Store").write_bytes(b"\0" * 8)
+    (folder / "._bright.png").write_bytes(b"\0" * 8)
+    found, left_out = inference.image_files([folder])
+    assert sorted(file.name for file in found) == ["bright.png", "bright_rgb.jpeg", "dark.JPG", "scan.TIFF",
+                                                   "text.png", "truncated.jpeg"]
+    assert sorted(file.name for file in left_out) == ["export.bmp", "notes.txt"]
+    [tiff] = [result for result in inference.predict_files(by_brightness(), found) if result.file.endswith("TIFF")]
+    assert tiff.error is None and 0 <= tiff.probability <= 1
+    inference.say_left_out(left_out)
+    said = capsys.readouterr().err
+    assert "2 file(s) in the folders left out, not JPEG, PNG, TIFF or DICOM" in said and "export.bmp" in said
+    assert inference.image_files([folder / "notes.txt"]) == ([folder / "notes.txt"], [])  # named: tried as it is
+    (folder / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no JPEG, PNG, TIFF or DICOM files"):
+        inference.image_files([folder / "empty"])
+    (folder / "empty" / "a.webp").write_bytes(b"RIFF")
+    with pytest.raises(PipelineError, match=r"1 other file\(s\) there, e.g. a.webp: convert them"):
+        inference.image_files([folder / "empty"])
 
 
 @pytest.fixture

@@ -86,7 +86,9 @@ def predict(args: argparse.Namespace) -> None:
         from pneumonia.classifier import load_classifier
 
         classifier = load_classifier(Path(model), args.input_checks)
-    results = inference.predict_files(classifier, inference.image_files(args.paths))
+    files, left_out = inference.image_files(args.paths)
+    inference.say_left_out(left_out)
+    results = inference.predict_files(classifier, files)
     print(inference.table(results))
     if args.csv:
         inference.write_predictions_csv(args.csv, results)
@@ -222,7 +224,9 @@ def adapt(args: argparse.Namespace) -> None:
     check_model_output(args.out, args.model)
     classifier = load_classifier(args.model, args.input_checks)
     images, unreadable, outside = [], [], []
-    for path in inference.image_files(args.paths):
+    files, left_out = inference.image_files(args.paths)
+    inference.say_left_out(left_out)
+    for path in files:
         # flag or refuse alike: a lateral view, a leg, a thumbnail are not the site's chest X-rays, whose statistics
         # the adaptation is for
         reasons = [] if classifier.input_checks == "ignore" else input_checks.reasons(path, classifier.age_years,

@@ -18,7 +18,7 @@ import numpy as np
 from pneumonia import CLASS_NAMES, atomic
 from pneumonia.classifier import IMAGES_PER_PASS, Classifier
 from pneumonia.data.input_checks import OutsideIntendedUse
-from pneumonia.data.layout import in_folder
+from pneumonia.data.layout import IMAGE_KINDS, in_folder, is_macos_litter
 from pneumonia.errors import PipelineError
 
 PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
@@ -42,21 +42,38 @@ class FilePrediction:
 FIELDS = [field.name for field in fields(FilePrediction)]
 
 
-def image_files(paths: Sequence[Path]) -> list[Path]:
-    """Files as given (whatever their name); folders searched recursively for JPEG, PNG and DICOM files
-    (DICOM by name or by content)."""
+def image_files(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(the files to predict, the files of the folders left out). Files as given (whatever their name); folders
+    searched recursively for JPEG, PNG, TIFF and DICOM files (DICOM by name or by content); what else they hold
+    is left out, and macOS litter (`._*` files named like images, `__MACOSX/`) and hidden files skipped."""
     found: list[Path] = []
+    left_out: list[Path] = []
     for path in paths:
         if path.is_dir():
             is_image = in_folder(path)
-            found += sorted(file for file in path.rglob("*")
-                            if file.is_file() and is_image(file.relative_to(path).as_posix()))
+            for file in sorted(file for file in path.rglob("*") if file.is_file()):
+                name = file.relative_to(path).as_posix()
+                if is_macos_litter(name):  # AppleDouble "._x.png" files are named like images: not tried
+                    continue
+                if is_image(name):
+                    found.append(file)
+                elif not file.name.startswith("."):
+                    left_out.append(file)
         else:
             found.append(path)
     if not found:
-        raise PipelineError(f"no JPEG, PNG or DICOM files in {', '.join(map(str, paths))}: "
-                            "name image files or folders")
-    return found
+        raise PipelineError(f"no {IMAGE_KINDS} files in {', '.join(map(str, paths))}: name image files or folders"
+                            + (f" ({len(left_out)} other file(s) there, e.g. {left_out[0].name}: convert them, or "
+                               "name a file to try it as it is)" if left_out else ""))
+    return found, left_out
+
+
+def say_left_out(left_out: Sequence[Path]) -> None:
+    """On stderr: the files of the folders that are not predicted, so none is missed unawares."""
+    if left_out:
+        print(f"{len(left_out)} file(s) in the folders left out, not {IMAGE_KINDS} by name or content: "
+              f"{', '.join(map(str, left_out[:5]))}{', ...' if len(left_out) > 5 else ''} (convert them, or name a "
+              "file to try it as it is)", file=sys.stderr)
 
 
 def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | None = None) -> list[FilePrediction]:

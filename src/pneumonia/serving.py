@@ -1,4 +1,4 @@
-"""The MLflow model of a run: base64-encoded JPEG/PNG/DICOM images in; probability of pneumonia, label,
+"""The MLflow model of a run: base64-encoded JPEG/PNG/TIFF/DICOM images in; probability of pneumonia, label,
 out-of-distribution score and flag, the mirror check's flag, and the reasons an image is outside the intended use
 out.
 
@@ -45,6 +45,7 @@ from pneumonia import tracking
 from pneumonia.classifier import Classifier, load_classifier
 from pneumonia.data.images import ImageTooLarge
 from pneumonia.data.input_checks import OutsideIntendedUse
+from pneumonia.data.layout import IMAGE_KINDS
 from pneumonia.errors import PipelineError
 from pneumonia.inference import prediction
 from pneumonia.logs import redact
@@ -91,7 +92,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
     # The type hint: MLflow warns about a predict() without one each time the model is loaded (a DataFrame
     # changes nothing else: the signature stays SIGNATURE's).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """model_input: a DataFrame with a column "image" of base64-encoded JPEG, PNG or DICOM files."""
+        """model_input: a DataFrame with a column "image" of base64-encoded JPEG, PNG, TIFF or DICOM files."""
         if len(model_input) > MAX_ROWS:
             raise MlflowException.invalid_parameter_value(
                 f"the request has {len(model_input)} rows, more than the limit of {MAX_ROWS} images a request: "
@@ -133,7 +134,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
             raise MlflowException.invalid_parameter_value(
                 f"row {row} of column {IMAGE_COLUMN!r} is not a readable image ({type(exc).__name__}: {exc}): "
-                "send JPEG, PNG or DICOM files"
+                f"send {IMAGE_KINDS} files"
             ) from None
 
 

@@ -1,4 +1,4 @@
-"""An external validation set: X-rays of another site (JPEG, PNG or DICOM) in a zip or a folder
+"""An external validation set: X-rays of another site (JPEG, PNG, TIFF or DICOM) in a zip or a folder
 (evaluate.external), labelled by `{NORMAL,PNEUMONIA}/` folders or by a labels CSV (the RSNA
 challenge's layout among them), made into model input exactly as the training images are.
 
@@ -35,7 +35,7 @@ from pneumonia.model_settings import IntendedUse
 
 log = logging.getLogger(__name__)
 
-LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (JPEG, PNG or DICOM), "
+LAYOUT_HINT = ("Expected a zip or folder with NORMAL/ and PNEUMONIA/ folders of images (JPEG, PNG, TIFF or DICOM), "
                "e.g. external/NORMAL/a.jpeg, external/PNEUMONIA/b.dcm; or images with a labels CSV of columns "
                "path (relative to the CSV) or id (file name without suffix) and label (NORMAL/PNEUMONIA or 0/1), "
                "e.g. the RSNA challenge's stage_2_train_images/ with stage_2_train_labels.csv (Target).")

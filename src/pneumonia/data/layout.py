@@ -15,7 +15,9 @@ from pneumonia import CLASS_NAMES, SPLITS
 from pneumonia.data.dicom import is_dicom
 from pneumonia.errors import PipelineError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
+# TIFF: archives and detector exports write it, often 16-bit (images.to_grey scales it)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".dcm", ".dicom")
+IMAGE_KINDS = "JPEG, PNG, TIFF or DICOM"  # what IMAGE_SUFFIXES names, for messages
 
 # (split, class name) -> relative names of the image files in that folder
 SplitFiles = dict[tuple[str, str], list[str]]
@@ -34,7 +36,7 @@ def is_macos_litter(name: str) -> bool:
 
 
 def has_image_suffix(name: str) -> bool:
-    """Named as a JPEG, PNG or DICOM file. A DICOM file may have any name (PACS exports often have no
+    """Named as a JPEG, PNG, TIFF or DICOM file. A DICOM file may have any name (PACS exports often have no
     suffix): callers that can read a file's first bytes also take those that are DICOM by content."""
     return name.lower().endswith(IMAGE_SUFFIXES)
 
