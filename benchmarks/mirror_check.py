@@ -1,7 +1,7 @@
 """How well the mirror check (pneumonia.ood.MirrorCheck) tells X-rays as stored from X-rays mirrored left to right.
 
     python -m benchmarks.mirror_check              # the repository's project after `dvc repro`: its manifests
-    python -m benchmarks.mirror_check --manifests DIR/data/manifests --external ''
+    python -m benchmarks.mirror_check --manifests DIR/data/manifests --name mirror_check-DIR   # another project
 
 The check is fitted as the evaluate stage fits it: on the training split's model inputs (each image as training
 saw it: pneumonia.classifier.model_input, at data.image_size and tfrecords.jpeg_quality of params.yaml). It is
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
     parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--name", default="mirror_check", help="the report's file name, without suffix")
     args = parser.parse_args(argv)
     from datetime import UTC, datetime
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         "image_size": size, "fitted_on": len(train),
         "sets": {name: scored(check, inputs) for name, inputs in sets.items()},
     }
-    write_report(args.out, "mirror_check", report, markdown(report))
+    write_report(args.out, args.name, report, markdown(report))
     print(markdown(report))
 
 
