@@ -35,7 +35,7 @@ OUTPUTS = [paths.MODEL_SETTINGS, paths.OOD_REFERENCE, onnx_file(paths.MODEL), pa
 def main() -> None:
     params = load_params()
     tracking.check_run(paths.RUN_INFO)  # before the work: a deleted run, a store elsewhere, one down
-    model = load_model(paths.MODEL)
+    model = load_model(paths.MODEL, compile=False)  # it only predicts, in float32 (models.build.in_float32)
     result = evaluate(model, paths.TFRECORDS, paths.EXTERNAL, params.evaluate, params.train.batch_size)
     onnx = engines.onnx_model(model)  # also with test-time views: their one-view network (docs/decisions.md)
     settings = result.settings(params, model_digest(paths.MODEL),

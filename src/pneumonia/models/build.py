@@ -91,10 +91,39 @@ def members_of(model: keras.Model) -> list[keras.Model]:
 
 def load_model(path, compile: bool = True) -> keras.Model:
     """A saved model of `build_model`: Keras' loader, with this package's layers (RandomAffine) known to it;
-    `compile=False` for predicting only (no optimizer, loss and metrics rebuilt: faster to load).
-    A truncated or corrupt file is a PipelineError (Keras says "File not found" of a truncated zip)."""
+    `compile=False` for predicting only (no optimizer, loss and metrics rebuilt: faster to load), computing in
+    float32 (`in_float32`). A truncated or corrupt file is a PipelineError (Keras says "File not found" of a
+    truncated zip)."""
     try:
-        return keras.models.load_model(path, compile=compile)
+        model = keras.models.load_model(path, compile=compile)
     except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         why = f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path) else NOT_A_ZIP
         raise damaged_model(path, why) from None
+    return model if compile else in_float32(model)
+
+
+def all_layers(model: keras.Model):
+    """Every layer of `model`, and of the models inside it (a backbone, an ensemble's members)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def in_float32(model: keras.Model) -> keras.Model:
+    """`model` computing in float32: itself when every layer does; else (trained in mixed precision,
+    train.precision) a copy with its weights, every layer's dtype policy float32. Mixed precision is for
+    training speed, and its weights are float32 already. Predicting in bfloat16 or float16 is not what the
+    model's users get: tf2onnx exports such a network as a graph ONNX Runtime refuses to load (a Mul of float16
+    and bfloat16 in a backbone's input scaling), so `pneumonia predict` failed on a backbone trained with
+    train.precision auto on a CPU with native bfloat16. The train stage saves the copy; evaluate, predict,
+    serving and the ONNX export read float32 whatever file they are given."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in all_layers(model)):
+        return model
+
+    def as_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=as_float32, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
