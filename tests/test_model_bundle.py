@@ -22,7 +22,7 @@ from dicoms import SECRETS, dataset, file_bytes, png_bytes, sample_xrays
 from pneumonia import cli, engines, ood, paths, serving
 from pneumonia.classifier import load_classifier
 from pneumonia.config import ModelConfig
-from pneumonia.model_settings import model_file, ood_file, read_settings, settings_file
+from pneumonia.model_settings import model_file, onnx_digest, ood_file, read_settings, settings_file
 from pneumonia.models.build import build_model
 
 # Header attributes outside the intended use, and the reason each must give (never the value itself)
@@ -81,6 +81,14 @@ def test_a_copy_of_models_predicts_from_an_empty_folder_as_in_the_repository(bun
                for row in here)
 
 
+def unloadable_onnx(folder: Path) -> None:
+    """A model.onnx its settings vouch for that ONNX Runtime cannot load (as one exported in bfloat16 could not)."""
+    data = b"not an ONNX graph"
+    (folder / "model.onnx").write_bytes(data)
+    settings = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**settings, "onnx_sha256": onnx_digest(data)}))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda folder: (folder / "model.json").unlink(), "has no settings file model.json beside it"),
     (lambda folder: (folder / "model.ood.npz").unlink(), "(the out-of-distribution reference) is missing"),
@@ -93,6 +101,7 @@ def test_a_copy_of_models_predicts_from_an_empty_folder_as_in_the_repository(bun
     (lambda folder: (folder / "model.json").write_text(  # a bundle written without one, and a stray model.onnx
         json.dumps({**json.loads((folder / "model.json").read_text()), "onnx_sha256": None})),
      "model.onnx belongs to another model (its sha256 is not the onnx_sha256 of model.json)"),
+    (unloadable_onnx, "ONNX Runtime cannot run"),
 ])
 def test_a_model_without_its_settings_gets_a_message_saying_what_to_do(bundle, xrays, capsys, damage, message):
     damage(bundle)

@@ -98,9 +98,20 @@ class OnnxEngine:
     def of(cls, onnx: bytes, keras_file: Path) -> OnnxEngine:
         import onnxruntime
 
+        from pneumonia.errors import PipelineError
+        from pneumonia.model_settings import onnx_file
+
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings are about graph optimisations
-        return cls(onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"]), keras_file)
+        try:
+            session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a graph it cannot run
+            # e.g. one exported before models.build.in_float32 from a model trained in mixed precision
+            raise PipelineError(
+                f"ONNX Runtime cannot run {onnx_file(keras_file)} ({type(exc).__name__}: {str(exc)[:300]}): run the "
+                f"evaluate stage again (`dvc repro -f -s evaluate`) to export it anew, or delete it to predict with "
+                f"{keras_file.name}") from None
+        return cls(session, keras_file)
 
     @property
     def image_size(self) -> int:
