@@ -158,7 +158,7 @@ def test_a_late_evaluate_failure_leaves_every_previous_output(tmp_path, monkeypa
     monkeypatch.setattr(stage, "model_digest", lambda path: "0" * 64)
     monkeypatch.setattr(stage, "training_data", lambda *args: None)
     monkeypatch.setattr(tracking, "manifests_hash", lambda path: "0" * 64)
-    monkeypatch.setattr(stage, "load_model", lambda path: None)
+    monkeypatch.setattr(stage, "load_model", lambda path, compile: None)
     monkeypatch.setattr(stage.engines, "onnx_model", lambda model: b"after")
     monkeypatch.setattr(tracking, "check_run", lambda run_info: None)
 
