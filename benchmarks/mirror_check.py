@@ -13,7 +13,6 @@ the mirrored share flagged is the share of stored images the check reads the rig
 
 import argparse
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +20,15 @@ import numpy as np
 from benchmarks.common import REPO, write_report
 from benchmarks.external_validity import EXTERNAL_ZIP
 from benchmarks.run_all import machine
-from benchmarks.small_images import shown_path
+from benchmarks.small_images import external_files, manifest_files, shown_path
 
 
-def manifest_inputs(manifest: Path, image_size: int, jpeg_quality: int, limit: int | None) -> np.ndarray:
-    """The model inputs of a manifest's images (paths relative to the project it belongs to), the first `limit`."""
+def model_inputs(files: list[tuple[Path | bytes, int]], image_size: int, jpeg_quality: int,
+                 limit: int | None) -> np.ndarray:
+    """The model inputs of the first `limit` (path or file bytes, label), each as training saw its image."""
     from pneumonia.classifier import model_input
-    from pneumonia.data.manifest import read_manifest
 
-    project = manifest.resolve().parents[2]  # <project>/data/manifests/<split>.csv
-    records = read_manifest(manifest)[:limit]
-    return np.stack([model_input(project / record.path, image_size, jpeg_quality) for record in records])
-
-
-def external_inputs(archive: Path, image_size: int, jpeg_quality: int, limit: int | None) -> np.ndarray:
-    """The model inputs of an external set's images, labelled as the external stage labels them, the first `limit`."""
-    from pneumonia.classifier import model_input
-    from pneumonia.data.external import locate_images
-    from pneumonia.data.layout import has_image_suffix, is_macos_litter
-
-    with zipfile.ZipFile(archive) as opened:
-        names = [name for name in opened.namelist() if has_image_suffix(name) and not is_macos_litter(name)]
-        located = locate_images(names, str(archive))[:limit]
-        return np.stack([model_input(opened.read(name), image_size, jpeg_quality) for name, _ in located])
+    return np.stack([model_input(source, image_size, jpeg_quality) for source, _ in files[:limit]])
 
 
 def scored(check, inputs: np.ndarray) -> dict:
@@ -87,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(REPO / "params.yaml")
     size, quality = params.data.image_size, params.tfrecords.jpeg_quality
-    train = manifest_inputs(args.manifests / "train.csv", size, quality, args.limit)
+    train = model_inputs(manifest_files(args.manifests / "train.csv"), size, quality, args.limit)
     check = MirrorCheck.fit(layout(train))
-    sets = {"validation": manifest_inputs(args.manifests / "val.csv", size, quality, args.limit)}
+    sets = {"validation": model_inputs(manifest_files(args.manifests / "val.csv"), size, quality, args.limit)}
     if args.external:
-        sets["external"] = external_inputs(Path(args.external), size, quality, args.limit)
+        sets["external"] = model_inputs(external_files(Path(args.external)), size, quality, args.limit)
     report = {
         "command": " ".join(["python -m benchmarks.mirror_check", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).date().isoformat(), "machine": machine(), "manifests": shown_path(args.manifests),

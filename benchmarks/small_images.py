@@ -39,28 +39,31 @@ def shrunk_png(image, side: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def manifest_images(manifest: Path) -> list[tuple[object, int]]:
-    """(grey PIL image, label) of each row of a manifest (paths relative to the project it belongs to)."""
-    from PIL import Image
-
+def manifest_files(manifest: Path) -> list[tuple[Path, int]]:
+    """(path, label) of each row of a manifest (paths relative to the project it belongs to)."""
     from pneumonia.data.manifest import read_manifest
 
     project = manifest.resolve().parents[2]  # <project>/data/manifests/<split>.csv
-    return [(Image.open(project / record.path).convert("L"), record.label) for record in read_manifest(manifest)]
+    return [(project / record.path, record.label) for record in read_manifest(manifest)]
 
 
-def external_images(archive: Path) -> list[tuple[object, int]]:
-    """(grey PIL image, label) of an external set's zip, labelled by its NORMAL/ and PNEUMONIA/ folders as the
+def external_files(archive: Path) -> list[tuple[bytes, int]]:
+    """(file bytes, label) of an external set's zip, labelled by its NORMAL/ and PNEUMONIA/ folders as the
     external stage labels them."""
-    from PIL import Image
-
     from pneumonia.data.external import locate_images
     from pneumonia.data.layout import has_image_suffix, is_macos_litter
 
     with zipfile.ZipFile(archive) as opened:
         names = [name for name in opened.namelist() if has_image_suffix(name) and not is_macos_litter(name)]
-        images = locate_images(names, str(archive))
-        return [(Image.open(io.BytesIO(opened.read(name))).convert("L"), label) for name, label in images]
+        return [(opened.read(name), label) for name, label in locate_images(names, str(archive))]
+
+
+def grey_images(files: list[tuple[Path | bytes, int]]) -> list[tuple[object, int]]:
+    """(grey PIL image, label) of each (path or file bytes, label)."""
+    from PIL import Image
+
+    return [(Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("L"), label)
+            for source, label in files]
 
 
 def scored(classifier, images: list[tuple[object, int]], sides=SIDES) -> list[dict]:
@@ -121,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
 
     classifier = load_classifier(args.model, input_checks_policy="flag")
     sides = SIDES if args.sides is None else (None, *args.sides)
-    sets = {"validation": manifest_images(args.manifest)}
+    sets = {"validation": grey_images(manifest_files(args.manifest))}
     if args.external:
-        sets["external"] = external_images(Path(args.external))
+        sets["external"] = grey_images(external_files(Path(args.external)))
     report = {
         "command": " ".join(["python -m benchmarks.small_images", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).date().isoformat(), "machine": machine(),

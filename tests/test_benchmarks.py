@@ -362,35 +362,44 @@ def test_ood_benchmark_scores_each_method_on_each_group_and_writes_its_report(tm
     assert "python -m benchmarks.ood --smoke" in (tmp_path / "ood-smoke.md").read_text()
 
 
+def xray_project_and_external_zip(root: Path, count: int, splits: tuple[str, ...]) -> tuple[Path, Path]:
+    """`count` X-rays of the committed sample (half of each class) as PNG files of a project, listed in its
+    manifests of `splits`, and as an external zip in NORMAL/ and PNEUMONIA/ folders: (manifests folder, zip)."""
+    import zipfile
+
+    from dicoms import png_bytes, sample_xrays
+    from pneumonia.data.manifest import Record, write_manifest
+
+    project, rows = root / "project", []
+    (project / "data/manifests").mkdir(parents=True)
+    with zipfile.ZipFile(root / "external.zip", "w") as external:
+        for index, (name, grey) in enumerate(sample_xrays(count, width=96)):
+            label = "PNEUMONIA" if index >= count // 2 else "NORMAL"
+            (project / f"{name}.png").write_bytes(png_bytes(grey))
+            rows.append(Record(f"{name}.png", int(label == "PNEUMONIA"), name, "0" * 64, "train"))
+            external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
+    for split in splits:
+        write_manifest(project / f"data/manifests/{split}.csv", rows)
+    return project / "data/manifests", root / "external.zip"
+
+
 def test_small_images_benchmark_scores_each_size_and_says_which_the_size_check_flags(tmp_path):
     """benchmarks/small_images.py at its smallest: an untrained 32 px model with its bundle, four X-rays of the
     committed sample as a validation manifest and as an external zip, at their own size and at 24 and 48 px."""
-    import zipfile
-
     from PIL import Image
 
     from benchmarks import small_images
     from bundles import write_settings
-    from dicoms import png_bytes, sample_xrays
     from pneumonia.config import ModelConfig
-    from pneumonia.data.manifest import Record, write_manifest
     from pneumonia.models.build import build_model
 
     model = build_model(ModelConfig(crop=0), 32)
     (tmp_path / "models").mkdir()
     model.save(tmp_path / "models/model.keras")
     write_settings(tmp_path / "models/model.keras", 0.5, model=model)
-    project, rows = tmp_path / "project", []
-    (project / "data/manifests").mkdir(parents=True)
-    with zipfile.ZipFile(tmp_path / "external.zip", "w") as external:
-        for index, (name, grey) in enumerate(sample_xrays(4, width=96)):
-            label = "PNEUMONIA" if index >= 2 else "NORMAL"
-            (project / f"{name}.png").write_bytes(png_bytes(grey))
-            rows.append(Record(f"{name}.png", int(label == "PNEUMONIA"), name, "0" * 64, "train"))
-            external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
-    write_manifest(project / "data/manifests/val.csv", rows)
-    small_images.main(["--model", str(tmp_path / "models"), "--manifest", str(project / "data/manifests/val.csv"),
-                       "--external", str(tmp_path / "external.zip"), "--sides", "48", "24", "--out", str(tmp_path)])
+    manifests, external = xray_project_and_external_zip(tmp_path, 4, ("val",))
+    small_images.main(["--model", str(tmp_path / "models"), "--manifest", str(manifests / "val.csv"),
+                       "--external", str(external), "--sides", "48", "24", "--out", str(tmp_path)])
 
     report = json.loads((tmp_path / "small_images.json").read_text())
     assert report["image_size"] == 32 and set(report["sets"]) == {"validation", "external"}
@@ -518,24 +527,11 @@ def test_mirror_check_benchmark_scores_each_set_as_stored_and_mirrored(tmp_path)
     """benchmarks/mirror_check.py at its smallest: twelve X-rays of the committed sample as a project's training and
     validation manifests and as an external zip. Mirroring negates the log-odds, so what is not flagged as stored is
     flagged once mirrored."""
-    import zipfile
-
     from benchmarks import mirror_check
-    from dicoms import png_bytes, sample_xrays
-    from pneumonia.data.manifest import Record, write_manifest
 
-    project, rows = tmp_path / "project", []
-    (project / "data/manifests").mkdir(parents=True)
-    with zipfile.ZipFile(tmp_path / "external.zip", "w") as external:
-        for index, (name, grey) in enumerate(sample_xrays(12, width=96)):
-            label = "PNEUMONIA" if index >= 6 else "NORMAL"
-            (project / f"{name}.png").write_bytes(png_bytes(grey))
-            rows.append(Record(f"{name}.png", int(label == "PNEUMONIA"), name, "0" * 64, "train"))
-            external.writestr(f"external/{label}/{name}.png", png_bytes(grey))
-    for split in ("train", "val"):
-        write_manifest(project / f"data/manifests/{split}.csv", rows)
-    mirror_check.main(["--manifests", str(project / "data/manifests"), "--external", str(tmp_path / "external.zip"),
-                       "--limit", "10", "--out", str(tmp_path)])
+    manifests, external = xray_project_and_external_zip(tmp_path, 12, ("train", "val"))
+    mirror_check.main(["--manifests", str(manifests), "--external", str(external), "--limit", "10",
+                       "--out", str(tmp_path)])
 
     report = json.loads((tmp_path / "mirror_check.json").read_text())
     assert report["fitted_on"] == 10 and set(report["sets"]) == {"validation", "external"}
