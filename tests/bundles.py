@@ -38,7 +38,8 @@ def write_settings(model_path: Path, threshold: float, jpeg_quality: int = 95, t
     images = smooth_images(48, size) if images is None else images
     pooled = ood.pooled_features_model(model).predict(images, verbose=0)[1]
     thumbnails = ood.layout(images)
-    reference = ood.fit((thumbnails[::2], pooled[::2]), (thumbnails[1::2], pooled[1::2]), 0.05)
+    reference = ood.fit((thumbnails[::2], pooled[::2]), (thumbnails[1::2], pooled[1::2]), 0.05,
+                        ood.fine_detail(images[::2]))
     settings = ModelSettings(
         model_sha256=model_digest(model_path), model_name=model.name, class_names=CLASS_NAMES, image_size=size,
         input_norm="per_image", crop=0.0,

@@ -523,6 +523,40 @@ def test_each_benchmark_experiment_starts_from_the_committed_params(tmp_path):
     assert (tmp_path / "ran").read_text().strip() == "{'stem': 'full', 'width': 2}"
 
 
+def test_detail_check_benchmark_scores_each_change_and_what_the_check_flags(tmp_path):
+    """benchmarks/detail_check.py at its smallest: an untrained 32 px model whose bundle's checks are fitted on six
+    X-rays of the committed sample, the same X-rays as a validation manifest and an external zip, each change."""
+    import numpy as np
+
+    from benchmarks import detail_check
+    from bundles import write_settings
+    from pneumonia.classifier import model_input
+    from pneumonia.config import ModelConfig
+    from pneumonia.models.build import build_model
+
+    manifests, external = xray_project_and_external_zip(tmp_path, 6, ("val",))
+    model = build_model(ModelConfig(crop=0), 32)
+    (tmp_path / "models").mkdir()
+    model.save(tmp_path / "models/model.keras")
+    inputs = np.stack([model_input(path, 32, 95) for path in sorted((manifests.parents[1]).glob("*.png"))] * 2)
+    write_settings(tmp_path / "models/model.keras", 0.5, model=model, images=inputs)
+    detail_check.main(["--model", str(tmp_path / "models"), "--manifest", str(manifests / "val.csv"),
+                       "--external", str(external), "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "detail_check.json").read_text())
+    assert report["image_size"] == 32 and set(report["sets"]) == {"validation", "external"}
+    assert report["band"][0] < report["band"][1]
+    for rows in report["sets"].values():
+        assert [(row["change"], row["amount"]) for row in rows] == [row[::2] for row in detail_check.CHANGES]
+        assert rows[0]["mean_moved"] == 0 and all(row["images"] == 6 for row in rows)
+        assert all(0 <= row[key] <= 1 for row in rows for key in ("normal_called_pneumonia", "pneumonia_missed",
+                                                                  "blurred", "noisy", "ood_flagged"))
+        strongest = {row["change"]: row for row in rows}  # the last of each change, its strongest
+        # (these 96 px images are already noisy at 32 px: the X-rays' noise is measured in test_model_bundle.py)
+        assert strongest["blur"]["blurred"] == strongest["enlarged"]["blurred"] == 1 and rows[0]["blurred"] == 0
+    assert "python -m benchmarks.detail_check --model" in (tmp_path / "detail_check.md").read_text()
+
+
 def test_mirror_check_benchmark_scores_each_set_as_stored_and_mirrored(tmp_path):
     """benchmarks/mirror_check.py at its smallest: twelve X-rays of the committed sample as a project's training and
     validation manifests and as an external zip. Mirroring negates the log-odds, so what is not flagged as stored is

@@ -119,10 +119,13 @@ def test_one_class_test_split_is_a_clear_error():
 
 def test_mlflow_metrics_are_the_headline_numbers_with_their_intervals():
     scores = {**scores_for("youden"), "border_share": 0.2,
-              **ood_summary(np.array([1.0, 5.0, 2.0, 9.0]), 4.0, np.array([3.0, -1.0, 2.0, 0.5]))}
+              **ood_summary(np.array([1.0, 5.0, 2.0, 9.0]), 4.0, np.array([3.0, -1.0, 2.0, 0.5]),
+                            np.array([True, False, False, True]), np.array([False, False, True, False]))}
     flat = mlflow_metrics(scores, prefix="external")
     assert flat["external_ood_flagged_share"] == 0.5 and flat["external_mirror_flagged_share"] == 0.25
+    assert flat["external_detail_flagged_share"] == 0.75
     assert scores["mirror"] == {"flagged": 1, "flagged_once_mirrored": 3, "images": 4}
+    assert scores["detail"] == {"blurred": 2, "noisy": 1, "images": 4}
     assert flat["external_roc_auc"] == scores["roc_auc"] and flat["external_border_share"] == 0.2
     assert {"external_threshold", "external_sensitivity", "external_specificity", "external_ci95_roc_auc_low",
             "external_ci95_roc_auc_high", "external_ci95_accuracy_high"} <= flat.keys()

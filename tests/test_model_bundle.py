@@ -289,19 +289,28 @@ def test_the_layout_thumbnail_is_tensorflows_area_resize_at_any_image_size(size)
     np.testing.assert_allclose(ood.layout(images), centred / (centred.std(axis=1, keepdims=True) + 2.55), atol=1e-5)
 
 
-def sample_inputs(repo_sample: Path, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def sample_inputs(repo_sample: Path, size: int = 64, changed=None) -> tuple[np.ndarray, ...]:
     """The model inputs (`size` px) of the committed sample's training X-rays, split by patient: two thirds of the
-    patients' to fit on and the rest."""
+    patients' to fit on and the rest; then the rest's once each function of `changed` (a PIL image to another) has
+    changed their files' images."""
     from pneumonia.classifier import model_input
     from pneumonia.data.prepare import patient_id
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
 
     with zipfile.ZipFile(repo_sample) as archive:
         names = sorted(name for name in archive.namelist() if "/train/" in name and name.endswith(".jpeg"))
         patients = sorted({patient_id(Path(name).name) for name in names})
-        held_out = set(patients[2::3])
-        inputs = {name: model_input(archive.read(name), size, 90) for name in names}
-    return tuple(np.stack([inputs[name] for name in names if (patient_id(Path(name).name) in held_out) == held])
-                 for held in (False, True))
+        held_out = [name for name in names if patient_id(Path(name).name) in set(patients[2::3])]
+        inputs = [np.stack([model_input(archive.read(name), size, 90) for name in chosen])
+                  for chosen in ([name for name in names if name not in held_out], held_out)]
+        for change in changed or ():
+            originals = [Image.open(io.BytesIO(archive.read(name))).convert("L") for name in held_out]
+            inputs.append(np.stack([model_input(png(change(image)), size, 90) for image in originals]))
+    return tuple(inputs)
 
 
 def test_the_mirror_check_flags_real_xrays_mirrored_left_to_right_and_few_as_they_are(repo_sample, tmp_path):
@@ -317,6 +326,35 @@ def test_the_mirror_check_flags_real_xrays_mirrored_left_to_right_and_few_as_the
     assert np.array_equal(check.mirrored(ood.layout(others)), as_they_are < 0)
 
 
+def test_the_detail_check_flags_real_xrays_blurred_enlarged_or_noisy_and_few_as_they_are(repo_sample):
+    """The check (ood.DetailCheck), fitted on real X-rays at the default input size, on X-rays of other patients:
+    few flagged as they are; blurred, enlarged from a quarter of their size or noisy, almost all (blurred, another
+    site's normal X-rays were called pneumonia: docs/reliability.md). Brightness and contrast do not move it."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+
+    def noisy(image: Image.Image) -> Image.Image:
+        grey = np.asarray(image, np.float32) + rng.normal(0, 16, (image.height, image.width))
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+
+    fit_on, others, blurred, enlarged, noised = sample_inputs(repo_sample, 128, [
+        lambda image: image.filter(ImageFilter.GaussianBlur(2)),
+        lambda image: image.resize((image.width // 4, image.height // 4)).resize(image.size, Image.BICUBIC), noisy])
+    check = ood.DetailCheck.fit(ood.fine_detail(fit_on))
+    detail = {name: ood.fine_detail(images) for name, images in
+              (("others", others), ("blurred", blurred), ("enlarged", enlarged), ("noised", noised))}
+    assert len(others) > 200
+    assert np.mean(check.blurred(detail["others"]) | check.noisy(detail["others"])) <= 0.05
+    # measured: 96%, 91% and 100%
+    assert np.mean(check.blurred(detail["blurred"])) >= 0.9 and np.mean(check.blurred(detail["enlarged"])) >= 0.85
+    assert np.mean(check.noisy(detail["noised"])) >= 0.95 and not check.blurred(detail["noised"]).any()
+    # brighter and flatter (before any rounding): the same detail, up to the 1% of the grey range added to the spread
+    # (the band is about 1.3 wide)
+    changed = ood.fine_detail(0.8 * others.astype(np.float32) + 30)
+    np.testing.assert_allclose(changed, detail["others"], atol=0.05)
+
+
 def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_images_and_saved_whole(tmp_path):
     from sklearn.covariance import LedoitWolf
 
@@ -324,7 +362,8 @@ def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_image
     layout = np.linspace(40, 220, 32)[None, :, None, None] * np.ones((1, 1, 32, 3))
     images = (0.8 * layout + 0.2 * smooth_images(80, 32)).astype(np.uint8)
     features = np.random.default_rng(1).normal(size=(80, 6))
-    reference = ood.fit((ood.layout(images[:60]), features[:60]), (ood.layout(images[60:]), features[60:]), 0.1)
+    reference = ood.fit((ood.layout(images[:60]), features[:60]), (ood.layout(images[60:]), features[60:]), 0.1,
+                        ood.fine_detail(images[:60]))
     expected = np.sqrt(LedoitWolf().fit(features[:60]).mahalanobis(features[60:])) / reference.features.scale
     np.testing.assert_allclose(reference.features.distance(features[60:]), expected, rtol=1e-6)
     validation = reference.scores(ood.layout(images[60:]), features[60:])
@@ -340,8 +379,15 @@ def test_the_ood_score_is_a_shrunk_mahalanobis_distance_fitted_on_training_image
                                                                                                  features))
     # the mirror check, fitted on the training thumbnails, travels in the same file
     np.testing.assert_array_equal(loaded.mirror.direction, ood.MirrorCheck.fit(ood.layout(images[:60])).direction)
-    # a reference saved before the check: loaded without one, it flags nothing as mirrored
+    # and the detail check's band: the training images' median plus or minus 3 robust standard deviations
+    detail = ood.fine_detail(images[:60])
+    spread = 3 * 1.4826 * np.median(np.abs(detail - np.median(detail)))
+    assert loaded.detail == reference.detail
+    np.testing.assert_allclose([loaded.detail.low, loaded.detail.high], np.median(detail) + [-spread, spread])
+    # a reference saved before the checks: loaded without them, it flags nothing as mirrored
     with np.load(tmp_path / "reference.ood.npz") as stored:
-        np.savez(tmp_path / "older.ood.npz", **{key: stored[key] for key in stored.files if key != "mirror_direction"})
+        np.savez(tmp_path / "older.ood.npz", **{key: stored[key] for key in stored.files
+                                                if key not in ("mirror_direction", "detail_band")})
     older = ood.OodReference.load(tmp_path / "older.ood.npz", reference.threshold)
     assert older.mirror is None and not older.mirrored(ood.layout(images[:, :, ::-1])).any()
+    assert older.detail is None

@@ -408,16 +408,24 @@ def test_sample_dataset_end_to_end(tmp_path, repo_sample):
     # ... nor taken for mirrored, while almost all are once mirrored left to right (ood.MirrorCheck)
     mirror = external["mirror"]
     assert mirror["flagged"] <= 0.05 * 244 and mirror["flagged_once_mirrored"] >= 0.95 * 244, mirror
+    # ... nor taken for blurred or noisy (ood.DetailCheck)
+    assert external["detail_flagged_share"] <= 0.05, external["detail"]
     assert_unlike_xrays_are_flagged(project, external_zip, tmp_path)
     assert_evaluation_is_where_users_look(project, tmp_path, external=True)
 
 
 def assert_unlike_xrays_are_flagged(project: Path, external_zip: Path, scratch: Path) -> None:
     """`pneumonia predict` with the trained sample model flags external X-rays turned on their side or inverted
-    out of distribution, and the same X-rays mirrored left to right as mirrored."""
+    out of distribution, the same X-rays mirrored left to right as mirrored, and enlarged from an eighth of their
+    size (to the model's 64 px input, from 28 px) as blurred or with noise (sd 24 grey levels) as noisy."""
     import zipfile
 
+    import numpy as np
     from PIL import Image, ImageOps
+
+    def noisy(image: Image.Image) -> Image.Image:
+        noise = np.random.default_rng(0).normal(0, 24, (image.height, image.width))
+        return Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
 
     folder = scratch / "unlike"
     folder.mkdir()
@@ -428,14 +436,22 @@ def assert_unlike_xrays_are_flagged(project: Path, external_zip: Path, scratch: 
             unlike = image.rotate(90, expand=True) if index % 2 else ImageOps.invert(image)
             unlike.save(folder / f"{index}.png")
             ImageOps.mirror(image).save(folder / f"mirrored-{index}.png")
+            changed = (noisy(image) if index % 2 else
+                       image.resize((image.width // 8, image.height // 8)).resize(image.size, Image.BICUBIC))
+            changed.save(folder / f"{'noisy' if index % 2 else 'blurred'}-{index}.png")
     run(["pneumonia", "predict", str(folder), "--json", str(scratch / "unlike.json")], project)
     rows = json.loads((scratch / "unlike.json").read_text())
-    unlike = [row for row in rows if not Path(row["file"]).name.startswith("mirrored")]
-    mirrored = [row for row in rows if Path(row["file"]).name.startswith("mirrored")]
+    named = {kind: [row for row in rows if Path(row["file"]).name.startswith(kind)]
+             for kind in ("mirrored", "blurred", "noisy")}
+    unlike = [row for row in rows if Path(row["file"]).name[0].isdigit()]
     assert sum(row["out_of_distribution"] for row in unlike) >= 8, unlike
     assert all("out of distribution" in row["flags"] for row in rows if row["out_of_distribution"])
-    assert len(mirrored) == 10 and sum(row["mirrored"] for row in mirrored) >= 9, mirrored
-    assert all(("mirrored: left and right" in row["flags"]) == row["mirrored"] for row in rows)
+    assert len(named["mirrored"]) == 10 and sum(row["mirrored"] for row in named["mirrored"]) >= 9, named["mirrored"]
+    for kind in ("blurred", "noisy"):
+        assert len(named[kind]) == 5 and sum(row[kind] for row in named[kind]) >= 4, named[kind]
+    for kind, flag in (("mirrored", "mirrored: left and right"), ("blurred", "blurred: less fine detail"),
+                       ("noisy", "noisy: more fine-grained")):
+        assert all((flag in row["flags"]) == row[kind] for row in rows), kind
 
 
 def assert_evaluation_is_where_users_look(project: Path, scratch: Path, external: bool = False) -> None:

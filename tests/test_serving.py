@@ -111,7 +111,7 @@ def test_logged_model_is_registered_as_candidate_with_its_threshold(store):
     info = mlflow.models.get_model_info(f"models:/{REGISTERED}@{serving.CANDIDATE}")
     assert info.signature.inputs.input_names() == [serving.IMAGE_COLUMN]
     assert info.signature.outputs.input_names() == ["probability", "label", "ood_score", "out_of_distribution",
-                                                    "mirrored", "flags"]
+                                                    "mirrored", "blurred", "noisy", "flags"]
     assert "decision support" in info.metadata["intended_use"].lower()
     assert info.saved_input_example_info is not None
     # threshold and JPEG quality travel with the model (its params and an artifact), not as unprefixed run params
@@ -172,9 +172,9 @@ def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, 
         np.testing.assert_allclose([row["ood_score"] for row in served], [row["ood_score"] for row in predicted],
                                    rtol=1e-3)
         assert [row["out_of_distribution"] for row in served] == [row["out_of_distribution"] for row in predicted]
-        assert [(row["mirrored"], row["flags"]) for row in served] == [(row["mirrored"], row["flags"])
-                                                                       for row in predicted]
-    assert all(isinstance(row["mirrored"], bool) for row in served)
+        checks = ("mirrored", "blurred", "noisy", "flags")
+        assert [[row[key] for key in checks] for row in served] == [[row[key] for key in checks] for row in predicted]
+    assert all(isinstance(row[key], bool) for row in served for key in ("mirrored", "blurred", "noisy"))
     assert {row["label"] for row in served} <= {"NORMAL", "PNEUMONIA"}
     assert all(row["label"] == ("PNEUMONIA" if row["probability"] >= THRESHOLD else "NORMAL") for row in served)
 

@@ -1,7 +1,7 @@
 """A trained model as it is used on images: the preprocessing of training, the model's probability
 of pneumonia, the label at the decision threshold of the model's run, the input checks of its intended
-use, how unlike the training X-rays each image is (the out-of-distribution score and flag) and whether it
-looks mirrored left to right (the mirror check).
+use, how unlike the training X-rays each image is (the out-of-distribution score and flag), whether it
+looks mirrored left to right (the mirror check) and whether it is blurred or noisy beyond them (the detail check).
 
 Shared by `pneumonia predict` (pneumonia.inference), `pneumonia adapt` and the served MLflow model
 (pneumonia.serving), so all give the probability the evaluate stage gave the same image. Every setting
@@ -34,7 +34,7 @@ from pneumonia.model_settings import (
     read_settings,
     settings_file,
 )
-from pneumonia.ood import OodReference, layout
+from pneumonia.ood import OodReference, fine_detail, layout
 
 IMAGES_PER_PASS = 32  # images a forward pass: bounds memory whatever the number of files
 
@@ -60,6 +60,8 @@ class Predicted:
     probabilities: np.ndarray  # of pneumonia
     ood_scores: np.ndarray  # NaN without an out-of-distribution reference
     mirrored: np.ndarray  # the mirror check's flag (pneumonia.ood.MirrorCheck); False without one
+    blurred: np.ndarray  # the detail check's flags (pneumonia.ood.DetailCheck); False without one
+    noisy: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -98,24 +100,32 @@ class Classifier:
         return input_checks.checked(source, self.input_checks, self.age_years, self.image_size)
 
     def predict(self, images: Sequence[np.ndarray]) -> Predicted:
-        """Probabilities, out-of-distribution scores and mirror flags of preprocessed images, a batch a forward
-        pass (two with test-time views: the score is of the image itself)."""
+        """Probabilities, out-of-distribution scores, mirror and detail flags of preprocessed images, a batch a
+        forward pass (two with test-time views: the score is of the image itself)."""
         if not len(images):
-            return Predicted(np.empty(0), np.empty(0), np.empty(0, bool))
-        probabilities, scores, mirrored = [], [], []
+            return Predicted(np.empty(0), np.empty(0), *(np.empty(0, bool),) * 3)
+        probabilities, scores, mirrored, blurred, noisy = [], [], [], [], []
         for start in range(0, len(images), IMAGES_PER_PASS):
             batch = np.stack(images[start:start + IMAGES_PER_PASS])
             outputs, features = self.engine.predict(batch, features=self.ood is not None)
             probabilities.append(pneumonia_probability(outputs))
+            unflagged = np.zeros(len(batch), bool)
             if self.ood is None:
                 scores.append(np.full(len(batch), np.nan))
-                mirrored.append(np.zeros(len(batch), bool))
+                mirrored.append(unflagged)
             else:
                 thumbnails = layout(batch)
                 scores.append(self.ood.scores(thumbnails, features))
                 mirrored.append(self.ood.mirrored(thumbnails))
-        return Predicted(self.calibration.apply(np.concatenate(probabilities)), np.concatenate(scores),
-                         np.concatenate(mirrored))
+            if self.ood is None or self.ood.detail is None:
+                blurred.append(unflagged)
+                noisy.append(unflagged)
+            else:
+                detail = fine_detail(batch)
+                blurred.append(self.ood.detail.blurred(detail))
+                noisy.append(self.ood.detail.noisy(detail))
+        return Predicted(self.calibration.apply(np.concatenate(probabilities)),
+                         *map(np.concatenate, (scores, mirrored, blurred, noisy)))
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict(images).probabilities

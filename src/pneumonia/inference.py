@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import CLASS_NAMES, atomic
-from pneumonia.classifier import IMAGES_PER_PASS, Classifier
+from pneumonia.classifier import IMAGES_PER_PASS, Classifier, Predicted
 from pneumonia.data.input_checks import OutsideIntendedUse
 from pneumonia.data.layout import IMAGE_KINDS, in_folder, is_macos_litter
 from pneumonia.errors import PipelineError
@@ -25,6 +25,9 @@ PROGRESS_AFTER = 5  # seconds of predicting before a progress bar is shown
 OUT_OF_DISTRIBUTION = "out of distribution: unlike the training X-rays"
 # A flipped export, a film scanned from the back, or a heart on the right (dextrocardia): docs/reliability.md
 MIRRORED = "mirrored: left and right look swapped; check how the image was exported"
+# Blur reads as opacity to the model; an enlarged thumbnail or a screenshot is blurred (docs/reliability.md)
+BLURRED = "blurred: less fine detail than the training X-rays; use the original image, not an enlarged copy"
+NOISY = "noisy: more fine-grained noise than the training X-rays"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,10 @@ class FilePrediction:
     ood_score: float | None = None  # how unlike the training X-rays (pneumonia.ood); None without a reference
     out_of_distribution: bool | None = None  # ood_score above the model's threshold: the label is not to be trusted
     mirrored: bool | None = None  # the mirror check's flag: left and right look swapped; None without the check
-    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD, mirror
+    blurred: bool | None = None  # the detail check's flags: less or more fine detail than the training X-rays;
+    noisy: bool | None = None  # None without the check
+    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD, mirror,
+    # detail
     error: str | None = None  # why the file could not be predicted (then no probability)
 
 
@@ -91,29 +97,34 @@ def predict_files(classifier: Classifier, files: Sequence[Path], workers: int | 
                     file=sys.stderr)
     while chunk := list(islice(inputs, IMAGES_PER_PASS)):
         predicted = classifier.predict([image for _, image, _ in chunk if not isinstance(image, str)])
-        scored = iter(zip(predicted.probabilities, predicted.ood_scores, predicted.mirrored))
+        scored = 0
         for file, image, reasons in chunk:
             if isinstance(image, str):
                 results.append(FilePrediction(str(file), error=image))
             else:
-                probability, score, mirrored = next(scored)
-                results.append(prediction(classifier, str(file), float(probability), float(score), bool(mirrored),
-                                          reasons))
+                results.append(prediction(classifier, str(file), predicted, scored, reasons))
+                scored += 1
         progress.update(len(chunk))
     progress.close()
     return results
 
 
-def prediction(classifier: Classifier, file: str, probability: float, ood_score: float, mirrored: bool,
+def prediction(classifier: Classifier, file: str, predicted: Predicted, index: int,
                reasons: Sequence[str]) -> FilePrediction:
-    """One image's prediction with its flags: the input checks' `reasons`, then the OOD flag's, then the mirror
-    check's."""
-    unknown = classifier.ood is None
+    """Image `index` of `predicted` with its flags: the input checks' `reasons`, then the OOD flag's, the mirror
+    check's and the detail check's."""
+    probability, ood_score = float(predicted.probabilities[index]), float(predicted.ood_scores[index])
+    mirrored, blurred, noisy = (bool(found[index]) for found in (predicted.mirrored, predicted.blurred,
+                                                                   predicted.noisy))
+    reference = classifier.ood
     outside = classifier.out_of_distribution(ood_score)
-    flags = [*reasons, *([OUT_OF_DISTRIBUTION] if outside else []), *([MIRRORED] if mirrored else [])]
-    return FilePrediction(file, probability, classifier.label(probability), None if unknown else round(ood_score, 4),
-                          None if unknown else outside,
-                          None if unknown or classifier.ood.mirror is None else mirrored, "; ".join(flags))
+    flags = [*reasons, *([OUT_OF_DISTRIBUTION] if outside else []), *([MIRRORED] if mirrored else []),
+             *([BLURRED] if blurred else []), *([NOISY] if noisy else [])]
+    without_detail = reference is None or reference.detail is None
+    return FilePrediction(file, probability, classifier.label(probability),
+                          None if reference is None else round(ood_score, 4), None if reference is None else outside,
+                          None if reference is None or reference.mirror is None else mirrored,
+                          None if without_detail else blurred, None if without_detail else noisy, "; ".join(flags))
 
 
 def _preprocessed(classifier: Classifier, files: Sequence[Path],

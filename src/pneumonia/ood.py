@@ -23,6 +23,11 @@ A mirrored X-ray (left and right swapped: a flipped export, a film scanned from 
 has the layout of one and is not flagged by the score, yet a model trained without flips reads it worse
 (docs/reliability.md). The mirror check (MirrorCheck) flags it: a linear discriminant on the layout
 thumbnail's left-right asymmetry, fitted on the training images against their own mirror images.
+
+A blurred X-ray (enlarged from a smaller image, out of focus) or a noisy one also keeps the layout and the
+features of one, yet the model reads blur as opacity: blurred, another site's normal X-rays were called
+pneumonia (docs/reliability.md). The detail check (DetailCheck) flags an image whose fine detail, relative to
+its contrast, lies outside the training images'.
 """
 
 from __future__ import annotations
@@ -146,6 +151,47 @@ class MirrorCheck:
         return self.log_odds(thumbnails) < 0
 
 
+def fine_detail(images: np.ndarray) -> np.ndarray:
+    """(n,): each model input image's fine detail, as a natural log: the mean absolute response of Immerkaer's
+    noise-estimation mask (a difference of two Laplacians, 3 x 3: blind to flat areas and linear gradients; Immerkaer,
+    CVIU 1996) over the grey image, divided by the image's standard deviation, so that brightness and contrast
+    do not move it. Blur and enlargement lower it, noise raises it."""
+    grey = np.asarray(images, dtype=np.float32).mean(axis=-1)
+    corners = grey[:, :-2, :-2] + grey[:, :-2, 2:] + grey[:, 2:, :-2] + grey[:, 2:, 2:]
+    sides = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
+    response = np.abs(corners - 2 * sides + 4 * grey[:, 1:-1, 1:-1]).mean(axis=(1, 2))
+    spread = grey.reshape(len(grey), -1).std(axis=1)
+    # 1% of the grey range, as in layout: a blank image has no detail to speak of, not a division by zero
+    return np.log(response + 1e-3) - np.log(spread + 2.55)
+
+
+DETAIL_SPREAD = 3.0  # the detail check's band: the training images' median, plus or minus this many robust sds
+
+
+@dataclass(frozen=True)
+class DetailCheck:
+    """Is an image blurred or noisy beyond the training X-rays? fine_detail outside the band of the training images'
+    median plus or minus DETAIL_SPREAD robust standard deviations (1.4826 median absolute deviations: the extreme
+    quantiles of a few hundred images moved with the few softest of them). Measured on the model's input image, so
+    it is what the model sees: a large X-ray blurred by a few of its own pixels is not flagged, an enlarged
+    thumbnail is. What it catches, and at what cost: docs/decisions.md "Detail check"."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def fit(cls, detail: np.ndarray) -> DetailCheck:
+        median = float(np.median(detail))
+        spread = DETAIL_SPREAD * 1.4826 * float(np.median(np.abs(np.asarray(detail) - median)))
+        return cls(median - spread, median + spread)
+
+    def blurred(self, detail: np.ndarray) -> np.ndarray:
+        return np.asarray(detail) < self.low
+
+    def noisy(self, detail: np.ndarray) -> np.ndarray:
+        return np.asarray(detail) > self.high
+
+
 @dataclass(frozen=True)
 class OodReference:
     """What the score needs of the training and validation images: the Gaussians are stored with the model
@@ -155,6 +201,7 @@ class OodReference:
     features: Gaussian
     threshold: float  # a score above it is flagged
     mirror: MirrorCheck | None = None  # None in a bundle written before the check (it flags nothing)
+    detail: DetailCheck | None = None  # likewise
 
     def scores(self, thumbnails: np.ndarray, features: np.ndarray) -> np.ndarray:
         return self.layout.distance(thumbnails) ** 2 + self.features.distance(features) ** 2
@@ -170,6 +217,8 @@ class OodReference:
                   for part in ("layout", "features") for name in ("mean", "precision", "scale")}
         if self.mirror is not None:
             arrays["mirror_direction"] = self.mirror.direction
+        if self.detail is not None:
+            arrays["detail_band"] = np.array([self.detail.low, self.detail.high])
         with atomic.atomic_path(path) as temporary, open(temporary, "wb") as file:
             np.savez(file, **arrays)
 
@@ -179,47 +228,50 @@ class OodReference:
             parts = {part: Gaussian(stored[f"{part}_mean"], stored[f"{part}_precision"],
                                     float(stored[f"{part}_scale"])) for part in ("layout", "features")}
             mirror = MirrorCheck(stored["mirror_direction"]) if "mirror_direction" in stored else None
-        return cls(**parts, threshold=threshold, mirror=mirror)
+            detail = DetailCheck(*map(float, stored["detail_band"])) if "detail_band" in stored else None
+        return cls(**parts, threshold=threshold, mirror=mirror, detail=detail)
 
 
 def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-        flagged: float) -> OodReference:
+        flagged: float, train_detail: np.ndarray | None = None) -> OodReference:
     """The reference from (thumbnails, features) of training images, each distance scaled by its median on
     validation images, the flag above the validation scores' 1 - `flagged` quantile; the mirror check fitted on
-    the training thumbnails."""
+    the training thumbnails, the detail check on the training images' fine_detail (none without it)."""
     scaled = {}
     for part, fitted_on, scaled_on in zip(("layout", "features"), train, validation):
         gaussian = Gaussian.fit(fitted_on)
         scaled[part] = Gaussian(gaussian.mean, gaussian.precision, float(np.median(gaussian.distance(scaled_on))))
     unthresholded = OodReference(**scaled, threshold=np.inf)
     return OodReference(**scaled, threshold=float(np.quantile(unthresholded.scores(*validation), 1 - flagged)),
-                        mirror=MirrorCheck.fit(train[0]))
+                        mirror=MirrorCheck.fit(train[0]),
+                        detail=None if train_detail is None else DetailCheck.fit(train_detail))
 
 
 MAX_FITTED_IMAGES = 5000  # training images the Gaussians are fitted on: all of Kaggle's 5,216 but a few
 
 
 def split_outputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
-                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the model's outputs, thumbnails, pooled features) of a TFRecords split's images in file order, at most
-    `limit` of them, in one forward pass; `features_model` is pooled_features_model's."""
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(the model's outputs, thumbnails, pooled features, fine detail) of a TFRecords split's images in file
+    order, at most `limit` of them, in one forward pass; `features_model` is pooled_features_model's."""
     from pneumonia.data.dataset import evaluation_batches
 
-    outputs, thumbnails, features, seen = [], [], [], 0
+    outputs, thumbnails, features, detail, seen = [], [], [], [], 0
     for images, _ in evaluation_batches(tfrecords, split, batch_size):
         if limit is not None and seen >= limit:
             break
         images = images.numpy()
         thumbnails.append(layout(images))
+        detail.append(fine_detail(images))
         output, pooled = features_model.predict_on_batch(images)
         outputs.append(output)
         features.append(pooled)
         seen += len(images)
-    return np.concatenate(outputs)[:limit], np.concatenate(thumbnails)[:limit], np.concatenate(features)[:limit]
+    return tuple(np.concatenate(parts)[:limit] for parts in (outputs, thumbnails, features, detail))
 
 
 def split_inputs(features_model: keras.Model, tfrecords: Path, split: str, batch_size: int,
                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(thumbnails, pooled features) of split_outputs: what `Reference` fits and scores."""
-    _, thumbnails, features = split_outputs(features_model, tfrecords, split, batch_size, limit)
+    _, thumbnails, features, _ = split_outputs(features_model, tfrecords, split, batch_size, limit)
     return thumbnails, features

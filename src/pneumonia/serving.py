@@ -1,6 +1,6 @@
 """The MLflow model of a run: base64-encoded JPEG/PNG/TIFF/DICOM images in; probability of pneumonia, label,
-out-of-distribution score and flag, the mirror check's flag, and the reasons an image is outside the intended use
-out.
+out-of-distribution score and flag, the mirror and detail checks' flags, and the reasons an image is outside the
+intended use out.
 
 The evaluate stage logs it: it carries the model bundle (the Keras model, its settings, its
 out-of-distribution reference and its ONNX graph: pneumonia.model_settings), the model card and this package's code, and
@@ -10,7 +10,7 @@ preprocesses like training (pneumonia.classifier). `pneumonia serve -m <uri>` (s
     {"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}
 
 and the answer is {"predictions": [{"probability": 0.93, "label": "PNEUMONIA", "ood_score": 2.1,
-"out_of_distribution": false, "mirrored": false, "flags": ""}, ...]}.
+"out_of_distribution": false, "mirrored": false, "blurred": false, "noisy": false, "flags": ""}, ...]}.
 
 `pneumonia serve` serves the app `mlflow models serve` serves (MLflow's scoring server: the same routes,
 requests and answers) behind a check MLflow's lacks: a JSON body nested deeper than any request gets HTTP 400,
@@ -66,7 +66,7 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
     outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "ood_score"),
                     ColSpec("boolean", "out_of_distribution"), ColSpec("boolean", "mirrored"),
-                    ColSpec("string", "flags")]),
+                    ColSpec("boolean", "blurred"), ColSpec("boolean", "noisy"), ColSpec("string", "flags")]),
 )
 # Limits of a request, so that a few hostile ones cannot exhaust the server's memory: the server
 # answers a timed-out request with 504 but its thread goes on decoding. Rows a request, bytes an
@@ -99,13 +99,9 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                 f"send at most {MAX_ROWS} per request")
         requested = [self.request_image(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
         predicted = self.classifier.predict([image for image, _ in requested])
-        rows = [prediction(self.classifier, "", float(probability), float(score), bool(mirrored), reasons)
-                for (_, reasons), probability, score, mirrored in zip(requested, predicted.probabilities,
-                                                                      predicted.ood_scores, predicted.mirrored)]
-        return pd.DataFrame({"probability": [row.probability for row in rows], "label": [row.label for row in rows],
-                             "ood_score": [row.ood_score for row in rows],
-                             "out_of_distribution": [row.out_of_distribution for row in rows],
-                             "mirrored": [row.mirrored for row in rows], "flags": [row.flags for row in rows]})
+        rows = [prediction(self.classifier, "", predicted, index, reasons)
+                for index, (_, reasons) in enumerate(requested)]
+        return pd.DataFrame({name: [getattr(row, name) for row in rows] for name in SIGNATURE.outputs.input_names()})
 
     def request_image(self, value: object, row: int) -> tuple[np.ndarray, list[str]]:
         """One request's image, preprocessed, and the input checks' reasons; a bad one is the client's error

@@ -129,24 +129,26 @@ def evaluate(model: keras.Model, tfrecords: Path, external: Path, config: Evalua
     predictor = with_test_time_augmentation(model, config.tta_views)
     features_model = ood.pooled_features_model(model)
 
-    def passed(on: Path, split: str) -> tuple[Predictions, tuple[np.ndarray, np.ndarray]]:
-        """A split's predictions and out-of-distribution inputs; with one view, both of one forward pass."""
-        outputs, *inputs = ood.split_outputs(features_model, on, split, batch_size)
+    def passed(on: Path, split: str) -> tuple[Predictions, tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """A split's predictions, out-of-distribution inputs and fine detail; with one view, of one forward pass."""
+        outputs, thumbnails, features, detail = ood.split_outputs(features_model, on, split, batch_size)
         found = (split_predictions(outputs, on, split) if config.tta_views == 1
                  else predict_split(predictor, on, split, batch_size))
-        return found, tuple(inputs)
+        return found, (thumbnails, features), detail
 
-    val, val_inputs = passed(tfrecords, "val")
-    reference = ood.fit(ood.split_inputs(features_model, tfrecords, "train", batch_size, ood.MAX_FITTED_IMAGES),
-                        val_inputs, config.ood_flagged)
+    val, val_inputs, _ = passed(tfrecords, "val")
+    _, *train_inputs, train_detail = ood.split_outputs(features_model, tfrecords, "train", batch_size,
+                                                       ood.MAX_FITTED_IMAGES)
+    reference = ood.fit(tuple(train_inputs), val_inputs, config.ood_flagged, train_detail)
     calibration = calibration_on_validation(val, config.calibration)
 
     def predicted(on: Path, split: str) -> tuple[Predictions, dict[str, Any]]:
-        found, inputs = passed(on, split)
+        found, inputs, detail = passed(on, split)
         ood_scores = reference.scores(*inputs)
         mirror_log_odds = reference.mirror.log_odds(inputs[0])
         return (replace(found, probabilities=calibration.apply(found.probabilities), ood_scores=ood_scores),
-                scores.ood_summary(ood_scores, reference.threshold, mirror_log_odds))
+                scores.ood_summary(ood_scores, reference.threshold, mirror_log_odds,
+                                   reference.detail.blurred(detail), reference.detail.noisy(detail)))
 
     val = replace(val, probabilities=calibration.apply(val.probabilities))
     test_predictions, test_ood = predicted(tfrecords, "test")

@@ -86,6 +86,10 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
             "training images against their mirror images) flags one whose left and right look swapped (a flipped "
             "export, a film scanned from the back, dextrocardia): " + _mirror(test, "test")
             + (f"; {_mirror(external, 'external')}" if external and external.get("mirror") else "") + ".",
+            "Every image: a detail check (the fine detail of the model's input relative to its contrast, within the "
+            "band of 99% of the training images) flags one blurred (enlarged from a smaller image, out of focus: "
+            "blur reads as opacity) or noisy beyond them: " + _detail(test, "test")
+            + (f"; {_detail(external, 'external')}" if external and external.get("detail") else "") + ".",
         ]),
     ]
 
@@ -97,6 +101,15 @@ def _mirror(scores: dict[str, Any], name: str) -> str:
         return f"not run on the {name} images"
     return (f"{100 * counts['flagged'] / counts['images']:.1f}% of {name} images flagged as stored, "
             f"{100 * counts['flagged_once_mirrored'] / counts['images']:.1f}% once mirrored")
+
+
+def _detail(scores: dict[str, Any], name: str) -> str:
+    """What the detail check flags of a split."""
+    counts = scores.get("detail")
+    if not counts:
+        return f"not run on the {name} images"
+    return (f"{100 * (counts['blurred'] + counts['noisy']) / counts['images']:.1f}% of {name} images flagged "
+            f"({counts['blurred']} blurred, {counts['noisy']} noisy)")
 
 
 def markdown(card: Sections, title: str) -> str:

@@ -110,6 +110,10 @@ images).</p>
 <p>Mirror check: {{ pct(scores.mirror_flagged_share) }} of the test images are flagged as mirrored left to right;
 the same images mirrored, {{ pct(scores.mirror.flagged_once_mirrored / scores.mirror.images) }} would be.</p>
 {% endif %}
+{% if "detail" in scores %}
+<p>Detail check: {{ pct(scores.detail_flagged_share) }} of the test images are flagged as blurred
+({{ scores.detail.blurred }}) or noisy ({{ scores.detail.noisy }}) beyond the training X-rays.</p>
+{% endif %}
 
 {% if external %}
 <h2 id="external">External set: another site</h2>
@@ -145,6 +149,10 @@ the same images mirrored, {{ pct(scores.mirror.flagged_once_mirrored / scores.mi
 <tr><td>Flagged mirrored (as stored / once mirrored)</td><td>{{ pct(external.mirror_flagged_share) }} /
 {{ pct(external.mirror.flagged_once_mirrored / external.mirror.images) }}</td><td></td><td></td>
 <td>{{ pct(scores.mirror_flagged_share) }}</td></tr>
+{% endif %}
+{% if "detail" in external %}
+<tr><td>Flagged blurred or noisy</td><td>{{ pct(external.detail_flagged_share) }}</td><td></td><td></td>
+<td>{{ pct(scores.detail_flagged_share) }}</td></tr>
 {% endif %}
 </tbody>
 </table>

@@ -79,16 +79,24 @@ def external_scores(external: Predictions, threshold: float, rule: float | str, 
                            "input_checks": audit.get("input_checks")})  # images outside the intended use
 
 
-def ood_summary(scores: np.ndarray, threshold: float, mirror_log_odds: np.ndarray) -> dict[str, Any]:
-    """How many images of a split the out-of-distribution flag raises at `threshold`, and the mirror check
+def ood_summary(scores: np.ndarray, threshold: float, mirror_log_odds: np.ndarray, blurred: np.ndarray,
+                noisy: np.ndarray) -> dict[str, Any]:
+    """How many images of a split the out-of-distribution flag raises at `threshold`; the mirror check
     (pneumonia.ood.MirrorCheck, its `mirror_log_odds`) as they are and once mirrored left to right (mirroring
-    negates the log-odds)."""
+    negates the log-odds); the detail check's flags (pneumonia.ood.DetailCheck)."""
     flagged = int(np.sum(scores > threshold))
     mirrored, once_mirrored = int(np.sum(mirror_log_odds < 0)), int(np.sum(mirror_log_odds > 0))
-    return {"ood_flagged_share": flagged / len(scores) if len(scores) else None,
+    detail_flagged = int(np.sum(blurred | noisy))
+
+    def share(count: int) -> float | None:
+        return count / len(scores) if len(scores) else None
+
+    return {"ood_flagged_share": share(flagged),
             "ood": {"threshold": threshold, "flagged": flagged, "images": len(scores)},
-            "mirror_flagged_share": mirrored / len(scores) if len(scores) else None,
-            "mirror": {"flagged": mirrored, "flagged_once_mirrored": once_mirrored, "images": len(scores)}}
+            "mirror_flagged_share": share(mirrored),
+            "mirror": {"flagged": mirrored, "flagged_once_mirrored": once_mirrored, "images": len(scores)},
+            "detail_flagged_share": share(detail_flagged),
+            "detail": {"blurred": int(np.sum(blurred)), "noisy": int(np.sum(noisy)), "images": len(scores)}}
 
 
 # What `dvc exp show` compares of each split: its columns test.roc_auc, ..., external.accuracy (distinct names:
@@ -109,7 +117,8 @@ def headline(test: dict[str, Any], external: dict[str, Any] | None) -> dict[str,
 # CI_METRICS, so the compare view lists a few dozen meaningful columns. The rest (counts, metrics at
 # 0.5, validation) stays in reports/evaluation/<split>.json, logged as an artifact of the run.
 MLFLOW_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1",
-               "brier", "ece", "threshold", "border_share", "ood_flagged_share", "mirror_flagged_share")
+               "brier", "ece", "threshold", "border_share", "ood_flagged_share", "mirror_flagged_share",
+               "detail_flagged_share")
 
 
 def mlflow_metrics(scores: dict[str, Any], prefix: str = "test") -> dict[str, float]:
