@@ -86,9 +86,9 @@ def sections(settings: ModelSettings, test: dict[str, Any], external: dict[str, 
             "training images against their mirror images) flags one whose left and right look swapped (a flipped "
             "export, a film scanned from the back, dextrocardia): " + _mirror(test, "test")
             + (f"; {_mirror(external, 'external')}" if external and external.get("mirror") else "") + ".",
-            "Every image: a detail check (the fine detail of the model's input relative to its contrast, within the "
-            "band of 99% of the training images) flags one blurred (enlarged from a smaller image, out of focus: "
-            "blur reads as opacity) or noisy beyond them: " + _detail(test, "test")
+            "Every image: a detail check (the fine detail of the model's input relative to its contrast, against the "
+            "training images' median plus or minus 3 robust standard deviations) flags one blurred (enlarged from a "
+            "smaller image, out of focus: blur reads as opacity) or noisy beyond them: " + _detail(test, "test")
             + (f"; {_detail(external, 'external')}" if external and external.get("detail") else "") + ".",
         ]),
     ]
