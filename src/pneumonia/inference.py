@@ -40,8 +40,7 @@ class FilePrediction:
     mirrored: bool | None = None  # the mirror check's flag: left and right look swapped; None without the check
     blurred: bool | None = None  # the detail check's flags: less or more fine detail than the training X-rays;
     noisy: bool | None = None  # None without the check
-    flags: str = ""  # why the image is outside the intended use ("; "-separated): DICOM header checks, OOD, mirror,
-    # detail
+    flags: str = ""  # why to read it with care ("; "-separated): DICOM header checks, OOD, mirror and detail checks
     error: str | None = None  # why the file could not be predicted (then no probability)
 
 
