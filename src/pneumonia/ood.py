@@ -156,13 +156,21 @@ def fine_detail(images: np.ndarray) -> np.ndarray:
     noise-estimation mask (a difference of two Laplacians, 3 x 3: blind to flat areas and linear gradients; Immerkaer,
     CVIU 1996) over the grey image, divided by the image's standard deviation, so that brightness and contrast
     do not move it. Blur and enlargement lower it, noise raises it."""
-    grey = np.asarray(images, dtype=np.float32).mean(axis=-1)
-    corners = grey[:, :-2, :-2] + grey[:, :-2, 2:] + grey[:, 2:, :-2] + grey[:, 2:, 2:]
-    sides = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
-    response = np.abs(corners - 2 * sides + 4 * grey[:, 1:-1, 1:-1]).mean(axis=(1, 2))
-    spread = grey.reshape(len(grey), -1).std(axis=1)
+    return np.array([_fine_detail(image) for image in np.asarray(images)], dtype=np.float64).reshape(-1)
+
+
+def _fine_detail(image: np.ndarray) -> float:
+    # An image at a time, its channels added one by one: on a batch at once the large temporaries took a few
+    # times as long to allocate as to compute (measured beside each prediction).
+    grey = image[..., 0].astype(np.float32)
+    for channel in range(1, image.shape[-1]):
+        grey += image[..., channel]
+    grey /= image.shape[-1]
+    # the mask is the outer product of [1, -2, 1] with itself: a second difference down, then across
+    down = grey[:-2] - 2 * grey[1:-1] + grey[2:]
+    response = float(np.abs(down[:, :-2] - 2 * down[:, 1:-1] + down[:, 2:]).mean())
     # 1% of the grey range, as in layout: a blank image has no detail to speak of, not a division by zero
-    return np.log(response + 1e-3) - np.log(spread + 2.55)
+    return np.log(response + 1e-3) - np.log(float(grey.std()) + 2.55)
 
 
 DETAIL_SPREAD = 3.0  # the detail check's band: the training images' median, plus or minus this many robust sds
