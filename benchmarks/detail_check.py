@@ -13,7 +13,6 @@ out-of-distribution score flags. The model's bundle must hold a detail check (ev
 """
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from benchmarks.common import REPO, quiet_tensorflow, write_report
 from benchmarks.external_validity import EXTERNAL_ZIP
 from benchmarks.run_all import machine
-from benchmarks.small_images import external_files, grey_images, manifest_files, shown_path
+from benchmarks.small_images import png_file, shown_path, validation_and_external
 
 # (name, kind, amount): as stored, then each change at growing strength
 CHANGES = (("as stored", "none", 0), *(("blur", "blur", r) for r in (0.5, 1, 1.5, 2, 3)),
@@ -41,9 +40,7 @@ def changed_png(image, kind: str, amount: float, seed: int) -> bytes:
     elif kind == "noise":
         noise = np.random.default_rng(seed).normal(0, amount, (image.height, image.width))
         image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_file(image)
 
 
 def scored(classifier, images: list[tuple[object, int]]) -> list[dict]:
@@ -108,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args.model)
     if classifier.ood is None or classifier.ood.detail is None:
         raise PipelineError(f"{args.model} holds no detail check: evaluate it again (`dvc repro -f -s evaluate`)")
-    sets = {"validation": grey_images(manifest_files(args.manifest)[:args.limit])}
-    if args.external:
-        sets["external"] = grey_images(external_files(Path(args.external))[:args.limit])
+    sets = validation_and_external(args.manifest, args.external, args.limit)
     report = {
         "command": " ".join(["python -m benchmarks.detail_check", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).date().isoformat(), "machine": machine(), "model": shown_path(args.model),

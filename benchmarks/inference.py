@@ -204,8 +204,8 @@ def stand_in_reference(model, tfrecords: Path, batch_size: int):
     """An out-of-distribution reference fitted (and scaled) on the stand-ins' split, as evaluate fits one."""
     from pneumonia import ood
 
-    inputs = ood.split_inputs(ood.pooled_features_model(model), tfrecords, "train", batch_size)
-    return ood.fit(inputs, inputs, 0.01)
+    _, *inputs, detail = ood.split_outputs(ood.pooled_features_model(model), tfrecords, "train", batch_size)
+    return ood.fit(tuple(inputs), tuple(inputs), 0.01, detail)
 
 
 def stand_in_settings(model_path: Path, params, reference, images: int):

@@ -303,8 +303,8 @@ def main() -> None:
     report = {"model": "an untrained model (smoke)" if args.smoke else args.model.name, "flagged": args.flagged,
               "methods": score_methods(model, args.tfrecords, groups, args.flagged)}
     features = ood.pooled_features_model(model)
-    reference = ood.fit(ood.split_inputs(features, args.tfrecords, "train", 64, ood.MAX_FITTED_IMAGES),
-                        ood.split_inputs(features, args.tfrecords, "val", 64), args.flagged)
+    _, *train, detail = ood.split_outputs(features, args.tfrecords, "train", 64, ood.MAX_FITTED_IMAGES)
+    reference = ood.fit(tuple(train), ood.split_inputs(features, args.tfrecords, "val", 64), args.flagged, detail)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ood-benchmark-") as scratch:

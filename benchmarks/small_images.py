@@ -26,6 +26,13 @@ from benchmarks.run_all import machine
 SIDES = (None, 160, 128, 112, 96, 80, 64, 48, 32, 24)  # None: as stored
 
 
+def png_file(image) -> bytes:
+    """`image` (PIL) as a PNG file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def shrunk_png(image, side: int | None) -> bytes:
     """`image` (PIL, grey) with its shorter side `side` px (None: as it is), as a PNG file."""
     from PIL import Image
@@ -34,9 +41,7 @@ def shrunk_png(image, side: int | None) -> bytes:
         scale = side / min(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_file(image)
 
 
 def manifest_files(manifest: Path) -> list[tuple[Path, int]]:
@@ -64,6 +69,15 @@ def grey_images(files: list[tuple[Path | bytes, int]]) -> list[tuple[object, int
 
     return [(Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("L"), label)
             for source, label in files]
+
+
+def validation_and_external(manifest: Path, external: str, limit: int | None = None) -> dict[str, list]:
+    """{"validation": (grey image, label) of the manifest's X-rays, "external": of the zip's (none for '')}, at most
+    `limit` of each."""
+    sets = {"validation": grey_images(manifest_files(manifest)[:limit])}
+    if external:
+        sets["external"] = grey_images(external_files(Path(external))[:limit])
+    return sets
 
 
 def scored(classifier, images: list[tuple[object, int]], sides=SIDES) -> list[dict]:
@@ -124,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     classifier = load_classifier(args.model, input_checks_policy="flag")
     sides = SIDES if args.sides is None else (None, *args.sides)
-    sets = {"validation": grey_images(manifest_files(args.manifest))}
-    if args.external:
-        sets["external"] = grey_images(external_files(Path(args.external)))
+    sets = validation_and_external(args.manifest, args.external)
     report = {
         "command": " ".join(["python -m benchmarks.small_images", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).date().isoformat(), "machine": machine(),

@@ -296,11 +296,6 @@ def sample_inputs(repo_sample: Path, size: int = 64, changed=None) -> tuple[np.n
     from pneumonia.classifier import model_input
     from pneumonia.data.prepare import patient_id
 
-    def png(image: Image.Image) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     with zipfile.ZipFile(repo_sample) as archive:
         names = sorted(name for name in archive.namelist() if "/train/" in name and name.endswith(".jpeg"))
         patients = sorted({patient_id(Path(name).name) for name in names})
@@ -308,8 +303,9 @@ def sample_inputs(repo_sample: Path, size: int = 64, changed=None) -> tuple[np.n
         inputs = [np.stack([model_input(archive.read(name), size, 90) for name in chosen])
                   for chosen in ([name for name in names if name not in held_out], held_out)]
         for change in changed or ():
-            originals = [Image.open(io.BytesIO(archive.read(name))).convert("L") for name in held_out]
-            inputs.append(np.stack([model_input(png(change(image)), size, 90) for image in originals]))
+            changed_files = [png_bytes(np.asarray(change(Image.open(io.BytesIO(archive.read(name))).convert("L"))))
+                             for name in held_out]
+            inputs.append(np.stack([model_input(file, size, 90) for file in changed_files]))
     return tuple(inputs)
 
 
