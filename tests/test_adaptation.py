@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from bundles import write_settings
-from dicoms import dataset, file_bytes, sample_xrays
+from dicoms import dataset, file_bytes, png_bytes, sample_xrays
 from pneumonia import adaptation
+from pneumonia.classifier import model_input
 from pneumonia.config import ModelConfig
 from pneumonia.models.build import build_model
 
@@ -72,21 +73,27 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     (tmp_path / "models").mkdir()
     model = build_model(ModelConfig(crop=0), 32)
     model.save(tmp_path / "models" / "model.keras")
-    write_settings(tmp_path / "models" / "model.keras", 0.5, model=model)
+    # the bundle's checks fitted on real X-rays as predict reads them; the site: six X-rays of other patients
+    xrays = [grey for _, grey in sample_xrays(120, width=40)]
+    fitted_on = np.stack([model_input(png_bytes(grey), 32, 95) for index, grey in enumerate(xrays) if index % 20])
+    write_settings(tmp_path / "models" / "model.keras", 0.5, images=fitted_on, model=model)
     site = tmp_path / "site"
     site.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(6):
-        Image.fromarray(rng.integers(80, 255, (40, 40), dtype=np.uint8)).save(site / f"{index}.png")
+    for index, grey in enumerate(xrays[::20]):
+        Image.fromarray(grey).save(site / f"{index}.png")
     (site / "broken.jpeg").write_bytes(b"not an image")
     # Outside the intended use, left out: a lateral view (its DICOM header) and a thumbnail under the model's 32 px
     [(_, grey)] = sample_xrays(1, width=64)
     (site / "lateral.dcm").write_bytes(file_bytes(dataset(grey, 8, ViewPosition="LL")))
     Image.fromarray(grey[::4, ::4]).save(site / "thumbnail.png")
+    # Flagged by the model's checks as predict flags it, left out too: an X-ray under heavy noise
+    noisy = xrays[0] + np.random.default_rng(0).normal(0, 40, xrays[0].shape)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(site / "noise.png")
 
     with pytest.raises(SystemExit) as refused:
         cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "7"])
-    assert refused.value.code == 2 and "6 image(s) found" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert refused.value.code == 2 and "6 image(s) found" in refusal, refusal
     assert not (tmp_path / "adapted.keras").exists()
 
     cli.main(["adapt", str(site), "--out", "adapted.keras", "--min-images", "6"])
@@ -95,8 +102,9 @@ def test_pneumonia_adapt_writes_an_adapted_model_predict_can_use(tmp_path, monke
     assert "2 file(s) left out, outside the model's intended use" in output.err
     assert "lateral.dcm: not a frontal view" in output.err and "thumbnail.png: smaller than the model's" in output.err
     assert "LL" not in output.err  # the reason, not the header's value
+    assert "1 file(s) left out, flagged by the model's checks" in output.err and "noise.png: noisy" in output.err
     cli.main(["adapt", str(site), "--out", "everything.keras", "--min-images", "6", "--input-checks", "ignore"])
-    assert "adapted to 8 images" in capsys.readouterr().out
+    assert "adapted to 9 images" in capsys.readouterr().out
     adapted = keras.models.load_model(tmp_path / "adapted.keras")
     [norm, *_] = [layer for layer in adapted.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert not np.allclose(norm.moving_mean.numpy(), 0)
@@ -250,6 +258,8 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
     (tmp_path / "models").mkdir()
     site_model().save(tmp_path / "models" / "model.keras")
     write_settings(tmp_path / "models" / "model.keras", 0.3)
+    # every drawn image used: the bundle's checks, fitted on other random images, would flag these (the first test)
+    ignore = ("--input-checks", "ignore")
     site, few = tmp_path / "site", tmp_path / "few"
     site.mkdir(), few.mkdir()
     for index, image in enumerate(bright_and_dark(24, size=40)):
@@ -258,7 +268,8 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
             Image.fromarray(image[..., 0].astype(np.uint8)).save(few / f"{index:02d}.png")
 
     with pytest.raises(SystemExit) as refused:
-        cli.main(["adapt", str(few), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6"])
+        cli.main(["adapt", str(few), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6",
+                  *ignore])
     assert refused.value.code == 2
     assert "8 image(s) confidently NORMAL and 8 confidently PNEUMONIA" in capsys.readouterr().err
     assert not (tmp_path / "adapted.keras").exists()
@@ -269,7 +280,7 @@ def test_pneumonia_adapt_self_training_writes_the_model_it_trained_and_predict_r
         assert refused.value.code == 2 and message in capsys.readouterr().err
 
     cli.main(["adapt", str(site), "--out", "adapted.keras", "--method", "self_training", "--min-images", "20",
-              "--seed", "3"])
+              "--seed", "3", *ignore])
     assert "adapted to 24 images" in capsys.readouterr().out
     # The file holds the model self_train makes in memory from the same images and seed.
     classifier = load_classifier(tmp_path / "adapted.keras")
@@ -308,6 +319,7 @@ def test_self_training_pseudo_labels_the_models_output_at_the_threshold_before_c
     thresholds = []
     monkeypatch.setattr(adaptation, "self_train",
                         lambda model, images, threshold, seed: thresholds.append(threshold) or model)
-    cli.main(["adapt", str(site), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6"])
+    cli.main(["adapt", str(site), "--out", "adapted.keras", "--method", "self_training", "--min-images", "6",
+              "--input-checks", "ignore"])  # noise images, which the bundle's checks flag
     assert thresholds == [pytest.approx(calibration.uncalibrated(0.6))]
     assert calibration.apply([thresholds[0]])[0] == pytest.approx(0.6) and thresholds[0] < 0.3

@@ -223,7 +223,7 @@ def adapt(args: argparse.Namespace) -> None:
 
     check_model_output(args.out, args.model)
     classifier = load_classifier(args.model, args.input_checks)
-    images, unreadable, outside = [], [], []
+    read, unreadable, outside = [], [], []
     files, left_out = inference.image_files(args.paths)
     inference.say_left_out(left_out)
     for path in files:
@@ -235,14 +235,18 @@ def adapt(args: argparse.Namespace) -> None:
             outside.append(f"{path}: {'; '.join(reasons)}")
             continue
         try:
-            images.append(classifier.preprocess(path))
+            read.append((path, classifier.preprocess(path)))
         except PipelineError as exc:  # a DICOM file that is not an X-ray it can read: the message says why
             unreadable.append(f"{path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is left out, and said so
             unreadable.append(f"{path}: {type(exc).__name__}")
+    images, flagged = adaptation_images(classifier, read)
     if outside:
         print(f"{len(outside)} file(s) left out, outside the model's intended use (--input-checks ignore to use "
               f"them): {'; '.join(outside[:5])}", file=sys.stderr)
+    if flagged:
+        print(f"{len(flagged)} file(s) left out, flagged by the model's checks as predict flags them (--input-checks "
+              f"ignore to use them): {'; '.join(flagged[:5])}", file=sys.stderr)
     if unreadable:
         print(f"{len(unreadable)} file(s) left out, not readable images: {'; '.join(unreadable[:5])}", file=sys.stderr)
     if len(images) < args.min_images:
@@ -265,6 +269,22 @@ def adapt(args: argparse.Namespace) -> None:
                  classifier.settings.model_copy(update={"adapted": how}), classifier.ood, engines.onnx_model(adapted))
     print(f"adapted to {len(images)} images of the site: {args.out} "
           f"(use it with `pneumonia predict --model {args.out} ...`)")
+
+
+def adaptation_images(classifier, read: list[tuple[Path, object]]) -> tuple[list, list[str]]:
+    """The images of `read` (path, model input) that adapt uses, and "path: flags" for those it leaves out: the
+    ones `pneumonia predict` would flag out of distribution, mirrored, blurred or noisy (under --input-checks flag
+    or refuse). Their statistics are not the site's chest X-rays' either, and self-training would learn its
+    pseudo-labels of them."""
+    from pneumonia import inference
+
+    if classifier.input_checks == "ignore" or not read:
+        return [image for _, image in read], []
+    predicted = classifier.predict([image for _, image in read])
+    flags = [inference.prediction(classifier, str(path), predicted, index, ()).flags
+             for index, (path, _) in enumerate(read)]
+    return ([image for (_, image), flag in zip(read, flags, strict=True) if not flag],
+            [f"{path}: {flag}" for (path, _), flag in zip(read, flags, strict=True) if flag])
 
 
 def at_least_one(text: str) -> int:
@@ -307,7 +327,8 @@ def add_adapt_parser(commands) -> None:
     adapt_parser.add_argument("--seed", type=seed, default=0, help="self_training's seed (default 0)")
     adapt_parser.add_argument("--input-checks", choices=("flag", "refuse", "ignore"),
                               help="images outside the intended use (a DICOM header's lateral view, other body part "
-                                   "or age; smaller than the model's input) are left out under flag or refuse, used "
+                                   "or age; smaller than the model's input) and those predict flags (out of "
+                                   "distribution, mirrored, blurred, noisy) are left out under flag or refuse, used "
                                    "under ignore (default: the model's setting, evaluate.input_checks: flag)")
     adapt_parser.set_defaults(handler=adapt, tensorflow=True)
 
