@@ -71,10 +71,10 @@ def grey_images(files: list[tuple[Path | bytes, int]]) -> list[tuple[object, int
             for source, label in files]
 
 
-def validation_and_external(manifest: Path, external: str, limit: int | None = None) -> dict[str, list]:
-    """{"validation": (grey image, label) of the manifest's X-rays, "external": of the zip's (none for '')}, at most
-    `limit` of each."""
-    sets = {"validation": grey_images(manifest_files(manifest)[:limit])}
+def validation_and_external(manifest: Path | None, external: str, limit: int | None = None) -> dict[str, list]:
+    """{"validation": (grey image, label) of the manifest's X-rays (none for None), "external": of the zip's (none
+    for '')}, at most `limit` of each."""
+    sets = {} if manifest is None else {"validation": grey_images(manifest_files(manifest)[:limit])}
     if external:
         sets["external"] = grey_images(external_files(Path(external))[:limit])
     return sets

@@ -557,6 +557,45 @@ def test_detail_check_benchmark_scores_each_change_and_what_the_check_flags(tmp_
     assert "python -m benchmarks.detail_check --model" in (tmp_path / "detail_check.md").read_text()
 
 
+@pytest.mark.slow  # loads four models, predicts six curves of twelve images
+def test_tone_curves_benchmark_pairs_each_arms_models_by_seed(tmp_path):
+    """benchmarks/tone_curves.py at its smallest: two arms of two seeds, from two small random 32 px networks, six
+    X-rays of the committed sample as a validation manifest and as an external zip, each curve."""
+    import keras
+
+    from benchmarks import tone_curves
+
+    manifests, external = xray_project_and_external_zip(tmp_path, 6, ("val",))
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((32, 32, 3))
+        features = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+        outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(features))
+        keras.Model(inputs, outputs).save(tmp_path / f"{seed}.keras")
+    # two arms of two seeds from the two models, swapped: the second arm's differences are the first's negated
+    arguments = [argument for arm, seed, model in (("first", 1, 1), ("second", 1, 2), ("first", 2, 2), ("second", 2, 1))
+                 for argument in ("--model", arm, str(seed), str(tmp_path / f"{model}.keras"))]
+    tone_curves.main([*arguments, "--manifest", str(manifests / "val.csv"), "--external", str(external),
+                      "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "tone_curves.json").read_text())
+    assert report["arms"] == ["first", "second"] and set(report["summary"]) == {"validation", "external"}
+    for model in report["models"]:
+        for rows in model["sets"].values():
+            assert [row["curve"] for row in rows] == [name for name, _ in tone_curves.CURVES]
+            assert rows[0]["mean_moved"] == 0 and all(0 <= row["roc_auc"] <= 1 for row in rows)
+            assert any(row["mean_moved"] > 0 for row in rows)  # a curve reaches the model
+    by_arm = {(row["arm"], row["curve"]): row for row in report["summary"]["external"]}
+    first, second = by_arm["first", "gamma 2"], by_arm["second", "gamma 2"]
+    assert first["seeds"] == second["seeds"] == [1, 2] and first["roc_auc_vs_first"] == [0, 0]
+    gamma_2 = [name for name, _ in tone_curves.CURVES].index("gamma 2")
+    of = {(model["arm"], model["seed"]): model["sets"]["external"][gamma_2] for model in report["models"]}
+    assert second["roc_auc_vs_first"] == pytest.approx([of["second", s]["roc_auc"] - of["first", s]["roc_auc"]
+                                                        for s in (1, 2)])
+    assert second["roc_auc_vs_first"][0] == pytest.approx(-second["roc_auc_vs_first"][1])
+    assert "python -m benchmarks.tone_curves --model first 1" in (tmp_path / "tone_curves.md").read_text()
+
+
 def test_mirror_check_benchmark_scores_each_set_as_stored_and_mirrored(tmp_path):
     """benchmarks/mirror_check.py at its smallest: twelve X-rays of the committed sample as a project's training and
     validation manifests and as an external zip. Mirroring negates the log-odds, so what is not flagged as stored is
