@@ -107,6 +107,9 @@ PROFILES = {
     # Issue 34: what another acquisition changes that per_image does not undo: a gamma curve, blur or sharpening,
     # noise (the contrast augmentation is undone by per_image)
     "acquisition": {"train.augment.gamma": 0.3, "train.augment.sharpness": 0.3, "train.augment.noise": 0.02},
+    # Another window or look-up table moves the default's probabilities with no flag (docs/reliability.md): gamma
+    # curves alone, g in [0.5, 2] (benchmarks/tone_curves.py measures the moves)
+    "gamma_1": {"train.augment.gamma": 1.0},
     # Issue 34: capacity, custom_cnn's convolutions 1.5x as wide (about twice the training's arithmetic)
     "width_1.5": {"model.width": 1.5},
     # Issue 34: warm restarts (SGDR): epochs 1-10 and 11-30 each a cosine from the full learning rate
