@@ -30,14 +30,18 @@ CURVES = (("as stored", 1.0), ("gamma 0.5", 0.5), ("gamma 0.7", 0.7), ("gamma 1.
 MOVED = 0.2  # a probability moved by more than this is a changed reading, not rounding
 
 
+def gamma_curve(gamma: float) -> np.ndarray:
+    """The look-up table of grey levels 0-255 through the gamma curve: uint8 (256,)."""
+    return np.round(255 * (np.arange(256) / 255) ** gamma).astype(np.uint8)
+
+
 def toned_png(image, gamma: float | None) -> bytes:
     """`image` (PIL, grey) with its grey levels mapped by the gamma curve, or its histogram equalised, as PNG."""
     from PIL import ImageOps
 
     if gamma is None:
         return png_file(ImageOps.equalize(image))
-    table = np.round(255 * (np.arange(256) / 255) ** gamma).astype(np.uint8)
-    return png_file(image.point(table.tolist()))
+    return png_file(image.point(gamma_curve(gamma).tolist()))
 
 
 def scored(model, image_size: int, images: list[tuple[object, int]]) -> list[dict]:
