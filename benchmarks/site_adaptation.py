@@ -84,7 +84,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, required=True, help="external_validity's --keep-models folder")
     parser.add_argument("--profile", required=True)
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--halvings", type=int, default=ADAPT_HALVINGS)
     parser.add_argument("--gamma", type=float, default=1.0, help="the external images through this gamma curve")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from pneumonia.config import load_params
 

@@ -120,6 +120,19 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
         assert found["roc_auc"] == pytest.approx(methods["none"]["roc_auc"])  # calibration keeps the ranking
     assert "| 42 | platt |" in (tmp_path / "calibration-default.md").read_text()
 
+    # The adaptations on the kept model, for a site whose every X-ray went through a gamma curve
+    from benchmarks import site_adaptation
+
+    site_adaptation.main(["--models", str(tmp_path / "kept"), "--profile", "default", "--gamma", "0.5",
+                          "--halvings", "1", "--out", str(tmp_path)])
+    toned = json.loads((tmp_path / "site_adaptation-default-gamma_0.5.json").read_text())
+    assert toned["gamma"] == 0.5 and toned["command"].endswith("--profile default --gamma 0.5 --halvings 1")
+    [found] = toned["seeds"].values()
+    for name in ("unadapted", "batch_norm_adapted", "prior_adjusted"):
+        assert 0 <= found[name]["specificity"] <= 1 and 0 <= found[name]["roc_auc"] <= 1, name
+    assert "every external image through the gamma curve 0.5" in (
+        tmp_path / "site_adaptation-default-gamma_0.5.md").read_text()
+
 
 def test_readme_results_table_is_the_external_validity_report():
     """The README shows the benchmark's own summary (of benchmarks/external_validity.json), not hand-typed figures."""
@@ -594,6 +607,8 @@ def test_tone_curves_benchmark_pairs_each_arms_models_by_seed(tmp_path):
                                                         for s in (1, 2)])
     assert second["roc_auc_vs_first"][0] == pytest.approx(-second["roc_auc_vs_first"][1])
     assert "python -m benchmarks.tone_curves --model first 1" in (tmp_path / "tone_curves.md").read_text()
+    # 255 (x / 255)^g, rounded: mid-grey 128 darkened to 64 by g = 2, 64 brightened to 128 by g = 0.5
+    assert [tone_curves.gamma_curve(g)[x] for g, x in ((2, 128), (0.5, 64), (2, 255), (0.5, 0))] == [64, 128, 255, 0]
 
 
 def test_mirror_check_benchmark_scores_each_set_as_stored_and_mirrored(tmp_path):
