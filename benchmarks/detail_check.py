@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import REPO, quiet_tensorflow, write_report
-from benchmarks.external_validity import EXTERNAL_ZIP
 from benchmarks.run_all import machine
-from benchmarks.small_images import png_file, shown_path, validation_and_external
+from benchmarks.small_images import add_report_arguments, png_file, shown_path, validation_and_external
 
 # (name, kind, amount): as stored, then each change at growing strength
 CHANGES = (("as stored", "none", 0), *(("blur", "blur", r) for r in (0.5, 1, 1.5, 2, 3)),
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=REPO / "models", help="a model bundle (folder or .keras file)")
     parser.add_argument("--manifest", type=Path, default=REPO / "data/manifests/val.csv",
                         help="the validation manifest of the run that trained the model")
-    parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
-    parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
-    parser.add_argument("--name", default="detail_check", help="the report's file name, without suffix")
+    add_report_arguments(parser, "detail_check")
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from datetime import UTC, datetime

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import REPO, write_report
-from benchmarks.external_validity import EXTERNAL_ZIP
 from benchmarks.run_all import machine
-from benchmarks.small_images import external_files, manifest_files, shown_path
+from benchmarks.small_images import add_report_arguments, external_files, manifest_files, shown_path
 
 
 def model_inputs(files: list[tuple[Path | bytes, int]], image_size: int, jpeg_quality: int,
@@ -60,10 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifests", type=Path, default=REPO / "data/manifests",
                         help="a prepared project's manifests: train.csv to fit on, val.csv to score")
-    parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
-    parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
-    parser.add_argument("--name", default="mirror_check", help="the report's file name, without suffix")
+    add_report_arguments(parser, "mirror_check")
     args = parser.parse_args(argv)
     from datetime import UTC, datetime
 

@@ -71,6 +71,15 @@ def grey_images(files: list[tuple[Path | bytes, int]]) -> list[tuple[object, int
             for source, label in files]
 
 
+def add_report_arguments(parser, name: str) -> None:
+    """--external, --limit, --out and --name: the sets validation_and_external reads and where write_report writes
+    the report, as each benchmark of changed X-rays takes them."""
+    parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
+    parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--name", default=name, help="the report's file name, without suffix")
+
+
 def validation_and_external(manifest: Path | None, external: str, limit: int | None = None) -> dict[str, list]:
     """{"validation": (grey image, label) of the manifest's X-rays (none for None), "external": of the zip's (none
     for '')}, at most `limit` of each."""

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import quiet_tensorflow, write_report
-from benchmarks.external_validity import EXTERNAL_ZIP
+from benchmarks.common import REPO, quiet_tensorflow, write_report
 from benchmarks.run_all import machine
-from benchmarks.small_images import png_file, shown_path, validation_and_external
+from benchmarks.small_images import add_report_arguments, png_file, shown_path, validation_and_external
 
 # (name, gamma or None for histogram equalisation); gamma g maps grey level x to 255 (x / 255)^g
 CURVES = (("as stored", 1.0), ("gamma 0.5", 0.5), ("gamma 0.7", 0.7), ("gamma 1.4", 1.4), ("gamma 2", 2.0),
@@ -44,7 +43,7 @@ def toned_png(image, gamma: float | None) -> bytes:
     return png_file(image.point(gamma_curve(gamma).tolist()))
 
 
-def scored(model, image_size: int, images: list[tuple[object, int]]) -> list[dict]:
+def scored(model, image_size: int, jpeg_quality: int, images: list[tuple[object, int]]) -> list[dict]:
     """One row per curve: the ROC AUC of `model` on `images` so mapped and how far its probabilities moved."""
     from sklearn.metrics import roc_auc_score
 
@@ -54,7 +53,7 @@ def scored(model, image_size: int, images: list[tuple[object, int]]) -> list[dic
     labels = np.array([label for _, label in images])
     rows, stored = [], None
     for name, gamma in CURVES:
-        inputs = np.stack([model_input(toned_png(image, gamma), image_size, 95) for image, _ in images])
+        inputs = np.stack([model_input(toned_png(image, gamma), image_size, jpeg_quality) for image, _ in images])
         probabilities = pneumonia_probability(model.predict(inputs.astype(np.float32), batch_size=64, verbose=0))
         stored = probabilities if stored is None else stored
         moved = np.abs(probabilities - stored)
@@ -110,23 +109,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs=3, action="append", required=True, metavar=("ARM", "SEED", "KERAS_FILE"),
                         help="a model file, its arm (e.g. default, gamma1) and its training seed; repeat")
     parser.add_argument("--manifest", type=Path, help="also a validation manifest (of the run that trained them)")
-    parser.add_argument("--external", default=str(EXTERNAL_ZIP), help="another site's zip; '' for none")
-    parser.add_argument("--limit", type=int, help="at most this many images a set (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--name", default="tone_curves", help="the report's file name, without suffix")
+    add_report_arguments(parser, "tone_curves")
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from datetime import UTC, datetime
 
+    from pneumonia.config import load_params
     from pneumonia.models.build import load_model
 
     sets = validation_and_external(args.manifest, args.external, args.limit)
+    # the JPEG re-encode of params.yaml's TFRecords, as training saw its images (the model files carry no settings)
+    jpeg_quality = load_params(REPO / "params.yaml").tfrecords.jpeg_quality
     models = []
     for arm, seed, path in args.model:
         model = load_model(Path(path))
         size = int(model.input_shape[1])
         models.append({"arm": arm, "seed": int(seed), "path": shown_path(Path(path)),
-                       "sets": {name: scored(model, size, images) for name, images in sets.items()}})
+                       "sets": {name: scored(model, size, jpeg_quality, images) for name, images in sets.items()}})
     report = {
         "command": " ".join(["python -m benchmarks.tone_curves", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).date().isoformat(), "machine": machine(),
