@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", type=Path, help="also a validation manifest (of the run that trained them)")
     add_report_arguments(parser, "tone_curves")
     args = parser.parse_args(argv)
+    for arm, seed, path in args.model:  # before any image is read or model loaded
+        if not seed.isdigit():
+            parser.error(f"--model {arm} {seed} {path}: the seed is a whole number, e.g. --model {arm} 42 {path}")
+        if not Path(path).is_file():
+            parser.error(f"--model {arm} {seed} {path}: no such model file")
     quiet_tensorflow()
     from datetime import UTC, datetime
 

@@ -571,13 +571,19 @@ def test_detail_check_benchmark_scores_each_change_and_what_the_check_flags(tmp_
 
 
 @pytest.mark.slow  # loads four models, predicts six curves of twelve images
-def test_tone_curves_benchmark_pairs_each_arms_models_by_seed(tmp_path):
+def test_tone_curves_benchmark_pairs_each_arms_models_by_seed(tmp_path, capsys):
     """benchmarks/tone_curves.py at its smallest: two arms of two seeds, from two small random 32 px networks, six
     X-rays of the committed sample as a validation manifest and as an external zip, each curve."""
     import keras
 
     from benchmarks import tone_curves
 
+    for wrong, message in ((["first", "one", str(tmp_path)], "the seed is a whole number"),
+                           (["first", "1", str(tmp_path / "missing.keras")], "no such model file")):
+        with pytest.raises(SystemExit) as refused:  # before reading any image
+            tone_curves.main(["--model", *wrong, "--external", "", "--out", str(tmp_path)])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "tone_curves.json").exists()
     manifests, external = xray_project_and_external_zip(tmp_path, 6, ("val",))
     for seed in (1, 2):
         keras.utils.set_random_seed(seed)
