@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=1.0, help="the external images through this gamma curve")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args(argv)
+    if not args.gamma > 0:
+        parser.error(f"--gamma {args.gamma:g}: a gamma curve's exponent is above 0 (e.g. 0.5 or 2; 1: as they are)")
 
     from pneumonia.config import load_params
 

@@ -123,6 +123,9 @@ def test_external_validity_runs_the_pipeline_and_tabulates_external_and_in_distr
     # The adaptations on the kept model, for a site whose every X-ray went through a gamma curve
     from benchmarks import site_adaptation
 
+    with pytest.raises(SystemExit) as refused:
+        site_adaptation.main(["--models", str(tmp_path / "kept"), "--profile", "default", "--gamma", "0"])
+    assert refused.value.code == 2
     site_adaptation.main(["--models", str(tmp_path / "kept"), "--profile", "default", "--gamma", "0.5",
                           "--halvings", "1", "--out", str(tmp_path)])
     toned = json.loads((tmp_path / "site_adaptation-default-gamma_0.5.json").read_text())
