@@ -110,6 +110,8 @@ PROFILES = {
     # Another window or look-up table moves the default's probabilities with no flag (docs/reliability.md): gamma
     # curves alone, g in [0.5, 2] (benchmarks/tone_curves.py measures the moves)
     "gamma_1": {"train.augment.gamma": 1.0},
+    # and a milder range, g in [0.67, 1.5]: gamma_1 cost specificity and calibration on the X-rays as stored
+    "gamma_0.5": {"train.augment.gamma": 0.5},
     # Issue 34: capacity, custom_cnn's convolutions 1.5x as wide (about twice the training's arithmetic)
     "width_1.5": {"model.width": 1.5},
     # Issue 34: warm restarts (SGDR): epochs 1-10 and 11-30 each a cosine from the full learning rate
