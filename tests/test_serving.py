@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from harness import PNEUMONIA_SERVE
 from pneumonia import cli, serving
 from pneumonia.config import parse_params
 from pneumonia.training.fit import train
+from test_predict import WITH_IMPORTS
 
 pytestmark = pytest.mark.slow  # each starts an MLflow model server or registry
 
@@ -150,33 +152,38 @@ def test_promote_moves_the_champion_alias_and_says_what_is_missing(store, capsys
     assert "has no version with alias 'no-such-alias'" in error and "tracking.register_model" in error
 
 
-def test_served_answers_equal_pneumonia_predict(server, store, xrays, tmp_path, monkeypatch):
+def test_served_answers_equal_pneumonia_predict(served, store, xrays, tmp_path, monkeypatch):
+    server, group, _ = served
     answer = invoke(server, request_for(xrays))
     assert answer.status_code == 200, answer.text
-    served = answer.json()["predictions"]
+    answers = answer.json()["predictions"]
+    # It predicts with ONNX Runtime: TensorFlow is not even loaded (its import was most of the start-up and memory)
+    assert "/tensorflow/" not in Path(f"/proc/{group}/maps").read_text()
 
-    # The CLI as a user runs it, on the registered model ...
+    # The CLI as a user runs it, on the registered model (it imports neither TensorFlow nor Keras either) ...
     by_uri = tmp_path / "by_uri.json"
-    subprocess.run(["pneumonia", "predict", *map(str, xrays), "--model-uri", f"models:/{REGISTERED}@candidate",
-                    "--json", str(by_uri)], env=tool_env(MLFLOW_TRACKING_URI=store["uri"]), check=True,
-                   capture_output=True, timeout=300)
+    by_cli = subprocess.run([sys.executable, "-c", WITH_IMPORTS, "predict", *map(str, xrays), "--model-uri",
+                             f"models:/{REGISTERED}@candidate", "--json", str(by_uri)],
+                            env=tool_env(MLFLOW_TRACKING_URI=store["uri"]), check=True, capture_output=True,
+                            text=True, timeout=300)
+    assert by_cli.stderr.splitlines()[-1] == "imported: []", by_cli.stderr
     # ... and on the .keras file with its settings beside it, from another folder.
     monkeypatch.chdir(tmp_path)
     cli.main(["predict", *map(str, xrays), "--model", store["model"], "--json", "by_keras.json"])
 
     for predicted in (json.loads(by_uri.read_text()), json.loads(Path("by_keras.json").read_text())):
         assert [row["file"] for row in predicted] == [str(file) for file in xrays]
-        np.testing.assert_allclose([row["probability"] for row in served], [row["probability"] for row in predicted],
+        np.testing.assert_allclose([row["probability"] for row in answers], [row["probability"] for row in predicted],
                                    rtol=1e-5, atol=1e-6)
-        assert [row["label"] for row in served] == [row["label"] for row in predicted]
-        np.testing.assert_allclose([row["ood_score"] for row in served], [row["ood_score"] for row in predicted],
+        assert [row["label"] for row in answers] == [row["label"] for row in predicted]
+        np.testing.assert_allclose([row["ood_score"] for row in answers], [row["ood_score"] for row in predicted],
                                    rtol=1e-3)
-        assert [row["out_of_distribution"] for row in served] == [row["out_of_distribution"] for row in predicted]
+        assert [row["out_of_distribution"] for row in answers] == [row["out_of_distribution"] for row in predicted]
         checks = ("mirrored", "blurred", "noisy", "flags")
-        assert [[row[key] for key in checks] for row in served] == [[row[key] for key in checks] for row in predicted]
-    assert all(isinstance(row[key], bool) for row in served for key in ("mirrored", "blurred", "noisy"))
-    assert {row["label"] for row in served} <= {"NORMAL", "PNEUMONIA"}
-    assert all(row["label"] == ("PNEUMONIA" if row["probability"] >= THRESHOLD else "NORMAL") for row in served)
+        assert [[row[key] for key in checks] for row in answers] == [[row[key] for key in checks] for row in predicted]
+    assert all(isinstance(row[key], bool) for row in answers for key in ("mirrored", "blurred", "noisy"))
+    assert {row["label"] for row in answers} <= {"NORMAL", "PNEUMONIA"}
+    assert all(row["label"] == ("PNEUMONIA" if row["probability"] >= THRESHOLD else "NORMAL") for row in answers)
 
 
 @pytest.mark.parametrize(("body", "message"), [

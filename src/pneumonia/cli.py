@@ -81,10 +81,13 @@ def predict(args: argparse.Namespace) -> None:
     if is_mlflow_uri(model):
         from pneumonia import serving
 
-        classifier = serving.logged_classifier(model, args.input_checks)
+        copy = serving.download_logged_model(model, "Nothing was predicted.")
+        import_tensorflow_if_needed(args, serving.logged_model_file(copy), args.gradcam)
+        classifier = serving.logged_classifier(model, args.input_checks, copy)
     else:
         from pneumonia.classifier import load_classifier
 
+        import_tensorflow_if_needed(args, Path(model), args.gradcam)
         classifier = load_classifier(Path(model), args.input_checks)
     files, left_out = inference.image_files(args.paths)
     inference.say_left_out(left_out)
@@ -102,13 +105,14 @@ def predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def predict_imports_tensorflow(args: argparse.Namespace) -> bool:
-    """Whether `pneumonia predict` needs TensorFlow: for Grad-CAM maps, an MLflow model (loaded by MLflow), and a
-    bundle that ONNX Runtime does not predict with (classifier.predicts_with_onnx)."""
+def import_tensorflow_if_needed(args: argparse.Namespace, bundle: Path | None, gradcam: bool = False) -> None:
+    """TensorFlow imported now, its start-up lines held back (unless --verbose), where the model `bundle` (a .keras
+    file or its folder; None: not known) will need it: for Grad-CAM maps, and where ONNX Runtime does not predict
+    with the bundle (classifier.predicts_with_onnx). Not otherwise: its import is most of a prediction's time."""
     from pneumonia.classifier import predicts_with_onnx
 
-    model = args.model_uri or args.model
-    return bool(args.gradcam) or is_mlflow_uri(model) or not predicts_with_onnx(Path(model))
+    if not args.verbose and (gradcam or bundle is None or not predicts_with_onnx(bundle)):
+        import_tensorflow_quietly()
 
 
 def promote(args: argparse.Namespace) -> None:
@@ -119,9 +123,11 @@ def promote(args: argparse.Namespace) -> None:
 
 
 def serve_model(args: argparse.Namespace) -> None:
-    from pneumonia.serving import serve
+    from pneumonia import serving
 
-    serve(args.model_uri, args.host, args.port, args.workers)
+    copy = serving.download_logged_model(args.model_uri, "Nothing was served.")
+    import_tensorflow_if_needed(args, serving.logged_model_file(copy))
+    serving.serve(copy, args.host, args.port, args.workers)
 
 
 def build_sample(args: argparse.Namespace) -> None:
@@ -172,7 +178,7 @@ def add_predict_parser(commands) -> None:
     predict_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
     predict_parser.add_argument("--gradcam", type=Path, metavar="DIR",
                                 help="also write each image with the Grad-CAM map of its predicted class to DIR")
-    predict_parser.set_defaults(handler=predict, tensorflow=predict_imports_tensorflow)
+    predict_parser.set_defaults(handler=predict)
 
 
 def pipeline_outputs() -> list[Path]:
@@ -384,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     served.add_argument("-p", "--port", type=int, default=5000, help="default 5000")
     served.add_argument("-w", "--workers", type=int, default=1, help="server processes (default 1)")
-    served.set_defaults(handler=serve_model, tensorflow=True)
+    served.set_defaults(handler=serve_model)
 
     from pneumonia.data.sample import DEFAULT_FRACTIONS, DEFAULT_SEED
 
@@ -414,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in commands.choices.values():
         command.add_argument("--verbose", action="store_true",
                              help="also TensorFlow's own log (its C++ start-up notices), hidden by default")
-    # True (or a function of the arguments that says so): the command imports TensorFlow (quietly, unless --verbose)
+    # True: the command imports TensorFlow first (quietly, unless --verbose); predict and serve know whether they
+    # need it once they have the model (import_tensorflow_if_needed)
     parser.set_defaults(tensorflow=False)
     return parser
 
@@ -426,6 +433,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        if args.tensorflow(args) if callable(args.tensorflow) else args.tensorflow:
+        if args.tensorflow:
             import_tensorflow_quietly()
     run_stage(lambda: args.handler(args))

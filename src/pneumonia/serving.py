@@ -236,10 +236,28 @@ def fetch_logged_model(model_uri: str, fetch: Callable[[str], T], nothing_done: 
             f"cannot load the MLflow model {model_uri!r} from {tracking.shown_uri()}: {redact(str(exc))}") from None
 
 
-def logged_classifier(model_uri: str, input_checks_policy: str | None = None) -> Classifier:
-    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path;
-    `input_checks_policy` overrides its input checks."""
-    model = fetch_logged_model(model_uri, mlflow.pyfunc.load_model, "Nothing was predicted.")
+def download_logged_model(model_uri: str, nothing_done: str) -> Path:
+    """A local copy of the logged model `model_uri` (runs:/<run id>/model, models:/<name>@<alias>, a path), fetched
+    as fetch_logged_model fetches."""
+    return Path(fetch_logged_model(model_uri, mlflow.artifacts.download_artifacts, nothing_done))
+
+
+def logged_model_file(copy: Path) -> Path | None:
+    """The .keras file of the bundle inside `copy`, a logged model's local copy, where its MLmodel file puts it; None
+    when it names none (not a model this package logged: loading it says so)."""
+    from mlflow.models import Model
+
+    try:
+        return copy / Model.load(copy).flavors["python_function"]["artifacts"][KERAS_MODEL]["path"]
+    except (MlflowException, OSError, KeyError, TypeError):
+        return None
+
+
+def logged_classifier(model_uri: str, input_checks_policy: str | None = None, copy: Path | None = None) -> Classifier:
+    """The classifier inside a logged model: runs:/<run id>/model, models:/<name>@<alias>, a path; `copy`: its local
+    copy, already downloaded (download_logged_model); `input_checks_policy` overrides its input checks."""
+    model = fetch_logged_model(model_uri, lambda uri: mlflow.pyfunc.load_model(str(copy) if copy else uri),
+                               "Nothing was predicted.")
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, PneumoniaModel):
         raise PipelineError(f"{model_uri!r} is not a pneumonia model logged by the evaluate stage")
@@ -324,11 +342,10 @@ def served_app():
     return JsonDepthLimit(scoring_server.init(mlflow.pyfunc.load_model(os.environ[SERVED_MODEL])))
 
 
-def serve(model_uri: str, host: str, port: int, workers: int) -> None:
-    """Serve the logged model `model_uri` (runs:/<run id>/model, models:/<name>@<alias>, a path) on host:port
-    until stopped, in `workers` processes, as `mlflow models serve --env-manager local` does."""
+def serve(copy: Path, host: str, port: int, workers: int) -> None:
+    """Serve the logged model whose local copy is `copy` (download_logged_model: once, for every worker) on
+    host:port until stopped, in `workers` processes, as `mlflow models serve --env-manager local` does."""
     import uvicorn
 
-    # once, for every worker
-    os.environ[SERVED_MODEL] = fetch_logged_model(model_uri, mlflow.artifacts.download_artifacts, "Nothing was served.")
+    os.environ[SERVED_MODEL] = str(copy)
     uvicorn.run(f"{__name__}:served_app", factory=True, host=host, port=port, workers=workers)
