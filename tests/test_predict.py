@@ -240,13 +240,14 @@ def test_cli_reports_the_probability_calibrated_as_the_run_calibrated_it(project
 
 
 
-def test_cli_without_a_model_says_what_to_do(tmp_path, monkeypatch, images, capsys):
-    monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text("{}\n")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["predict", str(images["bright_png_grey"])])
-    assert exit_info.value.code == 2
-    assert "models/model.keras not found: train a model first" in capsys.readouterr().err
+def test_cli_without_a_model_says_what_to_do_at_once(tmp_path, images):
+    """Without importing TensorFlow first: its import would be seconds spent before saying nothing is there."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    result = subprocess.run([sys.executable, "-c", WITH_IMPORTS, "predict", str(images["bright_png_grey"])],
+                            cwd=tmp_path, env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "models/model.keras not found: train a model first" in result.stderr
+    assert result.stderr.splitlines()[-1] == "imported: []", result.stderr
 
 
 @pytest.mark.slow  # adapting a model: 20 s

@@ -110,8 +110,11 @@ def import_tensorflow_if_needed(args: argparse.Namespace, bundle: Path | None, g
     file or its folder; None: not known) will need it: for Grad-CAM maps, and where ONNX Runtime does not predict
     with the bundle (classifier.predicts_with_onnx). Not otherwise: its import is most of a prediction's time."""
     from pneumonia.classifier import predicts_with_onnx
+    from pneumonia.model_settings import model_file
 
-    if not args.verbose and (gradcam or bundle is None or not predicts_with_onnx(bundle)):
+    if args.verbose or (bundle is not None and not model_file(bundle).is_file()):
+        return  # TensorFlow's lines shown; or no model there, which loading it says at once
+    if gradcam or bundle is None or not predicts_with_onnx(bundle):
         import_tensorflow_quietly()
 
 
