@@ -5,6 +5,7 @@ does."""
 import base64
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +151,21 @@ def test_promote_moves_the_champion_alias_and_says_what_is_missing(store, capsys
     assert exit_code.value.code == 2
     error = capsys.readouterr().err
     assert "has no version with alias 'no-such-alias'" in error and "tracking.register_model" in error
+
+
+def test_serve_refuses_a_taken_port_before_fetching_the_model(capsys, monkeypatch, tmp_path):
+    """`mlflow ui` listens on 5000, this command's default too: the port is checked first, so a taken one is named
+    (with what to do) before any model is fetched, here one that does not exist."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # never the project's
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "-m", "models:/no-such-model@candidate", "--port", str(port)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in error and "another port (-p)" in error
 
 
 def test_served_answers_equal_pneumonia_predict(served, store, xrays, tmp_path, monkeypatch):

@@ -128,6 +128,7 @@ def promote(args: argparse.Namespace) -> None:
 def serve_model(args: argparse.Namespace) -> None:
     from pneumonia import serving
 
+    serving.check_free(args.host, args.port)
     copy = serving.download_logged_model(args.model_uri, "Nothing was served.")
     import_tensorflow_if_needed(args, serving.logged_model_file(copy))
     serving.serve(copy, args.host, args.port, args.workers)

@@ -342,6 +342,21 @@ def served_app():
     return JsonDepthLimit(scoring_server.init(mlflow.pyfunc.load_model(os.environ[SERVED_MODEL])))
 
 
+def check_free(host: str, port: int) -> None:
+    """Refuse host:port, before any model is fetched, where the server could not listen: taken by another server
+    (`mlflow ui` listens on 5000, this command's default too) or not an address of this machine."""
+    import socket
+
+    try:
+        [(family, kind, proto, _, address), *_] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+            probe.bind(address)
+    except OSError as exc:
+        raise PipelineError(f"cannot serve on {host}:{port}: {exc.strerror or exc}. Choose another port (-p) or "
+                            "host (--host), or stop what listens there (`mlflow ui` takes 5000 too)") from None
+
+
 def serve(copy: Path, host: str, port: int, workers: int) -> None:
     """Serve the logged model whose local copy is `copy` (download_logged_model: once, for every worker) on
     host:port until stopped, in `workers` processes, as `mlflow models serve --env-manager local` does."""
