@@ -347,14 +347,15 @@ def check_free(host: str, port: int) -> None:
     (`mlflow ui` listens on 5000, this command's default too) or not an address of this machine."""
     import socket
 
+    # bound as uvicorn binds its socket (Config.bind_socket), so no host:port it would take is refused
     try:
-        [(family, kind, proto, _, address), *_] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
-            probe.bind(address)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     except OSError as exc:
         raise PipelineError(f"cannot serve on {host}:{port}: {exc.strerror or exc}. Choose another port (-p) or "
-                            "host (--host), or stop what listens there (`mlflow ui` takes 5000 too)") from None
+                            "host (--host), or stop what listens there"
+                            + (" (`mlflow ui` listens on 5000 too)" if port == 5000 else "")) from None
 
 
 def serve(copy: Path, host: str, port: int, workers: int) -> None:
